@@ -1,0 +1,301 @@
+//! Model resolution: a local folder, the Hugging Face hub, or the hub cache in offline mode.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use hf_hub::api::sync::{ApiBuilder, ApiRepo};
+use hf_hub::{Cache, Repo, RepoType};
+
+/// Where to find a model.
+#[derive(Debug, Clone)]
+pub struct ModelRef {
+    /// A hub id such as `bert-base-uncased`, or a path to a local folder.
+    pub id: String,
+    /// Hub revision: a branch, tag or commit.
+    pub revision: String,
+    /// Resolve from the local hub cache only.
+    pub offline: bool,
+}
+
+impl ModelRef {
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            revision: "main".into(),
+            offline: false,
+        }
+    }
+
+    /// True when `id` names an existing folder.
+    pub fn is_local(&self) -> bool {
+        Path::new(&self.id).is_dir()
+    }
+}
+
+/// The tokenizer's files.
+#[derive(Debug, Clone)]
+pub enum TokenizerFiles {
+    /// A `tokenizer.json` from the tokenizers library.
+    Json(PathBuf),
+    /// A WordPiece `vocab.txt`, with `tokenizer_config.json` when present.
+    Vocab {
+        vocab: PathBuf,
+        tokenizer_config: Option<PathBuf>,
+    },
+}
+
+/// Every file a model needs, resolved to local paths.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// The model as the user named it.
+    pub model: ModelRef,
+    /// The folder the files were found in.
+    pub folder: PathBuf,
+    pub config: PathBuf,
+    pub weights: PathBuf,
+    pub tokenizer: TokenizerFiles,
+    /// sentence-transformers' `modules.json`, when the model has one.
+    pub modules: Option<PathBuf>,
+    /// The Pooling module's `config.json` (`1_Pooling/config.json` as a rule).
+    pub pooling_config: Option<PathBuf>,
+    /// sentence-transformers' `sentence_bert_config.json`.
+    pub sentence_bert_config: Option<PathBuf>,
+}
+
+/// Gets a file of the model by name: `Ok(None)` when the model does not have it.
+trait Fetch {
+    fn fetch(&self, name: &str) -> Result<Option<PathBuf>>;
+    /// Explains, for an error message, where a missing file was looked for.
+    fn searched(&self) -> String;
+    /// How to fix a missing required file.
+    fn hint(&self) -> String;
+}
+
+struct LocalFolder(PathBuf);
+
+impl Fetch for LocalFolder {
+    fn fetch(&self, name: &str) -> Result<Option<PathBuf>> {
+        let p = self.0.join(name);
+        Ok(p.is_file().then_some(p))
+    }
+    fn searched(&self) -> String {
+        format!("folder {}", self.0.display())
+    }
+    fn hint(&self) -> String {
+        "copy the file into the folder, or pass a complete Hugging Face model folder".into()
+    }
+}
+
+/// The hub cache only (`--offline` or `HF_HUB_OFFLINE=1`).
+struct OfflineCache {
+    cache: Cache,
+    model: ModelRef,
+}
+
+impl OfflineCache {
+    fn repo_folder(&self) -> PathBuf {
+        let repo = Repo::with_revision(
+            self.model.id.clone(),
+            RepoType::Model,
+            self.model.revision.clone(),
+        );
+        self.cache.path().join(repo.folder_name())
+    }
+}
+
+impl Fetch for OfflineCache {
+    fn fetch(&self, name: &str) -> Result<Option<PathBuf>> {
+        let repo = Repo::with_revision(
+            self.model.id.clone(),
+            RepoType::Model,
+            self.model.revision.clone(),
+        );
+        if let Some(p) = self.cache.repo(repo).get(name) {
+            return Ok(Some(p));
+        }
+        // A revision given as a commit hash has a snapshot folder but no ref file.
+        let snapshot = self
+            .repo_folder()
+            .join("snapshots")
+            .join(&self.model.revision)
+            .join(name);
+        Ok(snapshot.is_file().then_some(snapshot))
+    }
+    fn searched(&self) -> String {
+        let folder = self.repo_folder();
+        let refs = folder.join("refs").join(&self.model.revision);
+        match std::fs::read_to_string(&refs) {
+            Ok(commit) => format!(
+                "hub cache folder {}",
+                folder.join("snapshots").join(commit.trim()).display()
+            ),
+            Err(_) => format!(
+                "hub cache folder {} (no revision '{}' there: {} is missing)",
+                folder.display(),
+                self.model.revision,
+                refs.display()
+            ),
+        }
+    }
+    fn hint(&self) -> String {
+        format!(
+            "run once without --offline (and without HF_HUB_OFFLINE=1) to download it, set HF_HOME \
+             to the cache that holds it, or pass --model /path/to/folder; the cache searched is {}",
+            self.cache.path().display()
+        )
+    }
+}
+
+/// The hub, through hf-hub: cached files are reused, others are downloaded with a progress bar.
+struct Online {
+    repo: ApiRepo,
+    files: Vec<String>,
+    model: ModelRef,
+}
+
+impl Fetch for Online {
+    fn fetch(&self, name: &str) -> Result<Option<PathBuf>> {
+        if !self.files.iter().any(|f| f == name) {
+            return Ok(None);
+        }
+        let path = self
+            .repo
+            .get(name)
+            .with_context(|| format!("downloading {name} of {}", self.model.id))?;
+        Ok(Some(path))
+    }
+    fn searched(&self) -> String {
+        format!(
+            "hub repository {} at revision {}",
+            self.model.id, self.model.revision
+        )
+    }
+    fn hint(&self) -> String {
+        "check the model id; fetch-ml needs a BERT model with safetensors weights".into()
+    }
+}
+
+/// True when `HF_HUB_OFFLINE` asks for offline mode.
+pub fn offline_from_env() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
+        .unwrap_or(false)
+}
+
+/// Resolves every file of `model` to a local path.
+pub fn resolve(model: &ModelRef) -> Result<ModelFiles> {
+    if model.is_local() {
+        return resolve_with(model, &LocalFolder(PathBuf::from(&model.id)));
+    }
+    if looks_like_path(&model.id) {
+        bail!(
+            "--model {}: no such folder. Pass an existing model folder, or a hub id such as \
+             bert-base-uncased",
+            model.id
+        );
+    }
+    if model.offline {
+        let fetch = OfflineCache {
+            cache: Cache::from_env(),
+            model: model.clone(),
+        };
+        return resolve_with(model, &fetch);
+    }
+    let api = ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+        .context("setting up the Hugging Face hub client")?;
+    let repo = api.repo(Repo::with_revision(
+        model.id.clone(),
+        RepoType::Model,
+        model.revision.clone(),
+    ));
+    let info = repo.info().with_context(|| {
+        format!(
+            "cannot reach the Hugging Face hub for {} (revision {}). If the model is already in \
+             the cache, pass --offline (or set HF_HUB_OFFLINE=1); otherwise pass --model \
+             /path/to/folder (no local folder named {} exists)",
+            model.id, model.revision, model.id
+        )
+    })?;
+    let files = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    resolve_with(
+        model,
+        &Online {
+            repo,
+            files,
+            model: model.clone(),
+        },
+    )
+}
+
+fn looks_like_path(id: &str) -> bool {
+    id.starts_with('.') || id.starts_with('/') || id.starts_with('~') || id.matches('/').count() > 1
+}
+
+fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
+    let required = |name: &str| -> Result<PathBuf> {
+        fetch.fetch(name)?.with_context(|| {
+            format!(
+                "model {}: {name} not found in {}. To fix: {}",
+                model.id,
+                fetch.searched(),
+                fetch.hint()
+            )
+        })
+    };
+    let config = required("config.json")?;
+    let weights = match fetch.fetch("model.safetensors")? {
+        Some(p) => p,
+        None if fetch.fetch("pytorch_model.bin").ok().flatten().is_some() => bail!(
+            "model {}: only pytorch_model.bin was found in {}; fetch-ml reads model.safetensors. \
+             Convert the weights to safetensors first",
+            model.id,
+            fetch.searched()
+        ),
+        None => required("model.safetensors")?,
+    };
+    let tokenizer = match fetch.fetch("tokenizer.json")? {
+        Some(p) => TokenizerFiles::Json(p),
+        None => match fetch.fetch("vocab.txt")? {
+            Some(vocab) => TokenizerFiles::Vocab {
+                vocab,
+                tokenizer_config: fetch.fetch("tokenizer_config.json")?,
+            },
+            None => bail!(
+                "model {}: neither tokenizer.json nor vocab.txt found in {}. To fix: {}",
+                model.id,
+                fetch.searched(),
+                fetch.hint()
+            ),
+        },
+    };
+    let modules = fetch.fetch("modules.json")?;
+    let pooling_config = match &modules {
+        Some(m) => match crate::pipeline::pooling_module_path(m)? {
+            Some(dir) => fetch.fetch(&format!("{dir}/config.json"))?,
+            None => None,
+        },
+        None => None,
+    };
+    let sentence_bert_config = fetch.fetch("sentence_bert_config.json")?;
+    let folder = config
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok(ModelFiles {
+        model: model.clone(),
+        folder,
+        config,
+        weights,
+        tokenizer,
+        modules,
+        pooling_config,
+        sentence_bert_config,
+    })
+}

@@ -1,0 +1,24 @@
+//! fetch-ml: sentence embeddings and a multitask model on a BERT encoder written on candle.
+//!
+//! The binary is thin: [`cli`] turns flags into a [`config::Command`], and [`run`] does it.
+
+pub mod cli;
+pub mod config;
+pub mod embed;
+pub mod hub;
+pub mod input;
+pub mod loader;
+pub mod model;
+pub mod output;
+pub mod pipeline;
+pub mod tasks;
+#[doc(hidden)]
+pub mod testutil;
+pub mod tokenize;
+
+/// Runs one command to completion.
+pub fn run(cmd: &config::Command) -> anyhow::Result<()> {
+    match cmd {
+        config::Command::Embed(cfg) => tasks::embed::run(cfg),
+    }
+}

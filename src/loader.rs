@@ -1,0 +1,98 @@
+//! Turns a resolved model folder into what the code runs: config, pipeline, tokenizer, weights.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+
+use crate::hub::{self, ModelFiles, ModelRef};
+use crate::model::bert::{BertConfig, BertEncoder};
+use crate::model::weights::{ParamRegistry, ParamSource, TrainablePredicate, WeightFile};
+use crate::pipeline::Pipeline;
+use crate::tokenize::TextTokenizer;
+
+/// A model's files, read and checked, ready to build an encoder from.
+pub struct ModelAssets {
+    pub files: ModelFiles,
+    pub config: BertConfig,
+    pub pipeline: Pipeline,
+    pub tokenizer: TextTokenizer,
+    pub weights: Arc<WeightFile>,
+}
+
+impl ModelAssets {
+    /// Resolves `model` and reads its files. `max_seq_length` overrides the model's own limit.
+    pub fn load(model: &ModelRef, max_seq_length: Option<usize>) -> Result<Self> {
+        let files = hub::resolve(model)?;
+        Self::from_files(files, max_seq_length)
+    }
+
+    pub fn from_files(files: ModelFiles, max_seq_length: Option<usize>) -> Result<Self> {
+        let text = std::fs::read_to_string(&files.config)
+            .with_context(|| format!("reading {}", files.config.display()))?;
+        let config: BertConfig = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {} as a BERT config", files.config.display()))?;
+        config
+            .validate()
+            .with_context(|| format!("checking {}", files.config.display()))?;
+        let pipeline = Pipeline::from_files(&files)?;
+        let limit = config.max_position_embeddings;
+        let max_len = match max_seq_length {
+            Some(n) if n > limit => bail!(
+                "--max-seq-length {n} is larger than the model's limit of {limit} positions \
+                 (max_position_embeddings in {})",
+                files.config.display()
+            ),
+            Some(n) if n < 2 => {
+                bail!("--max-seq-length {n} leaves no room for [CLS] and [SEP]; use 2 or more")
+            }
+            Some(n) => n,
+            None => pipeline.max_seq_length.unwrap_or(limit).min(limit),
+        };
+        let tokenizer = TextTokenizer::load(
+            &files.tokenizer,
+            max_len,
+            pipeline.lowercase_input,
+            config.pad_token_id as u32,
+        )?;
+        let weights = Arc::new(WeightFile::open(&files.weights)?);
+        Ok(Self {
+            files,
+            config,
+            pipeline,
+            tokenizer,
+            weights,
+        })
+    }
+
+    /// Builds the encoder with every weight frozen (inference).
+    pub fn frozen_encoder(&self, device: &Device) -> Result<BertEncoder> {
+        self.encoder(
+            vec![self.weights.clone()],
+            Arc::new(|_| false),
+            ParamRegistry::new(),
+            device,
+        )
+    }
+
+    /// Builds the encoder from `files` (first match wins), making trainable what `trainable`
+    /// selects and recording every parameter in `registry`.
+    pub fn encoder(
+        &self,
+        files: Vec<Arc<WeightFile>>,
+        trainable: TrainablePredicate,
+        registry: Arc<ParamRegistry>,
+        device: &Device,
+    ) -> Result<BertEncoder> {
+        let vb = ParamSource::from_files(files, registry)
+            .with_trainable(trainable)
+            .into_var_builder(device);
+        BertEncoder::load(vb, &self.config).with_context(|| {
+            format!(
+                "loading the encoder weights of {} from {}",
+                self.files.model.id,
+                self.files.weights.display()
+            )
+        })
+    }
+}

@@ -1,0 +1,26 @@
+//! The `fetch-ml` binary: parse the flags, build the config, run, report errors.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use fetch_ml::cli::Cli;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.into_command().and_then(|cmd| fetch_ml::run(&cmd)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A closed pipe (`fetch-ml ... | head`) is not an error.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

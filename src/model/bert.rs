@@ -1,0 +1,366 @@
+//! Our BERT encoder on candle: differentiable for training, fused ops for inference.
+//!
+//! Weight names follow Hugging Face BERT checkpoints (`embeddings.word_embeddings.weight`,
+//! `encoder.layer.3.attention.self.query.weight`, ...); a `bert.` prefix and the old
+//! `LayerNorm.gamma`/`beta` names are resolved by [`super::weights`]. Unlike
+//! candle-transformers' `BertModel`, every block is public, dropout is real in training, and
+//! the LayerNorm and softmax used in training have a backward pass.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, VarBuilder};
+use candle_transformers::models::bert::HiddenAct;
+use serde::Deserialize;
+
+use super::dropout::Dropout;
+
+/// `config.json` of a BERT model: candle-transformers' `Config` plus the attention dropout.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    #[serde(flatten)]
+    pub base: candle_transformers::models::bert::Config,
+    /// Dropout on attention probabilities; BERT's default is 0.1.
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+}
+
+fn default_dropout() -> f64 {
+    0.1
+}
+
+impl std::ops::Deref for BertConfig {
+    type Target = candle_transformers::models::bert::Config;
+    fn deref(&self) -> &Self::Target {
+        &self.base
+    }
+}
+
+impl BertConfig {
+    /// Checks the numbers the encoder relies on.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.num_attention_heads > 0 && self.hidden_size % self.num_attention_heads == 0,
+            "hidden_size {} is not a multiple of num_attention_heads {}",
+            self.hidden_size,
+            self.num_attention_heads
+        );
+        anyhow::ensure!(self.num_hidden_layers > 0, "num_hidden_layers is 0");
+        Ok(())
+    }
+}
+
+/// How a block runs: inference (fused ops, no dropout) or training (differentiable, dropout).
+#[derive(Clone, Copy)]
+pub enum Mode<'a> {
+    Infer,
+    Train(&'a Dropout),
+}
+
+impl Mode<'_> {
+    fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        match self {
+            Mode::Infer => Ok(x.clone()),
+            Mode::Train(d) => d.apply(x, p),
+        }
+    }
+}
+
+/// A dense layer `y = x W^T + b` that runs as one matrix product whatever the leading dims.
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    /// Reads `weight` `[out, in]` and `bias` `[out]` under `vb`.
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let init = candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+        let bias = vb.get_with_hints(out_dim, "bias", init)?;
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().expect("linear input has a last dim");
+        let rows = x.elem_count() / in_dim;
+        let y = x
+            .reshape((rows, in_dim))?
+            .matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?;
+        let mut out = dims;
+        *out.last_mut().expect("non-empty") = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+}
+
+/// LayerNorm over the last dim: fused in inference, made of differentiable ops in training.
+#[derive(Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        match mode {
+            Mode::Infer => candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            ),
+            Mode::Train(_) => {
+                let mean = x.mean_keepdim(D::Minus1)?;
+                let centered = x.broadcast_sub(&mean)?;
+                let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+                let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+                normed
+                    .broadcast_mul(&self.weight)?
+                    .broadcast_add(&self.bias)
+            }
+        }
+    }
+}
+
+/// Softmax over the last dim: fused in inference, differentiable in training.
+fn softmax(x: &Tensor, mode: Mode) -> Result<Tensor> {
+    match mode {
+        Mode::Infer => candle_nn::ops::softmax_last_dim(&x.contiguous()?),
+        Mode::Train(_) => {
+            // The max only stabilises the exponent; no gradient needs to flow through it.
+            let max = x.max_keepdim(D::Minus1)?.detach();
+            let num = x.broadcast_sub(&max)?.exp()?;
+            num.broadcast_div(&num.sum_keepdim(D::Minus1)?)
+        }
+    }
+}
+
+/// Word, position and token-type embeddings, summed and normalised.
+pub struct BertEmbeddings {
+    pub word_embeddings: Embedding,
+    pub position_embeddings: Embedding,
+    pub token_type_embeddings: Embedding,
+    pub layer_norm: LayerNorm,
+    dropout: f64,
+}
+
+impl BertEmbeddings {
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        let emb = |n: usize, name: &str| -> Result<Embedding> {
+            let w = vb.pp(name).get_with_hints(
+                (n, cfg.hidden_size),
+                "weight",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: cfg.initializer_range,
+                },
+            )?;
+            Ok(Embedding::new(w, cfg.hidden_size))
+        };
+        Ok(Self {
+            word_embeddings: emb(cfg.vocab_size, "word_embeddings")?,
+            position_embeddings: emb(cfg.max_position_embeddings, "position_embeddings")?,
+            token_type_embeddings: emb(cfg.type_vocab_size, "token_type_embeddings")?,
+            layer_norm: LayerNorm::load(vb.pp("LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    /// `input_ids`, `token_type_ids`: `[batch, seq]` u32 -> `[batch, seq, hidden]`.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (_b, seq) = input_ids.dims2()?;
+        let positions = Tensor::arange(0u32, seq as u32, input_ids.device())?;
+        let x = self
+            .word_embeddings
+            .forward(input_ids)?
+            .add(&self.token_type_embeddings.forward(token_type_ids)?)?
+            .broadcast_add(&self.position_embeddings.forward(&positions)?)?;
+        let x = self.layer_norm.forward(&x, mode)?;
+        mode.dropout(&x, self.dropout)
+    }
+}
+
+/// The additive attention mask: `None` when no position in the batch is padding.
+#[derive(Clone)]
+pub struct AttentionMask(Option<Tensor>);
+
+impl AttentionMask {
+    /// From a `[batch, seq]` 0/1 mask (any dtype). 0 marks padding.
+    pub fn new(mask: &Tensor) -> Result<Self> {
+        let mask = mask.to_dtype(DType::F32)?;
+        if mask.min_all()?.to_scalar::<f32>()? > 0.5 {
+            return Ok(Self(None));
+        }
+        let (b, s) = mask.dims2()?;
+        // 0 where attended, a large negative where padded: exp() of it is exactly 0.
+        let additive = ((mask - 1.0)? * 1e9)?.reshape((b, 1, 1, s))?;
+        Ok(Self(Some(additive)))
+    }
+}
+
+/// Multi-head self-attention plus its output projection and LayerNorm.
+pub struct BertAttention {
+    pub query: Linear,
+    pub key: Linear,
+    pub value: Linear,
+    pub output: Linear,
+    pub layer_norm: LayerNorm,
+    heads: usize,
+    head_dim: usize,
+    attn_dropout: f64,
+    hidden_dropout: f64,
+}
+
+impl BertAttention {
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let sv = vb.pp("self");
+        let ov = vb.pp("output");
+        Ok(Self {
+            query: Linear::load(sv.pp("query"), h, h)?,
+            key: Linear::load(sv.pp("key"), h, h)?,
+            value: Linear::load(sv.pp("value"), h, h)?,
+            output: Linear::load(ov.pp("dense"), h, h)?,
+            layer_norm: LayerNorm::load(ov.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            heads: cfg.num_attention_heads,
+            head_dim: h / cfg.num_attention_heads,
+            attn_dropout: cfg.attention_probs_dropout_prob,
+            hidden_dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    /// `[batch, seq, hidden]` -> `[batch, heads, seq, head_dim]`
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        x.reshape((b, s, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    pub fn forward(&self, x: &Tensor, mask: &AttentionMask, mode: Mode) -> Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let q = self.split_heads(&self.query.forward(x)?)?;
+        let k = self.split_heads(&self.key.forward(x)?)?;
+        let v = self.split_heads(&self.value.forward(x)?)?;
+        // [batch, heads, seq, seq]
+        let mut scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?;
+        if let Some(m) = &mask.0 {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = mode.dropout(&softmax(&scores, mode)?, self.attn_dropout)?;
+        // [batch, seq, hidden]
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+        let out = mode.dropout(&self.output.forward(&ctx)?, self.hidden_dropout)?;
+        self.layer_norm.forward(&(out + x)?, mode)
+    }
+}
+
+/// One transformer layer: attention, then the feed-forward block.
+pub struct BertLayer {
+    pub attention: BertAttention,
+    pub intermediate: Linear,
+    pub output: Linear,
+    pub layer_norm: LayerNorm,
+    act: HiddenAct,
+    hidden_dropout: f64,
+}
+
+impl BertLayer {
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            attention: BertAttention::load(vb.pp("attention"), cfg)?,
+            intermediate: Linear::load(vb.pp("intermediate").pp("dense"), h, i)?,
+            output: Linear::load(vb.pp("output").pp("dense"), i, h)?,
+            layer_norm: LayerNorm::load(vb.pp("output").pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            act: cfg.hidden_act,
+            hidden_dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    /// `[batch, seq, hidden]` -> `[batch, seq, hidden]`
+    pub fn forward(&self, x: &Tensor, mask: &AttentionMask, mode: Mode) -> Result<Tensor> {
+        let a = self.attention.forward(x, mask, mode)?;
+        let i = self.intermediate.forward(&a)?;
+        let i = match self.act {
+            HiddenAct::Gelu => i.gelu_erf()?,
+            HiddenAct::GeluApproximate => i.gelu()?,
+            HiddenAct::Relu => i.relu()?,
+        };
+        let o = mode.dropout(&self.output.forward(&i)?, self.hidden_dropout)?;
+        self.layer_norm.forward(&(o + a)?, mode)
+    }
+}
+
+/// The BERT encoder: embeddings and a stack of layers, each reachable on its own.
+pub struct BertEncoder {
+    pub embeddings: BertEmbeddings,
+    pub layers: Vec<BertLayer>,
+    pub config: BertConfig,
+}
+
+impl BertEncoder {
+    /// Loads `embeddings.*` and `encoder.layer.{i}.*` from `vb`.
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        let embeddings = BertEmbeddings::load(vb.pp("embeddings"), cfg)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| BertLayer::load(vb.pp(format!("encoder.layer.{i}")), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embeddings,
+            layers,
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embeddings.word_embeddings.embeddings().device()
+    }
+
+    /// Runs layers `range` on hidden states `x` `[batch, seq, hidden]`.
+    pub fn forward_layers(
+        &self,
+        x: &Tensor,
+        mask: &AttentionMask,
+        range: std::ops::Range<usize>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let mut x = x.clone();
+        for layer in &self.layers[range] {
+            x = layer.forward(&x, mask, mode)?;
+        }
+        Ok(x)
+    }
+
+    /// The last hidden state `[batch, seq, hidden]` for `input_ids` and a 0/1 `attention_mask`.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let mask = AttentionMask::new(attention_mask)?;
+        let x = self.embeddings.forward(input_ids, token_type_ids, mode)?;
+        self.forward_layers(&x, &mask, 0..self.layers.len(), mode)
+    }
+}

@@ -1,0 +1,229 @@
+//! `--task=1`: embed sentences and print them as text, JSONL or JSON.
+
+use std::io::Write;
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+use serde_json::json;
+
+use crate::config::{EmbedConfig, Format};
+use crate::embed::{Embedder, Embedding};
+use crate::input::SentenceReader;
+use crate::loader::ModelAssets;
+use crate::output::{progress_bar, Output};
+
+/// Sentences read and embedded per step; bounds memory whatever the input size.
+const CHUNK: usize = 4096;
+/// The cosine matrix is printed for at most this many sentences.
+const MATRIX_MAX: usize = 20;
+
+/// What describes the whole output.
+struct Meta {
+    model: String,
+    revision: Option<String>,
+    dimension: usize,
+    normalized: bool,
+    pooling: &'static str,
+    max_seq_length: usize,
+}
+
+pub fn run(cfg: &EmbedConfig) -> Result<()> {
+    let assets = ModelAssets::load(&cfg.model, cfg.max_seq_length)?;
+    let device = Device::Cpu;
+    let encoder = assets.frozen_encoder(&device)?;
+    let embedder = Embedder {
+        encoder: &encoder,
+        tokenizer: &assets.tokenizer,
+        pooling: assets.pipeline.pooling,
+        normalize: cfg.normalize.unwrap_or(assets.pipeline.normalize),
+        batch_size: cfg.batch_size,
+    };
+    let meta = Meta {
+        model: cfg.model.id.clone(),
+        revision: (!cfg.model.is_local()).then(|| cfg.model.revision.clone()),
+        dimension: assets.config.hidden_size,
+        normalized: embedder.normalize,
+        pooling: embedder.pooling.name(),
+        max_seq_length: assets.tokenizer.max_len(),
+    };
+
+    let mut reader = SentenceReader::open(&cfg.input)?;
+    let mut out = Output::create(cfg.output.as_deref())?;
+    let mut printer = Printer::new(cfg.format, meta);
+    printer.begin(&mut out)?;
+    let (_, total) = reader.progress();
+    let bar = progress_bar(total, "embedding");
+    let (mut count, mut truncated) = (0usize, 0usize);
+    loop {
+        let chunk = reader.next_chunk(CHUNK)?;
+        if chunk.is_empty() {
+            break;
+        }
+        let embeddings = embedder.embed(&chunk, |_| {})?;
+        for (text, e) in chunk.iter().zip(&embeddings) {
+            printer.item(&mut out, count, text, e)?;
+            count += 1;
+            truncated += e.truncated as usize;
+        }
+        bar.set_position(reader.progress().0);
+    }
+    bar.finish_and_clear();
+    if count == 0 {
+        bail!(
+            "{} has no sentences (blank lines are skipped); give text with --sentence or --input",
+            cfg.input.describe()
+        );
+    }
+    printer.end(&mut out, count)?;
+    out.finish()?;
+    if truncated > 0 {
+        eprintln!(
+            "note: {truncated} of {count} sentence(s) were longer than {} tokens and were \
+             truncated; --max-seq-length sets the limit (at most {})",
+            printer.meta.max_seq_length, assets.config.max_position_embeddings
+        );
+    }
+    Ok(())
+}
+
+/// Streams one output format.
+struct Printer {
+    format: Format,
+    meta: Meta,
+    /// The first sentences, kept for the similarity matrix of the text format.
+    head: Vec<(String, Vec<f32>)>,
+}
+
+impl Printer {
+    fn new(format: Format, meta: Meta) -> Self {
+        Self {
+            format,
+            meta,
+            head: Vec::new(),
+        }
+    }
+
+    fn begin(&self, out: &mut dyn Write) -> Result<()> {
+        let m = &self.meta;
+        match self.format {
+            Format::Text => writeln!(
+                out,
+                "model {}: {} dimensions, {} pooling, {}, max {} tokens",
+                m.model,
+                m.dimension,
+                m.pooling,
+                if m.normalized {
+                    "L2-normalized"
+                } else {
+                    "not normalized"
+                },
+                m.max_seq_length
+            )?,
+            Format::Jsonl => {}
+            Format::Json => {
+                let header = json!({
+                    "model": m.model,
+                    "revision": m.revision,
+                    "dimension": m.dimension,
+                    "normalized": m.normalized,
+                    "pooling": m.pooling,
+                    "max_seq_length": m.max_seq_length,
+                });
+                let header = serde_json::to_string(&header)?;
+                // Re-open the object to stream the embeddings array into it.
+                write!(out, "{},\"embeddings\":[", header.trim_end_matches('}'))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn item(&mut self, out: &mut dyn Write, index: usize, text: &str, e: &Embedding) -> Result<()> {
+        match self.format {
+            Format::Text => {
+                let norm = e.vector.iter().map(|v| v * v).sum::<f32>().sqrt();
+                let first: Vec<String> = e
+                    .vector
+                    .iter()
+                    .take(8)
+                    .map(|v| format!("{v:+.4}"))
+                    .collect();
+                writeln!(out, "[{}] {}", index + 1, clip(text, 100))?;
+                writeln!(
+                    out,
+                    "    {} tokens{}  norm {norm:.4}  [{}, ...]",
+                    e.tokens,
+                    if e.truncated { " (truncated)" } else { "" },
+                    first.join(", ")
+                )?;
+                if self.head.len() <= MATRIX_MAX {
+                    self.head.push((text.to_string(), e.vector.clone()));
+                }
+            }
+            Format::Jsonl => {
+                let obj = json!({
+                    "index": index,
+                    "text": text,
+                    "tokens": e.tokens,
+                    "truncated": e.truncated,
+                    "embedding": e.vector,
+                });
+                writeln!(out, "{}", serde_json::to_string(&obj)?)?;
+            }
+            Format::Json => {
+                let obj = json!({
+                    "text": text,
+                    "tokens": e.tokens,
+                    "truncated": e.truncated,
+                    "embedding": e.vector,
+                });
+                let sep = if index == 0 { "" } else { "," };
+                write!(out, "{sep}{}", serde_json::to_string(&obj)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn end(&self, out: &mut dyn Write, count: usize) -> Result<()> {
+        match self.format {
+            Format::Text if count <= MATRIX_MAX && count > 1 => {
+                writeln!(out, "\ncosine similarity")?;
+                write!(out, "{:>6}", "")?;
+                for j in 0..count {
+                    write!(out, "{:>7}", format!("[{}]", j + 1))?;
+                }
+                writeln!(out)?;
+                for (i, (_, a)) in self.head.iter().enumerate() {
+                    write!(out, "{:>6}", format!("[{}]", i + 1))?;
+                    for (_, b) in &self.head {
+                        write!(out, "{:>7.3}", cosine(a, b))?;
+                    }
+                    writeln!(out)?;
+                }
+            }
+            Format::Text | Format::Jsonl => {}
+            Format::Json => writeln!(out, "],\"count\":{count}}}")?,
+        }
+        Ok(())
+    }
+}
+
+/// Cosine similarity of two vectors (0 when either is zero).
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if na == 0.0 || nb == 0.0 {
+        0.0
+    } else {
+        dot / (na * nb)
+    }
+}
+
+/// `text` cut to `max` characters, with an ellipsis when cut.
+fn clip(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_string()
+    } else {
+        text.chars().take(max - 1).collect::<String>() + "…"
+    }
+}

@@ -1,0 +1,3 @@
+//! One module per `--task`: wiring and printing only; the work lives in the library modules.
+
+pub mod embed;

@@ -1,0 +1,188 @@
+//! Tokenizer loading, truncation, and padded batches of token ids.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use candle_core::{Device, Tensor};
+use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::normalizers::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::processors::bert::BertProcessing;
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+use crate::hub::TokenizerFiles;
+
+/// One tokenized sentence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+    /// True when the sentence was longer than the max length and lost its tail.
+    pub truncated: bool,
+}
+
+/// A tokenizer set up for batch-longest padding and truncation at `max_len` tokens.
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    max_len: usize,
+    lowercase_input: bool,
+    pad_id: u32,
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json`, or builds a BERT WordPiece tokenizer from `vocab.txt`.
+    /// `max_len` counts the special tokens, as Hugging Face's `max_length` does.
+    pub fn load(
+        files: &TokenizerFiles,
+        max_len: usize,
+        lowercase_input: bool,
+        pad_id: u32,
+    ) -> Result<Self> {
+        let mut inner = match files {
+            TokenizerFiles::Json(path) => Tokenizer::from_file(path)
+                .map_err(|e| anyhow!("{e}"))
+                .with_context(|| format!("reading tokenizer {}", path.display()))?,
+            TokenizerFiles::Vocab {
+                vocab,
+                tokenizer_config,
+            } => wordpiece_from_vocab(vocab, tokenizer_config.as_deref())?,
+        };
+        // Files may carry fixed padding and their own truncation: both are ours to set.
+        inner.with_padding(None);
+        inner
+            .with_truncation(Some(TruncationParams {
+                max_length: max_len,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| anyhow!("setting truncation to {max_len} tokens: {e}"))?;
+        Ok(Self {
+            inner,
+            max_len,
+            lowercase_input,
+            pad_id,
+        })
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    /// Tokenizes `texts`, adding the special tokens and truncating to the max length.
+    pub fn encode<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Encoded>> {
+        let inputs: Vec<String> = texts
+            .iter()
+            .map(|t| {
+                if self.lowercase_input {
+                    t.as_ref().to_lowercase()
+                } else {
+                    t.as_ref().to_string()
+                }
+            })
+            .collect();
+        let encodings = self
+            .inner
+            .encode_batch_fast(inputs, true)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        Ok(encodings
+            .into_iter()
+            .map(|e| Encoded {
+                truncated: !e.get_overflowing().is_empty(),
+                ids: e.get_ids().to_vec(),
+                type_ids: e.get_type_ids().to_vec(),
+            })
+            .collect())
+    }
+
+    /// Pads `items` to the longest and returns the model's input tensors.
+    pub fn batch(&self, items: &[&Encoded], device: &Device) -> Result<Batch> {
+        Batch::new(items, self.pad_id, device)
+    }
+}
+
+/// Builds the BERT WordPiece pipeline, lower-casing as `tokenizer_config.json` says
+/// (`do_lower_case`, true when absent, as in Hugging Face's `BertTokenizer`).
+fn wordpiece_from_vocab(vocab: &Path, tokenizer_config: Option<&Path>) -> Result<Tokenizer> {
+    let lowercase = match tokenizer_config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            v.get("do_lower_case")
+                .and_then(|b| b.as_bool())
+                .unwrap_or(true)
+        }
+        None => true,
+    };
+    let vocab_str = vocab.to_str().context("vocab path is not UTF-8")?;
+    let model = WordPiece::from_file(vocab_str)
+        .unk_token("[UNK]".into())
+        .build()
+        .map_err(|e| anyhow!("reading {}: {e}", vocab.display()))?;
+    let mut tok = Tokenizer::new(model);
+    let special = |t: &str| -> Result<(String, u32)> {
+        let id = tok
+            .token_to_id(t)
+            .with_context(|| format!("{} has no {t} token", vocab.display()))?;
+        Ok((t.to_string(), id))
+    };
+    let (sep, cls) = (special("[SEP]")?, special("[CLS]")?);
+    tok.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)))
+        .map_err(|e| anyhow!("{e}"))?;
+    tok.with_pre_tokenizer(Some(BertPreTokenizer));
+    tok.with_post_processor(Some(BertProcessing::new(sep, cls)));
+    tok.with_decoder(Some(WordPieceDecoder::default()));
+    Ok(tok)
+}
+
+/// Model inputs for one batch, padded to its longest sentence.
+pub struct Batch {
+    /// `[batch, seq]` u32
+    pub input_ids: Tensor,
+    /// `[batch, seq]` u32
+    pub token_type_ids: Tensor,
+    /// `[batch, seq]` f32, 1 for real tokens and 0 for padding
+    pub attention_mask: Tensor,
+    /// Real tokens per row.
+    pub lengths: Vec<usize>,
+}
+
+impl Batch {
+    pub fn new(items: &[&Encoded], pad_id: u32, device: &Device) -> Result<Self> {
+        let b = items.len();
+        let seq = items.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        let mut ids = vec![pad_id; b * seq];
+        let mut types = vec![0u32; b * seq];
+        let mut mask = vec![0f32; b * seq];
+        for (row, e) in items.iter().enumerate() {
+            let off = row * seq;
+            ids[off..off + e.ids.len()].copy_from_slice(&e.ids);
+            types[off..off + e.type_ids.len()].copy_from_slice(&e.type_ids);
+            mask[off..off + e.ids.len()].fill(1.0);
+        }
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (b, seq), device)?,
+            token_type_ids: Tensor::from_vec(types, (b, seq), device)?,
+            attention_mask: Tensor::from_vec(mask, (b, seq), device)?,
+            lengths: items.iter().map(|e| e.ids.len()).collect(),
+        })
+    }
+}
+
+/// Groups indices of `lengths` into batches of at most `batch_size`, shortest first, so each
+/// batch pads little. Returns the original indices of each batch.
+pub fn length_sorted_batches(lengths: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| lengths[i]);
+    order
+        .chunks(batch_size.max(1))
+        .map(|c| c.to_vec())
+        .collect()
+}

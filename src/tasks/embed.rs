@@ -4,7 +4,6 @@ use std::io::Write;
 
 use anyhow::{bail, Result};
 use candle_core::Device;
-use serde_json::json;
 
 use crate::config::{EmbedConfig, Format};
 use crate::embed::{Embedder, Embedding};
@@ -18,6 +17,7 @@ const CHUNK: usize = 4096;
 const MATRIX_MAX: usize = 20;
 
 /// What describes the whole output.
+#[derive(serde::Serialize)]
 struct Meta {
     model: String,
     revision: Option<String>,
@@ -86,6 +86,17 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
     Ok(())
 }
 
+/// One sentence in the JSON formats; f32 values print in their shortest exact form.
+#[derive(serde::Serialize)]
+struct Record<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
+    text: &'a str,
+    tokens: usize,
+    truncated: bool,
+    embedding: &'a [f32],
+}
+
 /// Streams one output format.
 struct Printer {
     format: Format,
@@ -121,15 +132,7 @@ impl Printer {
             )?,
             Format::Jsonl => {}
             Format::Json => {
-                let header = json!({
-                    "model": m.model,
-                    "revision": m.revision,
-                    "dimension": m.dimension,
-                    "normalized": m.normalized,
-                    "pooling": m.pooling,
-                    "max_seq_length": m.max_seq_length,
-                });
-                let header = serde_json::to_string(&header)?;
+                let header = serde_json::to_string(m)?;
                 // Re-open the object to stream the embeddings array into it.
                 write!(out, "{},\"embeddings\":[", header.trim_end_matches('}'))?;
             }
@@ -160,22 +163,23 @@ impl Printer {
                 }
             }
             Format::Jsonl => {
-                let obj = json!({
-                    "index": index,
-                    "text": text,
-                    "tokens": e.tokens,
-                    "truncated": e.truncated,
-                    "embedding": e.vector,
-                });
+                let obj = Record {
+                    index: Some(index),
+                    text,
+                    tokens: e.tokens,
+                    truncated: e.truncated,
+                    embedding: &e.vector,
+                };
                 writeln!(out, "{}", serde_json::to_string(&obj)?)?;
             }
             Format::Json => {
-                let obj = json!({
-                    "text": text,
-                    "tokens": e.tokens,
-                    "truncated": e.truncated,
-                    "embedding": e.vector,
-                });
+                let obj = Record {
+                    index: None,
+                    text,
+                    tokens: e.tokens,
+                    truncated: e.truncated,
+                    embedding: &e.vector,
+                };
                 let sep = if index == 0 { "" } else { "," };
                 write!(out, "{sep}{}", serde_json::to_string(&obj)?)?;
             }

@@ -1,0 +1,103 @@
+//! Helpers shared by the integration tests: tiny models, the real MiniLM, running the binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use fetch_ml::testutil::TinyBert;
+
+/// A temporary folder holding a tiny random BERT written in Hugging Face layout.
+pub fn tiny_model(spec: &TinyBert) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("tiny-bert");
+    spec.write(&model).expect("write tiny model");
+    (dir, model)
+}
+
+/// The all-MiniLM-L6-v2 folder that `scripts/fetch-minilm.sh` fetches. `None` (test skipped,
+/// with a message) when it is absent outside CI; a panic when it is absent in CI.
+pub fn minilm() -> Option<PathBuf> {
+    let path = std::env::var_os("FETCH_ML_MINILM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2"));
+    if path.join("model.safetensors").is_file() {
+        return Some(path);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "CI is set but the real model is missing at {}; run scripts/fetch-minilm.sh",
+            path.display()
+        );
+    }
+    eprintln!(
+        "SKIPPED: all-MiniLM-L6-v2 not found at {}; run scripts/fetch-minilm.sh",
+        path.display()
+    );
+    None
+}
+
+/// The built binary, with a clean environment for the hub.
+pub fn fetch_ml() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fetch-ml"));
+    cmd.env_remove("HF_HUB_OFFLINE")
+        .env(
+            "HF_HOME",
+            std::env::temp_dir().join("fetch-ml-tests-empty-hf-home"),
+        )
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `cmd` and returns its output.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run fetch-ml")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+pub fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "fetch-ml failed ({:?}):\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+    stdout(o)
+}
+
+/// Asserts failure with a message containing every one of `needles`; returns stderr.
+pub fn fails_with(o: &Output, needles: &[&str]) -> String {
+    assert!(
+        !o.status.success(),
+        "expected failure, got success:\n{}",
+        stdout(o)
+    );
+    let err = stderr(o);
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
+    }
+    err
+}
+
+/// Cosine similarity and max abs difference of two vectors.
+pub fn compare(a: &[f32], b: &[f32]) -> (f64, f64) {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let max = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max);
+    (dot / (na * nb), max)
+}

@@ -2,6 +2,7 @@
 //! place only when complete, so a failed run never leaves a half-written file.
 
 use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -31,13 +32,18 @@ impl Output {
                     Some(d) if !d.as_os_str().is_empty() => d,
                     _ => Path::new("."),
                 };
-                let tmp = NamedTempFile::new_in(dir).with_context(|| {
-                    format!(
-                        "--output {}: cannot create a file in {}",
-                        p.display(),
-                        dir.display()
-                    )
-                })?;
+                // Mode 0666 minus the umask, as a plain `File::create` would give.
+                let tmp = tempfile::Builder::new()
+                    .prefix(".fetch-ml-")
+                    .permissions(std::fs::Permissions::from_mode(0o666))
+                    .tempfile_in(dir)
+                    .with_context(|| {
+                        format!(
+                            "--output {}: cannot create a file in {}",
+                            p.display(),
+                            dir.display()
+                        )
+                    })?;
                 Sink::File {
                     tmp: BufWriter::with_capacity(1 << 16, tmp),
                     path: p.to_path_buf(),

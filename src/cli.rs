@@ -2,12 +2,18 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Parser;
 
-use crate::config::{Command, EmbedConfig, Format};
+use crate::config::{Command, EmbedConfig, Format, MultitaskConfig, ScenariosConfig, TrainConfig};
+use crate::data::DataSource;
 use crate::hub::{offline_from_env, ModelRef};
 use crate::input::InputSource;
+use crate::model::freeze::{FreezePart, Scenario};
+use crate::train::trainer::TrainSettings;
+
+/// The model used when `--model` is not given.
+pub const DEFAULT_MODEL: &str = "bert-base-uncased";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -26,13 +32,9 @@ pub struct Cli {
 
     /// A Hugging Face model id, or a path to a local model folder (config.json,
     /// model.safetensors, tokenizer.json or vocab.txt).
-    #[arg(
-        long,
-        value_name = "ID_OR_DIR",
-        default_value = "bert-base-uncased",
-        help_heading = "Model"
-    )]
-    pub model: String,
+    /// [default: bert-base-uncased; with --checkpoint, the checkpoint's base model]
+    #[arg(long, value_name = "ID_OR_DIR", help_heading = "Model")]
+    pub model: Option<String>,
 
     /// Hub revision of --model: a branch, tag or commit.
     #[arg(long, default_value = "main", help_heading = "Model")]
@@ -75,7 +77,8 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = Format::Text, help_heading = "Output")]
     pub format: Format,
 
-    /// Sentences per forward pass. Batches are formed from sentences of similar length.
+    /// Sentences per forward pass; in training, examples per optimizer step. Inference
+    /// batches group sentences of similar length.
     #[arg(long, default_value_t = 32, value_parser = positive, help_heading = "Output")]
     pub batch_size: usize,
 
@@ -87,6 +90,155 @@ pub struct Cli {
     /// [default: normalise only when the model's modules.json lists a Normalize step]
     #[arg(long, help_heading = "Output")]
     pub no_normalize: bool,
+
+    /// Labelled training data: .jsonl ({"text", "class", "sentiment"} per line) or .csv with a
+    /// text,class,sentiment header. A row may lack one label. [default: the built-in
+    /// data/multitask/train.jsonl]
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Training (--task=2, --task=3)"
+    )]
+    pub train_file: Option<PathBuf>,
+
+    /// Labelled evaluation data, same formats. Its labels must occur in the training data.
+    /// [default: the built-in data/multitask/eval.jsonl; with --checkpoint: none]
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Training (--task=2, --task=3)"
+    )]
+    pub eval_file: Option<PathBuf>,
+
+    /// Passes over the training data. [default: 3 for --task=2, 2 for --task=3]
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = "Training (--task=2, --task=3)")]
+    pub epochs: Option<usize>,
+
+    /// Peak learning rate of the encoder (AdamW). [default: 2e-5]
+    #[arg(long, value_name = "RATE", value_parser = non_negative, help_heading = "Training (--task=2, --task=3)")]
+    pub lr: Option<f64>,
+
+    /// Peak learning rate of the two heads (AdamW). [default: 1e-3]
+    #[arg(long, value_name = "RATE", value_parser = non_negative, help_heading = "Training (--task=2, --task=3)")]
+    pub head_lr: Option<f64>,
+
+    /// Fraction of the steps over which the learning rates warm up linearly from 0; they then
+    /// decay linearly to 0. [default: 0.1]
+    #[arg(long, value_name = "FRACTION", value_parser = fraction, help_heading = "Training (--task=2, --task=3)")]
+    pub warmup: Option<f64>,
+
+    /// AdamW's decoupled weight decay. [default: 0.01]
+    #[arg(long, value_name = "W", value_parser = non_negative, help_heading = "Training (--task=2, --task=3)")]
+    pub weight_decay: Option<f64>,
+
+    /// Weights A,B of the combined loss A * CE(class) + B * CE(sentiment). [default: 1,1]
+    #[arg(long, value_name = "A,B", value_parser = loss_weights, help_heading = "Training (--task=2, --task=3)")]
+    pub loss_weights: Option<[f64; 2]>,
+
+    /// Seed of head initialisation, dropout and shuffling: the same seed on the same data gives
+    /// the same losses and weights. [default: 42]
+    #[arg(long, value_name = "N", help_heading = "Training (--task=2, --task=3)")]
+    pub seed: Option<u64>,
+
+    /// Width of each head's hidden layer. [default: 256]
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = "Training (--task=2, --task=3)")]
+    pub head_hidden: Option<usize>,
+
+    /// Dropout between each head's two layers, in training. [default: 0.1]
+    #[arg(long, value_name = "P", value_parser = fraction, help_heading = "Training (--task=2, --task=3)")]
+    pub head_dropout: Option<f64>,
+
+    /// Parts that do not train: none, all, encoder (alias backbone), class-head (alias
+    /// head-a), sentiment-head (alias head-b). Repeat or separate with commas, e.g.
+    /// --freeze encoder,class-head. Frozen parts run without dropout or gradients. [default:
+    /// none]
+    #[arg(long, value_name = "PART", value_delimiter = ',', value_parser = freeze_part, help_heading = "Training (--task=2, --task=3)")]
+    pub freeze: Vec<FreezePart>,
+
+    /// Freeze the embeddings and the first N encoder layers; the later layers train. With
+    /// --task=3 it sets N of the "layers" scenario [default there: half the layers].
+    #[arg(long, value_name = "N", help_heading = "Training (--task=2, --task=3)")]
+    pub freeze_layers: Option<usize>,
+
+    /// Train on at most the first N rows of the training data. [default: all for --task=2,
+    /// 256 for --task=3]
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = "Training (--task=2, --task=3)")]
+    pub max_train_examples: Option<usize>,
+
+    /// Keep the sentence vectors of a frozen encoder in DIR, keyed by model, revision, max
+    /// length and text, so repeated runs skip the encoder. [default: no cache]
+    #[arg(
+        long,
+        value_name = "DIR",
+        help_heading = "Training (--task=2, --task=3)"
+    )]
+    pub embedding_cache: Option<PathBuf>,
+
+    /// Save the trained model here (written whole, then renamed into place).
+    /// [default: checkpoints/multitask]
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with = "checkpoint",
+        help_heading = "Multitask model (--task=2)"
+    )]
+    pub save: Option<PathBuf>,
+
+    /// Skip training: predict (and evaluate, with --eval-file) with a saved model.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with = "train_file",
+        help_heading = "Multitask model (--task=2)"
+    )]
+    pub checkpoint: Option<PathBuf>,
+
+    /// Scenarios to compare, comma-separated: none, encoder, class-head, sentiment-head,
+    /// layers, all. [default: all six]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = scenario, help_heading = "Scenarios (--task=3)")]
+    pub scenarios: Vec<Scenario>,
+
+    /// Draw eval accuracy per head per scenario as a PNG chart.
+    #[arg(long, value_name = "FILE.png", help_heading = "Scenarios (--task=3)")]
+    pub plot: Option<PathBuf>,
+}
+
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("expected a number of 0 or more, got '{s}'")),
+    }
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.0..1.0).contains(&x) => Ok(x),
+        _ => Err(format!(
+            "expected a number from 0 up to (not including) 1, got '{s}'"
+        )),
+    }
+}
+
+fn loss_weights(s: &str) -> Result<[f64; 2], String> {
+    let parts: Vec<&str> = s.split(',').collect();
+    let parsed: Vec<f64> = parts
+        .iter()
+        .filter_map(|p| non_negative(p.trim()).ok())
+        .collect();
+    match parsed.as_slice() {
+        [a, b] if parts.len() == 2 && a + b > 0.0 => Ok([*a, *b]),
+        _ => Err(format!(
+            "expected two non-negative weights A,B, not both 0 (e.g. 1,0.5), got '{s}'"
+        )),
+    }
+}
+
+fn freeze_part(s: &str) -> Result<FreezePart, String> {
+    FreezePart::parse(s).map_err(|e| e.to_string())
+}
+
+fn scenario(s: &str) -> Result<Scenario, String> {
+    Scenario::parse(s).map_err(|e| e.to_string())
 }
 
 fn positive(s: &str) -> Result<usize, String> {
@@ -97,10 +249,67 @@ fn positive(s: &str) -> Result<usize, String> {
 }
 
 impl Cli {
+    /// Flags given that `task` does not use, by name.
+    fn unused_flags(&self, task: u8) -> Vec<&'static str> {
+        let train = [
+            ("--train-file", self.train_file.is_some()),
+            ("--eval-file", self.eval_file.is_some()),
+            ("--epochs", self.epochs.is_some()),
+            ("--lr", self.lr.is_some()),
+            ("--head-lr", self.head_lr.is_some()),
+            ("--warmup", self.warmup.is_some()),
+            ("--weight-decay", self.weight_decay.is_some()),
+            ("--loss-weights", self.loss_weights.is_some()),
+            ("--seed", self.seed.is_some()),
+            ("--head-hidden", self.head_hidden.is_some()),
+            ("--head-dropout", self.head_dropout.is_some()),
+            ("--freeze-layers", self.freeze_layers.is_some()),
+            ("--max-train-examples", self.max_train_examples.is_some()),
+            ("--embedding-cache", self.embedding_cache.is_some()),
+        ];
+        let embed_only = [
+            ("--normalize", self.normalize),
+            ("--no-normalize", self.no_normalize),
+        ];
+        let task2 = [
+            ("--save", self.save.is_some()),
+            ("--checkpoint", self.checkpoint.is_some()),
+            ("--freeze", !self.freeze.is_empty()),
+        ];
+        let task3 = [
+            ("--scenarios", !self.scenarios.is_empty()),
+            ("--plot", self.plot.is_some()),
+        ];
+        let input = [
+            ("--sentence", !self.sentences.is_empty()),
+            ("--input", self.input.is_some()),
+        ];
+        let unused: Vec<(&'static str, bool)> = match task {
+            1 => train.iter().chain(&task2).chain(&task3).copied().collect(),
+            2 => embed_only.iter().chain(&task3).copied().collect(),
+            _ => embed_only
+                .iter()
+                .chain(&task2)
+                .chain(&input)
+                .copied()
+                .collect(),
+        };
+        unused
+            .into_iter()
+            .filter(|(_, given)| *given)
+            .map(|(n, _)| n)
+            .collect()
+    }
+
     /// Validates the flags and builds the task's config.
     pub fn into_command(self) -> Result<Command> {
+        let task = self.task;
+        if let Some(flag) = self.unused_flags(task).first() {
+            bail!("{flag} does not apply to --task={task}; see --help for the flags of each task");
+        }
+        let model_given = self.model.is_some();
         let model = ModelRef {
-            id: self.model,
+            id: self.model.unwrap_or_else(|| DEFAULT_MODEL.to_string()),
             revision: self.revision,
             offline: self.offline || offline_from_env(),
         };
@@ -113,13 +322,13 @@ impl Cli {
                 None => InputSource::Default,
             }
         };
-        let normalize = match (self.normalize, self.no_normalize) {
-            (true, _) => Some(true),
-            (_, true) => Some(false),
-            _ => None,
-        };
-        match self.task {
-            1 => Ok(Command::Embed(EmbedConfig {
+        if task == 1 {
+            let normalize = match (self.normalize, self.no_normalize) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            return Ok(Command::Embed(EmbedConfig {
                 model,
                 input,
                 output: self.output,
@@ -127,8 +336,69 @@ impl Cli {
                 batch_size: self.batch_size,
                 max_seq_length: self.max_seq_length,
                 normalize,
-            })),
-            n => anyhow::bail!("--task={n} is not implemented yet"),
+            }));
         }
+        let defaults = TrainSettings::default();
+        let (default_epochs, default_max_examples) = if task == 2 {
+            (defaults.epochs, None)
+        } else {
+            (2, Some(256))
+        };
+        let predicting = self.checkpoint.is_some();
+        let train = TrainConfig {
+            model,
+            model_given,
+            max_seq_length: self.max_seq_length,
+            train_file: self
+                .train_file
+                .map_or_else(DataSource::default_train, DataSource::File),
+            eval_file: match (self.eval_file, predicting) {
+                (Some(f), _) => Some(DataSource::File(f)),
+                (None, false) => Some(DataSource::default_eval()),
+                (None, true) => None,
+            },
+            settings: TrainSettings {
+                epochs: self.epochs.unwrap_or(default_epochs),
+                batch_size: self.batch_size,
+                lr: self.lr.unwrap_or(defaults.lr),
+                head_lr: self.head_lr.unwrap_or(defaults.head_lr),
+                warmup: self.warmup.unwrap_or(defaults.warmup),
+                weight_decay: self.weight_decay.unwrap_or(defaults.weight_decay),
+                loss_weights: self.loss_weights.unwrap_or(defaults.loss_weights),
+                seed: self.seed.unwrap_or(defaults.seed),
+                ..defaults
+            },
+            head_hidden: self.head_hidden.unwrap_or(256),
+            head_dropout: self.head_dropout.unwrap_or(0.1),
+            freeze: self.freeze,
+            freeze_layers: self.freeze_layers,
+            max_train_examples: self.max_train_examples.or(default_max_examples),
+            embedding_cache: self.embedding_cache,
+        };
+        if task == 2 {
+            return Ok(Command::Multitask(MultitaskConfig {
+                train,
+                save: self
+                    .save
+                    .unwrap_or_else(|| PathBuf::from("checkpoints/multitask")),
+                checkpoint: self.checkpoint,
+                input,
+                output: self.output,
+                format: self.format,
+            }));
+        }
+        let mut scenarios = self.scenarios;
+        if scenarios.is_empty() {
+            scenarios = Scenario::ALL.to_vec();
+        }
+        scenarios.dedup();
+        Ok(Command::Scenarios(ScenariosConfig {
+            layers_n: train.freeze_layers,
+            train,
+            scenarios,
+            plot: self.plot,
+            output: self.output,
+            format: self.format,
+        }))
     }
 }

@@ -3,8 +3,11 @@
 
 use std::path::PathBuf;
 
+use crate::data::DataSource;
 use crate::hub::ModelRef;
 use crate::input::InputSource;
+use crate::model::freeze::{FreezePart, Scenario};
+use crate::train::trainer::TrainSettings;
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -39,4 +42,56 @@ pub struct EmbedConfig {
 #[derive(Debug, Clone)]
 pub enum Command {
     Embed(EmbedConfig),
+    Multitask(MultitaskConfig),
+    Scenarios(ScenariosConfig),
+}
+
+/// Training settings shared by `--task=2` and `--task=3`.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// The base model.
+    pub model: ModelRef,
+    /// True when `--model` was given (a checkpoint otherwise names its own base).
+    pub model_given: bool,
+    pub max_seq_length: Option<usize>,
+    pub train_file: DataSource,
+    /// `None`: no evaluation.
+    pub eval_file: Option<DataSource>,
+    pub settings: TrainSettings,
+    /// Width of each head's hidden layer.
+    pub head_hidden: usize,
+    /// Dropout between each head's two layers.
+    pub head_dropout: f64,
+    pub freeze: Vec<FreezePart>,
+    pub freeze_layers: Option<usize>,
+    /// Train on at most this many rows.
+    pub max_train_examples: Option<usize>,
+    /// Folder for cached sentence vectors of a frozen encoder.
+    pub embedding_cache: Option<PathBuf>,
+}
+
+/// Settings of `--task=2`, the multitask model.
+#[derive(Debug, Clone)]
+pub struct MultitaskConfig {
+    pub train: TrainConfig,
+    /// Where the trained model is saved.
+    pub save: PathBuf,
+    /// Predict with this saved model instead of training.
+    pub checkpoint: Option<PathBuf>,
+    /// Sentences to predict after training.
+    pub input: InputSource,
+    pub output: Option<PathBuf>,
+    pub format: Format,
+}
+
+/// Settings of `--task=3`, the freezing scenarios side by side.
+#[derive(Debug, Clone)]
+pub struct ScenariosConfig {
+    pub train: TrainConfig,
+    pub scenarios: Vec<Scenario>,
+    /// N of the `layers` scenario.
+    pub layers_n: Option<usize>,
+    pub plot: Option<PathBuf>,
+    pub output: Option<PathBuf>,
+    pub format: Format,
 }

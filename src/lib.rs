@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod embed;
 pub mod hub;
 pub mod input;
@@ -15,10 +16,13 @@ pub mod tasks;
 #[doc(hidden)]
 pub mod testutil;
 pub mod tokenize;
+pub mod train;
 
 /// Runs one command to completion.
 pub fn run(cmd: &config::Command) -> anyhow::Result<()> {
     match cmd {
         config::Command::Embed(cfg) => tasks::embed::run(cfg),
+        config::Command::Multitask(cfg) => tasks::multitask::run(cfg),
+        config::Command::Scenarios(_) => anyhow::bail!("--task=3 is not implemented yet"),
     }
 }

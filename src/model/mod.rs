@@ -1,6 +1,9 @@
-//! The neural network: our BERT encoder, pooling, and where parameters come from.
+//! The neural network: our BERT encoder, pooling, the multitask heads, freezing, and where
+//! parameters come from.
 
 pub mod bert;
 pub mod dropout;
+pub mod freeze;
+pub mod multitask;
 pub mod pooling;
 pub mod weights;

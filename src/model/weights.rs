@@ -116,7 +116,7 @@ impl WeightFile {
         })?;
         if t.shape() != shape {
             bail!(
-                "tensor {file_name} in {} has shape {:?} but config.json implies {:?}; \
+                "tensor {file_name} in {} has shape {:?} but the model expects {:?} (from config.json, or the checkpoint's head sizes); \
                  the config and the weights belong to different models",
                 self.path.display(),
                 t.dims(),
@@ -124,6 +124,22 @@ impl WeightFile {
             )
         }
         Ok(Some(t.to_dtype(DType::F32)?))
+    }
+
+    /// A stable 64-bit fingerprint of the file: FNV-1a over its length, its header and the
+    /// first MiB of tensor data. Two different models practically never share it.
+    pub fn fingerprint(&self) -> std::io::Result<String> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&self.path)?;
+        let len = f.metadata()?.len();
+        let mut buf = Vec::new();
+        f.by_ref().take(2 << 20).read_to_end(&mut buf)?;
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in len.to_le_bytes().iter().chain(&buf) {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        Ok(format!("{h:016x}"))
     }
 
     /// The names stored in the file.

@@ -1,3 +1,5 @@
 //! One module per `--task`: wiring and printing only; the work lives in the library modules.
 
 pub mod embed;
+pub mod multitask;
+pub mod report;

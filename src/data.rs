@@ -1,0 +1,402 @@
+//! Labelled data sets for the multitask model: JSONL or CSV, validated before any training.
+//!
+//! Each row has a `text` and up to two labels, `class` and `sentiment`. A row may lack one
+//! label (missing, null or empty): that head's loss skips it, so single-task data sets can be
+//! mixed. Every problem is reported with its file and line.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// The training set shipped with the tool (`data/multitask/train.jsonl`).
+pub const DEFAULT_TRAIN: &str = include_str!("../data/multitask/train.jsonl");
+/// The evaluation set shipped with the tool (`data/multitask/eval.jsonl`).
+pub const DEFAULT_EVAL: &str = include_str!("../data/multitask/eval.jsonl");
+
+/// Where a data set comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataSource {
+    File(PathBuf),
+    /// A data set built into the binary: its name and JSONL text.
+    BuiltIn(&'static str, &'static str),
+}
+
+impl DataSource {
+    pub fn default_train() -> Self {
+        DataSource::BuiltIn("data/multitask/train.jsonl (built in)", DEFAULT_TRAIN)
+    }
+    pub fn default_eval() -> Self {
+        DataSource::BuiltIn("data/multitask/eval.jsonl (built in)", DEFAULT_EVAL)
+    }
+    pub fn name(&self) -> String {
+        match self {
+            DataSource::File(p) => p.display().to_string(),
+            DataSource::BuiltIn(name, _) => name.to_string(),
+        }
+    }
+}
+
+/// The two tasks' names, as in the data files and reports.
+pub const TASKS: [&str; 2] = ["class", "sentiment"];
+
+/// One labelled sentence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub text: String,
+    /// Labels per task, in [`TASKS`] order; `None` where the row has none.
+    pub labels: [Option<String>; 2],
+    /// Line in the source file, for messages.
+    pub line: usize,
+}
+
+/// A data set as read from one source.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub name: String,
+    pub examples: Vec<Example>,
+}
+
+impl Dataset {
+    /// Reads and validates a data set; the format follows the extension (.jsonl/.json or .csv).
+    pub fn load(source: &DataSource) -> Result<Self> {
+        let name = source.name();
+        let examples = match source {
+            DataSource::BuiltIn(_, text) => parse_jsonl(text.as_bytes(), &name)?,
+            DataSource::File(path) => {
+                let bytes = std::fs::read(path)
+                    .with_context(|| format!("{}: cannot read the file", path.display()))?;
+                match extension(path).as_str() {
+                    "jsonl" | "json" | "ndjson" => parse_jsonl(&bytes, &name)?,
+                    "csv" => parse_csv(&bytes, &name)?,
+                    other => bail!(
+                        "{name}: unknown data format '.{other}'; use a .jsonl file (one \
+                         {{\"text\", \"class\", \"sentiment\"}} object per line) or a .csv file \
+                         with a text,class,sentiment header"
+                    ),
+                }
+            }
+        };
+        if examples.is_empty() {
+            bail!("{name}: the file has no rows");
+        }
+        Ok(Self { name, examples })
+    }
+
+    /// The sorted label set of each task.
+    pub fn label_sets(&self) -> [Vec<String>; 2] {
+        let set = |t: usize| -> Vec<String> {
+            let s: BTreeSet<&String> = self
+                .examples
+                .iter()
+                .filter_map(|e| e.labels[t].as_ref())
+                .collect();
+            s.into_iter().cloned().collect()
+        };
+        [set(0), set(1)]
+    }
+
+    /// Label indices per example and task, checked against `labels`: an unknown label is an
+    /// error naming the label and the line.
+    pub fn label_ids(&self, labels: &[Vec<String>; 2]) -> Result<Vec<[Option<u32>; 2]>> {
+        self.examples
+            .iter()
+            .map(|e| {
+                let mut ids = [None, None];
+                for t in 0..2 {
+                    if let Some(l) = &e.labels[t] {
+                        let id = labels[t].iter().position(|k| k == l).with_context(|| {
+                            format!(
+                                "{}, line {}: {} label '{l}' never occurs in the training data \
+                                 (known: {})",
+                                self.name,
+                                e.line,
+                                TASKS[t],
+                                labels[t].join(", ")
+                            )
+                        })?;
+                        ids[t] = Some(id as u32);
+                    }
+                }
+                Ok(ids)
+            })
+            .collect()
+    }
+
+    /// Keeps the first `n` examples.
+    pub fn truncate(&mut self, n: usize) {
+        self.examples.truncate(n);
+    }
+}
+
+fn extension(path: &Path) -> String {
+    path.extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+/// A label value: a string (trimmed) or a number; null or empty means no label.
+fn label_of(
+    v: Option<&serde_json::Value>,
+    name: &str,
+    line: usize,
+    field: &str,
+) -> Result<Option<String>> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(non_empty(s)),
+        Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(other) => {
+            bail!("{name}, line {line}: \"{field}\" must be a string or null, got {other}")
+        }
+    }
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    let t = s.trim();
+    (!t.is_empty()).then(|| t.to_string())
+}
+
+/// Checks that a row has text and at least one label.
+fn example(
+    text: Option<String>,
+    labels: [Option<String>; 2],
+    name: &str,
+    line: usize,
+) -> Result<Example> {
+    let Some(text) = text else {
+        bail!("{name}, line {line}: the row has no text");
+    };
+    if labels.iter().all(Option::is_none) {
+        bail!("{name}, line {line}: the row has neither a class nor a sentiment label");
+    }
+    Ok(Example { text, labels, line })
+}
+
+fn parse_jsonl(bytes: &[u8], name: &str) -> Result<Vec<Example>> {
+    let mut out = Vec::new();
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = i + 1;
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let text = std::str::from_utf8(raw).map_err(|e| {
+            anyhow::anyhow!(
+                "{name}, line {line}: not valid UTF-8 (bad byte at column {})",
+                e.valid_up_to() + 1
+            )
+        })?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{name}, line {line}: not valid JSON: {e}"))?;
+        let Some(obj) = v.as_object() else {
+            bail!("{name}, line {line}: expected a JSON object with \"text\", \"class\" and \"sentiment\"");
+        };
+        let text = match obj.get("text") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => non_empty(s).map(|_| s.clone()),
+            Some(other) => bail!("{name}, line {line}: \"text\" must be a string, got {other}"),
+        };
+        let labels = [
+            label_of(obj.get(TASKS[0]), name, line, TASKS[0])?,
+            label_of(obj.get(TASKS[1]), name, line, TASKS[1])?,
+        ];
+        out.push(example(text, labels, name, line)?);
+    }
+    Ok(out)
+}
+
+fn parse_csv(bytes: &[u8], name: &str) -> Result<Vec<Example>> {
+    if let Err(e) = std::str::from_utf8(bytes) {
+        let line = bytes[..e.valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1;
+        bail!("{name}, line {line}: not valid UTF-8");
+    }
+    let mut reader = csv::ReaderBuilder::new().flexible(false).from_reader(bytes);
+    let headers = reader
+        .headers()
+        .with_context(|| format!("{name}, line 1: cannot read the CSV header"))?
+        .clone();
+    let col = |c: &str| headers.iter().position(|h| h.trim() == c);
+    let text_col = col("text");
+    let label_cols = [col(TASKS[0]), col(TASKS[1])];
+    for (c, present) in [
+        ("text", text_col),
+        (TASKS[0], label_cols[0]),
+        (TASKS[1], label_cols[1]),
+    ] {
+        if present.is_none() {
+            bail!(
+                "{name}, line 1: the CSV header has no '{c}' column (found: {}); the header \
+                 must name text, class and sentiment",
+                headers.iter().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    let mut out = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| {
+            let line = e.position().map(|p| p.line()).unwrap_or(0);
+            anyhow::anyhow!("{name}, line {line}: malformed CSV: {e}")
+        })?;
+        let line = record.position().map(|p| p.line() as usize).unwrap_or(0);
+        if record.iter().all(|f| f.trim().is_empty()) {
+            continue;
+        }
+        let get = |c: Option<usize>| c.and_then(|i| record.get(i)).and_then(non_empty);
+        let text = text_col
+            .and_then(|i| record.get(i))
+            .filter(|s| !s.trim().is_empty())
+            .map(str::to_string);
+        let labels = [get(label_cols[0]), get(label_cols[1])];
+        out.push(example(text, labels, name, line)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(ext: &str, content: &[u8]) -> Result<Dataset> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("data.{ext}"));
+        std::fs::write(&path, content).unwrap();
+        Dataset::load(&DataSource::File(path))
+    }
+
+    fn err(ext: &str, content: &[u8]) -> String {
+        format!("{:#}", load_str(ext, content).expect_err("should fail"))
+    }
+
+    #[test]
+    fn jsonl_rows_and_partial_labels() {
+        let d = load_str(
+            "jsonl",
+            br#"{"text": "a", "class": "x", "sentiment": "pos"}
+
+{"text": "b", "class": null, "sentiment": "neg"}
+{"text": "c", "class": "y", "sentiment": ""}
+{"text": "d", "class": "x"}
+"#,
+        )
+        .unwrap();
+        assert_eq!(d.examples.len(), 4);
+        assert_eq!(d.examples[1].labels, [None, Some("neg".into())]);
+        assert_eq!(d.examples[2].labels, [Some("y".into()), None]);
+        assert_eq!(d.examples[3].line, 5);
+        assert_eq!(
+            d.label_sets(),
+            [
+                vec!["x".to_string(), "y".into()],
+                vec!["neg".to_string(), "pos".into()]
+            ]
+        );
+    }
+
+    #[test]
+    fn csv_rows_quotes_and_column_order() {
+        let d = load_str("csv", b"sentiment,text,class,extra\npos,\"hello, world\",x,1\n,\"multi\nline\",y,2\nneg,plain,,3\n").unwrap();
+        assert_eq!(d.examples.len(), 3);
+        assert_eq!(d.examples[0].text, "hello, world");
+        assert_eq!(d.examples[1].text, "multi\nline");
+        assert_eq!(d.examples[1].labels, [Some("y".into()), None]);
+        assert_eq!(d.examples[2].labels, [None, Some("neg".into())]);
+        assert_eq!(d.examples[2].line, 5);
+    }
+
+    #[test]
+    fn malformed_inputs_name_file_and_line() {
+        let e = err(
+            "jsonl",
+            b"{\"text\": \"a\", \"class\": \"x\"}\n{\"text\": \"b\", \"class\": \n",
+        );
+        assert!(
+            e.contains("data.jsonl, line 2") && e.contains("not valid JSON"),
+            "{e}"
+        );
+        let e = err(
+            "jsonl",
+            b"{\"text\": \"a\", \"class\": \"x\"}\n{\"text\": \"b\xff\", \"class\": \"x\"}\n",
+        );
+        assert!(e.contains("line 2") && e.contains("UTF-8"), "{e}");
+        let e = err("csv", b"text,class,sentiment\na,x,p\nb\xfe,x,p\n");
+        assert!(e.contains("data.csv, line 3") && e.contains("UTF-8"), "{e}");
+        let e = err("csv", b"text,class\na,x\n");
+        assert!(
+            e.contains("line 1") && e.contains("'sentiment' column"),
+            "{e}"
+        );
+        let e = err("csv", b"text,class,sentiment\na,x,p\nb,x\n");
+        assert!(e.contains("line 3") && e.contains("malformed CSV"), "{e}");
+        let e = err("jsonl", b"");
+        assert!(e.contains("no rows"), "{e}");
+        let e = err("csv", b"text,class,sentiment\n");
+        assert!(e.contains("no rows"), "{e}");
+        let e = err(
+            "jsonl",
+            b"{\"text\": \"a\", \"class\": \"x\"}\n{\"text\": \"b\"}\n",
+        );
+        assert!(e.contains("line 2") && e.contains("neither"), "{e}");
+        let e = err("jsonl", b"{\"class\": \"x\"}\n");
+        assert!(e.contains("line 1") && e.contains("no text"), "{e}");
+        let e = err("jsonl", b"{\"text\": \"  \", \"class\": \"x\"}\n");
+        assert!(e.contains("no text"), "{e}");
+        let e = err("jsonl", b"[1, 2]\n");
+        assert!(e.contains("expected a JSON object"), "{e}");
+        let e = err("txt", b"a\n");
+        assert!(e.contains(".txt") && e.contains(".jsonl"), "{e}");
+    }
+
+    #[test]
+    fn unknown_eval_label_names_label_and_line() {
+        let train = load_str(
+            "jsonl",
+            b"{\"text\": \"a\", \"class\": \"x\", \"sentiment\": \"p\"}\n",
+        )
+        .unwrap();
+        let eval = load_str(
+            "jsonl",
+            b"{\"text\": \"a\", \"class\": \"x\"}\n{\"text\": \"b\", \"sentiment\": \"q\"}\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", eval.label_ids(&train.label_sets()).unwrap_err());
+        assert!(
+            e.contains("line 2") && e.contains("sentiment label 'q'") && e.contains("known: p"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn shipped_data_is_valid_balanced_and_disjoint() {
+        let train = Dataset::load(&DataSource::default_train()).unwrap();
+        let eval = Dataset::load(&DataSource::default_eval()).unwrap();
+        assert!(train.examples.len() >= 800 && eval.examples.len() >= 200);
+        let sets = train.label_sets();
+        assert!((4..=6).contains(&sets[0].len()), "{:?}", sets[0]);
+        assert_eq!(sets[1], ["negative", "neutral", "positive"]);
+        eval.label_ids(&sets).unwrap();
+        let train_texts: BTreeSet<&str> = train.examples.iter().map(|e| e.text.as_str()).collect();
+        assert!(eval
+            .examples
+            .iter()
+            .all(|e| !train_texts.contains(e.text.as_str())));
+        for t in 0..2 {
+            for l in &sets[t] {
+                let n = train
+                    .examples
+                    .iter()
+                    .filter(|e| e.labels[t].as_ref() == Some(l))
+                    .count();
+                let share = n as f64 / train.examples.len() as f64;
+                assert!(
+                    (share - 1.0 / sets[t].len() as f64).abs() < 0.05,
+                    "{l}: {share}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The multitask model: the shared encoder, pooling, and two classification heads.
+//!
+//! Head A (`class_head`) classifies the sentence's class, head B (`sentiment_head`) its
+//! sentiment. Each head is `fc1 -> ReLU -> dropout -> fc2`. Frozen parts run in inference
+//! mode (no dropout, no gradient); the graph is cut after the frozen encoder prefix.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::bert::{AttentionMask, BertEncoder, Linear, Mode};
+use super::dropout::Dropout;
+use super::freeze::FreezePlan;
+use super::pooling::Pooling;
+use super::weights::{ParamRegistry, ParamSource, WeightFile};
+use crate::loader::ModelAssets;
+use crate::tokenize::Batch;
+
+/// The shape of the two heads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadsSpec {
+    /// Width of each head's hidden layer.
+    pub hidden: usize,
+    /// Dropout between the two layers, in training.
+    pub dropout: f64,
+    /// Label names per head, sorted: `[class, sentiment]`.
+    pub labels: [Vec<String>; 2],
+}
+
+/// Names of the heads' parameter prefixes, in task order.
+pub const HEAD_NAMES: [&str; 2] = ["class_head", "sentiment_head"];
+
+/// Two fully connected layers with ReLU and dropout between them.
+pub struct Head {
+    pub fc1: Linear,
+    pub fc2: Linear,
+    dropout: f64,
+}
+
+impl Head {
+    pub fn load(
+        vb: VarBuilder,
+        in_dim: usize,
+        hidden: usize,
+        out: usize,
+        dropout: f64,
+    ) -> Result<Self> {
+        Ok(Self {
+            fc1: Linear::load(vb.pp("fc1"), in_dim, hidden)?,
+            fc2: Linear::load(vb.pp("fc2"), hidden, out)?,
+            dropout,
+        })
+    }
+
+    /// `[batch, in]` -> logits `[batch, labels]`
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let h = self.fc1.forward(x)?.relu()?;
+        let h = match mode {
+            Mode::Train(d) => d.apply(&h, self.dropout)?,
+            Mode::Infer => h,
+        };
+        Ok(self.fc2.forward(&h)?)
+    }
+}
+
+/// Where the heads' weights come from.
+pub enum HeadInit {
+    /// Fresh weights drawn from a generator seeded with this value.
+    Seed(u64),
+    /// Weights read from a checkpoint file.
+    Checkpoint(Arc<WeightFile>),
+}
+
+/// The shared encoder plus mean pooling (whatever the model's own pooling) plus two heads.
+pub struct MultiTaskModel {
+    pub encoder: BertEncoder,
+    pub pooling: Pooling,
+    pub heads: [Head; 2],
+    pub spec: HeadsSpec,
+    pub plan: FreezePlan,
+    /// Every parameter, with a `Var` for each trainable one.
+    pub registry: Arc<ParamRegistry>,
+}
+
+impl MultiTaskModel {
+    /// Builds the model: encoder weights from `encoder_files` (first match wins), heads as
+    /// `init` says, trainable parameters as `plan` says.
+    pub fn build(
+        assets: &ModelAssets,
+        encoder_files: Vec<Arc<WeightFile>>,
+        spec: HeadsSpec,
+        plan: FreezePlan,
+        init: HeadInit,
+        device: &Device,
+    ) -> Result<Self> {
+        let registry = ParamRegistry::new();
+        let trainable = Arc::new(move |name: &str| plan.is_trainable(name));
+        let encoder = assets.encoder(encoder_files, trainable.clone(), registry.clone(), device)?;
+        let source = match &init {
+            HeadInit::Seed(seed) => {
+                ParamSource::from_files(vec![], registry.clone()).with_init_seed(*seed)
+            }
+            HeadInit::Checkpoint(file) => {
+                ParamSource::from_files(vec![file.clone()], registry.clone())
+            }
+        };
+        let vb = source.with_trainable(trainable).into_var_builder(device);
+        let hidden = assets.config.hidden_size;
+        let head = |t: usize| {
+            Head::load(
+                vb.pp(HEAD_NAMES[t]),
+                hidden,
+                spec.hidden,
+                spec.labels[t].len(),
+                spec.dropout,
+            )
+            .with_context(|| format!("loading the {} weights", HEAD_NAMES[t]))
+        };
+        let heads = [head(0)?, head(1)?];
+        Ok(Self {
+            encoder,
+            pooling: Pooling::Mean,
+            heads,
+            spec,
+            plan,
+            registry,
+        })
+    }
+
+    /// Pooled sentence vectors `[batch, hidden]`. With `dropout`, the trainable part of the
+    /// encoder runs in training mode; the frozen prefix always runs in inference mode and
+    /// its output is detached, so no gradient is computed for it.
+    pub fn features(&self, batch: &Batch, dropout: Option<&Dropout>) -> Result<Tensor> {
+        let train = dropout.map_or(Mode::Infer, Mode::Train);
+        let layers = self.encoder.layers.len();
+        let frozen = self.plan.frozen_layers();
+        let emb_mode = if self.plan.encoder_prefix.is_some() {
+            Mode::Infer
+        } else {
+            train
+        };
+        let mask = AttentionMask::new(&batch.attention_mask)?;
+        let x =
+            self.encoder
+                .embeddings
+                .forward(&batch.input_ids, &batch.token_type_ids, emb_mode)?;
+        let mut x = self
+            .encoder
+            .forward_layers(&x, &mask, 0..frozen, Mode::Infer)?;
+        if self.plan.encoder_prefix.is_some() {
+            x = x.detach();
+        }
+        let x = self
+            .encoder
+            .forward_layers(&x, &mask, frozen..layers, train)?;
+        Ok(self.pooling.forward(&x, &batch.attention_mask)?)
+    }
+
+    /// Logits of both heads for pooled vectors `[batch, hidden]`.
+    pub fn head_logits(&self, features: &Tensor, dropout: Option<&Dropout>) -> Result<[Tensor; 2]> {
+        let frozen = [self.plan.class_head, self.plan.sentiment_head];
+        let logits = |t: usize| -> Result<Tensor> {
+            let mode = match dropout {
+                Some(d) if !frozen[t] => Mode::Train(d),
+                _ => Mode::Infer,
+            };
+            self.heads[t].forward(features, mode)
+        };
+        Ok([logits(0)?, logits(1)?])
+    }
+
+    /// Logits of both heads for a batch.
+    pub fn forward(&self, batch: &Batch, dropout: Option<&Dropout>) -> Result<[Tensor; 2]> {
+        let features = self.features(batch, dropout)?;
+        self.head_logits(&features, dropout)
+    }
+}

@@ -1,0 +1,274 @@
+//! `--task=2`: train the multitask model, evaluate it, save a checkpoint, predict; or predict
+//! with a saved checkpoint.
+
+use std::io::Write;
+
+use anyhow::Result;
+use candle_core::Device;
+use serde::Serialize;
+use serde_json::json;
+
+use super::report::{epoch_line, head_table};
+use crate::config::{Format, MultitaskConfig};
+use crate::data::Dataset;
+use crate::hub::ModelRef;
+use crate::input::SentenceReader;
+use crate::loader::ModelAssets;
+use crate::model::freeze::FreezePlan;
+use crate::model::multitask::{HeadInit, MultiTaskModel};
+use crate::output::Output;
+use crate::train::checkpoint::{self, Checkpoint, CheckpointMeta};
+use crate::train::metrics::HeadMetrics;
+use crate::train::session::{fit, Setup};
+use crate::train::trainer::{evaluate, predict_probs, Prepared};
+
+/// One head's answer for one sentence.
+#[derive(Debug, Clone, Serialize)]
+pub struct LabelProb {
+    pub label: String,
+    pub probability: f32,
+}
+
+/// Both heads' answers for one sentence.
+#[derive(Debug, Clone, Serialize)]
+pub struct Prediction {
+    pub text: String,
+    pub class: LabelProb,
+    pub sentiment: LabelProb,
+}
+
+pub fn run(cfg: &MultitaskConfig) -> Result<()> {
+    if let Some(dir) = &cfg.checkpoint {
+        return run_checkpoint(cfg, dir);
+    }
+    let t = &cfg.train;
+    let setup = Setup::load(t)?;
+    let dev = Device::Cpu;
+    let layers = setup.assets.config.num_hidden_layers;
+    let plan = FreezePlan::new(&t.freeze, t.freeze_layers, layers)?;
+    let model = MultiTaskModel::build(
+        &setup.assets,
+        vec![setup.assets.weights.clone()],
+        setup.heads_spec(t),
+        plan,
+        HeadInit::Seed(t.settings.seed),
+        &dev,
+    )?;
+    let counts = crate::train::verify::ParamCounts::of(&model);
+    eprintln!(
+        "model {} ({} layers, hidden {}); training on {} ({} rows); frozen: {}",
+        t.model.id,
+        layers,
+        setup.assets.config.hidden_size,
+        setup.train.name,
+        setup.train.prepared.encoded.len(),
+        plan.describe(layers)
+    );
+    eprint!("{}", counts.table());
+    if plan.all_frozen(layers) {
+        eprintln!("nothing to train (--freeze all): skipping the optimizer; evaluating the untrained heads");
+    }
+    let epochs = t.settings.epochs;
+    let result = fit(&model, &setup, &t.settings, &mut |e| {
+        eprintln!("{}", epoch_line(e, epochs))
+    })?;
+    eprintln!("{}", result.freeze_check.summary());
+
+    let eval_json = eval_json(
+        setup
+            .eval
+            .as_ref()
+            .map(|e| (e.name.as_str(), e.prepared.encoded.len())),
+        &result.eval,
+    );
+    let report = json!({
+        "model": t.model.id,
+        "revision": t.model.revision,
+        "labels": {"class": setup.labels[0], "sentiment": setup.labels[1]},
+        "freeze": {"plan": plan, "description": plan.describe(layers)},
+        "parameters": result.parameters,
+        "training": {
+            "settings": t.settings,
+            "head_hidden": t.head_hidden,
+            "head_dropout": t.head_dropout,
+            "train_file": setup.train.name,
+            "train_rows": setup.train.prepared.encoded.len(),
+            "epochs": result.training.epochs,
+            "steps": result.training.steps,
+            "train_seconds": result.training.train_seconds,
+            "cached_features": result.training.cached_features,
+            "final_loss": result.training.final_loss(),
+        },
+        "eval": eval_json,
+        "freeze_check": result.freeze_check,
+    });
+    let meta = CheckpointMeta::new(
+        checkpoint::base_model(&setup.assets)?,
+        &model,
+        report["training"].clone(),
+        report.clone(),
+    );
+    checkpoint::save(&cfg.save, &model, &meta)?;
+    eprintln!("checkpoint saved to {}", cfg.save.display());
+
+    let text_report = report_text(
+        &setup.labels,
+        setup.eval.as_ref().map(|e| e.name.as_str()),
+        &result.eval,
+    );
+    finish(cfg, &setup.assets, &model, report, text_report)
+}
+
+/// `--checkpoint DIR`: rebuild the saved model, evaluate if asked, predict.
+fn run_checkpoint(cfg: &MultitaskConfig, dir: &std::path::Path) -> Result<()> {
+    let ckpt = Checkpoint::load(dir)?;
+    let base = &ckpt.meta.base_model;
+    let model_ref = if cfg.train.model_given {
+        cfg.train.model.clone()
+    } else {
+        ModelRef {
+            id: base.id.clone(),
+            revision: base.revision.clone(),
+            offline: cfg.train.model.offline,
+        }
+    };
+    let max_len = cfg.train.max_seq_length.or(Some(base.max_seq_length));
+    let assets = ModelAssets::load(&model_ref, max_len)?;
+    let model = ckpt.model(&assets, &Device::Cpu)?;
+    let labels = model.spec.labels.clone();
+    eprintln!(
+        "loaded checkpoint {} (base model {})",
+        dir.display(),
+        model_ref.id
+    );
+    let mut eval = None;
+    let mut eval_name = None;
+    if let Some(src) = &cfg.train.eval_file {
+        let d = Dataset::load(src)?;
+        let ids = d.label_ids(&labels)?;
+        let texts: Vec<&str> = d.examples.iter().map(|e| e.text.as_str()).collect();
+        let prepared = Prepared {
+            encoded: assets.tokenizer.encode(&texts)?,
+            labels: ids,
+        };
+        eval = Some(evaluate(
+            &model,
+            &assets.tokenizer,
+            &prepared,
+            cfg.train.settings.batch_size,
+            None,
+        )?);
+        eval_name = Some((d.name.clone(), prepared.encoded.len()));
+    }
+    let report = json!({
+        "model": model_ref.id,
+        "checkpoint": dir.display().to_string(),
+        "labels": {"class": labels[0], "sentiment": labels[1]},
+        "eval": eval_json(eval_name.as_ref().map(|(n, c)| (n.as_str(), *c)), &eval),
+    });
+    let text = report_text(&labels, eval_name.as_ref().map(|(n, _)| n.as_str()), &eval);
+    finish(cfg, &assets, &model, report, text)
+}
+
+fn eval_json(source: Option<(&str, usize)>, eval: &Option<[HeadMetrics; 2]>) -> serde_json::Value {
+    match (source, eval) {
+        (Some((name, rows)), Some([a, b])) => {
+            json!({"file": name, "rows": rows, "class": a, "sentiment": b})
+        }
+        _ => serde_json::Value::Null,
+    }
+}
+
+fn report_text(
+    labels: &[Vec<String>; 2],
+    eval_name: Option<&str>,
+    eval: &Option<[HeadMetrics; 2]>,
+) -> String {
+    let mut s = String::new();
+    if let (Some(name), Some(m)) = (eval_name, eval) {
+        s += &format!("evaluation on {name}\n");
+        for t in 0..2 {
+            s += &head_table(t, &labels[t], &m[t]);
+        }
+    }
+    s
+}
+
+/// Predicts the input sentences and writes the report and predictions in the chosen format.
+fn finish(
+    cfg: &MultitaskConfig,
+    assets: &ModelAssets,
+    model: &MultiTaskModel,
+    mut report: serde_json::Value,
+    text_report: String,
+) -> Result<()> {
+    let mut out = Output::create(cfg.output.as_deref())?;
+    match cfg.format {
+        Format::Text => write!(out, "{text_report}")?,
+        Format::Jsonl => eprint!("{text_report}"),
+        Format::Json => {}
+    }
+    if cfg.format == Format::Text {
+        writeln!(out, "predictions ({})", cfg.input.describe())?;
+    }
+    let mut reader = SentenceReader::open(&cfg.input)?;
+    let mut all = Vec::new();
+    loop {
+        let chunk = reader.next_chunk(4096)?;
+        if chunk.is_empty() {
+            break;
+        }
+        for p in predict(model, assets, &chunk, cfg.train.settings.batch_size)? {
+            match cfg.format {
+                Format::Text => writeln!(
+                    out,
+                    "class={} ({:.3})  sentiment={} ({:.3})  {}",
+                    p.class.label,
+                    p.class.probability,
+                    p.sentiment.label,
+                    p.sentiment.probability,
+                    p.text
+                )?,
+                Format::Jsonl => writeln!(out, "{}", serde_json::to_string(&p)?)?,
+                Format::Json => all.push(p),
+            }
+        }
+    }
+    if cfg.format == Format::Json {
+        report["predictions"] = serde_json::to_value(&all)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    }
+    out.finish()
+}
+
+/// Label and probability of both heads for each sentence.
+pub fn predict(
+    model: &MultiTaskModel,
+    assets: &ModelAssets,
+    texts: &[String],
+    batch_size: usize,
+) -> Result<Vec<Prediction>> {
+    let encoded = assets.tokenizer.encode(texts)?;
+    let probs = predict_probs(model, &assets.tokenizer, &encoded, batch_size, None)?;
+    let pick = |t: usize, i: usize| -> LabelProb {
+        let p = &probs[t][i];
+        let (best, prob) =
+            p.iter().enumerate().fold(
+                (0, f32::MIN),
+                |acc, (j, &x)| if x > acc.1 { (j, x) } else { acc },
+            );
+        LabelProb {
+            label: model.spec.labels[t][best].clone(),
+            probability: prob,
+        }
+    };
+    Ok(texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| Prediction {
+            text: text.clone(),
+            class: pick(0, i),
+            sentiment: pick(1, i),
+        })
+        .collect())
+}

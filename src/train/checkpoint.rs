@@ -1,0 +1,256 @@
+//! Checkpoints: a folder with `model.safetensors` (the heads and every encoder tensor that
+//! trained) and `checkpoint.json` (how the model was made, and its metrics). Written to a
+//! temporary folder and renamed into place; checked against the base model when loaded.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::loader::ModelAssets;
+use crate::model::freeze::FreezePlan;
+use crate::model::multitask::{HeadInit, HeadsSpec, MultiTaskModel, HEAD_NAMES};
+use crate::model::weights::WeightFile;
+
+const FORMAT: &str = "fetch-ml-multitask";
+const VERSION: u32 = 1;
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const META_FILE: &str = "checkpoint.json";
+pub const METRICS_FILE: &str = "metrics.json";
+
+/// The base model a checkpoint was trained from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaseModel {
+    /// Hub id or folder path, as given.
+    pub id: String,
+    pub revision: String,
+    /// Fingerprint of its `model.safetensors`; see [`WeightFile::fingerprint`].
+    pub fingerprint: String,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub vocab_size: usize,
+    pub max_seq_length: usize,
+}
+
+/// `checkpoint.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub format: String,
+    pub version: u32,
+    pub base_model: BaseModel,
+    pub heads: HeadsSpec,
+    pub freeze: FreezePlan,
+    /// Encoder tensors stored in `model.safetensors` because they trained.
+    pub trained_encoder_tensors: Vec<String>,
+    /// The training arguments, as a free-form object.
+    pub training: serde_json::Value,
+    /// The final report (evaluation metrics and more), as a free-form object.
+    pub metrics: serde_json::Value,
+}
+
+impl CheckpointMeta {
+    pub fn new(
+        base_model: BaseModel,
+        model: &MultiTaskModel,
+        training: serde_json::Value,
+        metrics: serde_json::Value,
+    ) -> Self {
+        Self {
+            format: FORMAT.into(),
+            version: VERSION,
+            base_model,
+            heads: model.spec.clone(),
+            freeze: model.plan,
+            trained_encoder_tensors: saved_params(model)
+                .into_iter()
+                .filter(|(n, _)| !is_head(n))
+                .map(|(n, _)| n)
+                .collect(),
+            training,
+            metrics,
+        }
+    }
+}
+
+fn is_head(name: &str) -> bool {
+    HEAD_NAMES.iter().any(|h| name.starts_with(h))
+}
+
+/// What a checkpoint stores: every head tensor, and every trainable encoder tensor.
+fn saved_params(model: &MultiTaskModel) -> Vec<(String, Tensor)> {
+    model
+        .registry
+        .params()
+        .into_iter()
+        .filter(|p| is_head(&p.name) || p.trainable())
+        .map(|p| (p.name, p.tensor))
+        .collect()
+}
+
+/// Describes the base model of `assets` for a checkpoint.
+pub fn base_model(assets: &ModelAssets) -> Result<BaseModel> {
+    Ok(BaseModel {
+        id: assets.files.model.id.clone(),
+        revision: assets.files.model.revision.clone(),
+        fingerprint: assets
+            .weights
+            .fingerprint()
+            .with_context(|| format!("reading {}", assets.weights.path().display()))?,
+        hidden_size: assets.config.hidden_size,
+        num_layers: assets.config.num_hidden_layers,
+        vocab_size: assets.config.vocab_size,
+        max_seq_length: assets.tokenizer.max_len(),
+    })
+}
+
+/// Saves `model` into `dir` atomically: a complete folder or, on failure, the old one intact.
+pub fn save(dir: &Path, model: &MultiTaskModel, meta: &CheckpointMeta) -> Result<()> {
+    if dir.exists() {
+        let is_empty = dir
+            .read_dir()
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        if !dir.join(META_FILE).is_file() && !is_empty {
+            bail!(
+                "--save {}: the folder exists and is not a fetch-ml checkpoint; choose another folder",
+                dir.display()
+            );
+        }
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.tmp-"))
+        .tempdir_in(&parent)
+        .with_context(|| format!("creating a temporary folder in {}", parent.display()))?;
+    let tensors: HashMap<String, Tensor> = saved_params(model).into_iter().collect();
+    candle_core::safetensors::save(&tensors, tmp.path().join(WEIGHTS_FILE))
+        .context("writing model.safetensors")?;
+    std::fs::write(
+        tmp.path().join(META_FILE),
+        serde_json::to_string_pretty(meta)?,
+    )?;
+    std::fs::write(
+        tmp.path().join(METRICS_FILE),
+        serde_json::to_string_pretty(&meta.metrics)?,
+    )?;
+    // Swap the folders: the old one is moved aside first and removed only once the new one
+    // is in place.
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    let had_old = dir.exists();
+    if had_old {
+        std::fs::rename(dir, &old)
+            .with_context(|| format!("moving the old {} aside", dir.display()))?;
+    }
+    if let Err(e) = std::fs::rename(tmp.path(), dir) {
+        if had_old {
+            let _ = std::fs::rename(&old, dir);
+        }
+        return Err(e).with_context(|| format!("moving the checkpoint into {}", dir.display()));
+    }
+    let _ = tmp.keep();
+    if had_old {
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    Ok(())
+}
+
+/// A checkpoint read from disk.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub meta: CheckpointMeta,
+    pub weights: Arc<WeightFile>,
+}
+
+impl Checkpoint {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let meta_path = dir.join(META_FILE);
+        let text = std::fs::read_to_string(&meta_path).with_context(|| {
+            format!(
+                "--checkpoint {}: cannot read {META_FILE}; is this a fetch-ml checkpoint folder?",
+                dir.display()
+            )
+        })?;
+        let meta: CheckpointMeta = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", meta_path.display()))?;
+        if meta.format != FORMAT || meta.version != VERSION {
+            bail!(
+                "{}: format {} version {} is not one this fetch-ml reads ({FORMAT} version {VERSION})",
+                meta_path.display(),
+                meta.format,
+                meta.version
+            );
+        }
+        let weights = Arc::new(WeightFile::open(&dir.join(WEIGHTS_FILE))?);
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            meta,
+            weights,
+        })
+    }
+
+    /// Fails unless `assets` is the base model the checkpoint was trained from.
+    pub fn check_base(&self, assets: &ModelAssets) -> Result<()> {
+        let want = &self.meta.base_model;
+        let got = base_model(assets)?;
+        let dims = |b: &BaseModel| (b.hidden_size, b.num_layers, b.vocab_size);
+        if dims(want) != dims(&got) {
+            bail!(
+                "the checkpoint in {} was trained on {} (hidden size {}, {} layers, vocabulary {}), \
+                 but the model given is {} (hidden size {}, {} layers, vocabulary {}); pass --model {}",
+                self.dir.display(),
+                want.id, want.hidden_size, want.num_layers, want.vocab_size,
+                got.id, got.hidden_size, got.num_layers, got.vocab_size,
+                want.id
+            );
+        }
+        if want.fingerprint != got.fingerprint {
+            bail!(
+                "the checkpoint in {} was trained on {} (weights fingerprint {}), but {} has other \
+                 weights (fingerprint {}); pass the base model it was trained on",
+                self.dir.display(),
+                want.id,
+                want.fingerprint,
+                got.id,
+                got.fingerprint
+            );
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the trained model for inference: base weights overlaid with the checkpoint's.
+    pub fn model(&self, assets: &ModelAssets, device: &Device) -> Result<MultiTaskModel> {
+        self.check_base(assets)?;
+        let stored: std::collections::HashSet<String> = self.weights.names().into_iter().collect();
+        for name in &self.meta.trained_encoder_tensors {
+            if !stored.contains(name) {
+                bail!(
+                    "{}: tensor {name} is listed as trained in {META_FILE} but missing from the file",
+                    self.weights.path().display()
+                );
+            }
+        }
+        let num_layers = assets.config.num_hidden_layers;
+        let inference =
+            FreezePlan::new(&[crate::model::freeze::FreezePart::All], None, num_layers)?;
+        MultiTaskModel::build(
+            assets,
+            vec![self.weights.clone(), assets.weights.clone()],
+            self.meta.heads.clone(),
+            inference,
+            HeadInit::Checkpoint(self.weights.clone()),
+            device,
+        )
+        .with_context(|| format!("loading the checkpoint in {}", self.dir.display()))
+    }
+}

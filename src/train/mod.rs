@@ -1,0 +1,8 @@
+//! Training the multitask model: loss, loop, metrics, checkpoints.
+
+pub mod checkpoint;
+pub mod loss;
+pub mod metrics;
+pub mod session;
+pub mod trainer;
+pub mod verify;

@@ -1,0 +1,131 @@
+//! One training run from start to end: load and check the model and data before anything
+//! trains, then snapshot, train, evaluate and verify the freeze. Shared by `--task=2` and
+//! `--task=3`.
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use super::metrics::HeadMetrics;
+use super::trainer::{evaluate, train, EpochReport, Prepared, TrainOutcome, TrainSettings};
+use super::verify::{FreezeCheck, ParamCounts, Snapshot};
+use crate::config::TrainConfig;
+use crate::data::{Dataset, TASKS};
+use crate::loader::ModelAssets;
+use crate::model::multitask::{HeadsSpec, MultiTaskModel};
+
+/// A data set, tokenized and labelled.
+pub struct DataPart {
+    pub name: String,
+    pub prepared: Prepared,
+}
+
+/// The model files and both data sets of a run, validated.
+pub struct Setup {
+    pub assets: ModelAssets,
+    /// Sorted label names per head, from the training data.
+    pub labels: [Vec<String>; 2],
+    pub train: DataPart,
+    pub eval: Option<DataPart>,
+}
+
+impl Setup {
+    /// Reads everything a training run needs; every data error surfaces here, before any
+    /// training.
+    pub fn load(cfg: &TrainConfig) -> Result<Self> {
+        let mut train = Dataset::load(&cfg.train_file)?;
+        if let Some(n) = cfg.max_train_examples {
+            train.truncate(n);
+        }
+        let eval = cfg.eval_file.as_ref().map(Dataset::load).transpose()?;
+        let labels = train.label_sets();
+        for t in 0..2 {
+            if labels[t].is_empty() {
+                bail!(
+                    "{}: no row has a {} label, so that head cannot be trained",
+                    train.name,
+                    TASKS[t]
+                );
+            }
+        }
+        let train_ids = train.label_ids(&labels)?;
+        let eval_ids = eval.as_ref().map(|e| e.label_ids(&labels)).transpose()?;
+        let assets = ModelAssets::load(&cfg.model, cfg.max_seq_length)?;
+        let prepare = |d: &Dataset, ids: Vec<[Option<u32>; 2]>| -> Result<DataPart> {
+            let texts: Vec<&str> = d.examples.iter().map(|e| e.text.as_str()).collect();
+            Ok(DataPart {
+                name: d.name.clone(),
+                prepared: Prepared {
+                    encoded: assets
+                        .tokenizer
+                        .encode(&texts)
+                        .with_context(|| format!("tokenizing {}", d.name))?,
+                    labels: ids,
+                },
+            })
+        };
+        let train_part = prepare(&train, train_ids)?;
+        let eval_part = match (&eval, eval_ids) {
+            (Some(e), Some(ids)) => Some(prepare(e, ids)?),
+            _ => None,
+        };
+        Ok(Self {
+            assets,
+            labels,
+            train: train_part,
+            eval: eval_part,
+        })
+    }
+
+    pub fn heads_spec(&self, cfg: &TrainConfig) -> HeadsSpec {
+        HeadsSpec {
+            hidden: cfg.head_hidden,
+            dropout: cfg.head_dropout,
+            labels: self.labels.clone(),
+        }
+    }
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub parameters: ParamCounts,
+    pub training: TrainOutcome,
+    /// Final evaluation, when there is an evaluation set.
+    pub eval: Option<[HeadMetrics; 2]>,
+    pub freeze_check: FreezeCheck,
+}
+
+/// Snapshots the parameters, trains (unless nothing is trainable), evaluates, and checks
+/// that frozen tensors are bit-identical and trainable ones changed. A violation is an error.
+pub fn fit(
+    model: &MultiTaskModel,
+    setup: &Setup,
+    settings: &TrainSettings,
+    on_epoch: &mut dyn FnMut(&EpochReport),
+) -> Result<RunResult> {
+    let parameters = ParamCounts::of(model);
+    let snapshot = Snapshot::take(model)?;
+    let eval = setup.eval.as_ref().map(|e| &e.prepared);
+    let training = train(
+        model,
+        &setup.assets.tokenizer,
+        &setup.train.prepared,
+        eval,
+        settings,
+        on_epoch,
+    )?;
+    let final_eval = match training.epochs.last().and_then(|e| e.eval.clone()) {
+        Some(m) => Some(m),
+        None => eval
+            .map(|e| evaluate(model, &setup.assets.tokenizer, e, settings.batch_size, None))
+            .transpose()?,
+    };
+    let freeze_check = snapshot.compare(model)?;
+    freeze_check.ensure()?;
+    Ok(RunResult {
+        parameters,
+        training,
+        eval: final_eval,
+        freeze_check,
+    })
+}

@@ -384,8 +384,8 @@ mod tests {
             .examples
             .iter()
             .all(|e| !train_texts.contains(e.text.as_str())));
-        for t in 0..2 {
-            for l in &sets[t] {
+        for (t, set) in sets.iter().enumerate() {
+            for l in set {
                 let n = train
                     .examples
                     .iter()
@@ -393,7 +393,7 @@ mod tests {
                     .count();
                 let share = n as f64 / train.examples.len() as f64;
                 assert!(
-                    (share - 1.0 / sets[t].len() as f64).abs() < 0.05,
+                    (share - 1.0 / set.len() as f64).abs() < 0.05,
                     "{l}: {share}"
                 );
             }

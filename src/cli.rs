@@ -102,7 +102,8 @@ pub struct Cli {
     pub train_file: Option<PathBuf>,
 
     /// Labelled evaluation data, same formats. Its labels must occur in the training data.
-    /// [default: the built-in data/multitask/eval.jsonl; with --checkpoint: none]
+    /// [default: the built-in data/multitask/eval.jsonl when --train-file is not given;
+    /// otherwise none]
     #[arg(
         long,
         value_name = "FILE",
@@ -345,6 +346,7 @@ impl Cli {
             (2, Some(256))
         };
         let predicting = self.checkpoint.is_some();
+        let own_train_file = self.train_file.is_some();
         let train = TrainConfig {
             model,
             model_given,
@@ -352,7 +354,8 @@ impl Cli {
             train_file: self
                 .train_file
                 .map_or_else(DataSource::default_train, DataSource::File),
-            eval_file: match (self.eval_file, predicting) {
+            // The shipped evaluation set goes with the shipped training set only.
+            eval_file: match (self.eval_file, predicting || own_train_file) {
                 (Some(f), _) => Some(DataSource::File(f)),
                 (None, false) => Some(DataSource::default_eval()),
                 (None, true) => None,

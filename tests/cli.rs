@@ -429,3 +429,71 @@ fn help_documents_every_flag() {
         assert!(out.contains(flag), "--help lacks {flag}");
     }
 }
+
+#[test]
+fn flags_of_other_tasks_are_rejected() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--task=1", "--epochs", "3"],
+            "--epochs does not apply to --task=1",
+        ),
+        (
+            &["--task=1", "--freeze", "encoder"],
+            "--freeze does not apply to --task=1",
+        ),
+        (
+            &["--task=2", "--normalize"],
+            "--normalize does not apply to --task=2",
+        ),
+        (
+            &["--task=2", "--plot", "x.png"],
+            "--plot does not apply to --task=2",
+        ),
+        (
+            &["--task=3", "--save", "dir"],
+            "--save does not apply to --task=3",
+        ),
+        (
+            &["--task=3", "--sentence", "hi"],
+            "--sentence does not apply to --task=3",
+        ),
+    ];
+    for (args, msg) in cases {
+        let o = run(fetch_ml().args(*args));
+        fails_with(&o, &[msg]);
+    }
+}
+
+#[test]
+fn bad_training_flag_values_are_usage_errors() {
+    let cases: &[&[&str]] = &[
+        &["--task=2", "--freeze", "decoder"],
+        &["--task=2", "--freeze", "encoder,bogus"],
+        &["--task=2", "--loss-weights", "1"],
+        &["--task=2", "--loss-weights", "0,0"],
+        &["--task=2", "--lr", "-1"],
+        &["--task=2", "--warmup", "1.5"],
+        &["--task=2", "--epochs", "0"],
+        &["--task=3", "--scenarios", "none,sideways"],
+        &["--task=2", "--checkpoint", "a", "--save", "b"],
+    ];
+    for args in cases {
+        let o = run(fetch_ml().args(*args));
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
+    let o = run(fetch_ml().args(["--task=2", "--freeze", "decoder"]));
+    assert!(
+        stderr(&o).contains("sentiment-head"),
+        "lists the valid names: {}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn freeze_layers_out_of_range_gives_the_count() {
+    let (_d, model) = tiny_model(&TinyBert::default());
+    let o = run(fetch_ml()
+        .args(["--task=2", "--freeze-layers", "4", "--model"])
+        .arg(&model));
+    fails_with(&o, &["--freeze-layers 4", "only 3 encoder layers"]);
+}

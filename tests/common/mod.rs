@@ -101,3 +101,45 @@ pub fn compare(a: &[f32], b: &[f32]) -> (f64, f64) {
         .fold(0.0, f64::max);
     (dot / (na * nb), max)
 }
+
+/// A linearly separable toy data set in the tiny vocabulary: the class follows the topic word
+/// (food or tech), the sentiment follows the opinion word (positive or negative).
+pub fn toy_rows(n: usize, seed: u64) -> Vec<serde_json::Value> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let topics = [
+        ("food", ["pizza", "food", "tasty"]),
+        ("tech", ["phone", "app", "battery"]),
+    ];
+    let opinions = [
+        ("negative", ["hate", "terrible", "bad"]),
+        ("positive", ["love", "great", "good"]),
+    ];
+    let fillers = [
+        "the", "a", "it", "this", "my", "our", "today", "very", "was", "is",
+    ];
+    (0..n)
+        .map(|i| {
+            let (class, tw) = topics[i % 2];
+            let (sentiment, ow) = opinions[(i / 2) % 2];
+            let mut words: Vec<&str> = (0..rng.random_range(1..5))
+                .map(|_| fillers[rng.random_range(0..fillers.len())])
+                .collect();
+            words.insert(
+                rng.random_range(0..=words.len()),
+                tw[rng.random_range(0..3)],
+            );
+            words.insert(
+                rng.random_range(0..=words.len()),
+                ow[rng.random_range(0..3)],
+            );
+            serde_json::json!({"text": words.join(" "), "class": class, "sentiment": sentiment})
+        })
+        .collect()
+}
+
+/// Writes rows as JSONL.
+pub fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
+    let text: String = rows.iter().map(|r| r.to_string() + "\n").collect();
+    std::fs::write(path, text).unwrap();
+}

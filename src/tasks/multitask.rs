@@ -148,6 +148,7 @@ fn run_checkpoint(cfg: &MultitaskConfig, dir: &std::path::Path) -> Result<()> {
         let ids = d.label_ids(&labels)?;
         let texts: Vec<&str> = d.examples.iter().map(|e| e.text.as_str()).collect();
         let prepared = Prepared {
+            texts: texts.iter().map(|t| t.to_string()).collect(),
             encoded: assets.tokenizer.encode(&texts)?,
             labels: ids,
         };

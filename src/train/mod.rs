@@ -1,6 +1,7 @@
 //! Training the multitask model: loss, loop, metrics, checkpoints.
 
 pub mod checkpoint;
+pub mod embedding_cache;
 pub mod loss;
 pub mod metrics;
 pub mod session;

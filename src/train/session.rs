@@ -2,9 +2,12 @@
 //! trains, then snapshot, train, evaluate and verify the freeze. Shared by `--task=2` and
 //! `--task=3`.
 
+use std::sync::Mutex;
+
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+use super::embedding_cache::{CacheKey, EmbeddingCache};
 use super::metrics::HeadMetrics;
 use super::trainer::{evaluate, train, EpochReport, Prepared, TrainOutcome, TrainSettings};
 use super::verify::{FreezeCheck, ParamCounts, Snapshot};
@@ -26,6 +29,8 @@ pub struct Setup {
     pub labels: [Vec<String>; 2],
     pub train: DataPart,
     pub eval: Option<DataPart>,
+    /// The on-disk cache of frozen-encoder vectors, with `--embedding-cache`.
+    pub cache: Mutex<Option<EmbeddingCache>>,
 }
 
 impl Setup {
@@ -55,6 +60,7 @@ impl Setup {
             Ok(DataPart {
                 name: d.name.clone(),
                 prepared: Prepared {
+                    texts: texts.iter().map(|t| t.to_string()).collect(),
                     encoded: assets
                         .tokenizer
                         .encode(&texts)
@@ -68,11 +74,30 @@ impl Setup {
             (Some(e), Some(ids)) => Some(prepare(e, ids)?),
             _ => None,
         };
+        let cache = match &cfg.embedding_cache {
+            Some(dir) => {
+                let key = CacheKey {
+                    model: cfg.model.id.clone(),
+                    revision: cfg.model.revision.clone(),
+                    fingerprint: assets.weights.fingerprint()?,
+                    max_seq_length: assets.tokenizer.max_len(),
+                    pooling: "mean".into(),
+                    dimension: assets.config.hidden_size,
+                };
+                let cache = EmbeddingCache::open(dir, key)?;
+                if let Some(note) = &cache.note {
+                    eprintln!("embedding cache: {note}");
+                }
+                Some(cache)
+            }
+            None => None,
+        };
         Ok(Self {
             assets,
             labels,
             train: train_part,
             eval: eval_part,
+            cache: Mutex::new(cache),
         })
     }
 
@@ -106,12 +131,14 @@ pub fn fit(
     let parameters = ParamCounts::of(model);
     let snapshot = Snapshot::take(model)?;
     let eval = setup.eval.as_ref().map(|e| &e.prepared);
+    let mut cache = setup.cache.lock().expect("cache lock");
     let training = train(
         model,
         &setup.assets.tokenizer,
         &setup.train.prepared,
         eval,
         settings,
+        cache.as_mut(),
         on_epoch,
     )?;
     let final_eval = match training.epochs.last().and_then(|e| e.eval.clone()) {

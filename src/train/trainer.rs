@@ -13,6 +13,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use super::embedding_cache::EmbeddingCache;
 use super::loss::{multitask_loss, HeadTargets};
 use super::metrics::HeadMetrics;
 use crate::model::dropout::Dropout;
@@ -62,6 +63,7 @@ impl Default for TrainSettings {
 
 /// Tokenized sentences with their label indices.
 pub struct Prepared {
+    pub texts: Vec<String>,
     pub encoded: Vec<Encoded>,
     pub labels: Vec<[Option<u32>; 2]>,
 }
@@ -170,6 +172,41 @@ pub fn compute_features(
     Ok(sorted.index_select(&Tensor::new(inverse, &dev)?, 0)?)
 }
 
+/// Like [`compute_features`], but reads vectors from `cache` where it has them and adds the
+/// ones it computes. Only valid for a frozen encoder.
+pub fn cached_features(
+    model: &MultiTaskModel,
+    tok: &TextTokenizer,
+    data: &Prepared,
+    batch_size: usize,
+    cache: Option<&mut EmbeddingCache>,
+) -> Result<Tensor> {
+    let Some(cache) = cache else {
+        return compute_features(model, tok, &data.encoded, batch_size);
+    };
+    let missing: Vec<usize> = (0..data.texts.len())
+        .filter(|&i| cache.get(&data.texts[i]).is_none())
+        .collect();
+    if !missing.is_empty() {
+        let encoded: Vec<Encoded> = missing.iter().map(|&i| data.encoded[i].clone()).collect();
+        let rows = compute_features(model, tok, &encoded, batch_size)?.to_vec2::<f32>()?;
+        for (&i, row) in missing.iter().zip(rows) {
+            cache.insert(&data.texts[i], row);
+        }
+        cache.save()?;
+    }
+    let dim = model.encoder.config.hidden_size;
+    let mut flat = Vec::with_capacity(data.texts.len() * dim);
+    for t in &data.texts {
+        flat.extend_from_slice(cache.get(t).expect("filled above"));
+    }
+    Ok(Tensor::from_vec(
+        flat,
+        (data.texts.len(), dim),
+        model.encoder.device(),
+    )?)
+}
+
 /// Class probabilities of both heads for every example: `[head][example][label]`.
 pub fn predict_probs(
     model: &MultiTaskModel,
@@ -232,6 +269,7 @@ pub fn train(
     data: &Prepared,
     eval: Option<&Prepared>,
     s: &TrainSettings,
+    mut cache: Option<&mut EmbeddingCache>,
     on_epoch: &mut dyn FnMut(&EpochReport),
 ) -> Result<TrainOutcome> {
     let dev: Device = model.encoder.device().clone();
@@ -265,13 +303,25 @@ pub fn train(
     let use_cache = s.cache_features && model.plan.encoder_frozen(num_layers);
     outcome.cached_features = use_cache;
     let train_features = match use_cache {
-        true => Some(compute_features(model, tok, &data.encoded, s.batch_size)?),
+        true => Some(cached_features(
+            model,
+            tok,
+            data,
+            s.batch_size,
+            cache.as_deref_mut(),
+        )?),
         false => None,
     };
     let caching_time = started.elapsed().as_secs_f64();
     // Evaluation vectors are cached too; their cost counts as evaluation, not training.
     let eval_features = match (use_cache, eval) {
-        (true, Some(e)) => Some(compute_features(model, tok, &e.encoded, s.batch_size)?),
+        (true, Some(e)) => Some(cached_features(
+            model,
+            tok,
+            e,
+            s.batch_size,
+            cache.as_deref_mut(),
+        )?),
         _ => None,
     };
 

@@ -12,6 +12,7 @@ pub mod loader;
 pub mod model;
 pub mod output;
 pub mod pipeline;
+pub mod plot;
 pub mod tasks;
 #[doc(hidden)]
 pub mod testutil;
@@ -23,6 +24,6 @@ pub fn run(cmd: &config::Command) -> anyhow::Result<()> {
     match cmd {
         config::Command::Embed(cfg) => tasks::embed::run(cfg),
         config::Command::Multitask(cfg) => tasks::multitask::run(cfg),
-        config::Command::Scenarios(_) => anyhow::bail!("--task=3 is not implemented yet"),
+        config::Command::Scenarios(cfg) => tasks::scenarios::run(cfg),
     }
 }

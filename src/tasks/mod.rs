@@ -3,3 +3,4 @@
 pub mod embed;
 pub mod multitask;
 pub mod report;
+pub mod scenarios;

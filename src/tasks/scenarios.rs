@@ -1,0 +1,311 @@
+//! `--task=3`: train the freezing scenarios side by side on the same data, seed and budget,
+//! and report what each trained and how well it did.
+
+use std::io::Write;
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+use serde::Serialize;
+
+use super::report::epoch_line;
+use crate::config::{Format, ScenariosConfig};
+use crate::model::freeze::Scenario;
+use crate::model::multitask::{HeadInit, MultiTaskModel};
+use crate::output::Output;
+use crate::plot::{grouped_bars, Series};
+use crate::train::session::{fit, Setup};
+
+/// Accuracy and macro-F1 of one head.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Score {
+    pub accuracy: f64,
+    pub macro_f1: f64,
+}
+
+/// Both heads' scores.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EvalScores {
+    pub class: Score,
+    pub sentiment: Score,
+}
+
+/// One scenario's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioRow {
+    pub scenario: Scenario,
+    pub description: String,
+    pub trainable_params: usize,
+    pub frozen_params: usize,
+    pub frozen_unchanged: bool,
+    pub trainable_changed: bool,
+    pub train_seconds: f64,
+    /// Combined loss of the last epoch; `None` when nothing trained.
+    pub final_loss: Option<f64>,
+    /// True when the heads trained on sentence vectors computed once.
+    pub cached_features: bool,
+    pub eval: EvalScores,
+}
+
+pub fn run(cfg: &ScenariosConfig) -> Result<()> {
+    let t = &cfg.train;
+    if t.eval_file.is_none() {
+        bail!(
+            "--task=3 compares scenarios on an evaluation set: pass --eval-file with --train-file"
+        );
+    }
+    let setup = Setup::load(t)?;
+    let layers = setup.assets.config.num_hidden_layers;
+    let n = cfg.layers_n.unwrap_or(layers / 2);
+    if n > layers {
+        bail!(
+            "--freeze-layers {n}: the model has only {layers} encoder layers (use 0 to {layers})"
+        );
+    }
+    let s = &t.settings;
+    eprintln!(
+        "comparing {} scenario(s) on {} ({} rows), evaluated on {}: {} epoch(s), batch {}, seed {}, model {}",
+        cfg.scenarios.len(),
+        setup.train.name,
+        setup.train.prepared.encoded.len(),
+        setup.eval.as_ref().map_or("-".into(), |e| e.name.clone()),
+        s.epochs,
+        s.batch_size,
+        s.seed,
+        t.model.id
+    );
+    let mut rows = Vec::new();
+    for (i, sc) in cfg.scenarios.iter().enumerate() {
+        let description = sc.label(n);
+        eprintln!("[{}/{}] {description}", i + 1, cfg.scenarios.len());
+        let plan = sc.plan(layers, n)?;
+        let model = MultiTaskModel::build(
+            &setup.assets,
+            vec![setup.assets.weights.clone()],
+            setup.heads_spec(t),
+            plan,
+            HeadInit::Seed(s.seed),
+            &Device::Cpu,
+        )?;
+        let epochs = s.epochs;
+        let r = fit(&model, &setup, s, &mut |e| {
+            eprintln!("  {}", epoch_line(e, epochs))
+        })?;
+        eprintln!("  {}", r.freeze_check.summary());
+        let eval = r
+            .eval
+            .as_ref()
+            .expect("an evaluation set is required above");
+        let score = |m: &crate::train::metrics::HeadMetrics| Score {
+            accuracy: m.accuracy,
+            macro_f1: m.macro_f1,
+        };
+        rows.push(ScenarioRow {
+            scenario: *sc,
+            description,
+            trainable_params: r.parameters.trainable,
+            frozen_params: r.parameters.frozen,
+            frozen_unchanged: r.freeze_check.frozen_unchanged,
+            trainable_changed: r.freeze_check.trainable_changed,
+            train_seconds: r.training.train_seconds,
+            final_loss: r.training.final_loss(),
+            cached_features: r.training.cached_features,
+            eval: EvalScores {
+                class: score(&eval[0]),
+                sentiment: score(&eval[1]),
+            },
+        });
+    }
+
+    let mut out = Output::create(cfg.output.as_deref())?;
+    match cfg.format {
+        Format::Text => {
+            write!(out, "{}", table(&rows))?;
+            writeln!(out)?;
+            for line in interpret(&rows, &setup.labels) {
+                writeln!(out, "- {line}")?;
+            }
+        }
+        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?,
+        Format::Jsonl => {
+            for r in &rows {
+                writeln!(out, "{}", serde_json::to_string(r)?)?;
+            }
+        }
+    }
+    out.finish()?;
+    if let Some(path) = &cfg.plot {
+        let groups: Vec<String> = rows.iter().map(|r| r.description.clone()).collect();
+        let series = [
+            Series {
+                name: "class accuracy",
+                color: plotters::style::RGBColor(31, 119, 180),
+                values: rows.iter().map(|r| r.eval.class.accuracy).collect(),
+            },
+            Series {
+                name: "sentiment accuracy",
+                color: plotters::style::RGBColor(255, 127, 14),
+                values: rows.iter().map(|r| r.eval.sentiment.accuracy).collect(),
+            },
+        ];
+        let name = std::path::Path::new(&t.model.id)
+            .file_name()
+            .map_or(t.model.id.clone(), |n| n.to_string_lossy().into_owned());
+        let title = format!("eval accuracy per scenario ({name}, {} epoch(s))", s.epochs);
+        grouped_bars(path, &title, "accuracy", &groups, &series)?;
+        eprintln!("chart written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// The comparison table.
+pub fn table(rows: &[ScenarioRow]) -> String {
+    let w = rows
+        .iter()
+        .map(|r| r.description.len())
+        .max()
+        .unwrap_or(8)
+        .max(8);
+    let mut s = format!(
+        "{:<w$} {:>11} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9}  {}\n",
+        "scenario",
+        "trainable",
+        "time",
+        "final loss",
+        "class acc",
+        "class F1",
+        "sent acc",
+        "sent F1",
+        "freeze check"
+    );
+    for r in rows {
+        let loss = r.final_loss.map_or("-".to_string(), |l| format!("{l:.4}"));
+        let check = match (r.frozen_unchanged, r.trainable_changed) {
+            (true, true) => "ok",
+            (false, _) => "FROZEN CHANGED",
+            (_, false) => "TRAINABLE UNCHANGED",
+        };
+        s += &format!(
+            "{:<w$} {:>11} {:>7.1}s {:>10} {:>9.4} {:>9.4} {:>9.4} {:>9.4}  {}{}\n",
+            r.description,
+            r.trainable_params,
+            r.train_seconds,
+            loss,
+            r.eval.class.accuracy,
+            r.eval.class.macro_f1,
+            r.eval.sentiment.accuracy,
+            r.eval.sentiment.macro_f1,
+            check,
+            if r.cached_features {
+                " (cached vectors)"
+            } else {
+                ""
+            }
+        );
+    }
+    s
+}
+
+fn find(rows: &[ScenarioRow], s: Scenario) -> Option<&ScenarioRow> {
+    rows.iter().find(|r| r.scenario == s)
+}
+
+/// A few sentences drawn from the numbers: which scenario did best per head, what freezing
+/// the encoder bought in time and cost in accuracy, what a frozen head scores.
+pub fn interpret(rows: &[ScenarioRow], labels: &[Vec<String>; 2]) -> Vec<String> {
+    let mut out = Vec::new();
+    let chance = [1.0 / labels[0].len() as f64, 1.0 / labels[1].len() as f64];
+    let best = |f: fn(&ScenarioRow) -> f64| {
+        rows.iter()
+            .max_by(|a, b| f(a).total_cmp(&f(b)))
+            .expect("at least one scenario")
+    };
+    let bc = best(|r| r.eval.class.accuracy);
+    let bs = best(|r| r.eval.sentiment.accuracy);
+    out.push(format!(
+        "Best class accuracy: {} ({:.3}); best sentiment accuracy: {} ({:.3}). Chance is {:.3} and {:.3}.",
+        bc.description, bc.eval.class.accuracy, bs.description, bs.eval.sentiment.accuracy, chance[0], chance[1]
+    ));
+    if let (Some(full), Some(enc)) = (find(rows, Scenario::None), find(rows, Scenario::Encoder)) {
+        let speed = full.train_seconds / enc.train_seconds.max(1e-9);
+        let share = 100.0 * enc.trainable_params as f64 / full.trainable_params.max(1) as f64;
+        out.push(format!(
+            "Freezing the encoder trained {:.3}% of the parameters in {:.1}s instead of {:.1}s ({speed:.1}x faster){}; \
+             class accuracy {:+.3} and sentiment accuracy {:+.3} against training everything.",
+            share,
+            enc.train_seconds,
+            full.train_seconds,
+            if enc.cached_features { ", the encoder running once per sentence" } else { "" },
+            enc.eval.class.accuracy - full.eval.class.accuracy,
+            enc.eval.sentiment.accuracy - full.eval.sentiment.accuracy,
+        ));
+    }
+    let untrained = find(rows, Scenario::All);
+    for (sc, head, t) in [
+        (Scenario::ClassHead, "class", 0),
+        (Scenario::SentimentHead, "sentiment", 1),
+    ] {
+        if let Some(r) = find(rows, sc) {
+            let acc = if t == 0 {
+                r.eval.class.accuracy
+            } else {
+                r.eval.sentiment.accuracy
+            };
+            let (ref_name, ref_acc) = match untrained {
+                Some(u) => (
+                    "the untrained heads",
+                    if t == 0 {
+                        u.eval.class.accuracy
+                    } else {
+                        u.eval.sentiment.accuracy
+                    },
+                ),
+                None => ("chance", chance[t]),
+            };
+            // The frozen head's own loss still reaches the trainable encoder through it.
+            let verdict = if (acc - ref_acc).abs() < 0.05 {
+                "about the same: the head's fixed random weights decide, and the encoder under it did not adapt to them"
+            } else if acc > ref_acc {
+                "higher, although the head never changed: its loss still flows through it into the trainable encoder, \
+                 which bends its features toward what the fixed random head reads"
+            } else {
+                "lower: training the encoder moved the features this fixed head reads"
+            };
+            out.push(format!(
+                "With the {head} head frozen, {head} accuracy was {acc:.3} against {ref_acc:.3} for {ref_name}: {verdict}."
+            ));
+        }
+    }
+    if let (Some(full), Some(part)) = (find(rows, Scenario::None), find(rows, Scenario::Layers)) {
+        out.push(format!(
+            "{} kept {:.0}% of the trainable parameters and {:.0}% of the training time; class accuracy {:+.3}, \
+             sentiment accuracy {:+.3} against training everything.",
+            capitalise(&part.description),
+            100.0 * part.trainable_params as f64 / full.trainable_params.max(1) as f64,
+            100.0 * part.train_seconds / full.train_seconds.max(1e-9),
+            part.eval.class.accuracy - full.eval.class.accuracy,
+            part.eval.sentiment.accuracy - full.eval.sentiment.accuracy,
+        ));
+    }
+    if let Some(u) = untrained {
+        out.push(format!(
+            "With everything frozen nothing trained; the random heads scored {:.3} (class) and {:.3} (sentiment), \
+             the floor every other scenario is measured against.",
+            u.eval.class.accuracy, u.eval.sentiment.accuracy
+        ));
+    }
+    if rows
+        .iter()
+        .all(|r| r.frozen_unchanged && r.trainable_changed)
+    {
+        out.push("In every scenario the frozen tensors stayed bit-identical and every trainable tensor changed.".into());
+    }
+    out
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().collect::<String>() + c.as_str(),
+        None => String::new(),
+    }
+}

@@ -17,6 +17,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY data ./data
 COPY examples ./examples
+COPY assets ./assets
+COPY benches ./benches
 RUN cargo build --release --locked
 
 FROM debian:bookworm-slim

@@ -315,13 +315,7 @@ pub fn train(
     let caching_time = started.elapsed().as_secs_f64();
     // Evaluation vectors are cached too; their cost counts as evaluation, not training.
     let eval_features = match (use_cache, eval) {
-        (true, Some(e)) => Some(cached_features(
-            model,
-            tok,
-            e,
-            s.batch_size,
-            cache.as_deref_mut(),
-        )?),
+        (true, Some(e)) => Some(cached_features(model, tok, e, s.batch_size, cache)?),
         _ => None,
     };
 

@@ -6,6 +6,7 @@ use clap::Parser;
 use fetch_ml::cli::Cli;
 
 fn main() -> ExitCode {
+    fetch_ml::alloc::keep_freed_memory();
     let cli = Cli::parse();
     match cli.into_command().and_then(|cmd| fetch_ml::run(&cmd)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -37,6 +37,9 @@ pub struct TinyBert {
     pub hf_legacy_names: bool,
     /// Write sentence-transformers files: (pooling mode name, normalize, max_seq_length).
     pub sentence_transformers: Option<(&'static str, bool, usize)>,
+    /// Vocabulary size of the embeddings; `None` for the tiny vocabulary's. A larger size is
+    /// for pairing the weights with a real tokenizer copied in afterwards.
+    pub vocab_size: Option<usize>,
 }
 
 impl Default for TinyBert {
@@ -51,6 +54,7 @@ impl Default for TinyBert {
             tokenizer_json: true,
             hf_legacy_names: false,
             sentence_transformers: None,
+            vocab_size: None,
         }
     }
 }
@@ -80,12 +84,16 @@ pub fn vocab() -> Vec<String> {
 }
 
 impl TinyBert {
+    fn vocab_len(&self) -> usize {
+        self.vocab_size.unwrap_or_else(|| vocab().len())
+    }
+
     /// The `config.json` contents.
     pub fn config_json(&self) -> serde_json::Value {
         serde_json::json!({
             "architectures": ["BertModel"],
             "model_type": "bert",
-            "vocab_size": vocab().len(),
+            "vocab_size": self.vocab_len(),
             "hidden_size": self.hidden,
             "num_hidden_layers": self.layers,
             "num_attention_heads": self.heads,
@@ -118,7 +126,7 @@ impl TinyBert {
         let s = 0.2;
         put(
             "embeddings.word_embeddings.weight".into(),
-            &[vocab().len(), h],
+            &[self.vocab_len(), h],
             0.0,
             1.0,
             &mut rng,

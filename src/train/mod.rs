@@ -1,5 +1,6 @@
 //! Training the multitask model: loss, loop, metrics, checkpoints.
 
+pub mod adamw;
 pub mod checkpoint;
 pub mod embedding_cache;
 pub mod loss;

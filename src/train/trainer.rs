@@ -5,14 +5,13 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use super::adamw::{clip_gradients, AdamW};
 use super::embedding_cache::EmbeddingCache;
 use super::loss::{multitask_loss, HeadTargets};
 use super::metrics::HeadMetrics;
@@ -120,30 +119,6 @@ fn var_groups(model: &MultiTaskModel) -> (Vec<Var>, Vec<Var>) {
         }
     }
     (enc, heads)
-}
-
-/// Scales all gradients so that their global L2 norm is at most `max_norm`; returns the norm.
-fn clip_gradients(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
-    let mut sq = Vec::new();
-    for v in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            sq.push(g.sqr()?.sum_all()?);
-        }
-    }
-    if sq.is_empty() {
-        return Ok(0.0);
-    }
-    let norm = Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
-    if norm.is_finite() && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
-        for v in vars {
-            if let Some(g) = grads.get(v.as_tensor()) {
-                let scaled = (g * scale)?;
-                grads.insert(v.as_tensor(), scaled);
-            }
-        }
-    }
-    Ok(norm)
 }
 
 /// Sentence vectors `[n, hidden]` of all `encoded`, in their order, without gradients.
@@ -288,12 +263,7 @@ pub fn train(
         if vars.is_empty() {
             return Ok(None);
         }
-        let params = ParamsAdamW {
-            lr,
-            weight_decay: s.weight_decay,
-            ..ParamsAdamW::default()
-        };
-        Ok(Some(AdamW::new(vars, params)?))
+        Ok(Some(AdamW::new(vars, lr, s.weight_decay)?))
     };
     let mut opt_enc = adamw(enc_vars.clone(), s.lr)?;
     let mut opt_head = adamw(head_vars, s.head_lr)?;
@@ -372,11 +342,11 @@ pub fn train(
             clip_gradients(&mut grads, &all_vars, s.max_grad_norm)?;
             let factor = lr_factor(step, warmup_steps, total_steps);
             if let Some(o) = opt_enc.as_mut() {
-                o.set_learning_rate(s.lr * factor);
+                o.lr = s.lr * factor;
                 o.step(&grads)?;
             }
             if let Some(o) = opt_head.as_mut() {
-                o.set_learning_rate(s.head_lr * factor);
+                o.lr = s.head_lr * factor;
                 o.step(&grads)?;
             }
             for t in 0..2 {

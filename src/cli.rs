@@ -19,7 +19,10 @@ const EXAMPLES: &str = "\
 Examples:
   fetch-ml --task=1 --sentence \"Hello world!\"
   fetch-ml --task=1 --model ./all-MiniLM-L6-v2 --input sentences.txt --format jsonl -o out.jsonl
-  HF_HUB_OFFLINE=1 fetch-ml --task=1 --model sentence-transformers/all-MiniLM-L6-v2";
+  HF_HUB_OFFLINE=1 fetch-ml --task=1 --model sentence-transformers/all-MiniLM-L6-v2
+  fetch-ml --task=2 --freeze encoder --epochs 10 --save checkpoints/heads
+  fetch-ml --task=2 --checkpoint checkpoints/heads --input new.txt --format jsonl
+  fetch-ml --task=3 --plot scenarios.png";
 
 /// Sentence embeddings and a multitask model on a BERT encoder written in Rust with candle.
 #[derive(Debug, Parser)]
@@ -162,7 +165,7 @@ pub struct Cli {
     pub freeze_layers: Option<usize>,
 
     /// Train on at most the first N rows of the training data. [default: all for --task=2,
-    /// 256 for --task=3]
+    /// 128 for --task=3]
     #[arg(long, value_name = "N", value_parser = positive, help_heading = "Training (--task=2, --task=3)")]
     pub max_train_examples: Option<usize>,
 
@@ -343,7 +346,7 @@ impl Cli {
         let (default_epochs, default_max_examples) = if task == 2 {
             (defaults.epochs, None)
         } else {
-            (2, Some(256))
+            (2, Some(128))
         };
         let predicting = self.checkpoint.is_some();
         let own_train_file = self.train_file.is_some();

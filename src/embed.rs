@@ -1,11 +1,14 @@
-//! Sentence embeddings: tokenize, batch by length, encode, pool, normalise, restore order.
+//! Sentence embeddings: tokenize, batch by length, encode (fast path), pool, normalise, and
+//! return the vectors in input order.
+
+use std::sync::Mutex;
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
 
-use crate::model::bert::{BertEncoder, Mode};
-use crate::model::pooling::{l2_normalize, Pooling};
-use crate::tokenize::{length_sorted_batches, Batch, Encoded, TextTokenizer};
+use crate::model::bert::BertEncoder;
+use crate::model::fast::Workspace;
+use crate::model::pooling::Pooling;
+use crate::tokenize::{length_sorted_batches, Encoded, TextTokenizer};
 
 /// One sentence's embedding and how it was tokenized.
 #[derive(Debug, Clone)]
@@ -22,28 +25,43 @@ pub struct Embedder<'a> {
     pub tokenizer: &'a TextTokenizer,
     pub pooling: Pooling,
     pub normalize: bool,
+    /// Sentences per forward pass, at most.
     pub batch_size: usize,
+    /// Tokens per forward pass, at most (a batch always holds at least one sentence).
+    pub max_batch_tokens: Option<usize>,
+    workspace: Mutex<Workspace>,
 }
 
-impl Embedder<'_> {
-    pub fn device(&self) -> &Device {
-        self.encoder.device()
+impl<'a> Embedder<'a> {
+    pub fn new(
+        encoder: &'a BertEncoder,
+        tokenizer: &'a TextTokenizer,
+        pooling: Pooling,
+        normalize: bool,
+        batch_size: usize,
+    ) -> Self {
+        Self {
+            encoder,
+            tokenizer,
+            pooling,
+            normalize,
+            batch_size,
+            max_batch_tokens: None,
+            workspace: Mutex::new(Workspace::default()),
+        }
     }
 
-    /// Pooled (and, if asked, normalised) vectors `[batch, hidden]` for one padded batch.
-    pub fn embed_batch(&self, batch: &Batch) -> Result<Tensor> {
-        let hidden = self.encoder.forward(
-            &batch.input_ids,
-            &batch.token_type_ids,
-            &batch.attention_mask,
-            Mode::Infer,
-        )?;
-        let pooled = self.pooling.forward(&hidden, &batch.attention_mask)?;
-        Ok(if self.normalize {
-            l2_normalize(&pooled)?
-        } else {
-            pooled
-        })
+    /// Pooled (and, if asked, normalised) vectors of one batch, in its order.
+    pub fn embed_items(&self, items: &[&Encoded]) -> Result<Vec<Vec<f32>>> {
+        let mut ws = self.workspace.lock().expect("workspace lock");
+        let mut vectors = self.encoder.pooled_packed(items, self.pooling, &mut ws)?;
+        if self.normalize {
+            for v in &mut vectors {
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                v.iter_mut().for_each(|x| *x /= norm);
+            }
+        }
+        Ok(vectors)
     }
 
     /// Embeds `texts`, returned in input order. `progress` is called with each batch's size.
@@ -64,10 +82,9 @@ impl Embedder<'_> {
     ) -> Result<Vec<Embedding>> {
         let lengths: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
         let mut out: Vec<Option<Embedding>> = vec![None; encoded.len()];
-        for idx in length_sorted_batches(&lengths, self.batch_size) {
+        for idx in length_sorted_batches(&lengths, self.batch_size, self.max_batch_tokens) {
             let items: Vec<&Encoded> = idx.iter().map(|&i| &encoded[i]).collect();
-            let batch = self.tokenizer.batch(&items, self.device())?;
-            let vectors = self.embed_batch(&batch)?.to_vec2::<f32>()?;
+            let vectors = self.embed_items(&items)?;
             for (&i, vector) in idx.iter().zip(vectors) {
                 out[i] = Some(Embedding {
                     vector,

@@ -176,13 +176,47 @@ impl Batch {
     }
 }
 
-/// Groups indices of `lengths` into batches of at most `batch_size`, shortest first, so each
-/// batch pads little. Returns the original indices of each batch.
-pub fn length_sorted_batches(lengths: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
+/// Groups indices of `lengths` into batches, shortest first, so each batch pads little: at
+/// most `batch_size` sentences and, when given, `max_tokens` tokens (a sentence longer than
+/// that gets a batch of its own). Returns the original indices of each batch.
+pub fn length_sorted_batches(
+    lengths: &[usize],
+    batch_size: usize,
+    max_tokens: Option<usize>,
+) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by_key(|&i| lengths[i]);
-    order
-        .chunks(batch_size.max(1))
-        .map(|c| c.to_vec())
-        .collect()
+    let mut batches = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut tokens = 0;
+    for i in order {
+        let full = current.len() >= batch_size.max(1)
+            || max_tokens.is_some_and(|m| !current.is_empty() && tokens + lengths[i] > m);
+        if full {
+            batches.push(std::mem::take(&mut current));
+            tokens = 0;
+        }
+        tokens += lengths[i];
+        current.push(i);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_respect_sentence_and_token_budgets() {
+        let lengths = [5, 40, 3, 12, 7, 100, 9];
+        let b = length_sorted_batches(&lengths, 3, None);
+        assert_eq!(b, vec![vec![2, 0, 4], vec![6, 3, 1], vec![5]]);
+        let b = length_sorted_batches(&lengths, 32, Some(30));
+        assert_eq!(b, vec![vec![2, 0, 4, 6], vec![3], vec![1], vec![5]]);
+        let all: usize = b.iter().map(Vec::len).sum();
+        assert_eq!(all, lengths.len());
+    }
 }

@@ -127,13 +127,13 @@ fn sentence_transformers_pipeline_is_followed() {
     assert!(a.pipeline.normalize);
     assert_eq!(a.tokenizer.max_len(), 8);
     let enc = a.frozen_encoder(&Device::Cpu).unwrap();
-    let e = Embedder {
-        encoder: &enc,
-        tokenizer: &a.tokenizer,
-        pooling: a.pipeline.pooling,
-        normalize: a.pipeline.normalize,
-        batch_size: 2,
-    };
+    let e = Embedder::new(
+        &enc,
+        &a.tokenizer,
+        a.pipeline.pooling,
+        a.pipeline.normalize,
+        2,
+    );
     let out = e
         .embed(
             &["hello world", "the team won the game and we love it a lot"],
@@ -219,13 +219,7 @@ fn legacy_tensor_names_load() {
     let embed = |p: &std::path::Path| {
         let a = load(p).unwrap();
         let enc = a.frozen_encoder(&Device::Cpu).unwrap();
-        let e = Embedder {
-            encoder: &enc,
-            tokenizer: &a.tokenizer,
-            pooling: Pooling::Mean,
-            normalize: false,
-            batch_size: 8,
-        };
+        let e = Embedder::new(&enc, &a.tokenizer, Pooling::Mean, false, 8);
         e.embed(&texts(), |_| {}).unwrap()
     };
     let (x, y) = (embed(&modern), embed(&legacy));

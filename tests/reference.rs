@@ -41,13 +41,13 @@ fn minilm_matches_sentence_transformers() {
     assert_eq!(a.tokenizer.max_len(), golden.max_seq_length);
     assert_eq!(a.pipeline.normalize, golden.normalized);
     let encoder = a.frozen_encoder(&Device::Cpu).unwrap();
-    let embedder = Embedder {
-        encoder: &encoder,
-        tokenizer: &a.tokenizer,
-        pooling: a.pipeline.pooling,
-        normalize: a.pipeline.normalize,
-        batch_size: 8,
-    };
+    let embedder = Embedder::new(
+        &encoder,
+        &a.tokenizer,
+        a.pipeline.pooling,
+        a.pipeline.normalize,
+        8,
+    );
     let texts: Vec<&str> = golden.items.iter().map(|i| i.text.as_str()).collect();
     let got = embedder.embed(&texts, |_| {}).unwrap();
     assert!(
@@ -143,13 +143,13 @@ fn batch_invariance() {
     for (path, _) in cases {
         let a = assets(&path);
         let encoder = a.frozen_encoder(&Device::Cpu).unwrap();
-        let embedder = Embedder {
-            encoder: &encoder,
-            tokenizer: &a.tokenizer,
-            pooling: a.pipeline.pooling,
-            normalize: a.pipeline.normalize,
-            batch_size: 64,
-        };
+        let embedder = Embedder::new(
+            &encoder,
+            &a.tokenizer,
+            a.pipeline.pooling,
+            a.pipeline.normalize,
+            64,
+        );
         let short = "the cat sat on the mat";
         let long = "the team won the game and we love our phone app very much ".repeat(4);
         let alone = embedder.embed(&[short], |_| {}).unwrap();
@@ -178,17 +178,69 @@ fn dimension_is_hidden_size() {
     let (_dir, path) = tiny_model(&spec);
     let a = assets(&path);
     let encoder = a.frozen_encoder(&Device::Cpu).unwrap();
-    let embedder = Embedder {
-        encoder: &encoder,
-        tokenizer: &a.tokenizer,
-        pooling: a.pipeline.pooling,
-        normalize: false,
-        batch_size: 4,
-    };
+    let embedder = Embedder::new(&encoder, &a.tokenizer, a.pipeline.pooling, false, 4);
     let got = embedder.embed(&["hello world", "the cat"], |_| {}).unwrap();
     assert!(got.iter().all(|e| e.vector.len() == 768));
     if let Some(p) = minilm() {
         let a = assets(&p);
         assert_eq!(a.config.hidden_size, 384);
+    }
+}
+
+/// The inference fast path (packed tokens, gemm, vectorised kernels) against the candle path,
+/// token by token, for each activation BERT configs use.
+#[test]
+fn fast_path_matches_candle_path() {
+    for act in ["gelu", "gelu_approximate", "relu"] {
+        let (_dir, path) = tiny_model(&TinyBert::default());
+        let cfg = std::fs::read_to_string(path.join("config.json")).unwrap();
+        let act_json = if act == "gelu_approximate" {
+            "geluapproximate"
+        } else {
+            act
+        };
+        std::fs::write(
+            path.join("config.json"),
+            cfg.replace(
+                "\"hidden_act\": \"gelu\"",
+                &format!("\"hidden_act\": \"{act_json}\""),
+            ),
+        )
+        .unwrap();
+        let a = assets(&path);
+        let enc = a.frozen_encoder(&Device::Cpu).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let texts: Vec<String> = [1, 30, 7, 0, 12]
+            .iter()
+            .map(|&n| random_sentence(&mut rng, n))
+            .collect();
+        let encoded = a.tokenizer.encode(&texts).unwrap();
+        let items: Vec<_> = encoded.iter().collect();
+        let batch = a.tokenizer.batch(&items, &Device::Cpu).unwrap();
+        let padded = enc
+            .forward(
+                &batch.input_ids,
+                &batch.token_type_ids,
+                &batch.attention_mask,
+                Mode::Infer,
+            )
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        let mut ws = fetch_ml::model::fast::Workspace::default();
+        let packed = enc.forward_packed(&items, &mut ws).unwrap().to_vec();
+        let h = a.config.hidden_size;
+        let offsets = fetch_ml::model::fast::offsets(&items);
+        let mut worst = 0f32;
+        for (s, e) in encoded.iter().enumerate() {
+            for p in 0..e.ids.len() {
+                let row = &packed[(offsets[s] + p) * h..(offsets[s] + p + 1) * h];
+                for (x, y) in row.iter().zip(&padded[s][p]) {
+                    worst = worst.max((x - y).abs());
+                }
+            }
+        }
+        eprintln!("fast path vs candle path ({act}): max abs diff {worst:.2e}");
+        assert!(worst < 1e-5, "{act}: max abs diff {worst}");
     }
 }

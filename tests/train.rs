@@ -176,7 +176,7 @@ fn checkpoint_round_trip_predicts_identically() {
         "zyx",
     ];
     let enc = setup.assets.tokenizer.encode(&texts).unwrap();
-    let before = predict_probs(&model, &setup.assets.tokenizer, &enc, 2, None).unwrap();
+    let before = predict_probs(&model, &enc, 2, None).unwrap();
 
     let dir = t._dir.path().join("ckpt");
     let meta = CheckpointMeta::new(
@@ -198,7 +198,7 @@ fn checkpoint_round_trip_predicts_identically() {
         .all(|n| n.starts_with("encoder.layer.1.") || n.starts_with("encoder.layer.2.")));
     assert_eq!(ck.meta.trained_encoder_tensors.len(), 32);
     let loaded = ck.model(&setup.assets, &Device::Cpu).unwrap();
-    let after = predict_probs(&loaded, &setup.assets.tokenizer, &enc, 2, None).unwrap();
+    let after = predict_probs(&loaded, &enc, 2, None).unwrap();
     assert_eq!(before, after);
     // Saving again replaces the folder whole.
     checkpoint::save(&dir, &model, &meta).unwrap();

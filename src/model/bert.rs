@@ -110,6 +110,10 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
         let weight = vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?;
         let bias = vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?;
@@ -249,6 +253,14 @@ impl BertAttention {
         })
     }
 
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
     /// `[batch, seq, hidden]` -> `[batch, heads, seq, head_dim]`
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
@@ -296,6 +308,10 @@ impl BertLayer {
             act: cfg.hidden_act,
             hidden_dropout: cfg.hidden_dropout_prob,
         })
+    }
+
+    pub fn act(&self) -> HiddenAct {
+        self.act
     }
 
     /// `[batch, seq, hidden]` -> `[batch, seq, hidden]`

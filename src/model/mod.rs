@@ -3,7 +3,9 @@
 
 pub mod bert;
 pub mod dropout;
+pub mod fast;
 pub mod freeze;
+pub mod kernels;
 pub mod multitask;
 pub mod pooling;
 pub mod weights;

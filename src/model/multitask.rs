@@ -4,7 +4,7 @@
 //! sentiment. Each head is `fc1 -> ReLU -> dropout -> fc2`. Frozen parts run in inference
 //! mode (no dropout, no gradient); the graph is cut after the frozen encoder prefix.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Module, Tensor};
@@ -13,11 +13,12 @@ use serde::{Deserialize, Serialize};
 
 use super::bert::{AttentionMask, BertEncoder, Linear, Mode};
 use super::dropout::Dropout;
+use super::fast::Workspace;
 use super::freeze::FreezePlan;
 use super::pooling::Pooling;
 use super::weights::{ParamRegistry, ParamSource, WeightFile};
 use crate::loader::ModelAssets;
-use crate::tokenize::Batch;
+use crate::tokenize::{Batch, Encoded};
 
 /// The shape of the two heads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,6 +84,8 @@ pub struct MultiTaskModel {
     pub plan: FreezePlan,
     /// Every parameter, with a `Var` for each trainable one.
     pub registry: Arc<ParamRegistry>,
+    /// Buffers of the inference fast path.
+    workspace: Mutex<Workspace>,
 }
 
 impl MultiTaskModel {
@@ -127,7 +130,22 @@ impl MultiTaskModel {
             spec,
             plan,
             registry,
+            workspace: Mutex::new(Workspace::default()),
         })
+    }
+
+    /// Pooled sentence vectors `[batch, hidden]` in inference mode, through the encoder's
+    /// fast path; equal to `features(batch, None)` to float rounding.
+    pub fn features_infer(&self, items: &[&Encoded]) -> Result<Tensor> {
+        let mut ws = self.workspace.lock().expect("workspace lock");
+        let rows = self.encoder.pooled_packed(items, self.pooling, &mut ws)?;
+        let h = self.encoder.config.hidden_size;
+        let flat: Vec<f32> = rows.into_iter().flatten().collect();
+        Ok(Tensor::from_vec(
+            flat,
+            (items.len(), h),
+            self.encoder.device(),
+        )?)
     }
 
     /// Pooled sentence vectors `[batch, hidden]`. With `dropout`, the trainable part of the

@@ -31,13 +31,13 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
     let assets = ModelAssets::load(&cfg.model, cfg.max_seq_length)?;
     let device = Device::Cpu;
     let encoder = assets.frozen_encoder(&device)?;
-    let embedder = Embedder {
-        encoder: &encoder,
-        tokenizer: &assets.tokenizer,
-        pooling: assets.pipeline.pooling,
-        normalize: cfg.normalize.unwrap_or(assets.pipeline.normalize),
-        batch_size: cfg.batch_size,
-    };
+    let embedder = Embedder::new(
+        &encoder,
+        &assets.tokenizer,
+        assets.pipeline.pooling,
+        cfg.normalize.unwrap_or(assets.pipeline.normalize),
+        cfg.batch_size,
+    );
     let meta = Meta {
         model: cfg.model.id.clone(),
         revision: (!cfg.model.is_local()).then(|| cfg.model.revision.clone()),

@@ -154,7 +154,6 @@ fn run_checkpoint(cfg: &MultitaskConfig, dir: &std::path::Path) -> Result<()> {
         };
         eval = Some(evaluate(
             &model,
-            &assets.tokenizer,
             &prepared,
             cfg.train.settings.batch_size,
             None,
@@ -250,7 +249,7 @@ pub fn predict(
     batch_size: usize,
 ) -> Result<Vec<Prediction>> {
     let encoded = assets.tokenizer.encode(texts)?;
-    let probs = predict_probs(model, &assets.tokenizer, &encoded, batch_size, None)?;
+    let probs = predict_probs(model, &encoded, batch_size, None)?;
     let pick = |t: usize, i: usize| -> LabelProb {
         let p = &probs[t][i];
         let (best, prob) =

@@ -144,7 +144,7 @@ pub fn fit(
     let final_eval = match training.epochs.last().and_then(|e| e.eval.clone()) {
         Some(m) => Some(m),
         None => eval
-            .map(|e| evaluate(model, &setup.assets.tokenizer, e, settings.batch_size, None))
+            .map(|e| evaluate(model, e, settings.batch_size, None))
             .transpose()?,
     };
     let freeze_check = snapshot.compare(model)?;

@@ -124,18 +124,17 @@ fn var_groups(model: &MultiTaskModel) -> (Vec<Var>, Vec<Var>) {
 /// Sentence vectors `[n, hidden]` of all `encoded`, in their order, without gradients.
 pub fn compute_features(
     model: &MultiTaskModel,
-    tok: &TextTokenizer,
     encoded: &[Encoded],
     batch_size: usize,
 ) -> Result<Tensor> {
     let dev = model.encoder.device().clone();
     let lengths: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
-    let batches = length_sorted_batches(&lengths, batch_size);
+    let batches = length_sorted_batches(&lengths, batch_size, None);
     let mut parts = Vec::with_capacity(batches.len());
     let mut order = Vec::with_capacity(encoded.len());
     for idx in &batches {
         let items: Vec<&Encoded> = idx.iter().map(|&i| &encoded[i]).collect();
-        parts.push(model.features(&tok.batch(&items, &dev)?, None)?.detach());
+        parts.push(model.features_infer(&items)?);
         order.extend_from_slice(idx);
     }
     let sorted = Tensor::cat(&parts, 0)?;
@@ -151,20 +150,19 @@ pub fn compute_features(
 /// ones it computes. Only valid for a frozen encoder.
 pub fn cached_features(
     model: &MultiTaskModel,
-    tok: &TextTokenizer,
     data: &Prepared,
     batch_size: usize,
     cache: Option<&mut EmbeddingCache>,
 ) -> Result<Tensor> {
     let Some(cache) = cache else {
-        return compute_features(model, tok, &data.encoded, batch_size);
+        return compute_features(model, &data.encoded, batch_size);
     };
     let missing: Vec<usize> = (0..data.texts.len())
         .filter(|&i| cache.get(&data.texts[i]).is_none())
         .collect();
     if !missing.is_empty() {
         let encoded: Vec<Encoded> = missing.iter().map(|&i| data.encoded[i].clone()).collect();
-        let rows = compute_features(model, tok, &encoded, batch_size)?.to_vec2::<f32>()?;
+        let rows = compute_features(model, &encoded, batch_size)?.to_vec2::<f32>()?;
         for (&i, row) in missing.iter().zip(rows) {
             cache.insert(&data.texts[i], row);
         }
@@ -185,7 +183,6 @@ pub fn cached_features(
 /// Class probabilities of both heads for every example: `[head][example][label]`.
 pub fn predict_probs(
     model: &MultiTaskModel,
-    tok: &TextTokenizer,
     encoded: &[Encoded],
     batch_size: usize,
     features: Option<&Tensor>,
@@ -194,7 +191,7 @@ pub fn predict_probs(
     let features = match features {
         Some(f) => f,
         None => {
-            computed = compute_features(model, tok, encoded, batch_size)?;
+            computed = compute_features(model, encoded, batch_size)?;
             &computed
         }
     };
@@ -218,12 +215,11 @@ fn argmax(v: &[f32]) -> u32 {
 /// Metrics of both heads on `data`.
 pub fn evaluate(
     model: &MultiTaskModel,
-    tok: &TextTokenizer,
     data: &Prepared,
     batch_size: usize,
     features: Option<&Tensor>,
 ) -> Result<[HeadMetrics; 2]> {
-    let probs = predict_probs(model, tok, &data.encoded, batch_size, features)?;
+    let probs = predict_probs(model, &data.encoded, batch_size, features)?;
     let head = |t: usize| {
         let pairs: Vec<(u32, u32)> = data
             .labels
@@ -275,7 +271,6 @@ pub fn train(
     let train_features = match use_cache {
         true => Some(cached_features(
             model,
-            tok,
             data,
             s.batch_size,
             cache.as_deref_mut(),
@@ -285,7 +280,7 @@ pub fn train(
     let caching_time = started.elapsed().as_secs_f64();
     // Evaluation vectors are cached too; their cost counts as evaluation, not training.
     let eval_features = match (use_cache, eval) {
-        (true, Some(e)) => Some(cached_features(model, tok, e, s.batch_size, cache)?),
+        (true, Some(e)) => Some(cached_features(model, e, s.batch_size, cache)?),
         _ => None,
     };
 
@@ -361,13 +356,7 @@ pub fn train(
         let seconds = epoch_start.elapsed().as_secs_f64();
         train_time += seconds;
         let eval_metrics = match eval {
-            Some(e) => Some(evaluate(
-                model,
-                tok,
-                e,
-                s.batch_size,
-                eval_features.as_ref(),
-            )?),
+            Some(e) => Some(evaluate(model, e, s.batch_size, eval_features.as_ref())?),
             None => None,
         };
         let report = EpochReport {

@@ -1,0 +1,389 @@
+//! The inference fast path: the whole encoder on packed tokens, with reused buffers.
+//!
+//! The sentences of a batch are concatenated without padding (`offsets` marks where each
+//! starts), so no work is spent on padding and a sentence's result does not depend on its
+//! batch. Dense layers are single `gemm` calls over all tokens, with the bias preloaded into the
+//! output; attention runs per (sentence, head) in parallel, reading Q, K and V in place from
+//! the fused projection buffer; GELU, softmax and LayerNorm are the vectorised kernels of
+//! [`super::kernels`]. Buffers live in a [`Workspace`] that grows once and is reused, so a run
+//! allocates almost nothing per batch. Weights are read in place from the candle tensors.
+//! The training path (candle ops with a backward pass) is in [`super::bert`].
+
+use candle_core::{bail, CpuStorage, Result, Storage, Tensor};
+use candle_transformers::models::bert::HiddenAct;
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+use super::bert::{BertEncoder, LayerNorm, Linear};
+use super::kernels;
+use super::pooling::Pooling;
+use crate::tokenize::Encoded;
+
+/// Buffers of the fast path, reused across layers and batches.
+#[derive(Default)]
+pub struct Workspace {
+    x: Vec<f32>,
+    tmp: Vec<f32>,
+    qkv: Vec<f32>,
+    ctx: Vec<f32>,
+    inter: Vec<f32>,
+}
+
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+/// Runs `f` on the f32 data of a contiguous CPU tensor, without copying it.
+fn view<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+        bail!("fast path: expected an f32 CPU tensor")
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        bail!("fast path: expected a contiguous tensor")
+    };
+    Ok(f(&data[a..b]))
+}
+
+/// A raw pointer that may cross threads; each task writes a disjoint region through it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+fn parallelism(flops: usize) -> Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && flops > (1 << 20) {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// `dst[r, col .. col + out] = x[r, ..] W^T + b` for `rows` rows; `dst` has row stride `ld`.
+fn linear(
+    x: &[f32],
+    rows: usize,
+    lin: &Linear,
+    dst: &mut [f32],
+    ld: usize,
+    col: usize,
+) -> Result<()> {
+    let (out, in_dim) = lin.weight.dims2()?;
+    if x.len() < rows * in_dim || dst.len() < rows * ld || col + out > ld {
+        bail!("fast path: linear layer buffer sizes do not match");
+    }
+    view(&lin.bias, |b| {
+        for r in 0..rows {
+            dst[r * ld + col..r * ld + col + out].copy_from_slice(b);
+        }
+    })?;
+    view(&lin.weight, |w| {
+        // SAFETY: the bounds are checked above; gemm reads x and w and writes dst's block.
+        unsafe {
+            gemm(
+                rows,
+                out,
+                in_dim,
+                dst.as_mut_ptr().add(col),
+                1,
+                ld as isize,
+                true,
+                x.as_ptr(),
+                1,
+                in_dim as isize,
+                w.as_ptr(),
+                in_dim as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism(rows * out * in_dim),
+            )
+        }
+    })
+}
+
+/// Self-attention over packed sequences: `ctx[t, h*d..]` from `qkv` `[T, 3H]`.
+fn attention(qkv: &[f32], ctx: &mut [f32], offsets: &[usize], heads: usize, head_dim: usize) {
+    let hidden = heads * head_dim;
+    let ld = 3 * hidden;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let tasks: Vec<(usize, usize)> = (0..offsets.len() - 1)
+        .flat_map(|s| (0..heads).map(move |h| (s, h)))
+        .collect();
+    let out = SendPtr(ctx.as_mut_ptr());
+    let qkv = SendPtr(qkv.as_ptr() as *mut f32);
+    tasks
+        .par_iter()
+        .for_each_init(Vec::<f32>::new, |scores, &(s, h)| {
+            let (out, qkv) = (out, qkv);
+            let start = offsets[s];
+            let m = offsets[s + 1] - start;
+            if m == 0 {
+                return;
+            }
+            scores.resize(m * m, 0.0);
+            // SAFETY: all offsets are within the [T, 3H] and [T, H] buffers; each task writes
+            // only rows start..start+m, columns h*d..(h+1)*d of ctx.
+            unsafe {
+                let q = qkv.0.add(start * ld + h * head_dim) as *const f32;
+                let k = q.add(hidden);
+                let v = q.add(2 * hidden);
+                // scores = scale * Q K^T   [m, m]
+                gemm(
+                    m,
+                    m,
+                    head_dim,
+                    scores.as_mut_ptr(),
+                    1,
+                    m as isize,
+                    false,
+                    q,
+                    1,
+                    ld as isize,
+                    k,
+                    ld as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+                for row in scores.chunks_mut(m) {
+                    kernels::softmax_inplace(row);
+                }
+                // ctx = P V   [m, d]
+                gemm(
+                    m,
+                    head_dim,
+                    m,
+                    out.0.add(start * hidden + h * head_dim),
+                    1,
+                    hidden as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    m as isize,
+                    v,
+                    1,
+                    ld as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        });
+}
+
+/// Rows of `width` values, `x[r] = LayerNorm(x[r] + residual[r])` (residual optional).
+fn layer_norm_rows(
+    x: &mut [f32],
+    residual: Option<&[f32]>,
+    ln: &LayerNorm,
+    width: usize,
+) -> Result<()> {
+    let eps = ln.eps() as f32;
+    view(&ln.weight, |w| {
+        view(&ln.bias, |b| {
+            const ROWS: usize = 16;
+            match residual {
+                Some(res) => x
+                    .par_chunks_mut(width * ROWS)
+                    .zip(res.par_chunks(width * ROWS))
+                    .for_each(|(xs, rs)| {
+                        for (row, r) in xs.chunks_mut(width).zip(rs.chunks(width)) {
+                            kernels::add_layer_norm_inplace(row, r, w, b, eps);
+                        }
+                    }),
+                None => x.par_chunks_mut(width * ROWS).for_each(|xs| {
+                    for row in xs.chunks_mut(width) {
+                        kernels::layer_norm_inplace(row, w, b, eps);
+                    }
+                }),
+            }
+        })
+    })?
+}
+
+fn activation(x: &mut [f32], act: HiddenAct) {
+    match act {
+        HiddenAct::Gelu => x.par_chunks_mut(1 << 14).for_each(kernels::gelu_inplace),
+        HiddenAct::GeluApproximate => x.par_chunks_mut(1 << 14).for_each(|c| {
+            for v in c {
+                let y = 0.797_884_6 * (*v + 0.044_715 * *v * *v * *v);
+                *v = 0.5 * *v * (1.0 + y.tanh());
+            }
+        }),
+        HiddenAct::Relu => x
+            .par_chunks_mut(1 << 14)
+            .for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0))),
+    }
+}
+
+/// Token offsets of packed sequences: sequence `i` is rows `offsets[i]..offsets[i + 1]`.
+pub fn offsets(seqs: &[&Encoded]) -> Vec<usize> {
+    let mut o = Vec::with_capacity(seqs.len() + 1);
+    o.push(0);
+    for s in seqs {
+        o.push(o.last().expect("non-empty") + s.ids.len());
+    }
+    o
+}
+
+impl BertEncoder {
+    /// Last hidden states of `seqs`, packed: `[T, hidden]` with `T` the total token count, in
+    /// `ws`; rows of sequence `i` are `offsets(seqs)[i]..offsets(seqs)[i + 1]`.
+    pub fn forward_packed<'w>(
+        &self,
+        seqs: &[&Encoded],
+        ws: &'w mut Workspace,
+    ) -> Result<&'w [f32]> {
+        let cfg = &self.config;
+        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let offs = offsets(seqs);
+        let t = *offs.last().expect("offsets");
+        grow(&mut ws.x, t * h);
+        grow(&mut ws.tmp, t * h);
+        grow(&mut ws.ctx, t * h);
+        grow(&mut ws.qkv, t * 3 * h);
+        grow(&mut ws.inter, t * inter);
+
+        // Embeddings: word + position + token type, then LayerNorm.
+        let e = &self.embeddings;
+        let max_pos = cfg.max_position_embeddings;
+        if seqs.iter().any(|s| s.ids.len() > max_pos) {
+            bail!("a sequence is longer than the model's {max_pos} positions");
+        }
+        view(e.word_embeddings.embeddings(), |word| {
+            view(e.position_embeddings.embeddings(), |pos| {
+                view(e.token_type_embeddings.embeddings(), |typ| {
+                    let x = &mut ws.x[..t * h];
+                    for (s, seq) in seqs.iter().enumerate() {
+                        for (p, (&id, &tt)) in seq.ids.iter().zip(&seq.type_ids).enumerate() {
+                            let row = &mut x[(offs[s] + p) * h..(offs[s] + p + 1) * h];
+                            let (id, tt) = (id as usize, tt as usize);
+                            let w = &word[id * h..(id + 1) * h];
+                            let pe = &pos[p * h..(p + 1) * h];
+                            let te = &typ[tt * h..(tt + 1) * h];
+                            for i in 0..h {
+                                row[i] = w[i] + pe[i] + te[i];
+                            }
+                        }
+                    }
+                })
+            })
+        })???;
+        if seqs
+            .iter()
+            .flat_map(|s| &s.ids)
+            .any(|&id| id as usize >= cfg.vocab_size)
+        {
+            bail!("a token id is outside the vocabulary of {}", cfg.vocab_size);
+        }
+        layer_norm_rows(&mut ws.x[..t * h], None, &e.layer_norm, h)?;
+
+        for layer in &self.layers {
+            let a = &layer.attention;
+            let (x, qkv) = (&ws.x[..t * h], &mut ws.qkv[..t * 3 * h]);
+            linear(x, t, &a.query, qkv, 3 * h, 0)?;
+            linear(x, t, &a.key, qkv, 3 * h, h)?;
+            linear(x, t, &a.value, qkv, 3 * h, 2 * h)?;
+            attention(
+                &ws.qkv[..t * 3 * h],
+                &mut ws.ctx[..t * h],
+                &offs,
+                a.heads(),
+                a.head_dim(),
+            );
+            linear(&ws.ctx[..t * h], t, &a.output, &mut ws.tmp[..t * h], h, 0)?;
+            layer_norm_rows(&mut ws.tmp[..t * h], Some(&ws.x[..t * h]), &a.layer_norm, h)?;
+            std::mem::swap(&mut ws.x, &mut ws.tmp);
+
+            linear(
+                &ws.x[..t * h],
+                t,
+                &layer.intermediate,
+                &mut ws.inter[..t * inter],
+                inter,
+                0,
+            )?;
+            activation(&mut ws.inter[..t * inter], layer.act());
+            linear(
+                &ws.inter[..t * inter],
+                t,
+                &layer.output,
+                &mut ws.tmp[..t * h],
+                h,
+                0,
+            )?;
+            layer_norm_rows(
+                &mut ws.tmp[..t * h],
+                Some(&ws.x[..t * h]),
+                &layer.layer_norm,
+                h,
+            )?;
+            std::mem::swap(&mut ws.x, &mut ws.tmp);
+        }
+        Ok(&ws.x[..t * h])
+    }
+
+    /// One pooled vector per sequence, through the fast path.
+    pub fn pooled_packed(
+        &self,
+        seqs: &[&Encoded],
+        pooling: Pooling,
+        ws: &mut Workspace,
+    ) -> Result<Vec<Vec<f32>>> {
+        let h = self.config.hidden_size;
+        let offs = offsets(seqs);
+        let x = self.forward_packed(seqs, ws)?;
+        Ok((0..seqs.len())
+            .map(|s| {
+                let rows = &x[offs[s] * h..offs[s + 1] * h];
+                let n = offs[s + 1] - offs[s];
+                pool_rows(rows, n, h, pooling)
+            })
+            .collect())
+    }
+}
+
+/// Pools `n` rows of width `h`.
+fn pool_rows(rows: &[f32], n: usize, h: usize, pooling: Pooling) -> Vec<f32> {
+    match pooling {
+        Pooling::Cls => rows[..h].to_vec(),
+        Pooling::Max => {
+            let mut out = vec![f32::NEG_INFINITY; h];
+            for r in rows.chunks(h) {
+                for (o, v) in out.iter_mut().zip(r) {
+                    *o = o.max(*v);
+                }
+            }
+            out
+        }
+        Pooling::Mean | Pooling::MeanSqrtLen => {
+            let mut out = vec![0f32; h];
+            for r in rows.chunks(h) {
+                for (o, v) in out.iter_mut().zip(r) {
+                    *o += *v;
+                }
+            }
+            let denom = if pooling == Pooling::Mean {
+                n as f32
+            } else {
+                (n as f32).sqrt()
+            };
+            out.iter_mut().for_each(|v| *v /= denom.max(1e-9));
+            out
+        }
+    }
+}

@@ -169,6 +169,11 @@ pub struct Cli {
     #[arg(long, value_name = "N", value_parser = positive, help_heading = "Training (--task=2, --task=3)")]
     pub max_train_examples: Option<usize>,
 
+    /// Batch examples in a random order only, instead of grouping examples of similar length
+    /// into each batch (fewer padding tokens, the same examples per epoch). [default: grouped]
+    #[arg(long, help_heading = "Training (--task=2, --task=3)")]
+    pub no_length_grouping: bool,
+
     /// Keep the sentence vectors of a frozen encoder in DIR, keyed by model, revision, max
     /// length and text, so repeated runs skip the encoder. [default: no cache]
     #[arg(
@@ -270,6 +275,7 @@ impl Cli {
             ("--freeze-layers", self.freeze_layers.is_some()),
             ("--max-train-examples", self.max_train_examples.is_some()),
             ("--embedding-cache", self.embedding_cache.is_some()),
+            ("--no-length-grouping", self.no_length_grouping),
         ];
         let embed_only = [
             ("--normalize", self.normalize),
@@ -372,6 +378,7 @@ impl Cli {
                 weight_decay: self.weight_decay.unwrap_or(defaults.weight_decay),
                 loss_weights: self.loss_weights.unwrap_or(defaults.loss_weights),
                 seed: self.seed.unwrap_or(defaults.seed),
+                group_by_length: !self.no_length_grouping,
                 ..defaults
             },
             head_hidden: self.head_hidden.unwrap_or(256),

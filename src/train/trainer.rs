@@ -41,6 +41,8 @@ pub struct TrainSettings {
     pub max_grad_norm: f64,
     /// Train the heads on cached sentence vectors when no encoder weight trains.
     pub cache_features: bool,
+    /// Form each batch from examples of similar length (see [`epoch_batches`]).
+    pub group_by_length: bool,
 }
 
 impl Default for TrainSettings {
@@ -56,6 +58,7 @@ impl Default for TrainSettings {
             seed: 42,
             max_grad_norm: 1.0,
             cache_features: true,
+            group_by_length: true,
         }
     }
 }
@@ -95,6 +98,33 @@ impl TrainOutcome {
     pub fn final_loss(&self) -> Option<f64> {
         self.epochs.last().map(|e| e.total_loss)
     }
+}
+
+/// Mega-batches hold this many batches; each is sorted by length before it is cut.
+const GROUP: usize = 8;
+
+/// One epoch's batches: a seeded shuffle, cut into batches of `batch_size`. With `lengths`,
+/// the shuffle is cut into groups of [`GROUP`] batches, each group is sorted by length and
+/// cut, and the batch order is shuffled again: batches stay random but pad little
+/// (the `group_by_length` of Hugging Face's Trainer).
+pub fn epoch_batches(
+    n: usize,
+    batch_size: usize,
+    lengths: Option<&[usize]>,
+    rng: &mut StdRng,
+) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(rng);
+    let Some(lengths) = lengths else {
+        return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    };
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    for group in order.chunks_mut(batch_size * GROUP) {
+        group.sort_by_key(|&i| lengths[i]);
+        batches.extend(group.chunks(batch_size).map(<[usize]>::to_vec));
+    }
+    batches.shuffle(rng);
+    batches
 }
 
 /// Linear warm-up over `warmup` steps, then linear decay to 0 at `total`.
@@ -289,19 +319,22 @@ pub fn train(
     let total_steps = steps_per_epoch * s.epochs;
     let warmup_steps = (s.warmup * total_steps as f64).round() as usize;
     let dropout = Dropout::new(s.seed.wrapping_add(1));
+    // Batches of similar length pad less. The cached path, which has no padding, forms the
+    // same batches, so both paths train the heads identically.
+    let lengths: Vec<usize> = data.encoded.iter().map(|e| e.ids.len()).collect();
+    let group_lengths = s.group_by_length.then_some(lengths);
     let mut shuffle_rng = StdRng::seed_from_u64(s.seed.wrapping_add(2));
     let mut step = 0usize;
     let mut train_time = caching_time;
 
     for epoch in 1..=s.epochs {
         let epoch_start = Instant::now();
-        let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut shuffle_rng);
+        let batches = epoch_batches(n, s.batch_size, group_lengths.as_deref(), &mut shuffle_rng);
         let bar = progress_bar(Some(n as u64), &format!("epoch {epoch}/{}", s.epochs));
         let mut sums = [0.0f64; 2];
         let mut counts = [0usize; 2];
         let mut total_sum = 0.0;
-        for idx in order.chunks(s.batch_size) {
+        for idx in batches.iter().map(Vec::as_slice) {
             let labels: Vec<[Option<u32>; 2]> = idx.iter().map(|&i| data.labels[i]).collect();
             let targets = [
                 HeadTargets::new(&labels.iter().map(|l| l[0]).collect::<Vec<_>>(), &dev)?,

@@ -54,6 +54,10 @@ pub struct Cli {
     #[arg(long, value_name = "N", help_heading = "Model")]
     pub max_seq_length: Option<usize>,
 
+    /// Threads for matrix products and the inference kernels. [default: the number of cores]
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = "Model")]
+    pub threads: Option<usize>,
+
     /// A sentence to process. Repeat the flag for several.
     #[arg(
         long = "sentence",

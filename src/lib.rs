@@ -17,6 +17,7 @@ pub mod plot;
 pub mod tasks;
 #[doc(hidden)]
 pub mod testutil;
+pub mod threads;
 pub mod tokenize;
 pub mod train;
 

@@ -8,6 +8,7 @@ use fetch_ml::cli::Cli;
 fn main() -> ExitCode {
     fetch_ml::alloc::keep_freed_memory();
     let cli = Cli::parse();
+    fetch_ml::threads::configure(cli.threads);
     match cli.into_command().and_then(|cmd| fetch_ml::run(&cmd)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,

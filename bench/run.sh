@@ -1,0 +1,266 @@
+#!/usr/bin/env bash
+# fetch-ml vs sentence-transformers / PyTorch on this machine, side by side, in one run.
+# Run by hand (not by CI), on an otherwise idle machine:
+#
+#   bash bench/run.sh [--parts all|embed,startup,train] [--file SENTENCES] [--repeat N]
+#                     [--threads N] [--batch-size N] [--examples N] [--limit N] [--no-check]
+#                     [--no-length-grouping]
+#
+#   --parts      what to run, comma-separated: embed, startup, train, or all [all]
+#   --file       sentence file for the embedding part [bench/data/sentences-2k.txt]
+#   --repeat     runs of each tool in the embed and train parts; the best is kept [2]
+#   --threads    threads for both tools [2]
+#   --batch-size sentences per forward pass / examples per optimizer step [32]
+#   --examples   training examples timed in the train part [320]
+#   --limit      embed only the first N sentences of --file (smoke tests)
+#   --no-check   skip the cosine comparison of the two tools' vectors
+#   --no-length-grouping  train part: plain shuffled batches in both tools (passes fetch-ml's
+#                flag of that name and st_train.py's); default: both group by length
+#
+# Needs: target/release/fetch-ml (or $FETCH_ML), models/all-MiniLM-L6-v2 (scripts/fetch-minilm.sh),
+# the venv of bench/setup-python.sh (or $BENCH_PY), bench/data/ (bench/make-sentences.py),
+# and GNU time at /usr/bin/time (apt-get install -y time).
+#
+# What is measured:
+#   embed    fetch-ml: wall time of the whole process (start-up, model load, tokenization,
+#            inference, writing the JSONL) / sentences. sentence-transformers: model.encode()
+#            only, after a warm-up (bench/st_embed.py); its whole-process time is shown too.
+#            Peak RSS of both from /usr/bin/time -v (Maximum resident set size).
+#   startup  wall time of one sentence, process start to exit: fetch-ml --sentence (best of 5)
+#            vs bench/st_startup.py (best of 3), interpreter start-up included.
+#   train    fetch-ml --task=2 --epochs 1: train rows / training.train_seconds of its JSON
+#            report (evaluation excluded; no warm-up step); bench/st_train.py: timed rows / s
+#            after one warm-up step. Both form batches the same way (grouped by length unless
+#            --no-length-grouping).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+BIN=${FETCH_ML:-"$repo/target/release/fetch-ml"}
+MODEL=${MODEL:-"$repo/models/all-MiniLM-L6-v2"}
+PY=${BENCH_PY:-"$repo/.bench-venv/bin/python"}
+
+parts=all
+file="$here/data/sentences-2k.txt"
+repeat=2
+threads=2
+batch=32
+examples=320
+limit=
+check=1
+grouping=()
+startup_ours=5
+startup_theirs=3
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --parts) parts=$2; shift 2 ;;
+    --parts=*) parts=${1#*=}; shift ;;
+    --file) file=$2; shift 2 ;;
+    --file=*) file=${1#*=}; shift ;;
+    --repeat) repeat=$2; shift 2 ;;
+    --repeat=*) repeat=${1#*=}; shift ;;
+    --threads) threads=$2; shift 2 ;;
+    --threads=*) threads=${1#*=}; shift ;;
+    --batch-size) batch=$2; shift 2 ;;
+    --batch-size=*) batch=${1#*=}; shift ;;
+    --examples) examples=$2; shift 2 ;;
+    --examples=*) examples=${1#*=}; shift ;;
+    --limit) limit=$2; shift 2 ;;
+    --limit=*) limit=${1#*=}; shift ;;
+    --no-check) check=0; shift ;;
+    --no-length-grouping) grouping=(--no-length-grouping); shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[ "$parts" = all ] && parts=embed,startup,train
+want() { [[ ",$parts," == *",$1,"* ]]; }
+for p in ${parts//,/ }; do
+  case "$p" in embed|startup|train) ;; *) echo "unknown part: $p" >&2; exit 2 ;; esac
+done
+
+die() { echo "error: $*" >&2; exit 1; }
+[ -x "$BIN" ] || die "$BIN not found: build it with cargo build --release"
+[ -f "$MODEL/model.safetensors" ] || die "no model at $MODEL: run scripts/fetch-minilm.sh"
+[ -x "$PY" ] || die "no Python venv at $PY: run bash bench/setup-python.sh"
+[ -x /usr/bin/time ] || die "GNU time missing: apt-get install -y time"
+if want embed; then
+  [ -f "$file" ] || die "no sentence file $file: run $PY bench/make-sentences.py"
+fi
+
+work=$(mktemp -d /tmp/fetch-ml-bench.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+if [ -n "$limit" ] && want embed; then
+  awk -v n="$limit" 'NF && ++k <= n' "$file" > "$work/sentences.txt"
+  file="$work/sentences.txt"
+fi
+
+# Threads: fetch-ml's pools (rayon's and candle's) follow RAYON_NUM_THREADS, as its --threads
+# flag sets it; the Python scripts set OMP/MKL/torch themselves.
+ours_env=(env "RAYON_NUM_THREADS=$threads")
+
+# ---------- helpers ----------
+now() { date +%s.%N; }
+calc() { awk "BEGIN { printf \"%.${2:-2}f\", $1 }"; }
+show_cmd() { printf '  $'; printf ' %q' "$@"; printf '\n'; }
+
+# run_timed OUT ERR CMD...: runs CMD under /usr/bin/time -v; sets WALL (s) and RSS_MB.
+run_timed() {
+  local out=$1 err=$2; shift 2
+  local t0 t1
+  t0=$(now)
+  if ! /usr/bin/time -v -o "$work/time.txt" "$@" > "$out" 2> "$err"; then
+    echo "command failed:" >&2; show_cmd "$@" >&2; tail -20 "$err" >&2; exit 1
+  fi
+  t1=$(now)
+  WALL=$(calc "$t1 - $t0" 4)
+  RSS_MB=$(awk -F': ' '/Maximum resident set size/ { printf "%.1f", $2 / 1024 }' "$work/time.txt")
+}
+# json_get KEY...: the value at KEY/KEY/... of the JSON document on standard input.
+json_get() {
+  python3 -c 'import functools, json, sys
+print(functools.reduce(lambda d, k: d[k], sys.argv[1:], json.loads(sys.stdin.read())))' "$@"
+}
+better() { awk "BEGIN { exit !($1 > $2) }"; }   # true if $1 > $2
+
+# ---------- header ----------
+echo "== fetch-ml benchmark, $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')), \
+$(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM, $(uname -sr)"
+echo "load average now: $(cut -d' ' -f1-3 /proc/loadavg) (anything well above 0 means other work is running)"
+rev=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')
+dirty=$(git -C "$repo" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo ', work tree modified' || true)
+echo "fetch-ml: $("$BIN" --version) at $BIN (built $(date -r "$BIN" '+%Y-%m-%d %H:%M'), repo $rev$dirty)"
+"$PY" - <<'PY'
+import platform, torch, transformers, sentence_transformers
+print(f"python {platform.python_version()}, torch {torch.__version__}, transformers "
+      f"{transformers.__version__}, sentence-transformers {sentence_transformers.__version__}")
+PY
+echo "model: $MODEL; threads: $threads; batch size: $batch"
+echo
+
+summary=()
+
+# ---------- embedding throughput ----------
+if want embed; then
+  n=$(grep -c '[^[:space:]]' "$file")
+  echo "== embedding throughput: $n sentences from $file (best of $repeat)"
+  ours_cmd=("${ours_env[@]}" "$BIN" --task=1 --model "$MODEL" --input "$file" --format jsonl
+            --output "$work/ours.jsonl" --batch-size "$batch")
+  theirs_cmd=("$PY" "$here/st_embed.py" "$file" --batch-size "$batch" --threads "$threads")
+  echo "fetch-ml:"; show_cmd "${ours_cmd[@]}"
+  echo "sentence-transformers (the last run also gets --out FILE.npy, for the cosine check):"
+  show_cmd "${theirs_cmd[@]}"
+  best_ours=0 best_theirs=0
+  for r in $(seq 1 "$repeat"); do
+    run_timed "$work/ours.out" "$work/ours.err" "${ours_cmd[@]}"
+    sps=$(calc "$n / $WALL")
+    echo "  run $r fetch-ml:              $sps sentences/s (wall $WALL s), peak RSS $RSS_MB MB"
+    if better "$sps" "$best_ours"; then best_ours=$sps ours_wall=$WALL ours_rss=$RSS_MB; fi
+
+    extra=()
+    if [ "$r" = "$repeat" ] && [ "$check" = 1 ]; then extra=(--out "$work/theirs.npy"); fi
+    run_timed "$work/theirs.out" "$work/theirs.err" "${theirs_cmd[@]}" "${extra[@]}"
+    line=$(tail -1 "$work/theirs.out")
+    sps=$(json_get sentences_per_sec <<< "$line")
+    secs=$(json_get seconds <<< "$line")
+    echo "  run $r sentence-transformers: $sps sentences/s (encode $secs s; whole process $WALL s), peak RSS $RSS_MB MB"
+    if better "$sps" "$best_theirs"; then
+      best_theirs=$sps theirs_secs=$secs theirs_wall=$WALL theirs_rss=$RSS_MB
+    fi
+  done
+  r_tp=$(calc "$best_ours / $best_theirs")
+  r_rss=$(calc "$ours_rss / $theirs_rss")
+  r_whole=$(calc "$theirs_wall / $ours_wall")
+  echo "result:"
+  echo "  fetch-ml              $best_ours sentences/s (whole process, $ours_wall s)   peak RSS $ours_rss MB"
+  echo "  sentence-transformers $best_theirs sentences/s (encode() only, $theirs_secs s; whole process $theirs_wall s)   peak RSS $theirs_rss MB"
+  echo "  ratio fetch-ml / sentence-transformers: throughput ${r_tp}x, peak RSS ${r_rss}x"
+  echo "  whole process, start to exit (both load the model; theirs excludes writing output): fetch-ml ${r_whole}x faster"
+  summary+=("embed    throughput ours/theirs ${r_tp}x ($best_ours vs $best_theirs sentences/s); peak RSS ours/theirs ${r_rss}x ($ours_rss vs $theirs_rss MB)")
+  if [ "$check" = 1 ]; then
+    "$PY" - "$work/ours.jsonl" "$work/theirs.npy" <<'PY'
+import json, sys
+import numpy as np
+theirs = np.load(sys.argv[2])
+ours = np.zeros_like(theirs)
+with open(sys.argv[1]) as f:
+    for line in f:
+        d = json.loads(line)
+        ours[d["index"]] = d["embedding"]
+cos = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
+print(f"  vectors: cosine(fetch-ml, sentence-transformers) over {len(cos)} sentences: "
+      f"mean {cos.mean():.7f}, min {cos.min():.7f}; largest component difference "
+      f"{np.abs(ours - theirs).max():.2e}")
+PY
+  fi
+  echo
+fi
+
+# ---------- start-up ----------
+if want startup; then
+  echo "== start-up: one sentence, process start to exit"
+  ours_cmd=("${ours_env[@]}" "$BIN" --task=1 --model "$MODEL" --sentence "Hello world!")
+  theirs_cmd=("$PY" "$here/st_startup.py" --threads "$threads" "Hello world!")
+  echo "fetch-ml (best of $startup_ours):"; show_cmd "${ours_cmd[@]}"
+  echo "sentence-transformers (best of $startup_theirs):"; show_cmd "${theirs_cmd[@]}"
+  best_o=999999 best_t=999999
+  for r in $(seq 1 "$startup_ours"); do
+    run_timed "$work/s.out" "$work/s.err" "${ours_cmd[@]}"
+    if better "$best_o" "$WALL"; then best_o=$WALL so_rss=$RSS_MB; fi
+  done
+  for r in $(seq 1 "$startup_theirs"); do
+    run_timed "$work/s.out" "$work/s.err" "${theirs_cmd[@]}"
+    if better "$best_t" "$WALL"; then best_t=$WALL st_rss=$RSS_MB; fi
+  done
+  r_su=$(calc "$best_t / $best_o" 1)
+  echo "result:"
+  echo "  fetch-ml              $best_o s   peak RSS $so_rss MB"
+  echo "  sentence-transformers $best_t s   peak RSS $st_rss MB"
+  echo "  ratio fetch-ml / sentence-transformers: time $(calc "$best_o / $best_t" 3)x (fetch-ml ${r_su}x faster)"
+  summary+=("startup  time ours/theirs $(calc "$best_o / $best_t" 3)x ($best_o vs $best_t s)")
+  echo
+fi
+
+# ---------- training throughput ----------
+if want train; then
+  echo "== training throughput: multitask model, $examples examples, batch $batch, \
+batches $([ ${#grouping[@]} = 0 ] && echo 'grouped by length' || echo 'in random order') (best of $repeat)"
+  ckpt="$work/bench-ckpt"
+  ours_cmd=("${ours_env[@]}" "$BIN" --task=2 --model "$MODEL" --epochs 1 --max-train-examples "$examples"
+            --batch-size "$batch" --format json --save "$ckpt" -s hi "${grouping[@]}")
+  theirs_cmd=("$PY" "$here/st_train.py" --examples "$examples" --batch-size "$batch" --threads "$threads"
+              "${grouping[@]}")
+  echo "fetch-ml (examples/s = training.train_rows / training.train_seconds of the JSON report):"
+  show_cmd "${ours_cmd[@]}"
+  echo "pytorch:"; show_cmd "${theirs_cmd[@]}"
+  best_ours=0 best_theirs=0
+  for r in $(seq 1 "$repeat"); do
+    rm -rf "$ckpt"
+    run_timed "$work/t.out" "$work/t.err" "${ours_cmd[@]}"
+    secs=$(calc "$(json_get training train_seconds < "$work/t.out")" 4)
+    rows=$(json_get training train_rows < "$work/t.out")
+    eps=$(calc "$rows / $secs")
+    echo "  run $r fetch-ml: $eps examples/s ($rows rows in $secs s; whole process $WALL s), peak RSS $RSS_MB MB"
+    if better "$eps" "$best_ours"; then best_ours=$eps ours_rss=$RSS_MB; fi
+
+    run_timed "$work/p.out" "$work/p.err" "${theirs_cmd[@]}"
+    line=$(tail -1 "$work/p.out")
+    eps=$(json_get examples_per_sec <<< "$line")
+    echo "  run $r pytorch:  $eps examples/s ($(json_get examples <<< "$line") rows in $(json_get seconds <<< "$line") s, \
+$(json_get padded_tokens <<< "$line") padded tokens for $(json_get real_tokens <<< "$line"); whole process $WALL s), peak RSS $RSS_MB MB"
+    if better "$eps" "$best_theirs"; then best_theirs=$eps theirs_rss=$RSS_MB; fi
+  done
+  r_tr=$(calc "$best_ours / $best_theirs")
+  echo "result:"
+  echo "  fetch-ml $best_ours examples/s   peak RSS $ours_rss MB"
+  echo "  pytorch  $best_theirs examples/s   peak RSS $theirs_rss MB"
+  echo "  ratio fetch-ml / pytorch: throughput ${r_tr}x, peak RSS $(calc "$ours_rss / $theirs_rss")x"
+  summary+=("train    throughput ours/theirs ${r_tr}x ($best_ours vs $best_theirs examples/s); peak RSS ours/theirs $(calc "$ours_rss / $theirs_rss")x")
+  echo
+fi
+
+echo "== summary (ours = fetch-ml; theirs = sentence-transformers / PyTorch $("$PY" -c 'import torch; print(torch.__version__)'))"
+for s in "${summary[@]}"; do echo "  $s"; done

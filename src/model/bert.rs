@@ -6,7 +6,7 @@
 //! candle-transformers' `BertModel`, every block is public, dropout is real in training, and
 //! the LayerNorm and softmax used in training have a backward pass.
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use candle_transformers::models::bert::HiddenAct;
 use serde::Deserialize;
@@ -101,7 +101,8 @@ impl Module for Linear {
     }
 }
 
-/// LayerNorm over the last dim: fused in inference, made of differentiable ops in training.
+/// LayerNorm over the last dim: candle's fused op in inference (no backward), our fused op
+/// with a backward pass in training.
 #[derive(Clone)]
 pub struct LayerNorm {
     pub weight: Tensor,
@@ -128,29 +129,16 @@ impl LayerNorm {
                 &self.bias,
                 self.eps as f32,
             ),
-            Mode::Train(_) => {
-                let mean = x.mean_keepdim(D::Minus1)?;
-                let centered = x.broadcast_sub(&mean)?;
-                let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-                let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-                normed
-                    .broadcast_mul(&self.weight)?
-                    .broadcast_add(&self.bias)
-            }
+            Mode::Train(_) => super::ops::layer_norm(x, &self.weight, &self.bias, self.eps),
         }
     }
 }
 
-/// Softmax over the last dim: fused in inference, differentiable in training.
+/// Softmax over the last dim: candle's fused op in inference, ours (with backward) in training.
 fn softmax(x: &Tensor, mode: Mode) -> Result<Tensor> {
     match mode {
         Mode::Infer => candle_nn::ops::softmax_last_dim(&x.contiguous()?),
-        Mode::Train(_) => {
-            // The max only stabilises the exponent; no gradient needs to flow through it.
-            let max = x.max_keepdim(D::Minus1)?.detach();
-            let num = x.broadcast_sub(&max)?.exp()?;
-            num.broadcast_div(&num.sum_keepdim(D::Minus1)?)
-        }
+        Mode::Train(_) => super::ops::softmax_last_dim(x),
     }
 }
 
@@ -319,7 +307,7 @@ impl BertLayer {
         let a = self.attention.forward(x, mask, mode)?;
         let i = self.intermediate.forward(&a)?;
         let i = match self.act {
-            HiddenAct::Gelu => i.gelu_erf()?,
+            HiddenAct::Gelu => super::ops::gelu(&i)?,
             HiddenAct::GeluApproximate => i.gelu()?,
             HiddenAct::Relu => i.relu()?,
         };

@@ -85,6 +85,16 @@ dispatch!(gelu_inplace, (x: &mut [f32]), {
     }
 });
 
+dispatch!(gelu_grad_inplace, (grad: &mut [f32], x: &[f32]), {
+    // d/dx GELU = (1 + erf(x / sqrt 2)) / 2 + x * exp(-x^2 / 2) / sqrt(2 pi)
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    for (g, &x) in grad.iter_mut().zip(x) {
+        let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
+        *g *= cdf + x * pdf;
+    }
+});
+
 dispatch!(softmax_inplace, (row: &mut [f32]), {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let mut sum = 0.0f32;

@@ -7,5 +7,6 @@ pub mod fast;
 pub mod freeze;
 pub mod kernels;
 pub mod multitask;
+pub mod ops;
 pub mod pooling;
 pub mod weights;

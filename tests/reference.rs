@@ -244,3 +244,40 @@ fn fast_path_matches_candle_path() {
         assert!(worst < 1e-5, "{act}: max abs diff {worst}");
     }
 }
+
+/// A mask that is not a run of real tokens followed by padding (a hole in the middle) takes
+/// the general candle-ops attention; it must match candle-transformers too.
+#[test]
+fn general_attention_masks_match_candle_transformers() {
+    let (_dir, path) = tiny_model(&TinyBert::default());
+    let a = assets(&path);
+    let dev = Device::Cpu;
+    let ours = a.frozen_encoder(&dev).unwrap();
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(&[path.join("model.safetensors")], DType::F32, &dev)
+    }
+    .unwrap();
+    let reference = candle_transformers::models::bert::BertModel::load(vb, &a.config.base).unwrap();
+    let ids = candle_core::Tensor::new(&[[2u32, 7, 9, 11, 3], [2, 13, 17, 3, 0]], &dev).unwrap();
+    let types = ids.zeros_like().unwrap();
+    let mask =
+        candle_core::Tensor::new(&[[1f32, 1., 0., 1., 1.], [1., 1., 1., 1., 0.]], &dev).unwrap();
+    let want = reference
+        .forward(&ids, &types, Some(&mask.to_dtype(DType::U32).unwrap()))
+        .unwrap();
+    let no_dropout = Dropout::disabled();
+    for mode in [Mode::Infer, Mode::Train(&no_dropout)] {
+        let got = ours.forward(&ids, &types, &mask, mode).unwrap();
+        let diff = ((got - &want)
+            .unwrap()
+            .broadcast_mul(&mask.unsqueeze(2).unwrap())
+            .unwrap())
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+        assert!(diff < 1e-5, "max abs diff {diff}");
+    }
+}

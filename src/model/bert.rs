@@ -91,10 +91,8 @@ impl Module for Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has a last dim");
         let rows = x.elem_count() / in_dim;
-        let y = x
-            .reshape((rows, in_dim))?
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?;
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = super::ops::add_bias(&y, &self.bias)?;
         let mut out = dims;
         *out.last_mut().expect("non-empty") = self.weight.dim(0)?;
         y.reshape(out)
@@ -194,19 +192,35 @@ impl BertEmbeddings {
 
 /// The additive attention mask: `None` when no position in the batch is padding.
 #[derive(Clone)]
-pub struct AttentionMask(Option<Tensor>);
+pub struct AttentionMask {
+    /// 0 where attended, a large negative where padded (`[batch, 1, 1, seq]`); `None` when
+    /// nothing is padded.
+    additive: Option<Tensor>,
+    /// Real tokens per row when every row is padded at its end only (as our batches are):
+    /// the fused attention then skips padding entirely.
+    lengths: Option<Vec<usize>>,
+}
 
 impl AttentionMask {
     /// From a `[batch, seq]` 0/1 mask (any dtype). 0 marks padding.
     pub fn new(mask: &Tensor) -> Result<Self> {
         let mask = mask.to_dtype(DType::F32)?;
-        if mask.min_all()?.to_scalar::<f32>()? > 0.5 {
-            return Ok(Self(None));
-        }
         let (b, s) = mask.dims2()?;
-        // 0 where attended, a large negative where padded: exp() of it is exactly 0.
-        let additive = ((mask - 1.0)? * 1e9)?.reshape((b, 1, 1, s))?;
-        Ok(Self(Some(additive)))
+        let rows = mask.to_vec2::<f32>()?;
+        let lengths: Option<Vec<usize>> = rows
+            .iter()
+            .map(|r| {
+                let n = r.iter().take_while(|&&v| v > 0.5).count();
+                r[n..].iter().all(|&v| v <= 0.5).then_some(n)
+            })
+            .collect();
+        let additive = if rows.iter().flatten().all(|&v| v > 0.5) {
+            None
+        } else {
+            // exp() of the large negative is exactly 0.
+            Some(((mask - 1.0)? * 1e9)?.reshape((b, 1, 1, s))?)
+        };
+        Ok(Self { additive, lengths })
     }
 }
 
@@ -258,20 +272,44 @@ impl BertAttention {
     }
 
     pub fn forward(&self, x: &Tensor, mask: &AttentionMask, mode: Mode) -> Result<Tensor> {
+        let ctx = match &mask.lengths {
+            Some(lengths) => self.fused_context(x, lengths, mode)?,
+            None => self.context(x, mask, mode)?,
+        };
+        let out = mode.dropout(&self.output.forward(&ctx)?, self.hidden_dropout)?;
+        self.layer_norm.forward(&(out + x)?, mode)
+    }
+
+    /// Attention context through one fused projection and the fused attention op (batches
+    /// padded at the end).
+    fn fused_context(&self, x: &Tensor, lengths: &[usize], mode: Mode) -> Result<Tensor> {
+        let w = Tensor::cat(
+            &[&self.query.weight, &self.key.weight, &self.value.weight],
+            0,
+        )?;
+        let b = Tensor::cat(&[&self.query.bias, &self.key.bias, &self.value.bias], 0)?;
+        let qkv = Linear { weight: w, bias: b }.forward(x)?;
+        let dropout = match mode {
+            Mode::Train(d) => d.next_seed(self.attn_dropout),
+            Mode::Infer => None,
+        };
+        super::ops::attention(&qkv, lengths, self.heads, self.head_dim, dropout)
+    }
+
+    /// Attention context with candle ops, for any mask.
+    fn context(&self, x: &Tensor, mask: &AttentionMask, mode: Mode) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let q = self.split_heads(&self.query.forward(x)?)?;
         let k = self.split_heads(&self.key.forward(x)?)?;
         let v = self.split_heads(&self.value.forward(x)?)?;
         // [batch, heads, seq, seq]
         let mut scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?;
-        if let Some(m) = &mask.0 {
+        if let Some(m) = &mask.additive {
             scores = scores.broadcast_add(m)?;
         }
         let probs = mode.dropout(&softmax(&scores, mode)?, self.attn_dropout)?;
         // [batch, seq, hidden]
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
-        let out = mode.dropout(&self.output.forward(&ctx)?, self.hidden_dropout)?;
-        self.layer_norm.forward(&(out + x)?, mode)
+        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))
     }
 }
 

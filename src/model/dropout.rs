@@ -6,7 +6,9 @@ use candle_core::{Result, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// Draws dropout masks from its own generator; candle's CPU generator cannot be seeded.
+/// Seeds dropout masks from its own generator (candle's CPU generator cannot be seeded).
+/// Each call draws one seed; the mask is a function of that seed and the element index, so
+/// the backward pass recomputes it instead of storing it.
 pub struct Dropout {
     /// `None` turns dropout off while keeping the training ops.
     rng: Option<Mutex<StdRng>>,
@@ -24,30 +26,20 @@ impl Dropout {
         Self { rng: None }
     }
 
+    /// The seed of the next mask, or `None` when nothing should be dropped.
+    pub fn next_seed(&self, p: f64) -> Option<(f32, u64)> {
+        let rng = self.rng.as_ref()?;
+        (p > 0.0).then(|| (p as f32, rng.lock().expect("dropout rng lock").random()))
+    }
+
     /// Zeroes each element of `x` with probability `p` and scales the rest by `1 / (1 - p)`.
     pub fn apply(&self, x: &Tensor, p: f64) -> Result<Tensor> {
-        let Some(rng) = &self.rng else {
-            return Ok(x.clone());
-        };
-        if p <= 0.0 {
-            return Ok(x.clone());
-        }
-        if p >= 1.0 {
+        if p >= 1.0 && self.rng.is_some() {
             return x.zeros_like();
         }
-        let keep = (1.0 / (1.0 - p)) as f32;
-        let threshold = (p * u32::MAX as f64) as u32;
-        let mut rng = rng.lock().expect("dropout rng lock");
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if rng.random::<u32>() < threshold {
-                    0.0
-                } else {
-                    keep
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
-        x.mul(&mask)
+        match self.next_seed(p) {
+            Some((p, seed)) => super::ops::dropout(x, p, seed),
+            None => Ok(x.clone()),
+        }
     }
 }

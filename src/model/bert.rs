@@ -65,7 +65,7 @@ impl Mode<'_> {
     }
 }
 
-/// A dense layer `y = x W^T + b` that runs as one matrix product whatever the leading dims.
+/// A dense layer `y = x W^T + b`: one matrix product over all leading dims, fused backward.
 #[derive(Clone)]
 pub struct Linear {
     pub weight: Tensor,
@@ -88,14 +88,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let in_dim = *dims.last().expect("linear input has a last dim");
-        let rows = x.elem_count() / in_dim;
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let y = super::ops::add_bias(&y, &self.bias)?;
-        let mut out = dims;
-        *out.last_mut().expect("non-empty") = self.weight.dim(0)?;
-        y.reshape(out)
+        super::ops::linear(x, &self.weight, &self.bias)
     }
 }
 

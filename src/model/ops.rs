@@ -426,6 +426,198 @@ pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(bias, AddBias)
 }
 
+// ---------------------------------------------------------------- linear
+
+fn gemm_parallelism(flops: usize) -> Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && flops > (1 << 20) {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// `y = x W^T + b` over the last dimension of `x`, with a backward pass that writes each
+/// gradient in its own layout with one gemm (candle's matmul of `W^T` accumulates the weight
+/// gradient through a transposed, strided add).
+struct LinearOp;
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "linear x")?;
+        let w = slice(s2, l2, "linear weight")?;
+        let b = slice(s3, l3, "linear bias")?;
+        let (out, inp) = l2.shape().dims2()?;
+        if last_dim(l1) != inp || b.len() != out {
+            bail!(
+                "linear: input {:?}, weight {:?}, bias {}",
+                l1.dims(),
+                l2.dims(),
+                b.len()
+            );
+        }
+        let rows = x.len() / inp;
+        let mut y = Vec::with_capacity(rows * out);
+        for _ in 0..rows {
+            y.extend_from_slice(b);
+        }
+        // SAFETY: sizes checked above.
+        unsafe {
+            gemm(
+                rows,
+                out,
+                inp,
+                y.as_mut_ptr(),
+                1,
+                out as isize,
+                true,
+                x.as_ptr(),
+                1,
+                inp as isize,
+                w.as_ptr(),
+                inp as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm_parallelism(rows * out * inp),
+            );
+        }
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("non-empty") = out;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = grad.apply_op2_no_bwd(w, &LinearGradInput)?;
+        let dw = grad.apply_op2_no_bwd(x, &LinearGradWeight)?;
+        let db = grad.apply_op1_no_bwd(&ColumnSum)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// dx = dy W.
+struct LinearGradInput;
+
+impl CustomOp2 for LinearGradInput {
+    fn name(&self) -> &'static str {
+        "fused-linear-grad-input"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dy = slice(s1, l1, "linear grad")?;
+        let w = slice(s2, l2, "linear weight")?;
+        let (out, inp) = l2.shape().dims2()?;
+        let rows = dy.len() / out;
+        let mut dx = vec![0f32; rows * inp];
+        // SAFETY: dy is [rows, out], w is [out, in], dx is [rows, in].
+        unsafe {
+            gemm(
+                rows,
+                inp,
+                out,
+                dx.as_mut_ptr(),
+                1,
+                inp as isize,
+                false,
+                dy.as_ptr(),
+                1,
+                out as isize,
+                w.as_ptr(),
+                1,
+                inp as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm_parallelism(rows * out * inp),
+            );
+        }
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("non-empty") = inp;
+        Ok((CpuStorage::F32(dx), Shape::from(dims)))
+    }
+}
+
+/// dW = dy^T x.
+struct LinearGradWeight;
+
+impl CustomOp2 for LinearGradWeight {
+    fn name(&self) -> &'static str {
+        "fused-linear-grad-weight"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dy = slice(s1, l1, "linear grad")?;
+        let x = slice(s2, l2, "linear x")?;
+        let (out, inp) = (last_dim(l1), last_dim(l2));
+        let rows = dy.len() / out;
+        let mut dw = vec![0f32; out * inp];
+        // SAFETY: dy is [rows, out], x is [rows, in], dw is [out, in].
+        unsafe {
+            gemm(
+                out,
+                inp,
+                rows,
+                dw.as_mut_ptr(),
+                1,
+                inp as isize,
+                false,
+                dy.as_ptr(),
+                out as isize,
+                1,
+                x.as_ptr(),
+                1,
+                inp as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm_parallelism(rows * out * inp),
+            );
+        }
+        Ok((CpuStorage::F32(dw), Shape::from((out, inp))))
+    }
+}
+
+/// `x W^T + b` over the last dimension, with a fused backward pass.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LinearOp)
+}
+
 // ---------------------------------------------------------------- attention
 
 /// Saved between the forward and the backward pass of one attention call.
@@ -1029,5 +1221,43 @@ mod tests {
             "bias grad",
         );
         close(g2.get(&a).unwrap(), g1.get(&a).unwrap(), 1e-7, "x grad");
+    }
+
+    #[test]
+    fn linear_matches_matmul_and_gradients() {
+        let dev = Device::Cpu;
+        let x = input((4, 7, 12), 2);
+        let w =
+            Var::from_tensor(&input((5, 12, 1), 8).as_tensor().reshape((5, 12)).unwrap()).unwrap();
+        let b = Var::from_vec(vec![0.1f32, -0.2, 0.3, 0.0, 1.0], 5, &dev).unwrap();
+        let composite = x
+            .as_tensor()
+            .broadcast_matmul(&w.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap();
+        let fused = linear(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+        close(&fused, &composite, 1e-5, "linear");
+        let weights = Tensor::arange(0f32, 140.0, &dev)
+            .unwrap()
+            .reshape((4, 7, 5))
+            .unwrap()
+            .sin()
+            .unwrap();
+        let g1 = (composite * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (v, name) in [(&x, "x"), (&w, "weight"), (&b, "bias")] {
+            close(g2.get(v).unwrap(), g1.get(v).unwrap(), 1e-4, name);
+        }
     }
 }

@@ -97,8 +97,9 @@ if [ -n "$limit" ] && want embed; then
   file="$work/sentences.txt"
 fi
 
-# Threads: fetch-ml's pools (rayon's and candle's) follow RAYON_NUM_THREADS, as its --threads
-# flag sets it; the Python scripts set OMP/MKL/torch themselves.
+# Threads: fetch-ml's matrix products and kernels follow RAYON_NUM_THREADS, as its --threads
+# flag sets it (candle's element-wise pool keeps its default of 1); the Python scripts set
+# OMP/MKL/torch themselves.
 ours_env=(env "RAYON_NUM_THREADS=$threads")
 
 # ---------- helpers ----------

@@ -169,7 +169,7 @@ pub struct Cli {
     pub freeze_layers: Option<usize>,
 
     /// Train on at most the first N rows of the training data. [default: all for --task=2,
-    /// 128 for --task=3]
+    /// 256 for --task=3]
     #[arg(long, value_name = "N", value_parser = positive, help_heading = "Training (--task=2, --task=3)")]
     pub max_train_examples: Option<usize>,
 
@@ -356,7 +356,7 @@ impl Cli {
         let (default_epochs, default_max_examples) = if task == 2 {
             (defaults.epochs, None)
         } else {
-            (2, Some(128))
+            (2, Some(256))
         };
         let predicting = self.checkpoint.is_some();
         let own_train_file = self.train_file.is_some();

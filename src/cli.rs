@@ -89,6 +89,11 @@ pub struct Cli {
     #[arg(long, default_value_t = 32, value_parser = positive, help_heading = "Output")]
     pub batch_size: usize,
 
+    /// Also cap each inference batch at N tokens (padding-free: the sum of its sentences'
+    /// lengths); a longer sentence gets a batch of its own. [default: no token cap]
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = "Output")]
+    pub max_batch_tokens: Option<usize>,
+
     /// L2-normalise the embeddings, whatever the model's folder says.
     #[arg(long, conflicts_with = "no_normalize", help_heading = "Output")]
     pub normalize: bool,
@@ -348,6 +353,7 @@ impl Cli {
                 output: self.output,
                 format: self.format,
                 batch_size: self.batch_size,
+                max_batch_tokens: self.max_batch_tokens,
                 max_seq_length: self.max_seq_length,
                 normalize,
             }));

@@ -32,6 +32,8 @@ pub struct EmbedConfig {
     pub format: Format,
     /// Sentences per forward pass.
     pub batch_size: usize,
+    /// Tokens per forward pass, at most.
+    pub max_batch_tokens: Option<usize>,
     /// Truncate inputs to this many tokens; `None` for the model's own limit.
     pub max_seq_length: Option<usize>,
     /// Override the model's normalisation; `None` follows the model's folder.

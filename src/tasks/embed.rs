@@ -31,13 +31,14 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
     let assets = ModelAssets::load(&cfg.model, cfg.max_seq_length)?;
     let device = Device::Cpu;
     let encoder = assets.frozen_encoder(&device)?;
-    let embedder = Embedder::new(
+    let mut embedder = Embedder::new(
         &encoder,
         &assets.tokenizer,
         assets.pipeline.pooling,
         cfg.normalize.unwrap_or(assets.pipeline.normalize),
         cfg.batch_size,
     );
+    embedder.max_batch_tokens = cfg.max_batch_tokens;
     let meta = Meta {
         model: cfg.model.id.clone(),
         revision: (!cfg.model.is_local()).then(|| cfg.model.revision.clone()),

@@ -214,10 +214,10 @@ fn find(rows: &[ScenarioRow], s: Scenario) -> Option<&ScenarioRow> {
 pub fn interpret(rows: &[ScenarioRow], labels: &[Vec<String>; 2]) -> Vec<String> {
     let mut out = Vec::new();
     let chance = [1.0 / labels[0].len() as f64, 1.0 / labels[1].len() as f64];
+    // The first scenario with the highest score: ties go to the earlier one.
     let best = |f: fn(&ScenarioRow) -> f64| {
         rows.iter()
-            .max_by(|a, b| f(a).total_cmp(&f(b)))
-            .expect("at least one scenario")
+            .fold(&rows[0], |best, r| if f(r) > f(best) { r } else { best })
     };
     let bc = best(|r| r.eval.class.accuracy);
     let bs = best(|r| r.eval.sentiment.accuracy);

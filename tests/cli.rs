@@ -497,3 +497,35 @@ fn freeze_layers_out_of_range_gives_the_count() {
         .arg(&model));
     fails_with(&o, &["--freeze-layers 4", "only 3 encoder layers"]);
 }
+
+#[test]
+fn token_budget_batches_give_the_same_vectors() {
+    let (_d, model) = tiny_model(&TinyBert::default());
+    let run_with = |extra: &[&str]| {
+        let mut cmd = fetch_ml();
+        cmd.args(["--task=1", "--format=jsonl", "--model"])
+            .arg(&model)
+            .args(extra);
+        for s in [
+            "a long sentence about the team that won the game today",
+            "hi",
+            "the cat sat",
+            "we love our phone",
+        ] {
+            cmd.arg("-s").arg(s);
+        }
+        jsonl(&ok(&run(&mut cmd)))
+    };
+    let plain = run_with(&[]);
+    let budget = run_with(&["--max-batch-tokens", "8", "--batch-size", "3"]);
+    for (a, b) in plain.iter().zip(&budget) {
+        assert_eq!(a["text"], b["text"]);
+        let (x, y) = (
+            a["embedding"].as_array().unwrap(),
+            b["embedding"].as_array().unwrap(),
+        );
+        for (u, v) in x.iter().zip(y) {
+            assert!((u.as_f64().unwrap() - v.as_f64().unwrap()).abs() < 1e-5);
+        }
+    }
+}

@@ -425,6 +425,23 @@ fn help_documents_every_flag() {
         "--batch-size",
         "--normalize",
         "--no-normalize",
+        "--threads",
+        "--max-batch-tokens",
+        "--train-file",
+        "--eval-file",
+        "--epochs",
+        "--lr",
+        "--head-lr",
+        "--loss-weights",
+        "--seed",
+        "--freeze",
+        "--freeze-layers",
+        "--save",
+        "--checkpoint",
+        "--scenarios",
+        "--plot",
+        "--embedding-cache",
+        "--max-train-examples",
     ] {
         assert!(out.contains(flag), "--help lacks {flag}");
     }

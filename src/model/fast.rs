@@ -11,11 +11,12 @@
 
 use candle_core::{bail, CpuStorage, Result, Storage, Tensor};
 use candle_transformers::models::bert::HiddenAct;
-use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 use super::bert::{BertEncoder, LayerNorm, Linear};
+use super::gemm::{matmul, parallelism, Mat, MatMut};
 use super::kernels;
+use super::ops::attend_head;
 use super::pooling::Pooling;
 use crate::tokenize::Encoded;
 
@@ -47,21 +48,6 @@ fn view<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&data[a..b]))
 }
 
-/// A raw pointer that may cross threads; each task writes a disjoint region through it.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-fn parallelism(flops: usize) -> Parallelism {
-    let threads = rayon::current_num_threads();
-    if threads > 1 && flops > (1 << 20) {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    }
-}
-
 /// `dst[r, col .. col + out] = x[r, ..] W^T + b` for `rows` rows; `dst` has row stride `ld`.
 fn linear(
     x: &[f32],
@@ -81,27 +67,25 @@ fn linear(
         }
     })?;
     view(&lin.weight, |w| {
-        // SAFETY: the bounds are checked above; gemm reads x and w and writes dst's block.
+        let out_view = MatMut {
+            ptr: dst[col..].as_mut_ptr(),
+            ld,
+        };
+        let (lhs, rhs) = (
+            Mat::rows(x.as_ptr(), in_dim),
+            Mat::transposed(w.as_ptr(), in_dim),
+        );
+        // SAFETY: the bounds are checked above.
         unsafe {
-            gemm(
+            matmul(
                 rows,
                 out,
                 in_dim,
-                dst.as_mut_ptr().add(col),
-                1,
-                ld as isize,
+                out_view,
                 true,
-                x.as_ptr(),
-                1,
-                in_dim as isize,
-                w.as_ptr(),
-                in_dim as isize,
-                1,
+                lhs,
+                rhs,
                 1.0,
-                1.0,
-                false,
-                false,
-                false,
                 parallelism(rows * out * in_dim),
             )
         }
@@ -112,74 +96,38 @@ fn linear(
 fn attention(qkv: &[f32], ctx: &mut [f32], offsets: &[usize], heads: usize, head_dim: usize) {
     let hidden = heads * head_dim;
     let ld = 3 * hidden;
-    let scale = 1.0 / (head_dim as f32).sqrt();
     let tasks: Vec<(usize, usize)> = (0..offsets.len() - 1)
         .flat_map(|s| (0..heads).map(move |h| (s, h)))
         .collect();
-    let out = SendPtr(ctx.as_mut_ptr());
-    let qkv = SendPtr(qkv.as_ptr() as *mut f32);
+    let out = MatMut {
+        ptr: ctx.as_mut_ptr(),
+        ld: hidden,
+    };
+    let src = Mat::rows(qkv.as_ptr(), ld);
     tasks
         .par_iter()
-        .for_each_init(Vec::<f32>::new, |scores, &(s, h)| {
-            let (out, qkv) = (out, qkv);
+        .for_each_init(Vec::<f32>::new, |probs, &(s, h)| {
+            let (out, src) = (out, src);
             let start = offsets[s];
             let m = offsets[s + 1] - start;
-            if m == 0 {
-                return;
-            }
-            scores.resize(m * m, 0.0);
-            // SAFETY: all offsets are within the [T, 3H] and [T, H] buffers; each task writes
-            // only rows start..start+m, columns h*d..(h+1)*d of ctx.
+            // SAFETY: offsets are within the [T, 3H] and [T, H] buffers; each task writes rows
+            // start..start+m, columns h*d..(h+1)*d of ctx only.
             unsafe {
-                let q = qkv.0.add(start * ld + h * head_dim) as *const f32;
-                let k = q.add(hidden);
-                let v = q.add(2 * hidden);
-                // scores = scale * Q K^T   [m, m]
-                gemm(
-                    m,
+                let q = src.ptr.add(start * ld + h * head_dim);
+                let o = MatMut {
+                    ptr: out.ptr.add(start * hidden + h * head_dim),
+                    ld: hidden,
+                };
+                attend_head(
                     m,
                     head_dim,
-                    scores.as_mut_ptr(),
-                    1,
-                    m as isize,
-                    false,
                     q,
-                    1,
-                    ld as isize,
-                    k,
-                    ld as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-                for row in scores.chunks_mut(m) {
-                    kernels::softmax_inplace(row);
-                }
-                // ctx = P V   [m, d]
-                gemm(
-                    m,
-                    head_dim,
-                    m,
-                    out.0.add(start * hidden + h * head_dim),
-                    1,
-                    hidden as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    m as isize,
-                    v,
-                    1,
-                    ld as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
+                    q.add(hidden),
+                    q.add(2 * hidden),
+                    ld,
+                    o,
+                    probs,
+                    None,
                 );
             }
         });

@@ -108,6 +108,14 @@ dispatch!(softmax_inplace, (row: &mut [f32]), {
     }
 });
 
+dispatch!(softmax_grad_inplace, (grad: &mut [f32], y: &[f32]), {
+    // The softmax's backward pass on one row: grad = y * (grad - sum(grad * y)).
+    let dot: f32 = grad.iter().zip(y).map(|(g, y)| g * y).sum();
+    for (g, y) in grad.iter_mut().zip(y) {
+        *g = y * (*g - dot);
+    }
+});
+
 dispatch!(add_layer_norm_inplace, (x: &mut [f32], residual: &[f32], weight: &[f32], bias: &[f32], eps: f32), {
     // x = LayerNorm(x + residual), one row of `weight.len()` values.
     let n = x.len() as f32;

@@ -5,6 +5,7 @@ pub mod bert;
 pub mod dropout;
 pub mod fast;
 pub mod freeze;
+pub mod gemm;
 pub mod kernels;
 pub mod multitask;
 pub mod ops;

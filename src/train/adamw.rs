@@ -6,33 +6,14 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Result, Shape, Tensor,
-    Var,
+    CpuStorage, CustomOp1, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Result, Shape, Tensor, Var,
 };
 use rayon::prelude::*;
 
+use crate::model::ops::{slice, slice_mut};
+
 /// Elements per parallel chunk.
 const CHUNK: usize = 1 << 15;
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        bail!("{what}: expected f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("{what}: expected a contiguous tensor"),
-    }
-}
-
-fn contiguous_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
-    let CpuStorage::F32(data) = s else {
-        bail!("{what}: expected f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&mut data[a..b]),
-        None => bail!("{what}: expected a contiguous tensor"),
-    }
-}
 
 /// `m = beta * m + (1 - beta) * g` (or `g * g` for the second moment).
 struct Moment {
@@ -51,8 +32,8 @@ impl InplaceOp2 for Moment {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let m = contiguous_mut(s1, l1, "moment")?;
-        let g = contiguous(s2, l2, "gradient")?;
+        let m = slice_mut(s1, l1, "moment")?;
+        let g = slice(s2, l2, "gradient")?;
         let (b, c) = (self.beta, 1.0 - self.beta);
         let square = self.square;
         m.par_chunks_mut(CHUNK)
@@ -92,9 +73,9 @@ impl InplaceOp3 for Update {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let p = contiguous_mut(s1, l1, "parameter")?;
-        let m = contiguous(s2, l2, "first moment")?;
-        let v = contiguous(s3, l3, "second moment")?;
+        let p = slice_mut(s1, l1, "parameter")?;
+        let m = slice(s2, l2, "first moment")?;
+        let v = slice(s3, l3, "second moment")?;
         let Update {
             lr,
             decay,
@@ -123,7 +104,7 @@ impl InplaceOp1 for Scale {
         "scale"
     }
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
-        let x = contiguous_mut(s, l, "scale")?;
+        let x = slice_mut(s, l, "scale")?;
         let k = self.0;
         x.par_chunks_mut(CHUNK)
             .for_each(|c| c.iter_mut().for_each(|v| *v *= k));
@@ -139,7 +120,7 @@ impl CustomOp1 for SumSquares {
         "sum-squares"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s, l, "sum of squares")?;
+        let x = slice(s, l, "sum of squares")?;
         let total: f64 = x
             .par_chunks(CHUNK)
             .map(|c| c.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>())

@@ -7,13 +7,14 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::Device;
-use common::{fails_with, fetch_ml, ok, run, tiny_model, toy_rows, write_jsonl};
+use common::{
+    build_model, fails_with, fetch_ml, ok, param_bits, run, tiny_model, toy_rows, write_jsonl,
+};
 use fetch_ml::config::TrainConfig;
 use fetch_ml::data::DataSource;
 use fetch_ml::hub::ModelRef;
 use fetch_ml::model::dropout::Dropout;
 use fetch_ml::model::freeze::{FreezePlan, Scenario};
-use fetch_ml::model::multitask::{HeadInit, MultiTaskModel};
 use fetch_ml::testutil::TinyBert;
 use fetch_ml::train::loss::{multitask_loss, HeadTargets};
 use fetch_ml::train::session::{fit, Setup};
@@ -58,18 +59,6 @@ fn fixture() -> Fixture {
     Fixture { dir, cfg }
 }
 
-fn build(setup: &Setup, cfg: &TrainConfig, plan: FreezePlan) -> MultiTaskModel {
-    MultiTaskModel::build(
-        &setup.assets,
-        vec![setup.assets.weights.clone()],
-        setup.heads_spec(cfg),
-        plan,
-        HeadInit::Seed(cfg.settings.seed),
-        &Device::Cpu,
-    )
-    .unwrap()
-}
-
 /// Which tensors each scenario should train, written out by name, not through the plan.
 fn should_train(s: Scenario, n: usize, name: &str) -> bool {
     let layer = name
@@ -88,18 +77,6 @@ fn should_train(s: Scenario, n: usize, name: &str) -> bool {
     }
 }
 
-fn bits(model: &MultiTaskModel) -> HashMap<String, Vec<u32>> {
-    model
-        .registry
-        .params()
-        .into_iter()
-        .map(|p| {
-            let v: Vec<f32> = p.tensor.flatten_all().unwrap().to_vec1().unwrap();
-            (p.name, v.into_iter().map(f32::to_bits).collect())
-        })
-        .collect()
-}
-
 /// For each scenario (and each N of the layers scenario): trainable tensors are exactly the
 /// expected ones, each gets a non-zero gradient; after training, frozen tensors are
 /// bit-identical and trainable ones changed.
@@ -111,7 +88,7 @@ fn every_scenario_trains_exactly_its_tensors() {
     cases.extend((0..=LAYERS).map(|n| (Scenario::Layers, n)));
     for (scenario, n) in cases {
         let plan = scenario.plan(LAYERS, n).unwrap();
-        let model = build(&setup, &f.cfg, plan);
+        let model = build_model(&setup, &f.cfg, plan);
         let params = model.registry.params();
         assert_eq!(params.len(), 5 + 16 * LAYERS + 8);
         for p in &params {
@@ -155,9 +132,9 @@ fn every_scenario_trains_exactly_its_tensors() {
             }
         }
 
-        let before = bits(&model);
+        let before = param_bits(&model).into_iter().collect::<HashMap<_, _>>();
         let r = fit(&model, &setup, &f.cfg.settings, &mut |_| {}).unwrap();
-        let after = bits(&model);
+        let after = param_bits(&model).into_iter().collect::<HashMap<_, _>>();
         for (name, b) in &before {
             let changed = &after[name] != b;
             assert_eq!(
@@ -184,7 +161,7 @@ fn cached_fast_path_matches_recomputing() {
     let setup = Setup::load(&f.cfg).unwrap();
     let plan = Scenario::Encoder.plan(LAYERS, 0).unwrap();
     let heads = |cache: bool| {
-        let model = build(&setup, &f.cfg, plan);
+        let model = build_model(&setup, &f.cfg, plan);
         let s = TrainSettings {
             cache_features: cache,
             epochs: 3,
@@ -229,7 +206,7 @@ fn embedding_cache_on_disk_is_used_and_safe() {
     cfg.freeze = vec![fetch_ml::model::freeze::FreezePart::Encoder];
     let run_once = |cfg: &TrainConfig| {
         let setup = Setup::load(cfg).unwrap();
-        let model = build(
+        let model = build_model(
             &setup,
             cfg,
             FreezePlan::new(&cfg.freeze, None, LAYERS).unwrap(),

@@ -6,12 +6,14 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::Device;
-use common::{fails_with, fetch_ml, ok, run, tiny_model, toy_rows, write_jsonl};
+use common::{
+    build_model, fails_with, fetch_ml, ok, param_bits, run, tiny_model, toy_rows, write_jsonl,
+};
 use fetch_ml::config::TrainConfig;
 use fetch_ml::data::DataSource;
 use fetch_ml::hub::ModelRef;
 use fetch_ml::model::freeze::{FreezePart, FreezePlan};
-use fetch_ml::model::multitask::{HeadInit, MultiTaskModel};
+use fetch_ml::model::multitask::MultiTaskModel;
 use fetch_ml::testutil::TinyBert;
 use fetch_ml::train::checkpoint::{self, Checkpoint, CheckpointMeta};
 use fetch_ml::train::session::{fit, RunResult, Setup};
@@ -74,29 +76,9 @@ fn train_model(cfg: &TrainConfig) -> (Setup, MultiTaskModel, RunResult) {
     let setup = Setup::load(cfg).unwrap();
     let layers = setup.assets.config.num_hidden_layers;
     let plan = FreezePlan::new(&cfg.freeze, cfg.freeze_layers, layers).unwrap();
-    let model = MultiTaskModel::build(
-        &setup.assets,
-        vec![setup.assets.weights.clone()],
-        setup.heads_spec(cfg),
-        plan,
-        HeadInit::Seed(cfg.settings.seed),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model = build_model(&setup, cfg, plan);
     let result = fit(&model, &setup, &cfg.settings, &mut |_| {}).unwrap();
     (setup, model, result)
-}
-
-fn weights_bits(model: &MultiTaskModel) -> Vec<(String, Vec<u32>)> {
-    model
-        .registry
-        .params()
-        .into_iter()
-        .map(|p| {
-            let v: Vec<f32> = p.tensor.flatten_all().unwrap().to_vec1().unwrap();
-            (p.name, v.into_iter().map(f32::to_bits).collect())
-        })
-        .collect()
 }
 
 /// The whole model (encoder and heads) learns a separable toy set: the loss falls and both
@@ -145,12 +127,12 @@ fn same_seed_same_weights() {
     };
     assert_eq!(losses(&r1), losses(&r2));
     assert!(
-        weights_bits(&m1) == weights_bits(&m2),
+        param_bits(&m1) == param_bits(&m2),
         "weights differ between identical runs"
     );
     let (_, m3, _) = train_model(&config(&t, TrainSettings { seed: 7, ..s }, &[], None));
     assert!(
-        weights_bits(&m1) != weights_bits(&m3),
+        param_bits(&m1) != param_bits(&m3),
         "another seed should give other weights"
     );
 }

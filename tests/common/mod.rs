@@ -143,3 +143,33 @@ pub fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
     let text: String = rows.iter().map(|r| r.to_string() + "\n").collect();
     std::fs::write(path, text).unwrap();
 }
+
+/// Builds the multitask model of a training run with heads seeded from the run's seed.
+pub fn build_model(
+    setup: &fetch_ml::train::session::Setup,
+    cfg: &fetch_ml::config::TrainConfig,
+    plan: fetch_ml::model::freeze::FreezePlan,
+) -> fetch_ml::model::multitask::MultiTaskModel {
+    fetch_ml::model::multitask::MultiTaskModel::build(
+        &setup.assets,
+        vec![setup.assets.weights.clone()],
+        setup.heads_spec(cfg),
+        plan,
+        fetch_ml::model::multitask::HeadInit::Seed(cfg.settings.seed),
+        &candle_core::Device::Cpu,
+    )
+    .expect("build the multitask model")
+}
+
+/// Every parameter's name and bit pattern, in model order.
+pub fn param_bits(model: &fetch_ml::model::multitask::MultiTaskModel) -> Vec<(String, Vec<u32>)> {
+    model
+        .registry
+        .params()
+        .into_iter()
+        .map(|p| {
+            let v: Vec<f32> = p.tensor.flatten_all().unwrap().to_vec1().unwrap();
+            (p.name, v.into_iter().map(f32::to_bits).collect())
+        })
+        .collect()
+}

@@ -64,22 +64,14 @@ impl<'a> Embedder<'a> {
         Ok(vectors)
     }
 
-    /// Embeds `texts`, returned in input order. `progress` is called with each batch's size.
-    pub fn embed<S: AsRef<str>>(
-        &self,
-        texts: &[S],
-        mut progress: impl FnMut(usize),
-    ) -> Result<Vec<Embedding>> {
+    /// Embeds `texts`, returned in input order.
+    pub fn embed<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Embedding>> {
         let encoded = self.tokenizer.encode(texts)?;
-        self.embed_encoded(&encoded, &mut progress)
+        self.embed_encoded(&encoded)
     }
 
     /// Embeds already tokenized sentences, in their order.
-    pub fn embed_encoded(
-        &self,
-        encoded: &[Encoded],
-        mut progress: impl FnMut(usize),
-    ) -> Result<Vec<Embedding>> {
+    pub fn embed_encoded(&self, encoded: &[Encoded]) -> Result<Vec<Embedding>> {
         let lengths: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
         let mut out: Vec<Option<Embedding>> = vec![None; encoded.len()];
         for idx in length_sorted_batches(&lengths, self.batch_size, self.max_batch_tokens) {
@@ -92,7 +84,6 @@ impl<'a> Embedder<'a> {
                     truncated: encoded[i].truncated,
                 });
             }
-            progress(idx.len());
         }
         Ok(out
             .into_iter()

@@ -65,6 +65,8 @@ pub struct ModelFiles {
 /// Gets a file of the model by name: `Ok(None)` when the model does not have it.
 trait Fetch {
     fn fetch(&self, name: &str) -> Result<Option<PathBuf>>;
+    /// Whether the model has the file, without downloading it.
+    fn has(&self, name: &str) -> bool;
     /// Explains, for an error message, where a missing file was looked for.
     fn searched(&self) -> String;
     /// How to fix a missing required file.
@@ -77,6 +79,9 @@ impl Fetch for LocalFolder {
     fn fetch(&self, name: &str) -> Result<Option<PathBuf>> {
         let p = self.0.join(name);
         Ok(p.is_file().then_some(p))
+    }
+    fn has(&self, name: &str) -> bool {
+        self.0.join(name).is_file()
     }
     fn searched(&self) -> String {
         format!("folder {}", self.0.display())
@@ -104,6 +109,9 @@ impl OfflineCache {
 }
 
 impl Fetch for OfflineCache {
+    fn has(&self, name: &str) -> bool {
+        matches!(self.fetch(name), Ok(Some(_)))
+    }
     fn fetch(&self, name: &str) -> Result<Option<PathBuf>> {
         let repo = Repo::with_revision(
             self.model.id.clone(),
@@ -154,8 +162,11 @@ struct Online {
 }
 
 impl Fetch for Online {
+    fn has(&self, name: &str) -> bool {
+        self.files.iter().any(|f| f == name)
+    }
     fn fetch(&self, name: &str) -> Result<Option<PathBuf>> {
-        if !self.files.iter().any(|f| f == name) {
+        if !self.has(name) {
             return Ok(None);
         }
         let path = self
@@ -252,7 +263,7 @@ fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
     let config = required("config.json")?;
     let weights = match fetch.fetch("model.safetensors")? {
         Some(p) => p,
-        None if fetch.fetch("pytorch_model.bin").ok().flatten().is_some() => bail!(
+        None if fetch.has("pytorch_model.bin") => bail!(
             "model {}: only pytorch_model.bin was found in {}; fetch-ml reads model.safetensors. \
              Convert the weights to safetensors first",
             model.id,

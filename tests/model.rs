@@ -220,7 +220,7 @@ fn legacy_tensor_names_load() {
         let a = load(p).unwrap();
         let enc = a.frozen_encoder(&Device::Cpu).unwrap();
         let e = Embedder::new(&enc, &a.tokenizer, Pooling::Mean, false, 8);
-        e.embed(&texts(), |_| {}).unwrap()
+        e.embed(&texts()).unwrap()
     };
     let (x, y) = (embed(&modern), embed(&legacy));
     for (a, b) in x.iter().zip(&y) {

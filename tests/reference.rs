@@ -49,7 +49,7 @@ fn minilm_matches_sentence_transformers() {
         8,
     );
     let texts: Vec<&str> = golden.items.iter().map(|i| i.text.as_str()).collect();
-    let got = embedder.embed(&texts, |_| {}).unwrap();
+    let got = embedder.embed(&texts).unwrap();
     assert!(
         got.iter().any(|e| e.truncated),
         "the long sentence must be truncated"
@@ -152,9 +152,9 @@ fn batch_invariance() {
         );
         let short = "the cat sat on the mat";
         let long = "the team won the game and we love our phone app very much ".repeat(4);
-        let alone = embedder.embed(&[short], |_| {}).unwrap();
+        let alone = embedder.embed(&[short]).unwrap();
         let mixed = embedder
-            .embed(&[long.as_str(), short, long.as_str()], |_| {})
+            .embed(&[long.as_str(), short, long.as_str()])
             .unwrap();
         let (_, max) = compare(&alone[0].vector, &mixed[1].vector);
         eprintln!(
@@ -179,7 +179,7 @@ fn dimension_is_hidden_size() {
     let a = assets(&path);
     let encoder = a.frozen_encoder(&Device::Cpu).unwrap();
     let embedder = Embedder::new(&encoder, &a.tokenizer, a.pipeline.pooling, false, 4);
-    let got = embedder.embed(&["hello world", "the cat"], |_| {}).unwrap();
+    let got = embedder.embed(&["hello world", "the cat"]).unwrap();
     assert!(got.iter().all(|e| e.vector.len() == 768));
     if let Some(p) = minilm() {
         let a = assets(&p);

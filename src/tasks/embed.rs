@@ -60,7 +60,7 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
         if chunk.is_empty() {
             break;
         }
-        let embeddings = embedder.embed(&chunk, |_| {})?;
+        let embeddings = embedder.embed(&chunk)?;
         for (text, e) in chunk.iter().zip(&embeddings) {
             printer.item(&mut out, count, text, e)?;
             count += 1;

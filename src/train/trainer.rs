@@ -409,3 +409,47 @@ pub fn train(
     outcome.train_seconds = train_time;
     Ok(outcome)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_batches_cover_every_example_once_and_grouping_pads_less() {
+        let lengths: Vec<usize> = (0..1000).map(|i| 5 + (i * 7919) % 60).collect();
+        let padded = |batches: &[Vec<usize>]| -> usize {
+            batches
+                .iter()
+                .map(|b| b.len() * b.iter().map(|&i| lengths[i]).max().unwrap())
+                .sum()
+        };
+        let mut rng = StdRng::seed_from_u64(1);
+        let plain = epoch_batches(1000, 32, None, &mut rng);
+        let grouped = epoch_batches(1000, 32, Some(&lengths), &mut rng);
+        for batches in [&plain, &grouped] {
+            let mut all: Vec<usize> = batches.iter().flatten().copied().collect();
+            all.sort();
+            assert_eq!(all, (0..1000).collect::<Vec<_>>());
+            assert!(batches.iter().all(|b| !b.is_empty() && b.len() <= 32));
+        }
+        assert!(
+            padded(&grouped) * 10 < padded(&plain) * 7,
+            "{} vs {}",
+            padded(&grouped),
+            padded(&plain)
+        );
+        let again = epoch_batches(1000, 32, Some(&lengths), &mut StdRng::seed_from_u64(1));
+        let first = epoch_batches(1000, 32, Some(&lengths), &mut StdRng::seed_from_u64(1));
+        assert_eq!(again, first, "the same seed gives the same batches");
+    }
+
+    #[test]
+    fn learning_rate_warms_up_then_decays_to_zero() {
+        let f: Vec<f64> = (0..10).map(|s| lr_factor(s, 2, 10)).collect();
+        assert_eq!(f[0], 0.5);
+        assert_eq!(f[1], 1.0);
+        assert_eq!(f[2], 1.0);
+        assert!((f[9] - 0.125).abs() < 1e-12);
+        assert!(f.windows(2).skip(2).all(|w| w[1] < w[0]));
+    }
+}

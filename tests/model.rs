@@ -135,10 +135,7 @@ fn sentence_transformers_pipeline_is_followed() {
         2,
     );
     let out = e
-        .embed(
-            &["hello world", "the team won the game and we love it a lot"],
-            |_| {},
-        )
+        .embed(&["hello world", "the team won the game and we love it a lot"])
         .unwrap();
     assert!(!out[0].truncated && out[1].truncated);
     assert_eq!(out[1].tokens, 8);

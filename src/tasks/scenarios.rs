@@ -86,6 +86,10 @@ pub fn run(cfg: &ScenariosConfig) -> Result<()> {
             HeadInit::Seed(s.seed),
             &Device::Cpu,
         )?;
+        let counts = crate::train::verify::ParamCounts::of(&model);
+        for line in counts.table().lines() {
+            eprintln!("  {line}");
+        }
         let epochs = s.epochs;
         let r = fit(&model, &setup, s, &mut |e| {
             eprintln!("  {}", epoch_line(e, epochs))

@@ -16,8 +16,9 @@ use fetch_ml::model::freeze::{FreezePart, FreezePlan};
 use fetch_ml::model::multitask::MultiTaskModel;
 use fetch_ml::testutil::TinyBert;
 use fetch_ml::train::checkpoint::{self, Checkpoint, CheckpointMeta};
+use fetch_ml::train::evaluate::predict_probs;
 use fetch_ml::train::session::{fit, RunResult, Setup};
-use fetch_ml::train::trainer::{predict_probs, TrainSettings};
+use fetch_ml::train::trainer::TrainSettings;
 
 struct Toy {
     _dir: tempfile::TempDir,

@@ -18,9 +18,10 @@ use crate::model::freeze::FreezePlan;
 use crate::model::multitask::{HeadInit, MultiTaskModel};
 use crate::output::Output;
 use crate::train::checkpoint::{self, Checkpoint, CheckpointMeta};
+use crate::train::evaluate::{evaluate, predict_probs};
 use crate::train::metrics::HeadMetrics;
 use crate::train::session::{fit, Setup};
-use crate::train::trainer::{evaluate, predict_probs, Prepared};
+use crate::train::trainer::Prepared;
 
 /// One head's answer for one sentence.
 #[derive(Debug, Clone, Serialize)]

@@ -3,6 +3,7 @@
 pub mod adamw;
 pub mod checkpoint;
 pub mod embedding_cache;
+pub mod evaluate;
 pub mod loss;
 pub mod metrics;
 pub mod session;

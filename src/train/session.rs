@@ -8,8 +8,9 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use super::embedding_cache::{CacheKey, EmbeddingCache};
+use super::evaluate::evaluate;
 use super::metrics::HeadMetrics;
-use super::trainer::{evaluate, train, EpochReport, Prepared, TrainOutcome, TrainSettings};
+use super::trainer::{train, EpochReport, Prepared, TrainOutcome, TrainSettings};
 use super::verify::{FreezeCheck, ParamCounts, Snapshot};
 use crate::config::TrainConfig;
 use crate::data::{Dataset, TASKS};

@@ -338,3 +338,30 @@ fn max_seq_length_above_the_model_limit_is_an_error() {
     ));
     assert!(e.contains("--max-seq-length 65") && e.contains("64"), "{e}");
 }
+
+/// Ids the model does not know are an error from the fast path, not an out-of-bounds panic
+/// (a tokenizer.json from another model can produce them).
+#[test]
+fn fast_path_rejects_unknown_token_ids() {
+    let (_dir, path) = tiny_model(&TinyBert::default());
+    let a = load(&path).unwrap();
+    let enc = a.frozen_encoder(&Device::Cpu).unwrap();
+    let vocab = a.config.vocab_size as u32;
+    let mut ws = fetch_ml::model::fast::Workspace::default();
+    for (ids, types, needle) in [
+        (vec![2, vocab, 3], vec![0, 0, 0], "outside the vocabulary"),
+        (vec![2, 5, 3], vec![0, 7, 0], "token type"),
+    ] {
+        let e = fetch_ml::tokenize::Encoded {
+            ids,
+            type_ids: types,
+            truncated: false,
+        };
+        let err = enc
+            .forward_packed(&[&e], &mut ws)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{err}");
+    }
+}

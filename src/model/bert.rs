@@ -187,7 +187,7 @@ impl BertEmbeddings {
 #[derive(Clone)]
 pub struct AttentionMask {
     /// 0 where attended, a large negative where padded (`[batch, 1, 1, seq]`); `None` when
-    /// nothing is padded.
+    /// nothing is padded or when `lengths` describes the mask.
     additive: Option<Tensor>,
     /// Real tokens per row when every row is padded at its end only (as our batches are):
     /// the fused attention then skips padding entirely.
@@ -207,7 +207,8 @@ impl AttentionMask {
                 r[n..].iter().all(|&v| v <= 0.5).then_some(n)
             })
             .collect();
-        let additive = if rows.iter().flatten().all(|&v| v > 0.5) {
+        // The additive form serves only the general (candle-ops) attention.
+        let additive = if lengths.is_some() || rows.iter().flatten().all(|&v| v > 0.5) {
             None
         } else {
             // exp() of the large negative is exactly 0.

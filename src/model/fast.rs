@@ -212,6 +212,24 @@ impl BertEncoder {
         if seqs.iter().any(|s| s.ids.len() > max_pos) {
             bail!("a sequence is longer than the model's {max_pos} positions");
         }
+        // Checked before the lookups below, which would otherwise index out of bounds.
+        if seqs
+            .iter()
+            .flat_map(|s| &s.ids)
+            .any(|&id| id as usize >= cfg.vocab_size)
+        {
+            bail!("a token id is outside the vocabulary of {}", cfg.vocab_size);
+        }
+        if seqs
+            .iter()
+            .flat_map(|s| &s.type_ids)
+            .any(|&t| t as usize >= cfg.type_vocab_size)
+        {
+            bail!(
+                "a token type id is outside the model's {} types",
+                cfg.type_vocab_size
+            );
+        }
         view(e.word_embeddings.embeddings(), |word| {
             view(e.position_embeddings.embeddings(), |pos| {
                 view(e.token_type_embeddings.embeddings(), |typ| {
@@ -231,13 +249,6 @@ impl BertEncoder {
                 })
             })
         })???;
-        if seqs
-            .iter()
-            .flat_map(|s| &s.ids)
-            .any(|&id| id as usize >= cfg.vocab_size)
-        {
-            bail!("a token id is outside the vocabulary of {}", cfg.vocab_size);
-        }
         layer_norm_rows(&mut ws.x[..t * h], None, &e.layer_norm, h)?;
 
         for layer in &self.layers {

@@ -646,13 +646,21 @@ impl QuantEncoder {
                 quant: scratch,
             } = &mut *ws;
             let (x, tmp) = (&mut x[..t * h], &mut tmp[..t * h]);
-            let (qkv, ctx, mid) = (&mut qkv[..t * 3 * h], &mut ctx[..t * h], &mut mid[..t * inter]);
+            let (qkv, ctx, mid) = (
+                &mut qkv[..t * 3 * h],
+                &mut ctx[..t * h],
+                &mut mid[..t * inter],
+            );
             layer.qkv.forward(x, t, qkv, 3 * h, 0, None, k, scratch)?;
             attention(qkv, ctx, &offs, layer.heads, layer.head_dim);
-            layer.attn_out.forward(ctx, t, tmp, h, 0, None, k, scratch)?;
+            layer
+                .attn_out
+                .forward(ctx, t, tmp, h, 0, None, k, scratch)?;
             layer_norm_rows(tmp, Some(x), &layer.attn_norm, h)?;
             // The attention block's output is now in `tmp`; the FFN writes its result to `x`.
-            layer.ffn_in.forward(tmp, t, mid, inter, 0, Some(layer.act), k, scratch)?;
+            layer
+                .ffn_in
+                .forward(tmp, t, mid, inter, 0, Some(layer.act), k, scratch)?;
             layer.ffn_out.forward(mid, t, x, h, 0, None, k, scratch)?;
             layer_norm_rows(x, Some(tmp), &layer.out_norm, h)?;
         }

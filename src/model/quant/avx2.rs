@@ -56,7 +56,9 @@ unsafe fn tile<const MR: usize>(
         let mut bv = [_mm256_setzero_si256(); 4];
         for (q, v) in bv.iter_mut().enumerate() {
             // SAFETY: the panel holds kp / 4 groups of 64 bytes; 16 bytes = 4 columns x 4 k.
-            *v = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(b.add(g * 64 + q * 16) as *const _) });
+            *v = _mm256_cvtepi8_epi16(unsafe {
+                _mm_loadu_si128(b.add(g * 64 + q * 16) as *const _)
+            });
         }
         for (r, acc) in acc.iter_mut().enumerate() {
             // SAFETY: row r holds kp bytes; 4 g + 4 <= kp.

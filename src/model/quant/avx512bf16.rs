@@ -59,10 +59,13 @@ unsafe fn tile<const MR: usize, const NP: usize>(
         }
         for (r, acc) in acc.iter_mut().enumerate() {
             // SAFETY: row r holds kp values; 2 g + 2 <= kp.
-            let av = _mm512_set1_epi32(unsafe { (a.add(r * lda + g * 2) as *const i32).read_unaligned() });
+            let av = _mm512_set1_epi32(unsafe {
+                (a.add(r * lda + g * 2) as *const i32).read_unaligned()
+            });
             let av: __m512bh = std::mem::transmute(av);
             for p in 0..NP {
-                acc[p] = _mm512_dpbf16_ps(acc[p], av, std::mem::transmute::<__m512i, __m512bh>(bv[p]));
+                acc[p] =
+                    _mm512_dpbf16_ps(acc[p], av, std::mem::transmute::<__m512i, __m512bh>(bv[p]));
             }
         }
     }

@@ -58,7 +58,9 @@ unsafe fn tile<const MR: usize, const NP: usize>(
         }
         for (r, acc) in acc.iter_mut().enumerate() {
             // SAFETY: row r holds kp bytes; 4 g + 4 <= kp.
-            let av = _mm512_set1_epi32(unsafe { (a.add(r * lda + g * 4) as *const i32).read_unaligned() });
+            let av = _mm512_set1_epi32(unsafe {
+                (a.add(r * lda + g * 4) as *const i32).read_unaligned()
+            });
             for p in 0..NP {
                 acc[p] = _mm512_dpbusd_epi32(acc[p], av, bv[p]);
             }
@@ -67,7 +69,12 @@ unsafe fn tile<const MR: usize, const NP: usize>(
     for (r, acc) in acc.iter().enumerate() {
         for (p, v) in acc.iter().enumerate() {
             // SAFETY: r < 6, p < 4: within `out`.
-            unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(r * MAX_NP * PANEL + p * PANEL) as *mut _, *v) };
+            unsafe {
+                _mm512_storeu_si512(
+                    out.as_mut_ptr().add(r * MAX_NP * PANEL + p * PANEL) as *mut _,
+                    *v,
+                )
+            };
         }
     }
 }

@@ -57,7 +57,9 @@ unsafe fn tile<const MR: usize>(
         };
         for (r, acc) in acc.iter_mut().enumerate() {
             // SAFETY: row r holds kp bytes; 4 g + 4 <= kp.
-            let av = _mm256_set1_epi32(unsafe { (a.add(r * lda + g * 4) as *const i32).read_unaligned() });
+            let av = _mm256_set1_epi32(unsafe {
+                (a.add(r * lda + g * 4) as *const i32).read_unaligned()
+            });
             acc[0] = _mm256_dpbusd_avx_epi32(acc[0], av, b0);
             acc[1] = _mm256_dpbusd_avx_epi32(acc[1], av, b1);
         }

@@ -30,7 +30,6 @@ use std::str::FromStr;
 
 use rayon::prelude::*;
 
-mod portable;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -39,6 +38,7 @@ mod avx512bf16;
 mod avx512vnni;
 #[cfg(target_arch = "x86_64")]
 mod avxvnni;
+mod portable;
 
 /// The arithmetic of the encoder's dense layers at inference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
@@ -334,6 +334,18 @@ struct OutPtr {
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// `len` values from element `offset`.
+    ///
+    /// # Safety
+    /// `offset + len` is within the buffer, and no other live slice overlaps this one.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, offset: usize, len: usize) -> &mut [f32] {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), len) }
+    }
+}
+
 /// Reusable buffers for quantized activations.
 #[derive(Default)]
 pub struct Scratch {
@@ -355,16 +367,41 @@ pub struct QuantRows<'a> {
     pub kp: usize,
 }
 
+/// Rounds `v` (|v| < 2^22) to the nearest integer, ties to even: adding and subtracting
+/// 1.5 * 2^23 leaves no fraction bits under the current (default) rounding mode. Plain IEEE
+/// additions, so it vectorizes (`round_ties_even` can become a libm call per value).
+#[inline(always)]
+fn round_small(v: f32) -> f32 {
+    (v + MAGIC) - MAGIC
+}
+
+/// 1.5 * 2^23: for 0 <= v < 2^22, `v + MAGIC` is `MAGIC + round(v)` exactly.
+const MAGIC: f32 = 12_582_912.0;
+const MAGIC_BITS: u32 = 0x4B40_0000;
+
 /// Quantizes one row of `x` into `a` (length `kp` >= x.len()); returns (scale, zero point).
 #[inline(always)]
 fn quantize_row_imp(x: &[f32], a: &mut [u8]) -> (f32, i32) {
-    let (mut lo, mut hi) = (0f32, 0f32);
-    for &v in x {
-        lo = lo.min(v);
-        hi = hi.max(v);
+    // Min and max over 16 lanes (comparisons, so it vectorizes; NaNs are skipped), starting
+    // from 0 so that the range holds 0. Exact whatever the order.
+    const L: usize = 16;
+    let (mut lo, mut hi) = ([0f32; L], [0f32; L]);
+    let chunks = x.chunks_exact(L);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..L {
+            lo[i] = if c[i] < lo[i] { c[i] } else { lo[i] };
+            hi[i] = if c[i] > hi[i] { c[i] } else { hi[i] };
+        }
     }
+    for (i, &v) in rest.iter().enumerate() {
+        lo[i] = if v < lo[i] { v } else { lo[i] };
+        hi[i] = if v > hi[i] { v } else { hi[i] };
+    }
+    let lo = lo.iter().fold(0f32, |m, &v| if v < m { v } else { m });
+    let hi = hi.iter().fold(0f32, |m, &v| if v > m { v } else { m });
     let range = hi - lo;
-    if !(range > 0.0) || !range.is_finite() {
+    if !range.is_finite() || range <= 0.0 {
         // All zeros (or non-finite input, which int8 cannot represent): the row becomes 0.
         a.iter_mut().for_each(|v| *v = 0);
         return (0.0, 0);
@@ -372,9 +409,13 @@ fn quantize_row_imp(x: &[f32], a: &mut [u8]) -> (f32, i32) {
     let scale = range / 255.0;
     let inv = 255.0 / range;
     // lo <= 0 <= hi, so the zero point is in [0, 255].
-    let zero = (-lo * inv).round_ties_even().clamp(0.0, 255.0);
+    let zero = round_small((-lo * inv).clamp(0.0, 255.0));
     for (q, &v) in a.iter_mut().zip(x) {
-        *q = (v * inv + zero).round_ties_even().clamp(0.0, 255.0) as u8;
+        // The clamp gives [0, 255] (NaN stays NaN); adding 1.5 * 2^23 rounds to the nearest
+        // integer, ties to even, and leaves it in the low mantissa bits, read as an integer
+        // (no float-to-int conversion, which LLVM does not vectorize when saturating).
+        let bits = ((v * inv + zero).clamp(0.0, 255.0) + MAGIC).to_bits();
+        *q = bits.wrapping_sub(MAGIC_BITS) as u8;
     }
     let z = zero as u8;
     a[x.len()..].iter_mut().for_each(|v| *v = z);
@@ -382,19 +423,31 @@ fn quantize_row_imp(x: &[f32], a: &mut [u8]) -> (f32, i32) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,sse4.1")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn quantize_row_avx2(x: &[f32], a: &mut [u8]) -> (f32, i32) {
+    quantize_row_imp(x, a)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+unsafe fn quantize_row_avx512(x: &[f32], a: &mut [u8]) -> (f32, i32) {
     quantize_row_imp(x, a)
 }
 
 /// Quantizes one row (same result whichever code path runs: only IEEE operations without
 /// contraction, and an order-independent min/max).
 pub fn quantize_row(x: &[f32], a: &mut [u8]) -> (f32, i32) {
-    assert!(a.len() >= x.len(), "quantize_row: output shorter than input");
+    assert!(
+        a.len() >= x.len(),
+        "quantize_row: output shorter than input"
+    );
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+    match simd_level() {
         // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { quantize_row_avx2(x, a) };
+        2 => return unsafe { quantize_row_avx512(x, a) },
+        // SAFETY: as above.
+        1 => return unsafe { quantize_row_avx2(x, a) },
+        _ => {}
     }
     quantize_row_imp(x, a)
 }
@@ -452,6 +505,7 @@ impl PackedI8 {
 /// # Safety
 /// `kernel.supported()`; `a` covers `mr` rows of `kp` bytes at stride `lda`; `b` covers `np`
 /// panels of `kp * 16` bytes; `mr`, `np` fit the kernel's tile shape.
+#[allow(clippy::too_many_arguments)]
 unsafe fn int8_tile(
     kernel: Int8Kernel,
     a: *const u8,
@@ -477,14 +531,24 @@ unsafe fn int8_tile(
 
 /// Splits `rows` x `panels` into tasks (blocks of 48 rows x 4 panels) and runs `f(r0, r1, p0,
 /// p1)` on each, in parallel when the product is large enough.
-fn for_each_block(rows: usize, panels: usize, flops: usize, f: impl Fn(usize, usize, usize, usize) + Sync) {
+fn for_each_block(
+    rows: usize,
+    panels: usize,
+    flops: usize,
+    f: impl Fn(usize, usize, usize, usize) + Sync,
+) {
     let rb = rows.div_ceil(ROW_BLOCK);
     let pb = panels.div_ceil(MAX_NP);
     let task = |t: usize| {
         let (i, j) = (t / pb, t % pb);
         let r0 = i * ROW_BLOCK;
         let p0 = j * MAX_NP;
-        f(r0, (r0 + ROW_BLOCK).min(rows), p0, (p0 + MAX_NP).min(panels));
+        f(
+            r0,
+            (r0 + ROW_BLOCK).min(rows),
+            p0,
+            (p0 + MAX_NP).min(panels),
+        );
     };
     if rayon::current_num_threads() > 1 && flops > (1 << 20) {
         (0..rb * pb).into_par_iter().for_each(task);
@@ -521,7 +585,10 @@ unsafe impl Sync for SharedI32 {}
 
 fn check_int8(kernel: Int8Kernel, a: &QuantRows, b: &PackedI8) -> Result<(), QuantError> {
     if !kernel.supported() {
-        return err(format!("the {} kernel is not supported by this CPU", kernel.name()));
+        return err(format!(
+            "the {} kernel is not supported by this CPU",
+            kernel.name()
+        ));
     }
     if a.kp != b.kp || a.a.len() < a.rows * a.kp {
         return err(format!(
@@ -678,14 +745,11 @@ impl Int8Linear {
             ld,
         };
         for_each_block(rows, self.w.panels, 2 * rows * n * k, |r0, r1, p0, p1| {
-            let out = out;
             int8_block(kernel, &a, &self.w, r0, r1, p0, p1, |r, c0, acc| {
                 let c1 = c0 + acc.len();
                 // SAFETY: r < rows and c1 <= n; check_dst verified (rows - 1) * ld + col + n
                 // <= dst.len(); tasks own disjoint (row, column) blocks.
-                let d = unsafe {
-                    std::slice::from_raw_parts_mut(out.ptr.add(r * out.ld + col + c0), acc.len())
-                };
+                let d = unsafe { out.slice(r * out.ld + col + c0, acc.len()) };
                 epilogue_i8(
                     acc,
                     zero[r],
@@ -713,12 +777,18 @@ macro_rules! multiversion {
             fn imp($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn wide($($arg: $ty),*) { imp($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn fast($($arg: $ty),*) { imp($($arg),*) }
-                if has_avx2() {
+                match simd_level() {
+                    // SAFETY: the CPU supports the features enabled on `wide`.
+                    2 => return unsafe { wide($($arg),*) },
                     // SAFETY: the CPU supports the features enabled on `fast`.
-                    return unsafe { fast($($arg),*) };
+                    1 => return unsafe { fast($($arg),*) },
+                    _ => {}
                 }
             }
             imp($($arg),*)
@@ -726,11 +796,23 @@ macro_rules! multiversion {
     };
 }
 
+/// 2: AVX-512 (F, BW, DQ, VL) and AVX2+FMA; 1: AVX2+FMA only; 0: neither.
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
+fn simd_level() -> u8 {
     use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    static LEVEL: OnceLock<u8> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        let avx512 = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vl");
+        match (avx2, avx512) {
+            (true, true) => 2,
+            (true, false) => 1,
+            _ => 0,
+        }
+    })
 }
 
 multiversion!(epilogue_i8, (acc: &[i32], zero: i32, scale: f32, colsum: &[i32], wscale: &[f32], bias: &[f32], act: Activation, out: &mut [f32]), {
@@ -758,7 +840,9 @@ fn apply_act(act: Activation, out: &mut [f32]) {
     match act {
         Activation::None => {}
         Activation::Gelu => out.iter_mut().for_each(|v| *v = Activation::Gelu.apply(*v)),
-        Activation::GeluTanh => out.iter_mut().for_each(|v| *v = Activation::GeluTanh.apply(*v)),
+        Activation::GeluTanh => out
+            .iter_mut()
+            .for_each(|v| *v = Activation::GeluTanh.apply(*v)),
         Activation::Relu => out.iter_mut().for_each(|v| *v = v.max(0.0)),
     }
 }
@@ -855,6 +939,7 @@ impl PackedBf16 {
 
 /// # Safety
 /// As [`int8_tile`], with `a` rows of `kp` bf16 values and panels of `kp * 16` values.
+#[allow(clippy::too_many_arguments)]
 unsafe fn bf16_tile(
     kernel: Bf16Kernel,
     a: *const u16,
@@ -903,7 +988,10 @@ pub fn bf16_rows(x: &[f32], rows: usize, k: usize, kp: usize, dst: &mut Vec<u16>
 
 fn check_bf16(kernel: Bf16Kernel, a: &Bf16Rows, b: &PackedBf16) -> Result<(), QuantError> {
     if !kernel.supported() {
-        return err(format!("the {} kernel is not supported by this CPU", kernel.name()));
+        return err(format!(
+            "the {} kernel is not supported by this CPU",
+            kernel.name()
+        ));
     }
     if a.kp != b.kp || a.a.len() < a.rows * a.kp {
         return err(format!(
@@ -979,10 +1067,9 @@ pub fn gemm_bf16_f32(
         ld: n,
     };
     for_each_block(m, b.panels, 2 * m * n * b.kp, |r0, r1, p0, p1| {
-        let out = out;
         bf16_block(kernel, a, b, r0, r1, p0, p1, |r, c0, v| {
             // SAFETY: r < m, c0 + v.len() <= n; blocks are disjoint.
-            let d = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(r * n + c0), v.len()) };
+            let d = unsafe { out.slice(r * n + c0, v.len()) };
             d.copy_from_slice(v);
         });
     });
@@ -998,7 +1085,10 @@ pub struct Bf16Linear {
 impl Bf16Linear {
     pub fn new(weight: &[f32], bias: &[f32], out: usize, inp: usize) -> Result<Self, QuantError> {
         if bias.len() != out {
-            return err(format!("Bf16Linear: bias of {} for {out} outputs", bias.len()));
+            return err(format!(
+                "Bf16Linear: bias of {} for {out} outputs",
+                bias.len()
+            ));
         }
         Ok(Self {
             w: PackedBf16::pack(weight, out, inp)?,
@@ -1044,12 +1134,9 @@ impl Bf16Linear {
             ld,
         };
         for_each_block(rows, self.w.panels, 2 * rows * n * k, |r0, r1, p0, p1| {
-            let out = out;
             bf16_block(kernel, &a, &self.w, r0, r1, p0, p1, |r, c0, v| {
                 // SAFETY: as in Int8Linear::forward.
-                let d = unsafe {
-                    std::slice::from_raw_parts_mut(out.ptr.add(r * out.ld + col + c0), v.len())
-                };
+                let d = unsafe { out.slice(r * out.ld + col + c0, v.len()) };
                 epilogue_bf16(v, &self.bias[c0..c0 + v.len()], act, d);
             });
         });

@@ -17,7 +17,7 @@ pub unsafe fn int8_tile(
     kp: usize,
     out: &mut [i32; MAX_MR * MAX_NP * PANEL],
 ) {
-    debug_assert!(mr <= MAX_MR && np <= MAX_NP && kp % 4 == 0);
+    debug_assert!(mr <= MAX_MR && np <= MAX_NP && kp.is_multiple_of(4));
     for p in 0..np {
         // SAFETY: the caller guarantees `np` panels of `kp * 16` bytes.
         let panel = unsafe { std::slice::from_raw_parts(b.add(p * kp * PANEL), kp * PANEL) };
@@ -54,7 +54,7 @@ pub unsafe fn bf16_tile(
     out: &mut [f32; MAX_MR * MAX_NP * PANEL],
 ) {
     use super::from_bf16;
-    debug_assert!(mr <= MAX_MR && np <= MAX_NP && kp % 2 == 0);
+    debug_assert!(mr <= MAX_MR && np <= MAX_NP && kp.is_multiple_of(2));
     for p in 0..np {
         // SAFETY: the caller guarantees `np` panels of `kp * 16` values.
         let panel = unsafe { std::slice::from_raw_parts(b.add(p * kp * PANEL), kp * PANEL) };

@@ -92,7 +92,14 @@ fn int8_kernels_are_exact_on_random_inputs() {
 #[test]
 fn int8_kernels_are_exact_on_adversarial_inputs() {
     // Extreme values where vpmaddubsw would saturate (255 x 127 x 2 > 32767) and long k.
-    let cases: [(u8, i8); 6] = [(255, 127), (255, -128), (255, -127), (0, -128), (128, 127), (1, 1)];
+    let cases: [(u8, i8); 6] = [
+        (255, 127),
+        (255, -128),
+        (255, -127),
+        (0, -128),
+        (128, 127),
+        (1, 1),
+    ];
     for kernel in kernels_to_test() {
         for &(av, qv) in &cases {
             for &(m, n, k) in &[(1, 1, 1), (7, 33, 13), (13, 17, 4096), (50, 70, 1536)] {
@@ -109,7 +116,9 @@ fn int8_kernels_are_exact_on_adversarial_inputs() {
         }
         // Alternating signs: pair sums that cancel or add up at the i16 limit.
         let (m, n, k) = (9, 31, 203);
-        let a: Vec<u8> = (0..m * k).map(|i| if i % 3 == 0 { 0 } else { 255 }).collect();
+        let a: Vec<u8> = (0..m * k)
+            .map(|i| if i % 3 == 0 { 0 } else { 255 })
+            .collect();
         let q: Vec<i8> = (0..n * k)
             .map(|i| if i % 2 == 0 { 127 } else { -128 })
             .collect();
@@ -155,14 +164,41 @@ fn mismatched_buffers_are_errors_not_panics() {
     let mut s = Scratch::default();
     let mut dst = vec![0f32; 5];
     // 2 rows of 3 outputs need 6 values.
-    let e = lin.forward(Int8Kernel::Portable, &[1.0; 8], 2, &mut dst, 3, 0, Activation::None, &mut s);
+    let e = lin.forward(
+        Int8Kernel::Portable,
+        &[1.0; 8],
+        2,
+        &mut dst,
+        3,
+        0,
+        Activation::None,
+        &mut s,
+    );
     assert!(e.is_err());
     // Column offset past the stride.
     let mut dst = vec![0f32; 12];
-    let e = lin.forward(Int8Kernel::Portable, &[1.0; 8], 2, &mut dst, 4, 2, Activation::None, &mut s);
+    let e = lin.forward(
+        Int8Kernel::Portable,
+        &[1.0; 8],
+        2,
+        &mut dst,
+        4,
+        2,
+        Activation::None,
+        &mut s,
+    );
     assert!(e.is_err());
     // Input too short.
-    let e = lin.forward(Int8Kernel::Portable, &[1.0; 7], 2, &mut dst, 3, 0, Activation::None, &mut s);
+    let e = lin.forward(
+        Int8Kernel::Portable,
+        &[1.0; 7],
+        2,
+        &mut dst,
+        3,
+        0,
+        Activation::None,
+        &mut s,
+    );
     assert!(e.is_err());
     assert!(Int8Linear::new(&[0.5f32; 11], &[0.0; 3], 3, 4).is_err());
     assert!(Bf16Linear::new(&[0.5f32; 12], &[0.0; 2], 3, 4).is_err());
@@ -221,8 +257,15 @@ fn bf16_kernels_match_an_f64_reference() {
             results.push((kernel, got));
         }
         if let [(_, p), (_, v)] = &results[..] {
-            let same = p.iter().zip(v).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
-            eprintln!("bf16 m={m} n={n} k={k}: portable == avx512bf16 bitwise on {same}/{} values", p.len());
+            let same = p
+                .iter()
+                .zip(v)
+                .filter(|(a, b)| a.to_bits() == b.to_bits())
+                .count();
+            eprintln!(
+                "bf16 m={m} n={n} k={k}: portable == avx512bf16 bitwise on {same}/{} values",
+                p.len()
+            );
         }
     }
 }
@@ -270,7 +313,8 @@ fn linear_layers_are_accurate_and_batch_invariant() {
         runs.push((
             format!("int8 {}", kernel.name()),
             Box::new(move |x, m, d, s| {
-                q.forward(kernel, x, m, d, ld, col, Activation::Gelu, s).unwrap()
+                q.forward(kernel, x, m, d, ld, col, Activation::Gelu, s)
+                    .unwrap()
             }),
             0.05,
         ));
@@ -280,7 +324,8 @@ fn linear_layers_are_accurate_and_batch_invariant() {
         runs.push((
             format!("bf16 {}", kernel.name()),
             Box::new(move |x, m, d, s| {
-                b.forward(kernel, x, m, d, ld, col, Activation::Gelu, s).unwrap()
+                b.forward(kernel, x, m, d, ld, col, Activation::Gelu, s)
+                    .unwrap()
             }),
             0.02,
         ));
@@ -304,8 +349,14 @@ fn linear_layers_are_accurate_and_batch_invariant() {
             let mut one = vec![0f32; ld];
             run(&x[r * k..(r + 1) * k], 1, &mut one, &mut s);
             assert_eq!(
-                one[col..col + n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                all[r * ld + col..r * ld + col + n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                one[col..col + n]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+                all[r * ld + col..r * ld + col + n]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
                 "{name}: row {r} alone differs"
             );
         }
@@ -313,7 +364,11 @@ fn linear_layers_are_accurate_and_batch_invariant() {
         run(&x[20 * k..31 * k], 11, &mut part, &mut s);
         for r in 0..11 {
             for c in 0..n {
-                assert_eq!(part[r * ld + col + c].to_bits(), all[(20 + r) * ld + col + c].to_bits(), "{name}");
+                assert_eq!(
+                    part[r * ld + col + c].to_bits(),
+                    all[(20 + r) * ld + col + c].to_bits(),
+                    "{name}"
+                );
             }
         }
         eprintln!("{name}: max abs error vs f32 {worst:.2e}, batch invariant");

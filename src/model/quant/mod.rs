@@ -750,6 +750,23 @@ impl Int8Linear {
                 // SAFETY: r < rows and c1 <= n; check_dst verified (rows - 1) * ld + col + n
                 // <= dst.len(); tasks own disjoint (row, column) blocks.
                 let d = unsafe { out.slice(r * out.ld + col + c0, acc.len()) };
+                #[cfg(target_arch = "x86_64")]
+                if simd_level() == 2 && matches!(act, Activation::None | Activation::Gelu) {
+                    // SAFETY: simd_level 2 means avx512f; the slices are acc.len() long.
+                    unsafe {
+                        epilogue_i8_avx512(
+                            acc,
+                            zero[r],
+                            scale[r],
+                            &self.w.colsum[c0..c1],
+                            &self.wscale[c0..c1],
+                            &self.bias[c0..c1],
+                            act == Activation::Gelu,
+                            d,
+                        )
+                    };
+                    return;
+                }
                 epilogue_i8(
                     acc,
                     zero[r],
@@ -839,11 +856,133 @@ multiversion!(epilogue_bf16, (acc: &[f32], bias: &[f32], act: Activation, out: &
 fn apply_act(act: Activation, out: &mut [f32]) {
     match act {
         Activation::None => {}
+        #[cfg(target_arch = "x86_64")]
+        Activation::Gelu if simd_level() == 2 => {
+            // SAFETY: simd_level 2 means the CPU has avx512f.
+            unsafe { gelu_avx512(out) }
+        }
         Activation::Gelu => out.iter_mut().for_each(|v| *v = Activation::Gelu.apply(*v)),
         Activation::GeluTanh => out
             .iter_mut()
             .for_each(|v| *v = Activation::GeluTanh.apply(*v)),
         Activation::Relu => out.iter_mut().for_each(|v| *v = v.max(0.0)),
+    }
+}
+
+/// BERT's GELU on 16 lanes: the erf of [`super::kernels::erf`] (same coefficients), with
+/// FMAs and its division replaced by a reciprocal estimate and one Newton step (within an ulp
+/// or two of the division, which alone cost more than the int8 product of the FFN's first
+/// layer).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::excessive_precision)]
+unsafe fn gelu16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let c = |v: f32| _mm512_set1_ps(v);
+    let lim = c(3.832_506_9);
+    let z = _mm512_mul_ps(v, c(std::f32::consts::FRAC_1_SQRT_2));
+    let z = _mm512_min_ps(_mm512_max_ps(z, c(-3.832_506_9)), lim);
+    let z2 = _mm512_mul_ps(z, z);
+    let mut p = c(-2.72614225801306e-10);
+    for k in [
+        2.77068142495902e-08,
+        -2.10102402082508e-06,
+        -5.69250639462346e-05,
+        -7.34990630326855e-04,
+        -2.95459980854025e-03,
+        -1.60960333262415e-02,
+    ] {
+        p = _mm512_fmadd_ps(p, z2, c(k));
+    }
+    let p = _mm512_mul_ps(p, z);
+    let mut q = c(-1.45660718464996e-05);
+    for k in [
+        -2.13374055278905e-04,
+        -1.68282697438203e-03,
+        -7.37332916720468e-03,
+        -1.42647390514189e-02,
+    ] {
+        q = _mm512_fmadd_ps(q, z2, c(k));
+    }
+    let r = _mm512_rcp14_ps(q);
+    // One Newton step: r (2 - q r).
+    let r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, c(2.0)));
+    let erf = _mm512_mul_ps(p, r);
+    let half_x = _mm512_mul_ps(v, c(0.5));
+    _mm512_fmadd_ps(half_x, erf, half_x)
+}
+
+/// The mask of the 16-lane chunk starting at `i` of `n` values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lane_mask(i: usize, n: usize) -> u16 {
+    if n - i >= 16 {
+        0xffff
+    } else {
+        (1u16 << (n - i)) - 1
+    }
+}
+
+/// GELU in place, 16 lanes at a time; every value, the tail included, goes through the same
+/// vector code.
+///
+/// # Safety
+/// The CPU has avx512f.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_avx512(x: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let mut i = 0;
+    while i < n {
+        let m = lane_mask(i, n);
+        // SAFETY: the mask covers elements i..min(i + 16, n) only.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+            _mm512_mask_storeu_ps(x.as_mut_ptr().add(i), m, gelu16(v));
+        }
+        i += 16;
+    }
+}
+
+/// The int8 epilogue in one pass of 16 lanes: `act(cvt(acc - zero * colsum) * (scale *
+/// wscale) + bias)` (one FMA), the GELU in registers.
+///
+/// # Safety
+/// The CPU has avx512f; every slice is at least `out.len()` long.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn epilogue_i8_avx512(
+    acc: &[i32],
+    zero: i32,
+    scale: f32,
+    colsum: &[i32],
+    wscale: &[f32],
+    bias: &[f32],
+    gelu: bool,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = out.len();
+    assert!(acc.len() >= n && colsum.len() >= n && wscale.len() >= n && bias.len() >= n);
+    let (z, s) = (_mm512_set1_epi32(zero), _mm512_set1_ps(scale));
+    let mut i = 0;
+    while i < n {
+        let m = lane_mask(i, n);
+        // SAFETY: the mask covers elements i..min(i + 16, n), within every slice (asserted).
+        unsafe {
+            let a = _mm512_maskz_loadu_epi32(m, acc.as_ptr().add(i));
+            let cs = _mm512_maskz_loadu_epi32(m, colsum.as_ptr().add(i));
+            let a = _mm512_cvtepi32_ps(_mm512_sub_epi32(a, _mm512_mullo_epi32(z, cs)));
+            let ws = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, wscale.as_ptr().add(i)));
+            let mut v = _mm512_fmadd_ps(a, ws, _mm512_maskz_loadu_ps(m, bias.as_ptr().add(i)));
+            if gelu {
+                v = gelu16(v);
+            }
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, v);
+        }
+        i += 16;
     }
 }
 

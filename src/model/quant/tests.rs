@@ -385,3 +385,17 @@ fn dtype_names_round_trip() {
     assert_eq!(Dtype::default(), Dtype::F32);
     assert_eq!(kernel_name(Dtype::F32), "gemm-f32");
 }
+
+#[test]
+fn epilogue_gelu_matches_the_f32_gelu() {
+    let xs: Vec<f32> = (-12_000..=12_000).map(|i| i as f32 / 1000.0).collect();
+    let mut got = xs.clone();
+    apply_act(Activation::Gelu, &mut got[..24_000]);
+    apply_act(Activation::Gelu, &mut got[24_000..]);
+    let mut worst = 0f32;
+    for (x, g) in xs.iter().zip(&got) {
+        let want = super::super::kernels::gelu(*x);
+        worst = worst.max((g - want).abs() / x.abs().max(1.0));
+    }
+    assert!(worst < 1e-6, "epilogue GELU: max scaled error {worst}");
+}

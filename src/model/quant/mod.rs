@@ -599,7 +599,11 @@ fn check_int8(kernel: Int8Kernel, a: &QuantRows, b: &PackedI8) -> Result<(), Qua
             b.kp
         ));
     }
-    if b.data.len() != b.panels * b.kp * PANEL || b.colsum.len() != b.panels * PANEL {
+    if b.panels != b.n.div_ceil(PANEL)
+        || b.kp != b.k.div_ceil(4) * 4
+        || b.data.len() != b.panels * b.kp * PANEL
+        || b.colsum.len() != b.panels * PANEL
+    {
         return err("int8 product: packed weights have the wrong size");
     }
     Ok(())
@@ -1141,7 +1145,10 @@ fn check_bf16(kernel: Bf16Kernel, a: &Bf16Rows, b: &PackedBf16) -> Result<(), Qu
             b.kp
         ));
     }
-    if b.data.len() != b.panels * b.kp * PANEL {
+    if b.panels != b.n.div_ceil(PANEL)
+        || b.kp != b.k.div_ceil(2) * 2
+        || b.data.len() != b.panels * b.kp * PANEL
+    {
         return err("bf16 product: packed weights have the wrong size");
     }
     Ok(())

@@ -160,6 +160,15 @@ fn mismatched_buffers_are_errors_not_panics() {
     };
     assert!(gemm_u8s8_i32(Int8Kernel::Portable, &rows, &b).is_err());
     assert!(PackedI8::pack(&[1i8; 5], 2, 3).is_err());
+    // Public fields edited into an inconsistent shape are caught too.
+    let mut bad = PackedI8::pack(&[1i8; 40 * 12], 40, 12).unwrap();
+    bad.n = 3;
+    let rows = QuantRows {
+        a: &[0u8; 12],
+        rows: 1,
+        kp: 12,
+    };
+    assert!(gemm_u8s8_i32(Int8Kernel::Portable, &rows, &bad).is_err());
     let lin = Int8Linear::new(&[0.5f32; 12], &[0.0; 3], 3, 4).unwrap();
     let mut s = Scratch::default();
     let mut dst = vec![0f32; 5];

@@ -48,6 +48,11 @@ pub struct Cli {
     #[arg(long, help_heading = "Model")]
     pub offline: bool,
 
+    /// Seconds a Hugging Face hub request may go without an answer (or a download without a
+    /// byte) before fetch-ml gives up and suggests --offline or a local folder.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = positive_secs, help_heading = "Model")]
+    pub hub_timeout: f64,
+
     /// Truncate each sentence to this many tokens, [CLS] and [SEP] included.
     /// [default: the model's own limit: max_seq_length of sentence_bert_config.json, else
     /// max_position_embeddings]
@@ -55,6 +60,8 @@ pub struct Cli {
     pub max_seq_length: Option<usize>,
 
     /// Threads for matrix products and the inference kernels. [default: the number of cores]
+    /// At most 4 per core are used; where a process limit allows fewer, fewer are used (a
+    /// note on stderr says so).
     #[arg(long, value_name = "N", value_parser = positive, help_heading = "Model")]
     pub threads: Option<usize>,
 
@@ -259,6 +266,13 @@ fn scenario(s: &str) -> Result<Scenario, String> {
     Scenario::parse(s).map_err(|e| e.to_string())
 }
 
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() && v <= 1e9 => Ok(v),
+        _ => Err(format!("{s} is not a positive number of seconds")),
+    }
+}
+
 fn positive(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
@@ -331,6 +345,7 @@ impl Cli {
             id: self.model.unwrap_or_else(|| DEFAULT_MODEL.to_string()),
             revision: self.revision,
             offline: self.offline || offline_from_env(),
+            hub_timeout: std::time::Duration::from_secs_f64(self.hub_timeout),
         };
         let input = if !self.sentences.is_empty() {
             InputSource::Sentences(self.sentences)

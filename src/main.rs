@@ -8,8 +8,10 @@ use fetch_ml::cli::Cli;
 fn main() -> ExitCode {
     fetch_ml::alloc::keep_freed_memory();
     let cli = Cli::parse();
-    fetch_ml::threads::configure(cli.threads);
-    match cli.into_command().and_then(|cmd| fetch_ml::run(&cmd)) {
+    let result = fetch_ml::threads::configure(cli.threads)
+        .and_then(|_| cli.into_command())
+        .and_then(|cmd| fetch_ml::run(&cmd));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {

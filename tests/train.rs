@@ -168,7 +168,9 @@ fn checkpoint_round_trip_predicts_identically() {
         serde_json::json!({}),
         serde_json::to_value(&result.eval).unwrap(),
     );
-    checkpoint::save(&dir, &model, &meta).unwrap();
+    let target = fetch_ml::train::save_target::SaveTarget::prepare(&dir).unwrap();
+    checkpoint::save(&target, &model, &meta).unwrap();
+    drop(target);
     for f in ["model.safetensors", "checkpoint.json", "metrics.json"] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
@@ -184,7 +186,9 @@ fn checkpoint_round_trip_predicts_identically() {
     let after = predict_probs(&loaded, &enc, 2, None).unwrap();
     assert_eq!(before, after);
     // Saving again replaces the folder whole.
-    checkpoint::save(&dir, &model, &meta).unwrap();
+    let target = fetch_ml::train::save_target::SaveTarget::prepare(&dir).unwrap();
+    checkpoint::save(&target, &model, &meta).unwrap();
+    drop(target);
     let leftovers: Vec<_> = std::fs::read_dir(t._dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -45,6 +45,24 @@ impl BertConfig {
             self.num_attention_heads
         );
         anyhow::ensure!(self.num_hidden_layers > 0, "num_hidden_layers is 0");
+        anyhow::ensure!(self.vocab_size > 0, "vocab_size is 0");
+        anyhow::ensure!(
+            self.pad_token_id < self.vocab_size,
+            "pad_token_id {} is outside the vocabulary of {} (vocab_size)",
+            self.pad_token_id,
+            self.vocab_size
+        );
+        anyhow::ensure!(
+            self.max_position_embeddings >= 2,
+            "max_position_embeddings {} leaves no room for [CLS] and [SEP]",
+            self.max_position_embeddings
+        );
+        anyhow::ensure!(self.type_vocab_size > 0, "type_vocab_size is 0");
+        anyhow::ensure!(
+            self.layer_norm_eps.is_finite() && self.layer_norm_eps >= 0.0,
+            "layer_norm_eps {} is not a non-negative number",
+            self.layer_norm_eps
+        );
         Ok(())
     }
 }

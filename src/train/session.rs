@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 
 use super::embedding_cache::{CacheKey, EmbeddingCache};
@@ -62,10 +62,11 @@ impl Setup {
                 name: d.name.clone(),
                 prepared: Prepared {
                     texts: texts.iter().map(|t| t.to_string()).collect(),
-                    encoded: assets
-                        .tokenizer
-                        .encode(&texts)
-                        .with_context(|| format!("tokenizing {}", d.name))?,
+                    encoded: assets.tokenizer.encode(&texts).map_err(|e| {
+                        crate::tokenize::name_sentence(e, |i| {
+                            format!("{}, line {}", d.name, d.examples[i].line)
+                        })
+                    })?,
                     labels: ids,
                 },
             })

@@ -77,8 +77,9 @@ impl WeightFile {
     pub fn open(path: &Path) -> Result<Self> {
         // SAFETY: the file is mapped read-only; we copy each tensor out of it when loading.
         let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
+            let detail = diagnose_header(path).unwrap_or_else(|| e.to_string());
             candle_core::Error::Msg(format!(
-                "cannot read {}: {e}. The file is corrupt or truncated; delete it and fetch it again",
+                "cannot read {}: {detail}. The file is corrupt or truncated; delete it and fetch it again",
                 path.display()
             ))
         })?;
@@ -172,10 +173,81 @@ impl WeightFile {
         Ok(format!("{h:016x}"))
     }
 
+    /// The raw bytes of a u8 tensor stored under exactly `name`; `None` when there is none.
+    pub fn raw_bytes(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        if self.st.get(name).is_err() {
+            return Ok(None);
+        }
+        let t = self.st.load(name, &Device::Cpu)?;
+        if t.dtype() != DType::U8 {
+            bail!("tensor {name} in {} is not bytes", self.path.display());
+        }
+        Ok(Some(t.flatten_all()?.to_vec1::<u8>()?))
+    }
+
     /// The names stored in the file.
     pub fn names(&self) -> Vec<String> {
         self.st.tensors().into_iter().map(|(n, _)| n).collect()
     }
+}
+
+/// Names the first tensor whose entry in a safetensors header does not fit its shape, data
+/// type or the file (safetensors' own error does not say which); `None` when none is found.
+fn diagnose_header(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let file_len = f.metadata().ok()?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let n = u64::from_le_bytes(len);
+    if n > file_len.saturating_sub(8) || n > 100 << 20 {
+        return Some(format!(
+            "the header claims {n} bytes but the file has {file_len}"
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    let data_len = file_len - 8 - n;
+    for (name, info) in v.as_object()? {
+        if name == "__metadata__" {
+            continue;
+        }
+        let size = match info["dtype"].as_str()? {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            _ => 1,
+        };
+        let shape: Option<Vec<u64>> = info["shape"]
+            .as_array()?
+            .iter()
+            .map(|d| d.as_u64())
+            .collect();
+        let offsets = info["data_offsets"].as_array()?;
+        let (Some(shape), Some(a), Some(b)) = (
+            shape,
+            offsets.first().and_then(|x| x.as_u64()),
+            offsets.get(1).and_then(|x| x.as_u64()),
+        ) else {
+            return Some(format!(
+                "tensor {name}: its shape or data offsets are not numbers"
+            ));
+        };
+        let want = shape
+            .iter()
+            .try_fold(size as u64, |acc, &d| acc.checked_mul(d));
+        if b < a || Some(b - a) != want || b > data_len {
+            return Some(format!(
+                "tensor {name}: shape {shape:?} of {} needs {} bytes, but its data offsets \
+                 [{a}, {b}] give {} (the data section has {data_len} bytes)",
+                info["dtype"].as_str().unwrap_or("?"),
+                want.map_or("too many".into(), |w| w.to_string()),
+                b.saturating_sub(a)
+            ));
+        }
+    }
+    None
 }
 
 /// Decides whether a named parameter is trainable.

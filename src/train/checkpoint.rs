@@ -21,6 +21,9 @@ const VERSION: u32 = 1;
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const META_FILE: &str = "checkpoint.json";
 pub const METRICS_FILE: &str = "metrics.json";
+/// A u8 tensor in `model.safetensors` holding the heads' label lists as JSON, so that an edit
+/// of the lists in `checkpoint.json` (which would silently relabel predictions) is caught.
+pub const LABELS_TENSOR: &str = "heads.labels_json";
 
 /// The base model a checkpoint was trained from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,7 +121,13 @@ pub fn base_model(assets: &ModelAssets) -> Result<BaseModel> {
 /// Saves `model` through `target`: a complete folder appears at the target, or (on failure)
 /// the old one stays; see [`super::save_target`] for what a kill at any moment leaves.
 pub fn save(target: &SaveTarget, model: &MultiTaskModel, meta: &CheckpointMeta) -> Result<()> {
-    let tensors: HashMap<String, Tensor> = saved_params(model).into_iter().collect();
+    let mut tensors: HashMap<String, Tensor> = saved_params(model).into_iter().collect();
+    let labels = serde_json::to_vec(&meta.heads.labels)?;
+    let n = labels.len();
+    tensors.insert(
+        LABELS_TENSOR.into(),
+        Tensor::from_vec(labels, n, &Device::Cpu)?,
+    );
     target.save(|tmp| {
         candle_core::safetensors::save(&tensors, tmp.join(WEIGHTS_FILE))
             .context("writing model.safetensors")?;
@@ -162,6 +171,18 @@ impl Checkpoint {
             );
         }
         let weights = Arc::new(WeightFile::open(&dir.join(WEIGHTS_FILE))?);
+        // Checkpoints before the label tensor have none; theirs cannot be checked.
+        if let Some(saved) = weights.raw_bytes(LABELS_TENSOR)? {
+            let listed = serde_json::to_vec(&meta.heads.labels)?;
+            if saved != listed {
+                bail!(
+                    "{}: the label lists (heads.labels) are not the ones the weights were trained \
+                     with ({}); restore the file, or train again",
+                    meta_path.display(),
+                    String::from_utf8_lossy(&saved)
+                );
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             meta,

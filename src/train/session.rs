@@ -52,6 +52,13 @@ impl Setup {
                     TASKS[t]
                 );
             }
+            if labels[t].len() == 1 {
+                eprintln!(
+                    "warning: every {} label in {} is {:?}: that head can only ever predict it \
+                     (its loss is 0 from the start)",
+                    TASKS[t], train.name, labels[t][0]
+                );
+            }
         }
         let train_ids = train.label_ids(&labels)?;
         let eval_ids = eval.as_ref().map(|e| e.label_ids(&labels)).transpose()?;

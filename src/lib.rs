@@ -17,7 +17,7 @@ pub mod panics;
 pub mod pipeline;
 pub mod plot;
 pub mod tasks;
-#[doc(hidden)]
+#[cfg(any(test, feature = "test-support"))]
 pub mod testutil;
 pub mod threads;
 pub mod tokenize;

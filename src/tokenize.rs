@@ -297,8 +297,6 @@ pub struct Batch {
     pub token_type_ids: Tensor,
     /// `[batch, seq]` f32, 1 for real tokens and 0 for padding
     pub attention_mask: Tensor,
-    /// Real tokens per row.
-    pub lengths: Vec<usize>,
 }
 
 impl Batch {
@@ -318,7 +316,6 @@ impl Batch {
             input_ids: Tensor::from_vec(ids, (b, seq), device)?,
             token_type_ids: Tensor::from_vec(types, (b, seq), device)?,
             attention_mask: Tensor::from_vec(mask, (b, seq), device)?,
-            lengths: items.iter().map(|e| e.ids.len()).collect(),
         })
     }
 }

@@ -10,7 +10,7 @@ mod norm;
 mod pointwise;
 
 pub use attention::{attend_head, attention};
-pub use linear::{add_bias, linear};
+pub use linear::linear;
 pub use norm::layer_norm;
 pub use pointwise::{dropout, gelu, softmax_last_dim};
 

@@ -43,6 +43,13 @@ impl Setup {
             train.truncate(n);
         }
         let eval = cfg.eval_file.as_ref().map(Dataset::load).transpose()?;
+        let s = &cfg.settings;
+        if eval.is_none() && (s.eval_every.is_some() || s.keep_best.is_some()) {
+            bail!(
+                "--eval-every and --keep-best evaluate during training: pass --eval-file with \
+                 --train-file"
+            );
+        }
         let labels = train.label_sets();
         for t in 0..2 {
             if labels[t].is_empty() {
@@ -143,14 +150,19 @@ pub fn fit(
     let mut cache = setup.cache.lock().expect("cache lock");
     let training = train(
         model,
-        &setup.assets.tokenizer,
         &setup.train.prepared,
         eval,
         settings,
         cache.as_mut(),
         on_epoch,
     )?;
-    let final_eval = match training.epochs.last().and_then(|e| e.eval.clone()) {
+    // With --keep-best the model holds the best evaluation's weights: report that one.
+    let last = training
+        .best
+        .as_ref()
+        .map(|b| b.eval.clone())
+        .or_else(|| training.evaluations.last().map(|e| e.metrics.clone()));
+    let final_eval = match last {
         Some(m) => Some(m),
         None => eval
             .map(|e| evaluate(model, e, settings.batch_size, None))

@@ -4,7 +4,9 @@
 //!     cargo run --release --example fingerprint -- model.safetensors
 
 fn main() -> anyhow::Result<()> {
-    let path = std::env::args().nth(1).unwrap_or_else(|| "model.safetensors".into());
+    let path = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "model.safetensors".into());
     let file = fetch_ml::model::weights::WeightFile::open(std::path::Path::new(&path))?;
     let start = std::time::Instant::now();
     let fp = file.fingerprint()?;

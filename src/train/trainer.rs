@@ -428,7 +428,9 @@ impl<'a> Trainer<'a> {
         let mut out = StepLoss::default();
         let mut grads: Option<GradStore> = None;
         for micro in idx.chunks(s.batch_size) {
+            trace_rss("step start");
             let logits = self.logits(micro)?;
+            trace_rss("after forward");
             let mut loss: Option<Tensor> = None;
             for t in 0..2 {
                 let targets = HeadTargets::new(&labels(t, micro), &self.dev)?;
@@ -444,6 +446,7 @@ impl<'a> Trainer<'a> {
             let loss = loss.expect("two heads");
             out.total += loss.to_scalar::<f32>()? as f64;
             let g = loss.backward()?;
+            trace_rss("after backward");
             grads = Some(match grads {
                 None => g,
                 Some(mut acc) => {
@@ -483,6 +486,7 @@ impl<'a> Trainer<'a> {
             o.lr = s.head_lr * factor;
             o.step(&grads)?;
         }
+        trace_rss("after optimizer step");
         self.step += 1;
         Ok(out)
     }
@@ -536,6 +540,7 @@ impl<'a> Trainer<'a> {
     /// `--keep-best` asks for them.
     fn run(mut self, on_epoch: &mut dyn FnMut(&EpochReport)) -> Result<TrainOutcome> {
         let s = self.s;
+        trace_rss("trainer ready");
         let started = Instant::now();
         let n = self.data.encoded.len();
         let mut outcome = TrainOutcome {
@@ -657,6 +662,23 @@ impl<'a> Trainer<'a> {
             seconds: start.elapsed().as_secs_f64() - eval_seconds,
         }
     }
+}
+
+/// With `FETCH_ML_TRACE_RSS` set, prints the resident memory at a phase of training on
+/// stderr (for finding where training memory goes; see BENCHMARKS.md).
+fn trace_rss(phase: &str) {
+    if std::env::var_os("FETCH_ML_TRACE_RSS").is_none() {
+        return;
+    }
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    eprintln!("rss {phase}: {} MB", pages * page >> 20);
 }
 
 /// The stderr line of an evaluation within an epoch.

@@ -678,7 +678,7 @@ fn trace_rss(phase: &str) {
         .unwrap_or(0);
     // SAFETY: sysconf only reads a system constant.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
-    eprintln!("rss {phase}: {} MB", pages * page >> 20);
+    eprintln!("rss {phase}: {} MB", (pages * page) >> 20);
 }
 
 /// The stderr line of an evaluation within an epoch.

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use anyhow::Result;
 
 use crate::model::bert::BertEncoder;
-use crate::model::fast::Workspace;
+use crate::model::fast::{FastEncoder, Workspace};
 use crate::model::pooling::Pooling;
 use crate::tokenize::{length_sorted_batches, Encoded, TextTokenizer};
 
@@ -19,9 +19,16 @@ pub struct Embedding {
     pub truncated: bool,
 }
 
+/// The encoder an [`Embedder`] runs: the float32 one, or one in a chosen dtype.
+#[derive(Clone, Copy)]
+pub enum EncoderRef<'a> {
+    Bert(&'a BertEncoder),
+    Fast(&'a FastEncoder),
+}
+
 /// Embeds sentences with a frozen encoder.
 pub struct Embedder<'a> {
-    pub encoder: &'a BertEncoder,
+    pub encoder: EncoderRef<'a>,
     pub tokenizer: &'a TextTokenizer,
     pub pooling: Pooling,
     pub normalize: bool,
@@ -35,6 +42,39 @@ pub struct Embedder<'a> {
 impl<'a> Embedder<'a> {
     pub fn new(
         encoder: &'a BertEncoder,
+        tokenizer: &'a TextTokenizer,
+        pooling: Pooling,
+        normalize: bool,
+        batch_size: usize,
+    ) -> Self {
+        Self::with_encoder(
+            EncoderRef::Bert(encoder),
+            tokenizer,
+            pooling,
+            normalize,
+            batch_size,
+        )
+    }
+
+    /// As [`Embedder::new`], with an encoder in a chosen dtype ([`FastEncoder`]).
+    pub fn with_fast(
+        encoder: &'a FastEncoder,
+        tokenizer: &'a TextTokenizer,
+        pooling: Pooling,
+        normalize: bool,
+        batch_size: usize,
+    ) -> Self {
+        Self::with_encoder(
+            EncoderRef::Fast(encoder),
+            tokenizer,
+            pooling,
+            normalize,
+            batch_size,
+        )
+    }
+
+    fn with_encoder(
+        encoder: EncoderRef<'a>,
         tokenizer: &'a TextTokenizer,
         pooling: Pooling,
         normalize: bool,
@@ -54,7 +94,10 @@ impl<'a> Embedder<'a> {
     /// Pooled (and, if asked, normalised) vectors of one batch, in its order.
     pub fn embed_items(&self, items: &[&Encoded]) -> Result<Vec<Vec<f32>>> {
         let mut ws = self.workspace.lock().expect("workspace lock");
-        let mut vectors = self.encoder.pooled_packed(items, self.pooling, &mut ws)?;
+        let mut vectors = match self.encoder {
+            EncoderRef::Bert(e) => e.pooled_packed(items, self.pooling, &mut ws)?,
+            EncoderRef::Fast(e) => e.pooled_packed(items, self.pooling, &mut ws)?,
+        };
         if self.normalize {
             for v in &mut vectors {
                 let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);

@@ -153,6 +153,7 @@ fn softmax(x: &Tensor, mode: Mode) -> Result<Tensor> {
 }
 
 /// Word, position and token-type embeddings, summed and normalised.
+#[derive(Clone)]
 pub struct BertEmbeddings {
     pub word_embeddings: Embedding,
     pub position_embeddings: Embedding,
@@ -278,6 +279,7 @@ enum Layout<'a> {
 }
 
 /// Multi-head self-attention plus its output projection and LayerNorm.
+#[derive(Clone)]
 pub struct BertAttention {
     pub query: Linear,
     pub key: Linear,
@@ -375,6 +377,7 @@ impl BertAttention {
 }
 
 /// One transformer layer: attention, then the feed-forward block.
+#[derive(Clone)]
 pub struct BertLayer {
     pub attention: BertAttention,
     pub intermediate: Linear,
@@ -416,6 +419,7 @@ impl BertLayer {
 }
 
 /// The BERT encoder: embeddings and a stack of layers, each reachable on its own.
+#[derive(Clone)]
 pub struct BertEncoder {
     pub embeddings: BertEmbeddings,
     pub layers: Vec<BertLayer>,

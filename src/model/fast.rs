@@ -13,11 +13,12 @@ use candle_core::{bail, CpuStorage, Result, Storage, Tensor};
 use candle_transformers::models::bert::HiddenAct;
 use rayon::prelude::*;
 
-use super::bert::{BertEncoder, LayerNorm, Linear};
+use super::bert::{BertConfig, BertEmbeddings, BertEncoder, LayerNorm, Linear};
 use super::gemm::{matmul, parallelism, Mat, MatMut};
 use super::kernels;
 use super::ops::attend_head;
 use super::pooling::Pooling;
+use super::quant;
 use crate::tokenize::Encoded;
 
 /// Buffers of the fast path, reused across layers and batches.
@@ -28,6 +29,8 @@ pub struct Workspace {
     qkv: Vec<f32>,
     ctx: Vec<f32>,
     inter: Vec<f32>,
+    /// Quantized activations of the int8 and bf16 layers.
+    quant: quant::Scratch,
 }
 
 fn grow(v: &mut Vec<f32>, n: usize) {
@@ -188,6 +191,70 @@ pub fn offsets(seqs: &[&Encoded]) -> Vec<usize> {
     o
 }
 
+/// Grows the workspace for `t` tokens.
+fn grow_all(ws: &mut Workspace, t: usize, h: usize, inter: usize) {
+    grow(&mut ws.x, t * h);
+    grow(&mut ws.tmp, t * h);
+    grow(&mut ws.ctx, t * h);
+    grow(&mut ws.qkv, t * 3 * h);
+    grow(&mut ws.inter, t * inter);
+}
+
+/// Embeddings of packed `seqs` into `x` `[T, hidden]`: word + position + token type, then
+/// LayerNorm.
+fn embed_packed(
+    e: &BertEmbeddings,
+    cfg: &BertConfig,
+    seqs: &[&Encoded],
+    offs: &[usize],
+    x: &mut [f32],
+) -> Result<()> {
+    let h = cfg.hidden_size;
+    // Embeddings: word + position + token type, then LayerNorm.
+    let max_pos = cfg.max_position_embeddings;
+    if seqs.iter().any(|s| s.ids.len() > max_pos) {
+        bail!("a sequence is longer than the model's {max_pos} positions");
+    }
+    // Checked before the lookups below, which would otherwise index out of bounds.
+    if seqs
+        .iter()
+        .flat_map(|s| &s.ids)
+        .any(|&id| id as usize >= cfg.vocab_size)
+    {
+        bail!("a token id is outside the vocabulary of {}", cfg.vocab_size);
+    }
+    if seqs
+        .iter()
+        .flat_map(|s| &s.type_ids)
+        .any(|&t| t as usize >= cfg.type_vocab_size)
+    {
+        bail!(
+            "a token type id is outside the model's {} types",
+            cfg.type_vocab_size
+        );
+    }
+    view(e.word_embeddings.embeddings(), |word| {
+        view(e.position_embeddings.embeddings(), |pos| {
+            view(e.token_type_embeddings.embeddings(), |typ| {
+                let x = &mut *x;
+                for (s, seq) in seqs.iter().enumerate() {
+                    for (p, (&id, &tt)) in seq.ids.iter().zip(&seq.type_ids).enumerate() {
+                        let row = &mut x[(offs[s] + p) * h..(offs[s] + p + 1) * h];
+                        let (id, tt) = (id as usize, tt as usize);
+                        let w = &word[id * h..(id + 1) * h];
+                        let pe = &pos[p * h..(p + 1) * h];
+                        let te = &typ[tt * h..(tt + 1) * h];
+                        for i in 0..h {
+                            row[i] = w[i] + pe[i] + te[i];
+                        }
+                    }
+                }
+            })
+        })
+    })???;
+    layer_norm_rows(x, None, &e.layer_norm, h)
+}
+
 impl BertEncoder {
     /// Last hidden states of `seqs`, packed: `[T, hidden]` with `T` the total token count, in
     /// `ws`; rows of sequence `i` are `offsets(seqs)[i]..offsets(seqs)[i + 1]`.
@@ -200,56 +267,9 @@ impl BertEncoder {
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let offs = offsets(seqs);
         let t = *offs.last().expect("offsets");
-        grow(&mut ws.x, t * h);
-        grow(&mut ws.tmp, t * h);
-        grow(&mut ws.ctx, t * h);
-        grow(&mut ws.qkv, t * 3 * h);
-        grow(&mut ws.inter, t * inter);
+        grow_all(ws, t, h, inter);
 
-        // Embeddings: word + position + token type, then LayerNorm.
-        let e = &self.embeddings;
-        let max_pos = cfg.max_position_embeddings;
-        if seqs.iter().any(|s| s.ids.len() > max_pos) {
-            bail!("a sequence is longer than the model's {max_pos} positions");
-        }
-        // Checked before the lookups below, which would otherwise index out of bounds.
-        if seqs
-            .iter()
-            .flat_map(|s| &s.ids)
-            .any(|&id| id as usize >= cfg.vocab_size)
-        {
-            bail!("a token id is outside the vocabulary of {}", cfg.vocab_size);
-        }
-        if seqs
-            .iter()
-            .flat_map(|s| &s.type_ids)
-            .any(|&t| t as usize >= cfg.type_vocab_size)
-        {
-            bail!(
-                "a token type id is outside the model's {} types",
-                cfg.type_vocab_size
-            );
-        }
-        view(e.word_embeddings.embeddings(), |word| {
-            view(e.position_embeddings.embeddings(), |pos| {
-                view(e.token_type_embeddings.embeddings(), |typ| {
-                    let x = &mut ws.x[..t * h];
-                    for (s, seq) in seqs.iter().enumerate() {
-                        for (p, (&id, &tt)) in seq.ids.iter().zip(&seq.type_ids).enumerate() {
-                            let row = &mut x[(offs[s] + p) * h..(offs[s] + p + 1) * h];
-                            let (id, tt) = (id as usize, tt as usize);
-                            let w = &word[id * h..(id + 1) * h];
-                            let pe = &pos[p * h..(p + 1) * h];
-                            let te = &typ[tt * h..(tt + 1) * h];
-                            for i in 0..h {
-                                row[i] = w[i] + pe[i] + te[i];
-                            }
-                        }
-                    }
-                })
-            })
-        })???;
-        layer_norm_rows(&mut ws.x[..t * h], None, &e.layer_norm, h)?;
+        embed_packed(&self.embeddings, cfg, seqs, &offs, &mut ws.x[..t * h])?;
 
         for layer in &self.layers {
             let a = &layer.attention;
@@ -344,5 +364,306 @@ fn pool_rows(rows: &[f32], n: usize, h: usize, pooling: Pooling) -> Vec<f32> {
             out.iter_mut().for_each(|v| *v /= denom.max(1e-9));
             out
         }
+    }
+}
+
+/// One dense layer of the quantized encoder, in the arithmetic it runs in.
+enum Dense {
+    /// Kept in float32 (the gemm path of [`linear`]).
+    F32(Linear),
+    Int8(quant::Int8Linear),
+    Bf16(quant::Bf16Linear),
+}
+
+/// The kernels a [`FastEncoder`] runs.
+#[derive(Clone, Copy)]
+struct Kernels {
+    int8: quant::Int8Kernel,
+    bf16: quant::Bf16Kernel,
+}
+
+fn quant_err(e: quant::QuantError) -> candle_core::Error {
+    candle_core::Error::Msg(e.0)
+}
+
+fn quant_act(act: HiddenAct) -> quant::Activation {
+    match act {
+        HiddenAct::Gelu => quant::Activation::Gelu,
+        HiddenAct::GeluApproximate => quant::Activation::GeluTanh,
+        HiddenAct::Relu => quant::Activation::Relu,
+    }
+}
+
+impl Dense {
+    /// Quantizes `lin` (weights `[out, in]`) as `dtype` says.
+    fn new(lin: &Linear, dtype: quant::Dtype) -> Result<Self> {
+        if dtype == quant::Dtype::F32 {
+            return Ok(Dense::F32(lin.clone()));
+        }
+        let (out, inp) = lin.weight.dims2()?;
+        let w = lin.weight.flatten_all()?.to_vec1::<f32>()?;
+        let b = lin.bias.to_vec1::<f32>()?;
+        Ok(match dtype {
+            quant::Dtype::Int8 => {
+                Dense::Int8(quant::Int8Linear::new(&w, &b, out, inp).map_err(quant_err)?)
+            }
+            _ => Dense::Bf16(quant::Bf16Linear::new(&w, &b, out, inp).map_err(quant_err)?),
+        })
+    }
+
+    /// `dst[r, col..col + out] = act(x[r] W^T + b)`; `act` only with `col == 0`, `ld == out`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &[f32],
+        rows: usize,
+        dst: &mut [f32],
+        ld: usize,
+        col: usize,
+        act: Option<HiddenAct>,
+        kernels: Kernels,
+        scratch: &mut quant::Scratch,
+    ) -> Result<()> {
+        let qa = act.map_or(quant::Activation::None, quant_act);
+        match self {
+            Dense::F32(lin) => {
+                linear(x, rows, lin, dst, ld, col)?;
+                if let Some(act) = act {
+                    let (out, _) = lin.weight.dims2()?;
+                    if col != 0 || ld != out {
+                        bail!("fast path: a fused activation needs a dense output");
+                    }
+                    activation(&mut dst[..rows * out], act);
+                }
+                Ok(())
+            }
+            Dense::Int8(q) => q
+                .forward(kernels.int8, x, rows, dst, ld, col, qa, scratch)
+                .map_err(quant_err),
+            Dense::Bf16(q) => q
+                .forward(kernels.bf16, x, rows, dst, ld, col, qa, scratch)
+                .map_err(quant_err),
+        }
+    }
+}
+
+/// One encoder layer with quantized dense layers; LayerNorms stay float32.
+struct QuantLayer {
+    /// Q, K and V fused into one `[3H, H]` product.
+    qkv: Dense,
+    attn_out: Dense,
+    attn_norm: LayerNorm,
+    ffn_in: Dense,
+    ffn_out: Dense,
+    out_norm: LayerNorm,
+    act: HiddenAct,
+    heads: usize,
+    head_dim: usize,
+}
+
+/// The encoder with int8 or bf16 dense layers; embeddings, LayerNorms, softmax and pooling
+/// stay float32. It holds no float32 copy of the dense weights.
+struct QuantEncoder {
+    embeddings: BertEmbeddings,
+    layers: Vec<QuantLayer>,
+    config: BertConfig,
+    kernels: Kernels,
+}
+
+/// The inference encoder in a chosen arithmetic ([`quant::Dtype`]).
+///
+/// ```no_run
+/// # fn demo(encoder: fetch_ml::model::bert::BertEncoder, seqs: &[&fetch_ml::tokenize::Encoded]) -> candle_core::Result<()> {
+/// use fetch_ml::model::fast::{FastEncoder, Workspace};
+/// use fetch_ml::model::quant::Dtype;
+/// let fast = FastEncoder::new(encoder, Dtype::Int8)?;
+/// eprintln!("dense layers: {}", fast.kernel_name());
+/// let mut ws = Workspace::default();
+/// let vectors = fast.pooled_packed(seqs, fetch_ml::model::pooling::Pooling::Mean, &mut ws)?;
+/// # Ok(()) }
+/// ```
+pub struct FastEncoder {
+    dtype: quant::Dtype,
+    kernel: &'static str,
+    inner: Inner,
+}
+
+enum Inner {
+    /// The float32 fast path of [`BertEncoder::forward_packed`], unchanged.
+    F32(BertEncoder),
+    Quant(QuantEncoder),
+}
+
+impl FastEncoder {
+    /// Takes over `encoder` and converts its dense layers to `dtype` (f32 keeps them as they
+    /// are). The float32 dense weights are dropped unless another handle shares them (candle
+    /// tensors are reference counted: see [`FastEncoder::from_encoder`]). Fails when
+    /// `FETCH_ML_KERNEL` asks for a kernel this CPU lacks.
+    pub fn new(encoder: BertEncoder, dtype: quant::Dtype) -> Result<Self> {
+        let int8 = match dtype {
+            quant::Dtype::Int8 => quant::Int8Kernel::select().map_err(quant_err)?,
+            _ => quant::Int8Kernel::best(),
+        };
+        let bf16 = match dtype {
+            quant::Dtype::Bf16 => quant::Bf16Kernel::select().map_err(quant_err)?,
+            _ => quant::Bf16Kernel::best(),
+        };
+        Self::with_kernels(encoder, dtype, int8, bf16)
+    }
+
+    /// As [`FastEncoder::new`] with the kernels named (for tests and benchmarks); errors when
+    /// the CPU lacks the one `dtype` uses.
+    pub fn with_kernels(
+        encoder: BertEncoder,
+        dtype: quant::Dtype,
+        int8: quant::Int8Kernel,
+        bf16: quant::Bf16Kernel,
+    ) -> Result<Self> {
+        let kernels = Kernels { int8, bf16 };
+        if (dtype == quant::Dtype::Int8 && !int8.supported())
+            || (dtype == quant::Dtype::Bf16 && !bf16.supported())
+        {
+            bail!("this CPU lacks the instructions of the requested {dtype} kernel");
+        }
+        let kernel = match dtype {
+            quant::Dtype::F32 => "gemm-f32",
+            quant::Dtype::Int8 => kernels.int8.name(),
+            quant::Dtype::Bf16 => kernels.bf16.name(),
+        };
+        if dtype == quant::Dtype::F32 {
+            return Ok(Self {
+                dtype,
+                kernel,
+                inner: Inner::F32(encoder),
+            });
+        }
+        let BertEncoder {
+            embeddings,
+            layers,
+            config,
+        } = encoder;
+        let mut qlayers = Vec::with_capacity(layers.len());
+        for layer in layers {
+            let a = &layer.attention;
+            let qkv = Linear {
+                weight: Tensor::cat(&[&a.query.weight, &a.key.weight, &a.value.weight], 0)?,
+                bias: Tensor::cat(&[&a.query.bias, &a.key.bias, &a.value.bias], 0)?,
+            };
+            qlayers.push(QuantLayer {
+                qkv: Dense::new(&qkv, dtype)?,
+                attn_out: Dense::new(&a.output, dtype)?,
+                attn_norm: a.layer_norm.clone(),
+                ffn_in: Dense::new(&layer.intermediate, dtype)?,
+                ffn_out: Dense::new(&layer.output, dtype)?,
+                out_norm: layer.layer_norm.clone(),
+                act: layer.act(),
+                heads: a.heads(),
+                head_dim: a.head_dim(),
+            });
+            // `layer` (with its float32 dense weights) is dropped here.
+        }
+        Ok(Self {
+            dtype,
+            kernel,
+            inner: Inner::Quant(QuantEncoder {
+                embeddings,
+                layers: qlayers,
+                config,
+                kernels,
+            }),
+        })
+    }
+
+    /// As [`FastEncoder::new`] for an encoder the caller keeps (its tensors are shared, not
+    /// copied; the float32 weights then stay in memory as long as the caller's encoder does).
+    pub fn from_encoder(encoder: &BertEncoder, dtype: quant::Dtype) -> Result<Self> {
+        Self::new(encoder.clone(), dtype)
+    }
+
+    pub fn dtype(&self) -> quant::Dtype {
+        self.dtype
+    }
+
+    /// The kernel of the dense layers: "gemm-f32", "avx512vnni", "avx512bf16", "portable", ...
+    pub fn kernel_name(&self) -> &'static str {
+        self.kernel
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        match &self.inner {
+            Inner::F32(e) => &e.config,
+            Inner::Quant(q) => &q.config,
+        }
+    }
+
+    /// Last hidden states of `seqs`, packed, as [`BertEncoder::forward_packed`].
+    pub fn forward_packed<'w>(
+        &self,
+        seqs: &[&Encoded],
+        ws: &'w mut Workspace,
+    ) -> Result<&'w [f32]> {
+        match &self.inner {
+            Inner::F32(e) => e.forward_packed(seqs, ws),
+            Inner::Quant(q) => q.forward_packed(seqs, ws),
+        }
+    }
+
+    /// One pooled vector per sequence.
+    pub fn pooled_packed(
+        &self,
+        seqs: &[&Encoded],
+        pooling: Pooling,
+        ws: &mut Workspace,
+    ) -> Result<Vec<Vec<f32>>> {
+        let h = self.config().hidden_size;
+        let offs = offsets(seqs);
+        let x = self.forward_packed(seqs, ws)?;
+        Ok((0..seqs.len())
+            .map(|s| {
+                let rows = &x[offs[s] * h..offs[s + 1] * h];
+                pool_rows(rows, offs[s + 1] - offs[s], h, pooling)
+            })
+            .collect())
+    }
+}
+
+impl QuantEncoder {
+    fn forward_packed<'w>(&self, seqs: &[&Encoded], ws: &'w mut Workspace) -> Result<&'w [f32]> {
+        let cfg = &self.config;
+        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let offs = offsets(seqs);
+        let t = *offs.last().expect("offsets");
+        grow_all(ws, t, h, inter);
+        embed_packed(&self.embeddings, cfg, seqs, &offs, &mut ws.x[..t * h])?;
+        let k = self.kernels;
+        for layer in &self.layers {
+            let Workspace {
+                x,
+                tmp,
+                qkv,
+                ctx,
+                inter: mid,
+                quant: scratch,
+            } = &mut *ws;
+            let (x, tmp) = (&mut x[..t * h], &mut tmp[..t * h]);
+            let (qkv, ctx, mid) = (
+                &mut qkv[..t * 3 * h],
+                &mut ctx[..t * h],
+                &mut mid[..t * inter],
+            );
+            layer.qkv.forward(x, t, qkv, 3 * h, 0, None, k, scratch)?;
+            attention(qkv, ctx, &offs, layer.heads, layer.head_dim);
+            layer
+                .attn_out
+                .forward(ctx, t, tmp, h, 0, None, k, scratch)?;
+            layer_norm_rows(tmp, Some(x), &layer.attn_norm, h)?;
+            // The attention block's output is now in `tmp`; the FFN writes its result to `x`.
+            layer
+                .ffn_in
+                .forward(tmp, t, mid, inter, 0, Some(layer.act), k, scratch)?;
+            layer.ffn_out.forward(mid, t, x, h, 0, None, k, scratch)?;
+            layer_norm_rows(x, Some(tmp), &layer.out_norm, h)?;
+        }
+        Ok(&ws.x[..t * h])
     }
 }

@@ -11,4 +11,5 @@ pub mod kernels;
 pub mod multitask;
 pub mod ops;
 pub mod pooling;
+pub mod quant;
 pub mod weights;

@@ -1,0 +1,302 @@
+//! Quantized inference (int8, bf16): batch invariance, the float32 path left bit-identical,
+//! and quality against float32 on all-MiniLM-L6-v2.
+
+mod common;
+
+use candle_core::Device;
+use common::{minilm, tiny_model};
+use fetch_ml::embed::Embedder;
+use fetch_ml::hub::ModelRef;
+use fetch_ml::loader::ModelAssets;
+use fetch_ml::model::fast::{FastEncoder, Workspace};
+use fetch_ml::model::quant::{Bf16Kernel, Dtype, Int8Kernel};
+use fetch_ml::testutil::{random_sentence, TinyBert};
+use rand::SeedableRng;
+
+fn assets(path: &std::path::Path) -> ModelAssets {
+    ModelAssets::load(&ModelRef::new(path.to_str().unwrap()), None).expect("load model")
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut d, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        d += *x as f64 * *y as f64;
+        na += *x as f64 * *x as f64;
+        nb += *y as f64 * *y as f64;
+    }
+    d / (na.sqrt() * nb.sqrt()).max(1e-300)
+}
+
+/// Every (dtype, kernel) pair this CPU can run, int8 and bf16.
+fn quantized_encoders(a: &ModelAssets) -> Vec<(String, FastEncoder)> {
+    let mut out = Vec::new();
+    for k in Int8Kernel::ALL {
+        if !k.supported() {
+            eprintln!("SKIPPED: int8 kernel {} (this CPU lacks it)", k.name());
+            continue;
+        }
+        let enc = a.frozen_encoder(&Device::Cpu).unwrap();
+        let fast = FastEncoder::with_kernels(enc, Dtype::Int8, k, Bf16Kernel::Portable).unwrap();
+        out.push((format!("int8/{}", k.name()), fast));
+    }
+    for k in Bf16Kernel::ALL {
+        if !k.supported() {
+            eprintln!("SKIPPED: bf16 kernel {} (this CPU lacks it)", k.name());
+            continue;
+        }
+        let enc = a.frozen_encoder(&Device::Cpu).unwrap();
+        let fast = FastEncoder::with_kernels(enc, Dtype::Bf16, Int8Kernel::Portable, k).unwrap();
+        out.push((format!("bf16/{}", k.name()), fast));
+    }
+    out
+}
+
+/// A sentence embedded alone, and inside batches with much longer and much shorter sentences
+/// (in different positions and batch sizes), gives bit-identical int8 and bf16 vectors.
+#[test]
+fn quantized_vectors_are_batch_invariant() {
+    let (_dir, tiny) = tiny_model(&TinyBert::default());
+    let mut paths = vec![tiny.clone()];
+    if let Some(p) = minilm() {
+        paths.push(p);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    for path in paths {
+        let a = assets(&path);
+        let short = "the cat sat on the mat";
+        let long = "the team won the game and we love our phone app very much ".repeat(6);
+        let tiny_words = [random_sentence(&mut rng, 1), random_sentence(&mut rng, 2)];
+        for (name, fast) in quantized_encoders(&a) {
+            let e = Embedder::with_fast(
+                &fast,
+                &a.tokenizer,
+                a.pipeline.pooling,
+                a.pipeline.normalize,
+                64,
+            );
+            let alone = e.embed(&[short]).unwrap();
+            let batches: Vec<Vec<&str>> = vec![
+                vec![long.as_str(), short, long.as_str()],
+                vec![tiny_words[0].as_str(), short, tiny_words[1].as_str(), "ok"],
+                vec![
+                    short,
+                    long.as_str(),
+                    "a",
+                    tiny_words[1].as_str(),
+                    long.as_str(),
+                ],
+                [vec![long.as_str(); 6], vec![short], vec!["hi"; 6]].concat(),
+            ];
+            for batch in &batches {
+                let got = e.embed(batch).unwrap();
+                let i = batch.iter().position(|s| *s == short).unwrap();
+                assert_eq!(
+                    bits(&got[i].vector),
+                    bits(&alone[0].vector),
+                    "{name} on {}: the sentence's vector changed with its batch (size {})",
+                    path.display(),
+                    batch.len()
+                );
+                // The other sentences too: the long one alone equals the long one in a batch.
+                if let Some(j) = batch.iter().position(|s| *s == long.as_str()) {
+                    let long_alone = e.embed(&[long.as_str()]).unwrap();
+                    assert_eq!(
+                        bits(&got[j].vector),
+                        bits(&long_alone[0].vector),
+                        "{name}: long"
+                    );
+                }
+            }
+            eprintln!("{name} on {}: bit-identical across batches", path.display());
+        }
+    }
+}
+
+/// `FastEncoder` in f32 is the existing float32 fast path, bit for bit.
+#[test]
+fn f32_fast_encoder_is_the_float32_path() {
+    let (_dir, path) = tiny_model(&TinyBert::default());
+    let a = assets(&path);
+    let enc = a.frozen_encoder(&Device::Cpu).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let texts: Vec<String> = [1, 30, 7, 0, 12]
+        .iter()
+        .map(|&n| random_sentence(&mut rng, n))
+        .collect();
+    let encoded = a.tokenizer.encode(&texts).unwrap();
+    let items: Vec<_> = encoded.iter().collect();
+    let mut ws = Workspace::default();
+    let want = enc.forward_packed(&items, &mut ws).unwrap().to_vec();
+    let fast = FastEncoder::new(enc, Dtype::F32).unwrap();
+    assert_eq!(fast.kernel_name(), "gemm-f32");
+    let mut ws2 = Workspace::default();
+    let got = fast.forward_packed(&items, &mut ws2).unwrap();
+    assert_eq!(bits(got), bits(&want));
+}
+
+/// The quantized encoders stay close to float32 on a tiny random model, token by token.
+#[test]
+fn quantized_tiny_model_is_close_to_f32() {
+    let (_dir, path) = tiny_model(&TinyBert::default());
+    let a = assets(&path);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let texts: Vec<String> = [3, 40, 9, 1, 17]
+        .iter()
+        .map(|&n| random_sentence(&mut rng, n))
+        .collect();
+    let encoded = a.tokenizer.encode(&texts).unwrap();
+    let items: Vec<_> = encoded.iter().collect();
+    let enc = a.frozen_encoder(&Device::Cpu).unwrap();
+    let want = enc
+        .forward_packed(&items, &mut Workspace::default())
+        .unwrap()
+        .to_vec();
+    let h = a.config.hidden_size;
+    for (name, fast) in quantized_encoders(&a) {
+        let mut ws = Workspace::default();
+        let got = fast.forward_packed(&items, &mut ws).unwrap();
+        let worst = got
+            .chunks(h)
+            .zip(want.chunks(h))
+            .map(|(g, w)| cosine(g, w))
+            .fold(1f64, f64::min);
+        eprintln!("{name}: worst token cosine vs f32 {worst:.6}");
+        assert!(worst > 0.99, "{name}: worst token cosine {worst}");
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Golden {
+    items: Vec<GoldenItem>,
+}
+
+#[derive(serde::Deserialize)]
+struct GoldenItem {
+    text: String,
+}
+
+/// The real sentences of the repository: the golden set, data/sentences.txt, the multitask
+/// texts, and each pair of consecutive multitask texts as a two-sentence passage.
+fn real_sentences() -> Vec<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let golden: Golden =
+        serde_json::from_str(include_str!("minilm-golden.json")).expect("golden file");
+    let mut out: Vec<String> = golden.items.into_iter().map(|i| i.text).collect();
+    let plain = std::fs::read_to_string(root.join("data/sentences.txt")).unwrap();
+    out.extend(
+        plain
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(String::from),
+    );
+    let mut multitask = Vec::new();
+    for f in ["data/multitask/train.jsonl", "data/multitask/eval.jsonl"] {
+        for line in std::fs::read_to_string(root.join(f)).unwrap().lines() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            multitask.push(v["text"].as_str().unwrap().to_string());
+        }
+    }
+    let passages: Vec<String> = multitask
+        .windows(2)
+        .step_by(1)
+        .map(|w| format!("{} {}", w[0], w[1]))
+        .collect();
+    out.extend(multitask);
+    out.extend(passages);
+    out
+}
+
+/// Index of each vector's nearest neighbour among the others, by cosine.
+fn nearest(vs: &[Vec<f32>]) -> Vec<usize> {
+    use rayon::prelude::*;
+    let unit: Vec<Vec<f32>> = vs
+        .iter()
+        .map(|v| {
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            v.iter().map(|x| x / n).collect()
+        })
+        .collect();
+    (0..unit.len())
+        .into_par_iter()
+        .map(|i| {
+            let mut best = (f32::MIN, 0);
+            for (j, u) in unit.iter().enumerate() {
+                if j != i {
+                    let c: f32 = unit[i].iter().zip(u).map(|(a, b)| a * b).sum();
+                    if c > best.0 {
+                        best = (c, j);
+                    }
+                }
+            }
+            best.1
+        })
+        .collect()
+}
+
+/// int8: min cosine >= 0.99, mean >= 0.998, nearest-neighbour agreement >= 97%; bf16: min
+/// cosine >= 0.999; on the golden sentences and the repository's real sentences.
+#[test]
+fn quantized_minilm_quality_vs_f32() {
+    let Some(path) = minilm() else { return };
+    let a = assets(&path);
+    let texts = real_sentences();
+    let enc = a.frozen_encoder(&Device::Cpu).unwrap();
+    let e = Embedder::new(
+        &enc,
+        &a.tokenizer,
+        a.pipeline.pooling,
+        a.pipeline.normalize,
+        32,
+    );
+    let want: Vec<Vec<f32>> = e
+        .embed(&texts)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.vector)
+        .collect();
+    let want_nn = nearest(&want);
+    for dtype in [Dtype::Int8, Dtype::Bf16] {
+        let fast = FastEncoder::new(a.frozen_encoder(&Device::Cpu).unwrap(), dtype).unwrap();
+        let q = Embedder::with_fast(
+            &fast,
+            &a.tokenizer,
+            a.pipeline.pooling,
+            a.pipeline.normalize,
+            32,
+        );
+        let got: Vec<Vec<f32>> = q
+            .embed(&texts)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.vector)
+            .collect();
+        let cos: Vec<f64> = got.iter().zip(&want).map(|(g, w)| cosine(g, w)).collect();
+        let min = cos.iter().cloned().fold(1f64, f64::min);
+        let mean = cos.iter().sum::<f64>() / cos.len() as f64;
+        let nn = nearest(&got);
+        let agree =
+            nn.iter().zip(&want_nn).filter(|(a, b)| a == b).count() as f64 / nn.len() as f64;
+        eprintln!(
+            "{dtype} ({}) on {} sentences: cosine vs f32 min {min:.6} mean {mean:.6}; nearest \
+             neighbour agreement {:.2}%",
+            fast.kernel_name(),
+            texts.len(),
+            agree * 100.0
+        );
+        match dtype {
+            Dtype::Int8 => {
+                assert!(min >= 0.99, "int8 min cosine {min}");
+                assert!(mean >= 0.998, "int8 mean cosine {mean}");
+                assert!(agree >= 0.97, "int8 nearest-neighbour agreement {agree}");
+            }
+            _ => assert!(min >= 0.999, "bf16 min cosine {min}"),
+        }
+    }
+}

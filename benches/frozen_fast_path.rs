@@ -20,7 +20,7 @@ use fetch_ml::train::trainer::TrainSettings;
 fn main() -> anyhow::Result<()> {
     // The same process set-up as the binary.
     fetch_ml::alloc::keep_freed_memory();
-    fetch_ml::threads::configure(None);
+    fetch_ml::threads::configure(None).expect("threads");
     let epochs: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())

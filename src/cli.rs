@@ -10,6 +10,7 @@ use crate::data::DataSource;
 use crate::hub::{offline_from_env, ModelRef};
 use crate::input::InputSource;
 use crate::model::freeze::{FreezePart, Scenario};
+use crate::train::metrics::Metric;
 use crate::train::trainer::TrainSettings;
 
 /// The model used when `--model` is not given.
@@ -48,6 +49,11 @@ pub struct Cli {
     #[arg(long, help_heading = "Model")]
     pub offline: bool,
 
+    /// Seconds a Hugging Face hub request may go without an answer (or a download without a
+    /// byte) before fetch-ml gives up and suggests --offline or a local folder.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = positive_secs, help_heading = "Model")]
+    pub hub_timeout: f64,
+
     /// Truncate each sentence to this many tokens, [CLS] and [SEP] included.
     /// [default: the model's own limit: max_seq_length of sentence_bert_config.json, else
     /// max_position_embeddings]
@@ -55,6 +61,8 @@ pub struct Cli {
     pub max_seq_length: Option<usize>,
 
     /// Threads for matrix products and the inference kernels. [default: the number of cores]
+    /// At most 4 per core are used; where a process limit allows fewer, fewer are used (a
+    /// note on stderr says so).
     #[arg(long, value_name = "N", value_parser = positive, help_heading = "Model")]
     pub threads: Option<usize>,
 
@@ -183,6 +191,33 @@ pub struct Cli {
     #[arg(long, help_heading = "Training (--task=2, --task=3)")]
     pub no_length_grouping: bool,
 
+    /// Micro-batches of --batch-size per optimizer step: the step sees N x --batch-size rows,
+    /// as one batch of that size would (up to float rounding), in the memory of one
+    /// --batch-size. [default: 1]
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = "Training (--task=2, --task=3)")]
+    pub grad_accum: Option<usize>,
+
+    /// Also evaluate every N optimizer steps, with a line on stderr (needs an evaluation
+    /// set). [default: at the end of each epoch only]
+    #[arg(long, value_name = "STEPS", value_parser = positive, help_heading = "Training (--task=2, --task=3)")]
+    pub eval_every: Option<usize>,
+
+    /// Keep the weights of the best evaluation by METRIC instead of the last ones:
+    /// class.accuracy, class.macro_f1, sentiment.accuracy, sentiment.macro_f1, mean.accuracy
+    /// or mean.macro_f1 (needs an evaluation set). [default: the last weights]
+    #[arg(long, value_name = "METRIC", value_parser = metric, help_heading = "Training (--task=2, --task=3)")]
+    pub keep_best: Option<Metric>,
+
+    /// Stop when --keep-best's metric has not improved for PATIENCE evaluations in a row.
+    /// [default: train every epoch]
+    #[arg(long, value_name = "PATIENCE", value_parser = positive, requires = "keep_best", help_heading = "Training (--task=2, --task=3)")]
+    pub early_stop: Option<usize>,
+
+    /// Weight each head's loss by inverse label frequency (n / (labels x count), as
+    /// scikit-learn's "balanced"): `auto`, or `none`. [default: none]
+    #[arg(long, value_name = "auto|none", value_parser = ["auto", "none"], help_heading = "Training (--task=2, --task=3)")]
+    pub class_weights: Option<String>,
+
     /// Keep the sentence vectors of a frozen encoder in DIR, keyed by model, revision, max
     /// length and text, so repeated runs skip the encoder. [default: no cache]
     #[arg(
@@ -219,6 +254,13 @@ pub struct Cli {
     /// Draw eval accuracy per head per scenario as a PNG chart.
     #[arg(long, value_name = "FILE.png", help_heading = "Scenarios (--task=3)")]
     pub plot: Option<PathBuf>,
+}
+
+fn metric(s: &str) -> Result<Metric, String> {
+    Metric::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = Metric::ALL.iter().map(|m| m.name()).collect();
+        format!("expected one of {}, got '{s}'", names.join(", "))
+    })
 }
 
 fn non_negative(s: &str) -> Result<f64, String> {
@@ -259,6 +301,13 @@ fn scenario(s: &str) -> Result<Scenario, String> {
     Scenario::parse(s).map_err(|e| e.to_string())
 }
 
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() && v <= 1e9 => Ok(v),
+        _ => Err(format!("{s} is not a positive number of seconds")),
+    }
+}
+
 fn positive(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
@@ -285,6 +334,11 @@ impl Cli {
             ("--max-train-examples", self.max_train_examples.is_some()),
             ("--embedding-cache", self.embedding_cache.is_some()),
             ("--no-length-grouping", self.no_length_grouping),
+            ("--grad-accum", self.grad_accum.is_some()),
+            ("--eval-every", self.eval_every.is_some()),
+            ("--keep-best", self.keep_best.is_some()),
+            ("--early-stop", self.early_stop.is_some()),
+            ("--class-weights", self.class_weights.is_some()),
         ];
         let embed_only = [
             ("--normalize", self.normalize),
@@ -331,6 +385,7 @@ impl Cli {
             id: self.model.unwrap_or_else(|| DEFAULT_MODEL.to_string()),
             revision: self.revision,
             offline: self.offline || offline_from_env(),
+            hub_timeout: std::time::Duration::from_secs_f64(self.hub_timeout),
         };
         let input = if !self.sentences.is_empty() {
             InputSource::Sentences(self.sentences)
@@ -389,6 +444,11 @@ impl Cli {
                 loss_weights: self.loss_weights.unwrap_or(defaults.loss_weights),
                 seed: self.seed.unwrap_or(defaults.seed),
                 group_by_length: !self.no_length_grouping,
+                grad_accum: self.grad_accum.unwrap_or(defaults.grad_accum),
+                eval_every: self.eval_every,
+                keep_best: self.keep_best,
+                early_stop: self.early_stop,
+                class_weights: self.class_weights.as_deref() == Some("auto"),
                 ..defaults
             },
             head_hidden: self.head_hidden.unwrap_or(256),

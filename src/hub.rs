@@ -3,7 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use hf_hub::api::sync::{ApiBuilder, ApiRepo};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use hf_hub::api::sync::{Api, ApiBuilder};
 use hf_hub::{Cache, Repo, RepoType};
 
 /// Where to find a model.
@@ -15,7 +19,12 @@ pub struct ModelRef {
     pub revision: String,
     /// Resolve from the local hub cache only.
     pub offline: bool,
+    /// How long a hub request may go without an answer (or a download without a byte).
+    pub hub_timeout: Duration,
 }
+
+/// The default of [`ModelRef::hub_timeout`].
+pub const DEFAULT_HUB_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl ModelRef {
     pub fn new(id: impl Into<String>) -> Self {
@@ -23,6 +32,7 @@ impl ModelRef {
             id: id.into(),
             revision: "main".into(),
             offline: false,
+            hub_timeout: DEFAULT_HUB_TIMEOUT,
         }
     }
 
@@ -155,10 +165,23 @@ impl Fetch for OfflineCache {
 }
 
 /// The hub, through hf-hub: cached files are reused, others are downloaded with a progress bar.
+/// hf-hub sets no timeouts, so every request runs under a watchdog ([`watched`]).
 struct Online {
-    repo: ApiRepo,
+    api: Api,
+    /// The cache the API writes to (`ApiBuilder::from_env` uses the same).
+    cache: Cache,
     files: Vec<String>,
     model: ModelRef,
+}
+
+impl Online {
+    fn repo(&self) -> Repo {
+        Repo::with_revision(
+            self.model.id.clone(),
+            RepoType::Model,
+            self.model.revision.clone(),
+        )
+    }
 }
 
 impl Fetch for Online {
@@ -169,10 +192,24 @@ impl Fetch for Online {
         if !self.has(name) {
             return Ok(None);
         }
-        let path = self
-            .repo
-            .get(name)
-            .with_context(|| format!("downloading {name} of {}", self.model.id))?;
+        if let Some(p) = self.cache.repo(self.repo()).get(name) {
+            return Ok(Some(p));
+        }
+        eprintln!(
+            "downloading {name} of {} from {}",
+            self.model.id,
+            endpoint()
+        );
+        let repo = self.api.repo(self.repo());
+        let file = name.to_string();
+        let what = format!("downloading {name} of {}", self.model.id);
+        let path = watched(&self.model, &what, move |activity| {
+            repo.download_with_progress(&file, WatchedBar::new(activity))
+                .map_err(anyhow::Error::from)
+        })
+        .context(
+            "the download failed; retry, or pass --model /path/to/folder with the model's files",
+        )?;
         Ok(Some(path))
     }
     fn searched(&self) -> String {
@@ -183,6 +220,93 @@ impl Fetch for Online {
     }
     fn hint(&self) -> String {
         "check the model id; fetch-ml needs a BERT model with safetensors weights".into()
+    }
+}
+
+/// The hub's address: `HF_ENDPOINT`, or huggingface.co.
+fn endpoint() -> String {
+    std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into())
+}
+
+/// Milliseconds since `START` at the last sign of life of a request.
+type Activity = Arc<AtomicU64>;
+
+fn now_ms(start: Instant) -> u64 {
+    start.elapsed().as_millis() as u64
+}
+
+/// Runs the hub request `f` on a thread of its own and gives up when it shows no sign of life
+/// (an answer, or downloaded bytes through the [`Activity`] it is given) for the model's
+/// `hub_timeout`: a firewall that swallows packets or a stuck proxy otherwise hangs forever.
+/// The abandoned thread ends with the process.
+fn watched<T: Send + 'static>(
+    model: &ModelRef,
+    what: &str,
+    f: impl FnOnce(Activity) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let start = Instant::now();
+    let activity: Activity = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::channel();
+    let act = activity.clone();
+    std::thread::Builder::new()
+        .name("hub".into())
+        .spawn(move || {
+            let _ = tx.send(f(act));
+        })
+        .context("starting the hub request")?;
+    let limit = model.hub_timeout;
+    loop {
+        let idle = Duration::from_millis(now_ms(start) - activity.load(Ordering::Relaxed));
+        if idle >= limit {
+            bail!(
+                "{what}: no answer from {} in {} s (--hub-timeout sets the limit)",
+                endpoint(),
+                limit.as_secs_f64()
+            );
+        }
+        match rx.recv_timeout(limit - idle) {
+            Ok(result) => return result,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("{what}: the hub request stopped without an answer")
+            }
+        }
+    }
+}
+
+/// A download progress bar that also reports activity to the watchdog.
+struct WatchedBar {
+    activity: Activity,
+    start: Instant,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl WatchedBar {
+    fn new(activity: Activity) -> Self {
+        Self {
+            activity,
+            start: Instant::now(),
+            bar: None,
+        }
+    }
+}
+
+impl hf_hub::api::Progress for WatchedBar {
+    fn init(&mut self, size: usize, filename: &str) {
+        self.activity.store(now_ms(self.start), Ordering::Relaxed);
+        let bar = crate::output::progress_bar(Some(size as u64), filename);
+        self.bar = Some(bar);
+    }
+    fn update(&mut self, size: usize) {
+        self.activity.store(now_ms(self.start), Ordering::Relaxed);
+        if let Some(b) = &self.bar {
+            b.inc(size as u64);
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
     }
 }
 
@@ -218,19 +342,29 @@ pub fn resolve(model: &ModelRef) -> Result<ModelFiles> {
         return resolve_with(model, &fetch);
     }
     let api = ApiBuilder::from_env()
-        .with_progress(true)
+        .with_progress(false)
         .build()
         .context("setting up the Hugging Face hub client")?;
+    eprintln!(
+        "asking {} for the files of {} (revision {})",
+        endpoint(),
+        model.id,
+        model.revision
+    );
     let repo = api.repo(Repo::with_revision(
         model.id.clone(),
         RepoType::Model,
         model.revision.clone(),
     ));
-    let info = repo.info().with_context(|| {
+    let what = format!("listing the files of {}", model.id);
+    let info = watched(model, &what, move |_| {
+        repo.info().map_err(anyhow::Error::from)
+    })
+    .with_context(|| {
         format!(
-            "cannot reach the Hugging Face hub for {} (revision {}). If the model is already in \
-             the cache, pass --offline (or set HF_HUB_OFFLINE=1); otherwise pass --model \
-             /path/to/folder (no local folder named {} exists)",
+            "cannot reach the Hugging Face hub for {} (revision {}). If the model is already \
+                 in the cache, pass --offline (or set HF_HUB_OFFLINE=1); otherwise pass --model \
+                 /path/to/folder (no local folder named {} exists)",
             model.id, model.revision, model.id
         )
     })?;
@@ -238,7 +372,8 @@ pub fn resolve(model: &ModelRef) -> Result<ModelFiles> {
     resolve_with(
         model,
         &Online {
-            repo,
+            api,
+            cache: Cache::from_env(),
             files,
             model: model.clone(),
         },

@@ -1,10 +1,10 @@
 //! Sentences to work on: from flags, a file, stdin, or the built-in `data/sentences.txt`.
 //!
-//! Files are read in chunks, so a large input streams with flat memory. Blank lines are
+//! Files are read once, in chunks, so a large input streams with flat memory. Blank lines are
 //! skipped; a line that is not UTF-8 is an error naming it.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Cursor, Read};
+use std::io::{BufRead, BufReader, Cursor};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -37,7 +37,16 @@ impl InputSource {
     }
 }
 
-/// Reads sentences in chunks from an [`InputSource`].
+/// Lines longer than this many bytes are cut to their first `MAX_LINE_BYTES` (at a character
+/// boundary), so one huge line cannot take unbounded memory; the rest of the line is still
+/// read and checked for UTF-8, but not kept. No tokenizer keeps 512 tokens' worth of text
+/// beyond this, so a cut line loses nothing the model would have seen unless it is almost all
+/// whitespace; its `truncated` flag is set either way.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Reads sentences in chunks from an [`InputSource`]. Every source is read exactly once, so
+/// named pipes and process substitutions (`--input <(...)`) work; UTF-8 is checked as lines
+/// stream past, and a bad line is an error naming it.
 pub struct SentenceReader {
     lines: Option<Box<dyn BufRead>>,
     given: std::vec::IntoIter<String>,
@@ -45,19 +54,24 @@ pub struct SentenceReader {
     line_no: usize,
     bytes_read: u64,
     total_bytes: Option<u64>,
+    /// Line number (1-based) of each sentence of the last chunk; for `--sentence`, its position.
+    chunk_lines: Vec<usize>,
+    /// Whether each sentence of the last chunk was cut at [`MAX_LINE_BYTES`].
+    chunk_clipped: Vec<bool>,
+    /// Lines cut so far.
+    clipped_lines: usize,
 }
 
 impl SentenceReader {
-    /// Opens the source. A file is checked for valid UTF-8 first, so a bad line is reported
-    /// before any output is produced.
+    /// Opens the source.
     pub fn open(source: &InputSource) -> Result<Self> {
         let (lines, given, total): (Option<Box<dyn BufRead>>, Vec<String>, Option<u64>) =
             match source {
                 InputSource::Sentences(v) => (None, v.clone(), Some(v.len() as u64)),
                 InputSource::File(path) => {
-                    check_utf8(path)?;
                     let f = open_file(path)?;
-                    let len = f.metadata().map(|m| m.len()).ok();
+                    // Only a regular file has a size worth showing progress against.
+                    let len = f.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
                     (
                         Some(Box::new(BufReader::with_capacity(1 << 16, f))),
                         vec![],
@@ -65,7 +79,10 @@ impl SentenceReader {
                     )
                 }
                 InputSource::Stdin => (
-                    Some(Box::new(BufReader::new(std::io::stdin()))),
+                    Some(Box::new(BufReader::with_capacity(
+                        1 << 16,
+                        std::io::stdin(),
+                    ))),
                     vec![],
                     None,
                 ),
@@ -82,7 +99,15 @@ impl SentenceReader {
             line_no: 0,
             bytes_read: 0,
             total_bytes: total,
+            chunk_lines: Vec::new(),
+            chunk_clipped: Vec::new(),
+            clipped_lines: 0,
         })
+    }
+
+    /// A short name of the source, for messages.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Progress so far and the total, in bytes for files and in sentences for `--sentence`.
@@ -96,27 +121,65 @@ impl SentenceReader {
         }
     }
 
+    /// The line number (1-based) of sentence `i` of the last chunk.
+    pub fn line_of(&self, i: usize) -> usize {
+        self.chunk_lines.get(i).copied().unwrap_or(0)
+    }
+
+    /// Names sentence `i` of the last chunk for a message: its file and line, or its flag.
+    pub fn locate(&self, i: usize) -> String {
+        match self.lines {
+            Some(_) => format!("{}, line {}", self.name, self.line_of(i)),
+            None => format!("--sentence number {}", self.line_of(i)),
+        }
+    }
+
+    /// Whether sentence `i` of the last chunk was cut at [`MAX_LINE_BYTES`].
+    pub fn clipped(&self, i: usize) -> bool {
+        self.chunk_clipped.get(i).copied().unwrap_or(false)
+    }
+
+    /// Lines cut at [`MAX_LINE_BYTES`] so far.
+    pub fn clipped_lines(&self) -> usize {
+        self.clipped_lines
+    }
+
     /// Up to `max` more sentences; empty at the end.
     pub fn next_chunk(&mut self, max: usize) -> Result<Vec<String>> {
         let mut out = Vec::new();
+        self.chunk_lines.clear();
+        self.chunk_clipped.clear();
         let Some(reader) = self.lines.as_mut() else {
             out.extend(self.given.by_ref().take(max));
+            let first = self.line_no;
+            self.line_no += out.len();
+            self.chunk_lines.extend(first + 1..=self.line_no);
+            self.chunk_clipped.resize(out.len(), false);
             return Ok(out);
         };
         let mut buf = Vec::new();
         while out.len() < max {
             buf.clear();
-            let n = reader
-                .read_until(b'\n', &mut buf)
+            let line = read_line_bounded(reader.as_mut(), MAX_LINE_BYTES, &mut buf)
                 .with_context(|| format!("reading {}", self.name))?;
-            if n == 0 {
+            if line.bytes == 0 {
                 break;
             }
             self.line_no += 1;
-            self.bytes_read += n as u64;
-            let line = line_text(&buf, &self.name, self.line_no)?;
-            if !line.trim().is_empty() {
-                out.push(line.to_string());
+            self.bytes_read += line.bytes;
+            if let Some(col) = line.bad_utf8_at {
+                bail!(
+                    "{}, line {}: not valid UTF-8 (bad byte at column {col}); save the file as UTF-8",
+                    self.name,
+                    self.line_no
+                );
+            }
+            let text = line_text(&buf, &self.name, self.line_no)?;
+            if !text.trim().is_empty() {
+                out.push(text.to_string());
+                self.chunk_lines.push(self.line_no);
+                self.chunk_clipped.push(line.clipped);
+                self.clipped_lines += line.clipped as usize;
             }
         }
         Ok(out)
@@ -140,35 +203,132 @@ fn line_text<'a>(raw: &'a [u8], name: &str, line_no: usize) -> Result<&'a str> {
     }
 }
 
-/// Reads the whole file once to find a line that is not UTF-8.
-fn check_utf8(path: &Path) -> Result<()> {
-    let mut reader = BufReader::with_capacity(1 << 16, open_file(path)?);
-    let name = path.display().to_string();
-    let mut buf = Vec::new();
-    let mut line_no = 0;
-    loop {
-        buf.clear();
-        let n = reader
-            .by_ref()
-            .read_until(b'\n', &mut buf)
-            .with_context(|| format!("reading {name}"))?;
-        if n == 0 {
-            return Ok(());
-        }
-        line_no += 1;
-        line_text(&buf, &name, line_no)?;
-    }
+/// What [`read_line_bounded`] read.
+#[derive(Debug, Default, PartialEq)]
+struct LineRead {
+    /// Bytes consumed, line ending included; 0 at the end of the input.
+    bytes: u64,
+    /// True when the line was longer than the limit and only its head was kept.
+    clipped: bool,
+    /// 1-based byte column of the first invalid UTF-8 byte in the part that was not kept.
+    bad_utf8_at: Option<u64>,
 }
 
-/// All sentences of a source at once (for small inputs such as predictions).
-pub fn read_all(source: &InputSource) -> Result<Vec<String>> {
-    let mut reader = SentenceReader::open(source)?;
-    let mut all = Vec::new();
+/// Reads one line into `buf`, keeping at most `keep` bytes of it (cut back to a character
+/// boundary) and streaming past the rest while checking that it is UTF-8.
+fn read_line_bounded(
+    r: &mut dyn BufRead,
+    keep: usize,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<LineRead> {
+    let mut res = LineRead::default();
+    // Bytes of a character split across the kept part or a chunk boundary.
+    let mut carry: Vec<u8> = Vec::new();
+    let mut scratch: Vec<u8> = Vec::new();
     loop {
-        let chunk = reader.next_chunk(4096)?;
-        if chunk.is_empty() {
-            return Ok(all);
+        let avail = match r.fill_buf() {
+            Ok(a) => a,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if avail.is_empty() {
+            break;
         }
-        all.extend(chunk);
+        let (chunk, done) = match avail.iter().position(|&b| b == b'\n') {
+            Some(i) => (&avail[..=i], true),
+            None => (avail, false),
+        };
+        let n = chunk.len();
+        let room = keep.saturating_sub(buf.len());
+        let tail: &[u8] = if res.clipped {
+            chunk
+        } else if n <= room {
+            buf.extend_from_slice(chunk);
+            &[]
+        } else {
+            buf.extend_from_slice(&chunk[..room]);
+            res.clipped = true;
+            // Cut the kept part back to a character boundary; the cut bytes start the tail.
+            let cut = match std::str::from_utf8(buf) {
+                Ok(_) => buf.len(),
+                Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                // Invalid bytes in the kept part are reported when the line is decoded.
+                Err(_) => buf.len(),
+            };
+            carry.extend_from_slice(&buf[cut..]);
+            buf.truncate(cut);
+            &chunk[room..]
+        };
+        if res.clipped && res.bad_utf8_at.is_none() {
+            let before = res.bytes + (n - tail.len()) as u64 - carry.len() as u64;
+            scratch.clear();
+            scratch.extend_from_slice(&carry);
+            scratch.extend_from_slice(tail);
+            carry.clear();
+            match std::str::from_utf8(&scratch) {
+                Ok(_) => {}
+                Err(e) if e.error_len().is_none() => {
+                    carry.extend_from_slice(&scratch[e.valid_up_to()..])
+                }
+                Err(e) => res.bad_utf8_at = Some(before + e.valid_up_to() as u64 + 1),
+            }
+        }
+        res.bytes += n as u64;
+        r.consume(n);
+        if done {
+            break;
+        }
+    }
+    if !carry.is_empty() && res.bad_utf8_at.is_none() {
+        res.bad_utf8_at = Some(res.bytes - carry.len() as u64 + 1);
+    }
+    Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all_lines(data: &[u8], keep: usize) -> Vec<(Vec<u8>, LineRead)> {
+        let mut r = BufReader::with_capacity(7, data);
+        let mut out = Vec::new();
+        loop {
+            let mut buf = Vec::new();
+            let l = read_line_bounded(&mut r, keep, &mut buf).unwrap();
+            if l.bytes == 0 {
+                return out;
+            }
+            out.push((buf, l));
+        }
+    }
+
+    #[test]
+    fn long_lines_are_cut_at_a_character_boundary_and_still_checked() {
+        let text = "héllo wörld\nshort\n".as_bytes();
+        let lines = read_all_lines(text, 3);
+        assert_eq!(lines.len(), 2);
+        // "hé" is 3 bytes: h + 2-byte é.
+        assert_eq!(lines[0].0, "hé".as_bytes());
+        assert!(lines[0].1.clipped);
+        assert_eq!(lines[0].1.bad_utf8_at, None);
+        assert_eq!(lines[0].1.bytes, "héllo wörld\n".len() as u64);
+        assert_eq!(lines[1].0, b"sho");
+        // "h" + the first byte of é: the cut falls inside the character.
+        let lines = read_all_lines(text, 2);
+        assert_eq!(lines[0].0, b"h");
+        assert_eq!(lines[0].1.bad_utf8_at, None);
+        // An invalid byte far beyond the kept part is still found, at its column.
+        let mut bad = vec![b'a'; 40];
+        bad[30] = 0xff;
+        bad.push(b'\n');
+        let lines = read_all_lines(&bad, 4);
+        assert_eq!(lines[0].1.bad_utf8_at, Some(31));
+        // A character cut off by the end of the input is invalid too.
+        let lines = read_all_lines(&[b'a', b'b', b'c', 0xc3], 2);
+        assert_eq!(lines[0].1.bad_utf8_at, Some(4));
+        // Short lines are kept whole.
+        let lines = read_all_lines(b"abc\r\n", 100);
+        assert_eq!(lines[0].0, b"abc\r\n");
+        assert!(!lines[0].1.clipped);
     }
 }

@@ -9,13 +9,15 @@ pub mod data;
 pub mod embed;
 pub mod hub;
 pub mod input;
+pub mod interrupt;
 pub mod loader;
 pub mod model;
 pub mod output;
+pub mod panics;
 pub mod pipeline;
 pub mod plot;
 pub mod tasks;
-#[doc(hidden)]
+#[cfg(any(test, feature = "test-support"))]
 pub mod testutil;
 pub mod threads;
 pub mod tokenize;

@@ -47,14 +47,22 @@ impl ModelAssets {
                 bail!("--max-seq-length {n} leaves no room for [CLS] and [SEP]; use 2 or more")
             }
             Some(n) => n,
-            None => pipeline.max_seq_length.unwrap_or(limit).min(limit),
+            None => match pipeline.max_seq_length {
+                Some(n) if n < 2 => bail!(
+                    "max_seq_length {n} in the model's sentence_bert_config.json leaves no room \
+                     for [CLS] and [SEP]; fix the file or pass --max-seq-length"
+                ),
+                Some(n) => n.min(limit),
+                None => limit,
+            },
         };
         let tokenizer = TextTokenizer::load(
             &files.tokenizer,
             max_len,
             pipeline.lowercase_input,
             config.pad_token_id as u32,
-        )?;
+        )?
+        .with_vocab_limit(config.vocab_size);
         let weights = Arc::new(WeightFile::open(&files.weights)?);
         Ok(Self {
             files,

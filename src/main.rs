@@ -7,9 +7,18 @@ use fetch_ml::cli::Cli;
 
 fn main() -> ExitCode {
     fetch_ml::alloc::keep_freed_memory();
+    // Backtraces are for developers: with RUST_BACKTRACE set, candle appends one to its error
+    // messages. They stay off unless FETCH_ML_DEBUG=1 asks for them.
+    if std::env::var_os("FETCH_ML_DEBUG").is_none() {
+        // SAFETY (remove_var): first thing in main, before any other thread exists.
+        std::env::remove_var("RUST_BACKTRACE");
+        std::env::remove_var("RUST_LIB_BACKTRACE");
+    }
     let cli = Cli::parse();
-    fetch_ml::threads::configure(cli.threads);
-    match cli.into_command().and_then(|cmd| fetch_ml::run(&cmd)) {
+    let result = fetch_ml::threads::configure(cli.threads)
+        .and_then(|_| cli.into_command())
+        .and_then(|cmd| fetch_ml::run(&cmd));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {

@@ -18,6 +18,7 @@ enum Sink {
     File {
         tmp: BufWriter<NamedTempFile>,
         path: PathBuf,
+        _guard: crate::interrupt::Registered,
     },
 }
 
@@ -32,9 +33,10 @@ impl Output {
                     Some(d) if !d.as_os_str().is_empty() => d,
                     _ => Path::new("."),
                 };
+                remove_stale_temporaries(dir);
                 // Mode 0666 minus the umask, as a plain `File::create` would give.
                 let tmp = tempfile::Builder::new()
-                    .prefix(".fetch-ml-")
+                    .prefix(&temp_prefix(std::process::id()))
                     .permissions(std::fs::Permissions::from_mode(0o666))
                     .tempfile_in(dir)
                     .with_context(|| {
@@ -44,20 +46,27 @@ impl Output {
                             dir.display()
                         )
                     })?;
+                let guard = crate::interrupt::remove_on_signal(tmp.path());
                 Sink::File {
                     tmp: BufWriter::with_capacity(1 << 16, tmp),
                     path: p.to_path_buf(),
+                    _guard: guard,
                 }
             }
         };
         Ok(Self { inner })
     }
 
+    /// True when the output goes to standard output.
+    pub fn is_stdout(&self) -> bool {
+        matches!(self.inner, Sink::Stdout(_))
+    }
+
     /// Flushes and, for a file, renames it into place.
     pub fn finish(self) -> Result<()> {
         match self.inner {
             Sink::Stdout(mut w) => w.flush().context("writing to standard output"),
-            Sink::File { tmp, path } => {
+            Sink::File { tmp, path, .. } => {
                 let tmp = tmp
                     .into_inner()
                     .map_err(|e| e.into_error())
@@ -87,6 +96,82 @@ impl Write for Output {
             Sink::File { tmp, .. } => tmp.flush(),
         }
     }
+}
+
+/// Names of our temporary output files start with this and the writer's process id.
+fn temp_prefix(pid: u32) -> String {
+    format!(".fetch-ml-{pid}-")
+}
+
+/// Removes temporary output files in `dir` left by fetch-ml runs that were killed (their
+/// process no longer exists). Files of running processes and of anyone else are left alone.
+pub fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".fetch-ml-") else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid <= 0 || !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        // SAFETY: signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Checks before any long work that `path` can receive an output of `what` (a flag name):
+/// its folder exists and takes files, it is not a folder, and it has extension `ext` if given.
+pub fn check_target(what: &str, path: &Path, ext: Option<&str>) -> Result<()> {
+    if path == Path::new("-") {
+        return Ok(());
+    }
+    if let Some(ext) = ext {
+        let got = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        if got.as_deref() != Some(ext) {
+            anyhow::bail!(
+                "{what} {}: the file is written as {}; give a name ending in .{ext}",
+                path.display(),
+                ext.to_ascii_uppercase()
+            );
+        }
+    }
+    if path.is_dir() {
+        anyhow::bail!("{what} {}: is a folder; give a file name", path.display());
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "{what} {}: the folder {} does not exist; create it first",
+            path.display(),
+            dir.display()
+        );
+    }
+    tempfile::Builder::new()
+        .prefix(&temp_prefix(std::process::id()))
+        .tempfile_in(dir)
+        .with_context(|| {
+            format!(
+                "{what} {}: cannot write in {}",
+                path.display(),
+                dir.display()
+            )
+        })?;
+    Ok(())
 }
 
 /// A progress bar on stderr; invisible when stderr is not a terminal.

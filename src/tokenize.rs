@@ -28,6 +28,8 @@ pub struct TextTokenizer {
     max_len: usize,
     lowercase_input: bool,
     pad_id: u32,
+    /// Token ids must be below this (the model's `vocab_size`).
+    vocab_limit: Option<u32>,
 }
 
 impl TextTokenizer {
@@ -63,7 +65,15 @@ impl TextTokenizer {
             max_len,
             lowercase_input,
             pad_id,
+            vocab_limit: None,
         })
+    }
+
+    /// Makes a token id at or above `vocab_size` (a tokenizer that does not match the model)
+    /// an error naming the sentence, instead of a failure deep inside the model.
+    pub fn with_vocab_limit(mut self, vocab_size: usize) -> Self {
+        self.vocab_limit = Some(vocab_size.min(u32::MAX as usize) as u32);
+        self
     }
 
     pub fn max_len(&self) -> usize {
@@ -75,35 +85,172 @@ impl TextTokenizer {
     }
 
     /// Tokenizes `texts`, adding the special tokens and truncating to the max length.
+    ///
+    /// The work per sentence is bounded whatever its length: a text longer than a budget of
+    /// bytes is tokenized from its head only (cut at whitespace, so the words kept tokenize as
+    /// in the whole text), growing the head until it yields more tokens than are kept. The
+    /// tokens are then exactly those of the whole text. A tokenizer error (or a panic inside
+    /// the tokenizer, such as a pathological regex in a hostile `tokenizer.json`) is an error
+    /// that gives the sentence's position in `texts`.
     pub fn encode<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Encoded>> {
-        let inputs: Vec<String> = texts
-            .iter()
-            .map(|t| {
-                if self.lowercase_input {
-                    t.as_ref().to_lowercase()
-                } else {
-                    t.as_ref().to_string()
-                }
-            })
+        let budget = self.head_budget();
+        let short: Vec<usize> = (0..texts.len())
+            .filter(|&i| texts[i].as_ref().len() <= budget)
             .collect();
-        let encodings = self
-            .inner
-            .encode_batch_fast(inputs, true)
-            .map_err(|e| anyhow!("tokenizing: {e}"))?;
-        Ok(encodings
+        let inputs: Vec<String> = short
+            .iter()
+            .map(|&i| self.prepare(texts[i].as_ref()))
+            .collect();
+        let mut out: Vec<Option<Encoded>> = vec![None; texts.len()];
+        match guarded(|| self.inner.encode_batch_fast(inputs, true)) {
+            Ok(Ok(encodings)) => {
+                for (&i, e) in short.iter().zip(encodings) {
+                    out[i] = Some(to_encoded(&e));
+                }
+            }
+            // Find the sentence at fault, one at a time.
+            _ => {
+                for &i in &short {
+                    out[i] = Some(self.encode_one(texts[i].as_ref(), i)?);
+                }
+            }
+        }
+        for (i, slot) in out.iter_mut().enumerate() {
+            if slot.is_none() {
+                *slot = Some(self.encode_long(texts[i].as_ref(), budget, i)?);
+            }
+        }
+        let out: Vec<Encoded> = out
             .into_iter()
-            .map(|e| Encoded {
-                truncated: !e.get_overflowing().is_empty(),
-                ids: e.get_ids().to_vec(),
-                type_ids: e.get_type_ids().to_vec(),
-            })
-            .collect())
+            .map(|e| e.expect("every text encoded"))
+            .collect();
+        if let Some(limit) = self.vocab_limit {
+            for (index, e) in out.iter().enumerate() {
+                if let Some(&id) = e.ids.iter().find(|&&id| id >= limit) {
+                    let token = self.inner.id_to_token(id).unwrap_or_default();
+                    return Err(TokenizeError {
+                        index,
+                        message: format!(
+                            "token id {id} ({token:?}) is outside the model's vocabulary of \
+                             {limit} (vocab_size in config.json); the tokenizer and the weights \
+                             belong to different models"
+                        ),
+                    }
+                    .into());
+                }
+            }
+        }
+        Ok(out)
     }
 
+    /// Bytes of text tokenized at first for a long sentence: far more than `max_len` tokens
+    /// take in any language (a token is rarely more than 16 bytes).
+    fn head_budget(&self) -> usize {
+        (self.max_len * 16).max(4096)
+    }
+
+    fn prepare(&self, text: &str) -> String {
+        if self.lowercase_input {
+            text.to_lowercase()
+        } else {
+            text.to_string()
+        }
+    }
+
+    /// Tokenizes one sentence; `index` names it in an error.
+    fn encode_one(&self, text: &str, index: usize) -> Result<Encoded> {
+        let input = self.prepare(text);
+        match guarded(|| self.inner.encode_fast(input, true)) {
+            Ok(Ok(e)) => Ok(to_encoded(&e)),
+            Ok(Err(e)) => Err(TokenizeError {
+                index,
+                message: e.to_string(),
+            }
+            .into()),
+            Err(panic) => Err(TokenizeError {
+                index,
+                message: format!("the tokenizer failed ({panic}); check tokenizer.json"),
+            }
+            .into()),
+        }
+    }
+
+    /// Tokenizes a long sentence from growing heads of it (see [`Self::encode`]).
+    fn encode_long(&self, text: &str, mut budget: usize, index: usize) -> Result<Encoded> {
+        loop {
+            if budget >= text.len() {
+                return self.encode_one(text, index);
+            }
+            let head = cut_at_whitespace(text, budget);
+            let mut e = self.encode_one(head, index)?;
+            if e.truncated {
+                return Ok(e);
+            }
+            if head.len() == budget.min(text.len()) && !head.ends_with(char::is_whitespace) {
+                // No whitespace to cut at in the head: one giant "word". Keep this head.
+                e.truncated = true;
+                return Ok(e);
+            }
+            budget = budget.saturating_mul(4);
+        }
+    }
     /// Pads `items` to the longest and returns the model's input tensors.
     pub fn batch(&self, items: &[&Encoded], device: &Device) -> Result<Batch> {
         Batch::new(items, self.pad_id, device)
     }
+}
+
+/// A sentence the tokenizer could not handle; `index` is its position in the texts given.
+#[derive(Debug)]
+pub struct TokenizeError {
+    pub index: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for TokenizeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "tokenizing: {}", self.message)
+    }
+}
+
+impl std::error::Error for TokenizeError {}
+
+fn to_encoded(e: &tokenizers::Encoding) -> Encoded {
+    Encoded {
+        truncated: !e.get_overflowing().is_empty(),
+        ids: e.get_ids().to_vec(),
+        type_ids: e.get_type_ids().to_vec(),
+    }
+}
+
+/// The head of `text` of at most `budget` bytes, ending after the last whitespace in it
+/// (or at a character boundary when it has none).
+fn cut_at_whitespace(text: &str, budget: usize) -> &str {
+    let mut end = budget.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let head = &text[..end];
+    match head.rfind(char::is_whitespace) {
+        Some(i) if i > 0 => &head[..i + head[i..].chars().next().map_or(1, char::len_utf8)],
+        _ => head,
+    }
+}
+
+/// Names the sentence of a [`TokenizeError`] with `describe(index)`; other errors pass.
+pub fn name_sentence(e: anyhow::Error, describe: impl Fn(usize) -> String) -> anyhow::Error {
+    match e.downcast_ref::<TokenizeError>() {
+        Some(t) => {
+            let what = describe(t.index);
+            e.context(what)
+        }
+        None => e,
+    }
+}
+
+/// Runs `f`, turning a panic into an error message (the panic is not printed).
+pub fn guarded<R>(f: impl FnOnce() -> R) -> std::result::Result<R, String> {
+    crate::panics::quietly(f)
 }
 
 /// Builds the BERT WordPiece pipeline, lower-casing as `tokenizer_config.json` says
@@ -150,8 +297,6 @@ pub struct Batch {
     pub token_type_ids: Tensor,
     /// `[batch, seq]` f32, 1 for real tokens and 0 for padding
     pub attention_mask: Tensor,
-    /// Real tokens per row.
-    pub lengths: Vec<usize>,
 }
 
 impl Batch {
@@ -171,7 +316,6 @@ impl Batch {
             input_ids: Tensor::from_vec(ids, (b, seq), device)?,
             token_type_ids: Tensor::from_vec(types, (b, seq), device)?,
             attention_mask: Tensor::from_vec(mask, (b, seq), device)?,
-            lengths: items.iter().map(|e| e.ids.len()).collect(),
         })
     }
 }

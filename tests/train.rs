@@ -168,7 +168,9 @@ fn checkpoint_round_trip_predicts_identically() {
         serde_json::json!({}),
         serde_json::to_value(&result.eval).unwrap(),
     );
-    checkpoint::save(&dir, &model, &meta).unwrap();
+    let target = fetch_ml::train::save_target::SaveTarget::prepare(&dir).unwrap();
+    checkpoint::save(&target, &model, &meta).unwrap();
+    drop(target);
     for f in ["model.safetensors", "checkpoint.json", "metrics.json"] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
@@ -184,7 +186,9 @@ fn checkpoint_round_trip_predicts_identically() {
     let after = predict_probs(&loaded, &enc, 2, None).unwrap();
     assert_eq!(before, after);
     // Saving again replaces the folder whole.
-    checkpoint::save(&dir, &model, &meta).unwrap();
+    let target = fetch_ml::train::save_target::SaveTarget::prepare(&dir).unwrap();
+    checkpoint::save(&target, &model, &meta).unwrap();
+    drop(target);
     let leftovers: Vec<_> = std::fs::read_dir(t._dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -275,7 +279,8 @@ fn damaged_checkpoints_are_refused() {
     let o = run(fetch_ml()
         .args(["--task=2", "-s", "hi", "--checkpoint"])
         .arg(&dir2));
-    fails_with(&o, &["class_head.fc2.weight", "shape"]);
+    // The label lists are stored with the weights too, so the edit is caught by name.
+    fails_with(&o, &["label lists", "checkpoint.json"]);
 
     let o = run(fetch_ml()
         .args(["--task=2", "-s", "hi", "--checkpoint"])
@@ -412,5 +417,298 @@ fn minilm_heads_learn_the_shipped_data() {
     assert_eq!(
         report["predictions"].as_array().unwrap().len(),
         fetch_ml::input::DEFAULT_SENTENCES.lines().count()
+    );
+}
+
+/// The packed training path (no padding anywhere) computes what the padded one does: the
+/// same logits and, in training mode, the same gradient for every trainable tensor, with the
+/// whole encoder trainable and with a frozen prefix.
+#[test]
+fn packed_training_matches_the_padded_path() {
+    use fetch_ml::model::batch::PackedBatch;
+    use fetch_ml::model::dropout::Dropout;
+    let t = toy();
+    for freeze_layers in [None, Some(1)] {
+        let cfg = config(&t, quick(), &[], freeze_layers);
+        let setup = Setup::load(&cfg).unwrap();
+        let layers = setup.assets.config.num_hidden_layers;
+        let plan = FreezePlan::new(&cfg.freeze, cfg.freeze_layers, layers).unwrap();
+        let model = build_model(&setup, &cfg, plan);
+        let texts = [
+            "i love my phone and the app is great today",
+            "bad",
+            "the pizza was very tasty",
+            "zyx",
+        ];
+        let enc = setup.assets.tokenizer.encode(&texts).unwrap();
+        let items: Vec<_> = enc.iter().collect();
+        let padded = setup.assets.tokenizer.batch(&items, &Device::Cpu).unwrap();
+        let packed = PackedBatch::new(&items);
+        let no_dropout = Dropout::disabled();
+        let loss = |l: &[candle_core::Tensor; 2]| {
+            let w0 = l[0].ones_like().unwrap().cumsum(1).unwrap().sin().unwrap();
+            let w1 = l[1].ones_like().unwrap().cumsum(1).unwrap().cos().unwrap();
+            ((&l[0] * &w0).unwrap().sum_all().unwrap() + (&l[1] * &w1).unwrap().sum_all().unwrap())
+                .unwrap()
+        };
+        let a = model.forward(&padded, Some(&no_dropout)).unwrap();
+        let b = model.forward_packed(&packed, Some(&no_dropout)).unwrap();
+        for h in 0..2 {
+            let d = (&a[h] - &b[h]).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "logits differ by {d}");
+        }
+        let (ga, gb) = (loss(&a).backward().unwrap(), loss(&b).backward().unwrap());
+        let mut checked = 0;
+        for p in model.registry.params() {
+            let Some(v) = &p.var else { continue };
+            let (x, y) = (ga.get(v).unwrap(), gb.get(v).unwrap());
+            let scale = x
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .max(1e-3);
+            let d = (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                d / scale < 1e-4,
+                "{}: gradients differ by {d} (scale {scale})",
+                p.name
+            );
+            checked += 1;
+        }
+        assert!(checked > 10, "{checked} trainable tensors checked");
+    }
+}
+
+/// A toy whose model has no dropout anywhere, so that differently batched runs are
+/// comparable.
+fn toy_without_dropout() -> Toy {
+    let t = toy();
+    let path = t.model.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["hidden_dropout_prob"] = 0.0.into();
+    v["attention_probs_dropout_prob"] = 0.0.into();
+    std::fs::write(&path, v.to_string()).unwrap();
+    t
+}
+
+fn max_param_diff(a: &MultiTaskModel, b: &MultiTaskModel) -> f32 {
+    common::param_bits(a)
+        .iter()
+        .zip(common::param_bits(b))
+        .flat_map(|((na, x), (nb, y))| {
+            assert_eq!(na, &nb);
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (f32::from_bits(*p) - f32::from_bits(q)).abs())
+                .collect::<Vec<_>>()
+        })
+        .fold(0.0, f32::max)
+}
+
+/// Gradient accumulation: 2 micro-batches of 8 train exactly as batches of 16 (up to
+/// rounding), and differently from plain batches of 8.
+#[test]
+fn grad_accum_equals_a_larger_batch() {
+    let t = toy_without_dropout();
+    let run = |batch_size: usize, grad_accum: usize| {
+        let mut cfg = config(
+            &t,
+            TrainSettings {
+                epochs: 2,
+                batch_size,
+                grad_accum,
+                lr: 1e-3,
+                head_lr: 1e-2,
+                ..TrainSettings::default()
+            },
+            &[],
+            None,
+        );
+        cfg.head_dropout = 0.0;
+        let (_, model, r) = train_model(&cfg);
+        (model, r.training.epochs[0].loss)
+    };
+    let (big, big_loss) = run(16, 1);
+    let (accum, accum_loss) = run(8, 2);
+    let (small, _) = run(8, 1);
+    // The first epoch's mean losses agree to rounding.
+    for h in 0..2 {
+        let rel = (big_loss[h] - accum_loss[h]).abs() / big_loss[h];
+        assert!(
+            rel < 1e-5,
+            "head {h}: loss {} vs {}",
+            big_loss[h],
+            accum_loss[h]
+        );
+    }
+    // Weights: AdamW turns rounding-level gradient differences near zero into updates of
+    // up to the learning rate, so compare against what a real difference in batching does.
+    let d = max_param_diff(&big, &accum);
+    let d_small = max_param_diff(&big, &small);
+    eprintln!("max weight difference: accumulated {d}, small batches {d_small}");
+    assert!(
+        d < d_small / 100.0,
+        "accumulated {d} vs small batches {d_small}"
+    );
+}
+
+/// --keep-best leaves the model with the best evaluation's weights and reports it;
+/// --early-stop ends training when the metric stops improving.
+#[test]
+fn keep_best_and_early_stop() {
+    let t = toy();
+    let mut cfg = config(
+        &t,
+        TrainSettings {
+            epochs: 6,
+            batch_size: 16,
+            eval_every: Some(1),
+            keep_best: Some(fetch_ml::train::metrics::Metric::MeanMacroF1),
+            ..quick()
+        },
+        &[FreezePart::Encoder],
+        None,
+    );
+    let (setup, model, result) = train_model(&cfg);
+    let best = result.training.best.clone().expect("a best evaluation");
+    assert_eq!(result.training.evaluations.len(), 6 * 4 /* steps */);
+    let max = result
+        .training
+        .evaluations
+        .iter()
+        .map(|e| fetch_ml::train::metrics::Metric::MeanMacroF1.of(&e.metrics))
+        .fold(f64::MIN, f64::max);
+    assert_eq!(best.value, max);
+    let now = fetch_ml::train::evaluate::evaluate(
+        &model,
+        &setup.eval.as_ref().unwrap().prepared,
+        16,
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        fetch_ml::train::metrics::Metric::MeanMacroF1.of(&now),
+        best.value
+    );
+    assert_eq!(
+        result.eval.as_ref().unwrap()[0].accuracy,
+        best.eval[0].accuracy
+    );
+
+    // A learning rate too small to change a prediction: nothing improves after the first
+    // evaluation.
+    cfg.settings.lr = 1e-6;
+    cfg.settings.head_lr = 1e-6;
+    cfg.settings.early_stop = Some(2);
+    let (_, _, r) = train_model(&cfg);
+    assert!(r.training.stopped_early);
+    assert_eq!(
+        r.training.evaluations.len(),
+        3,
+        "the first, then two without improvement"
+    );
+    assert_eq!(r.training.steps, 3);
+}
+
+/// With the first layers frozen, their output is computed once: training on it gives the
+/// weights that recomputing it every step gives.
+#[test]
+fn frozen_prefix_cache_trains_as_recomputing_does() {
+    let t = toy();
+    let run = |cache: bool| {
+        let cfg = config(
+            &t,
+            TrainSettings {
+                epochs: 2,
+                cache_features: cache,
+                ..quick()
+            },
+            &[],
+            Some(2),
+        );
+        train_model(&cfg)
+    };
+    let (_, cached, r1) = run(true);
+    let (_, recomputed, r2) = run(false);
+    assert!(r1.training.cached_prefix && !r2.training.cached_prefix);
+    let d = max_param_diff(&cached, &recomputed);
+    assert!(d < 1e-5, "cached prefix training differs by {d}");
+}
+
+/// The trainer flags reach the JSON report and checkpoint.json.
+#[test]
+fn trainer_flags_are_reported_and_saved() {
+    let t = toy();
+    let dir = t._dir.path().join("ck");
+    let out = ok(&run(fetch_ml()
+        .args([
+            "--task=2",
+            "--epochs",
+            "2",
+            "--format",
+            "json",
+            "--batch-size",
+            "8",
+        ])
+        .args([
+            "--grad-accum",
+            "2",
+            "--eval-every",
+            "2",
+            "--keep-best",
+            "class.macro_f1",
+        ])
+        .args(["--early-stop", "5", "--class-weights", "auto", "--model"])
+        .arg(&t.model)
+        .arg("--train-file")
+        .arg(&t.train)
+        .arg("--eval-file")
+        .arg(&t.eval)
+        .arg("--save")
+        .arg(&dir)));
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let s = &report["training"]["settings"];
+    assert_eq!(s["grad_accum"], 2);
+    assert_eq!(s["eval_every"], 2);
+    assert_eq!(s["keep_best"], "class.macro_f1");
+    assert_eq!(s["early_stop"], 5);
+    assert_eq!(s["class_weights"], true);
+    // 64 rows in steps of 16: 4 steps per epoch, an evaluation every 2.
+    assert_eq!(
+        report["training"]["evaluations"].as_array().unwrap().len(),
+        4
+    );
+    let best = &report["training"]["best"];
+    assert_eq!(best["metric"], "class.macro_f1");
+    assert_eq!(report["eval"]["class"]["macro_f1"], best["value"]);
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["training"]["settings"]["keep_best"], "class.macro_f1");
+    // Both need an evaluation set; --early-stop needs --keep-best.
+    fails_with(
+        &run(fetch_ml()
+            .args(["--task=2", "--keep-best", "class.accuracy", "--model"])
+            .arg(&t.model)
+            .arg("--train-file")
+            .arg(&t.train)
+            .arg("--save")
+            .arg(&dir)),
+        &["--eval-file"],
+    );
+    fails_with(
+        &run(fetch_ml().args(["--task=2", "--early-stop", "2"])),
+        &["--keep-best"],
     );
 }

@@ -11,6 +11,7 @@ use candle_nn::{Embedding, VarBuilder};
 use candle_transformers::models::bert::HiddenAct;
 use serde::Deserialize;
 
+use super::batch::PackedBatch;
 use super::dropout::Dropout;
 
 /// `config.json` of a BERT model: candle-transformers' `Config` plus the attention dropout.
@@ -45,6 +46,24 @@ impl BertConfig {
             self.num_attention_heads
         );
         anyhow::ensure!(self.num_hidden_layers > 0, "num_hidden_layers is 0");
+        anyhow::ensure!(self.vocab_size > 0, "vocab_size is 0");
+        anyhow::ensure!(
+            self.pad_token_id < self.vocab_size,
+            "pad_token_id {} is outside the vocabulary of {} (vocab_size)",
+            self.pad_token_id,
+            self.vocab_size
+        );
+        anyhow::ensure!(
+            self.max_position_embeddings >= 2,
+            "max_position_embeddings {} leaves no room for [CLS] and [SEP]",
+            self.max_position_embeddings
+        );
+        anyhow::ensure!(self.type_vocab_size > 0, "type_vocab_size is 0");
+        anyhow::ensure!(
+            self.layer_norm_eps.is_finite() && self.layer_norm_eps >= 0.0,
+            "layer_norm_eps {} is not a non-negative number",
+            self.layer_norm_eps
+        );
         Ok(())
     }
 }
@@ -182,6 +201,22 @@ impl BertEmbeddings {
         let x = self.layer_norm.forward(&x, mode)?;
         mode.dropout(&x, self.dropout)
     }
+
+    /// A packed batch -> `[T, hidden]`.
+    pub fn forward_packed(&self, batch: &PackedBatch, mode: Mode) -> Result<Tensor> {
+        let dev = self.word_embeddings.embeddings().device();
+        let t = batch.tokens();
+        let ids = Tensor::from_slice(&batch.input_ids, t, dev)?;
+        let types = Tensor::from_slice(&batch.type_ids, t, dev)?;
+        let positions = Tensor::from_slice(&batch.positions, t, dev)?;
+        let x = self
+            .word_embeddings
+            .forward(&ids)?
+            .add(&self.token_type_embeddings.forward(&types)?)?
+            .add(&self.position_embeddings.forward(&positions)?)?;
+        let x = self.layer_norm.forward(&x, mode)?;
+        mode.dropout(&x, self.dropout)
+    }
 }
 
 /// The additive attention mask: `None` when no position in the batch is padding.
@@ -193,6 +228,8 @@ pub struct AttentionMask {
     /// Real tokens per row when every row is padded at its end only (as our batches are):
     /// the fused attention then skips padding entirely.
     lengths: Option<Vec<usize>>,
+    /// Sequence offsets of packed states `[T, hidden]` (see [`PackedBatch`]).
+    packed: Option<Vec<usize>>,
 }
 
 impl AttentionMask {
@@ -215,8 +252,30 @@ impl AttentionMask {
             // exp() of the large negative is exactly 0.
             Some(((mask - 1.0)? * 1e9)?.reshape((b, 1, 1, s))?)
         };
-        Ok(Self { additive, lengths })
+        Ok(Self {
+            additive,
+            lengths,
+            packed: None,
+        })
     }
+
+    /// For packed states `[T, hidden]`: each sequence attends to its own tokens only.
+    pub fn packed(batch: &PackedBatch) -> Self {
+        Self {
+            additive: None,
+            lengths: None,
+            packed: Some(batch.offsets.clone()),
+        }
+    }
+}
+
+/// Where each sequence's rows are, for the fused attention.
+#[derive(Clone, Copy)]
+enum Layout<'a> {
+    /// `[batch, seq, ..]`, row `i` holding `lengths[i]` real tokens then padding.
+    Padded(&'a [usize]),
+    /// `[T, ..]`, sequence `i` the rows `offsets[i]..offsets[i + 1]`.
+    Packed(&'a [usize]),
 }
 
 /// Multi-head self-attention plus its output projection and LayerNorm.
@@ -268,9 +327,10 @@ impl BertAttention {
     }
 
     pub fn forward(&self, x: &Tensor, mask: &AttentionMask, mode: Mode) -> Result<Tensor> {
-        let ctx = match &mask.lengths {
-            Some(lengths) => self.fused_context(x, lengths, mode)?,
-            None => self.context(x, mask, mode)?,
+        let ctx = match (&mask.packed, &mask.lengths) {
+            (Some(offsets), _) => self.fused_context(x, Layout::Packed(offsets), mode)?,
+            (None, Some(lengths)) => self.fused_context(x, Layout::Padded(lengths), mode)?,
+            (None, None) => self.context(x, mask, mode)?,
         };
         let out = mode.dropout(&self.output.forward(&ctx)?, self.hidden_dropout)?;
         self.layer_norm.forward(&(out + x)?, mode)
@@ -278,7 +338,7 @@ impl BertAttention {
 
     /// Attention context through one fused projection and the fused attention op (batches
     /// padded at the end).
-    fn fused_context(&self, x: &Tensor, lengths: &[usize], mode: Mode) -> Result<Tensor> {
+    fn fused_context(&self, x: &Tensor, layout: Layout, mode: Mode) -> Result<Tensor> {
         let w = Tensor::cat(
             &[&self.query.weight, &self.key.weight, &self.value.weight],
             0,
@@ -289,7 +349,14 @@ impl BertAttention {
             Mode::Train(d) => d.next_seed(self.attn_dropout),
             Mode::Infer => None,
         };
-        super::ops::attention(&qkv, lengths, self.heads, self.head_dim, dropout)
+        match layout {
+            Layout::Padded(lengths) => {
+                super::ops::attention(&qkv, lengths, self.heads, self.head_dim, dropout)
+            }
+            Layout::Packed(offsets) => {
+                super::ops::attention_packed(&qkv, offsets, self.heads, self.head_dim, dropout)
+            }
+        }
     }
 
     /// Attention context with candle ops, for any mask.

@@ -21,7 +21,8 @@ impl Dropout {
         }
     }
 
-    /// A dropout that drops nothing: the training path without its randomness.
+    /// A dropout that drops nothing: the training path without its randomness (for tests).
+    #[cfg(any(test, feature = "test-support"))]
     pub fn disabled() -> Self {
         Self { rng: None }
     }

@@ -1,6 +1,7 @@
 //! The neural network: our BERT encoder, pooling, the multitask heads, freezing, and where
 //! parameters come from.
 
+pub mod batch;
 pub mod bert;
 pub mod dropout;
 pub mod fast;

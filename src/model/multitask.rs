@@ -11,6 +11,7 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use super::batch::PackedBatch;
 use super::bert::{AttentionMask, BertEncoder, Linear, Mode};
 use super::dropout::Dropout;
 use super::fast::Workspace;
@@ -175,6 +176,67 @@ impl MultiTaskModel {
             .encoder
             .forward_layers(&x, &mask, frozen..layers, train)?;
         Ok(self.pooling.forward(&x, &batch.attention_mask)?)
+    }
+
+    /// Pooled (mean) sentence vectors `[batch, hidden]` of a packed batch: the same as
+    /// [`Self::features`] on the padded batch, with no work on padding. With `dropout`, the
+    /// trainable part runs in training mode; the frozen prefix in inference mode, detached.
+    pub fn features_packed(
+        &self,
+        batch: &PackedBatch,
+        dropout: Option<&Dropout>,
+    ) -> Result<Tensor> {
+        let prefix = match self.plan.encoder_prefix {
+            Some(_) => Some(self.frozen_prefix_packed(batch)?),
+            None => None,
+        };
+        self.features_from_prefix(prefix.as_ref(), batch, dropout)
+    }
+
+    /// The frozen part of the encoder on a packed batch: `[T, hidden]` after the embeddings
+    /// and the frozen layers (inference mode, detached). Only meaningful with a frozen prefix
+    /// (`--freeze-layers` or a frozen encoder).
+    pub fn frozen_prefix_packed(&self, batch: &PackedBatch) -> Result<Tensor> {
+        let mask = AttentionMask::packed(batch);
+        let frozen = self.plan.frozen_layers();
+        let x = self.encoder.embeddings.forward_packed(batch, Mode::Infer)?;
+        let x = self
+            .encoder
+            .forward_layers(&x, &mask, 0..frozen, Mode::Infer)?;
+        Ok(x.detach())
+    }
+
+    /// Pooled vectors from the output of the frozen prefix `prefix` `[T, hidden]` (see
+    /// [`Self::frozen_prefix_packed`]), or, with no frozen prefix (`None`), from the
+    /// embeddings computed in the requested mode.
+    pub fn features_from_prefix(
+        &self,
+        prefix: Option<&Tensor>,
+        batch: &PackedBatch,
+        dropout: Option<&Dropout>,
+    ) -> Result<Tensor> {
+        let train = dropout.map_or(Mode::Infer, Mode::Train);
+        let layers = self.encoder.layers.len();
+        let frozen = self.plan.frozen_layers();
+        let mask = AttentionMask::packed(batch);
+        let x = match prefix {
+            Some(x) => x.clone(),
+            None => self.encoder.embeddings.forward_packed(batch, train)?,
+        };
+        let x = self
+            .encoder
+            .forward_layers(&x, &mask, frozen..layers, train)?;
+        Ok(batch.mean_matrix(x.device())?.matmul(&x)?)
+    }
+
+    /// Logits of both heads for a packed batch.
+    pub fn forward_packed(
+        &self,
+        batch: &PackedBatch,
+        dropout: Option<&Dropout>,
+    ) -> Result<[Tensor; 2]> {
+        let features = self.features_packed(batch, dropout)?;
+        self.head_logits(&features, dropout)
     }
 
     /// Logits of both heads for pooled vectors `[batch, hidden]`.

@@ -1,6 +1,6 @@
 //! Pooling token states into one sentence vector, and L2 normalisation.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 
 /// How token states `[batch, seq, hidden]` become a sentence vector `[batch, hidden]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -49,14 +49,4 @@ impl Pooling {
             }
         }
     }
-}
-
-/// Divides each row of `x` `[batch, dim]` by its L2 norm (a zero row stays zero).
-pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .sqrt()?
-        .clamp(1e-12, f64::INFINITY)?;
-    x.broadcast_div(&norm)
 }

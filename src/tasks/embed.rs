@@ -7,9 +7,10 @@ use candle_core::Device;
 
 use crate::config::{EmbedConfig, Format};
 use crate::embed::{Embedder, Embedding};
-use crate::input::SentenceReader;
+use crate::input::{SentenceReader, MAX_LINE_BYTES};
 use crate::loader::ModelAssets;
 use crate::output::{progress_bar, Output};
+use crate::tokenize::name_sentence;
 
 /// Sentences read and embedded per step; bounds memory whatever the input size.
 const CHUNK: usize = 4096;
@@ -51,24 +52,18 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
     let mut reader = SentenceReader::open(&cfg.input)?;
     let mut out = Output::create(cfg.output.as_deref())?;
     let mut printer = Printer::new(cfg.format, meta);
-    printer.begin(&mut out)?;
-    let (_, total) = reader.progress();
-    let bar = progress_bar(total, "embedding");
-    let (mut count, mut truncated) = (0usize, 0usize);
-    loop {
-        let chunk = reader.next_chunk(CHUNK)?;
-        if chunk.is_empty() {
-            break;
+    let mut written = false;
+    let streamed = stream(&mut reader, &embedder, &mut printer, &mut out, &mut written);
+    let (count, truncated) = match streamed {
+        Ok(counts) => counts,
+        // A file output is simply never renamed into place; standard output is already out.
+        Err(e) if written && out.is_stdout() => {
+            return Err(
+                e.context("stopped early: what was written to standard output is incomplete")
+            )
         }
-        let embeddings = embedder.embed(&chunk)?;
-        for (text, e) in chunk.iter().zip(&embeddings) {
-            printer.item(&mut out, count, text, e)?;
-            count += 1;
-            truncated += e.truncated as usize;
-        }
-        bar.set_position(reader.progress().0);
-    }
-    bar.finish_and_clear();
+        Err(e) => return Err(e),
+    };
     if count == 0 {
         bail!(
             "{} has no sentences (blank lines are skipped); give text with --sentence or --input",
@@ -77,6 +72,14 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
     }
     printer.end(&mut out, count)?;
     out.finish()?;
+    if reader.clipped_lines() > 0 {
+        eprintln!(
+            "note: {} line(s) were longer than {} MiB; only their first {} MiB was read",
+            reader.clipped_lines(),
+            MAX_LINE_BYTES >> 20,
+            MAX_LINE_BYTES >> 20
+        );
+    }
     if truncated > 0 {
         eprintln!(
             "note: {truncated} of {count} sentence(s) were longer than {} tokens and were \
@@ -85,6 +88,47 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Embeds and prints every sentence of `reader`; returns the count and how many were
+/// truncated. `written` turns true once anything went to `out`.
+fn stream(
+    reader: &mut SentenceReader,
+    embedder: &Embedder,
+    printer: &mut Printer,
+    out: &mut Output,
+    written: &mut bool,
+) -> Result<(usize, usize)> {
+    let (_, total) = reader.progress();
+    let bar = progress_bar(total, "embedding");
+    let (mut count, mut truncated) = (0usize, 0usize);
+    loop {
+        let chunk = reader.next_chunk(CHUNK)?;
+        if chunk.is_empty() {
+            break;
+        }
+        let embeddings = embedder
+            .embed(&chunk)
+            .map_err(|e| name_sentence(e, |i| reader.locate(i)))?;
+        if count == 0 {
+            *written = true;
+            printer.begin(out)?;
+        }
+        for (i, (text, e)) in chunk.iter().zip(embeddings).enumerate() {
+            let mut e = e;
+            e.truncated |= reader.clipped(i);
+            printer.item(out, count, text, &e)?;
+            count += 1;
+            truncated += e.truncated as usize;
+        }
+        bar.set_position(reader.progress().0);
+    }
+    bar.finish_and_clear();
+    if count == 0 {
+        *written = true;
+        printer.begin(out)?;
+    }
+    Ok((count, truncated))
 }
 
 /// One sentence in the JSON formats; f32 values print in their shortest exact form.

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::Device;
 use serde::Serialize;
 use serde_json::json;
@@ -17,9 +17,11 @@ use crate::loader::ModelAssets;
 use crate::model::freeze::FreezePlan;
 use crate::model::multitask::{HeadInit, MultiTaskModel};
 use crate::output::Output;
+use crate::tokenize::name_sentence;
 use crate::train::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::train::evaluate::{evaluate, predict_probs};
 use crate::train::metrics::HeadMetrics;
+use crate::train::save_target::SaveTarget;
 use crate::train::session::{fit, Setup};
 use crate::train::trainer::Prepared;
 
@@ -43,6 +45,12 @@ pub fn run(cfg: &MultitaskConfig) -> Result<()> {
         return run_checkpoint(cfg, dir);
     }
     let t = &cfg.train;
+    if let Some(p) = &cfg.output {
+        crate::output::check_target("--output", p, None)?;
+    }
+    // Checked and locked before training, so a bad or busy target fails in seconds.
+    let target =
+        SaveTarget::prepare(&cfg.save).with_context(|| format!("--save {}", cfg.save.display()))?;
     let setup = Setup::load(t)?;
     let dev = Device::Cpu;
     let layers = setup.assets.config.num_hidden_layers;
@@ -98,7 +106,11 @@ pub fn run(cfg: &MultitaskConfig) -> Result<()> {
             "steps": result.training.steps,
             "train_seconds": result.training.train_seconds,
             "cached_features": result.training.cached_features,
+            "cached_prefix": result.training.cached_prefix,
             "final_loss": result.training.final_loss(),
+            "evaluations": result.training.evaluations,
+            "best": result.training.best,
+            "stopped_early": result.training.stopped_early,
         },
         "eval": eval_json,
         "freeze_check": result.freeze_check,
@@ -109,7 +121,8 @@ pub fn run(cfg: &MultitaskConfig) -> Result<()> {
         report["training"].clone(),
         report.clone(),
     );
-    checkpoint::save(&cfg.save, &model, &meta)?;
+    checkpoint::save(&target, &model, &meta)
+        .with_context(|| format!("--save {}", cfg.save.display()))?;
     eprintln!("checkpoint saved to {}", cfg.save.display());
 
     let text_report = report_text(
@@ -131,6 +144,7 @@ fn run_checkpoint(cfg: &MultitaskConfig, dir: &std::path::Path) -> Result<()> {
             id: base.id.clone(),
             revision: base.revision.clone(),
             offline: cfg.train.model.offline,
+            hub_timeout: cfg.train.model.hub_timeout,
         }
     };
     let max_len = cfg.train.max_seq_length.or(Some(base.max_seq_length));
@@ -150,7 +164,9 @@ fn run_checkpoint(cfg: &MultitaskConfig, dir: &std::path::Path) -> Result<()> {
         let texts: Vec<&str> = d.examples.iter().map(|e| e.text.as_str()).collect();
         let prepared = Prepared {
             texts: texts.iter().map(|t| t.to_string()).collect(),
-            encoded: assets.tokenizer.encode(&texts)?,
+            encoded: assets.tokenizer.encode(&texts).map_err(|e| {
+                name_sentence(e, |i| format!("{}, line {}", d.name, d.examples[i].line))
+            })?,
             labels: ids,
         };
         eval = Some(evaluate(
@@ -219,7 +235,9 @@ fn finish(
         if chunk.is_empty() {
             break;
         }
-        for p in predict(model, assets, &chunk, cfg.train.settings.batch_size)? {
+        let predictions = predict(model, assets, &chunk, cfg.train.settings.batch_size)
+            .map_err(|e| name_sentence(e, |i| reader.locate(i)))?;
+        for p in predictions {
             match cfg.format {
                 Format::Text => writeln!(
                     out,

@@ -53,6 +53,13 @@ pub fn run(cfg: &ScenariosConfig) -> Result<()> {
             "--task=3 compares scenarios on an evaluation set: pass --eval-file with --train-file"
         );
     }
+    // Output targets are checked before hours of training, not after.
+    if let Some(p) = &cfg.plot {
+        crate::output::check_target("--plot", p, Some("png"))?;
+    }
+    if let Some(p) = &cfg.output {
+        crate::output::check_target("--output", p, None)?;
+    }
     let setup = Setup::load(t)?;
     let layers = setup.assets.config.num_hidden_layers;
     let n = cfg.layers_n.unwrap_or(layers / 2);

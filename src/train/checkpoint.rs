@@ -13,13 +13,17 @@ use serde::{Deserialize, Serialize};
 use crate::loader::ModelAssets;
 use crate::model::freeze::FreezePlan;
 use crate::model::multitask::{HeadInit, HeadsSpec, MultiTaskModel, HEAD_NAMES};
-use crate::model::weights::WeightFile;
+use crate::model::weights::{WeightFile, FINGERPRINT_PREFIX};
+use crate::train::save_target::{self, SaveTarget};
 
-const FORMAT: &str = "fetch-ml-multitask";
+pub const FORMAT: &str = "fetch-ml-multitask";
 const VERSION: u32 = 1;
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const META_FILE: &str = "checkpoint.json";
 pub const METRICS_FILE: &str = "metrics.json";
+/// A u8 tensor in `model.safetensors` holding the heads' label lists as JSON, so that an edit
+/// of the lists in `checkpoint.json` (which would silently relabel predictions) is caught.
+pub const LABELS_TENSOR: &str = "heads.labels_json";
 
 /// The base model a checkpoint was trained from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,8 +96,16 @@ fn saved_params(model: &MultiTaskModel) -> Vec<(String, Tensor)> {
 
 /// Describes the base model of `assets` for a checkpoint.
 pub fn base_model(assets: &ModelAssets) -> Result<BaseModel> {
+    // A local folder is stored as an absolute path, so the checkpoint loads from any folder.
+    let id = if assets.files.model.is_local() {
+        std::fs::canonicalize(&assets.files.model.id)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| assets.files.model.id.clone())
+    } else {
+        assets.files.model.id.clone()
+    };
     Ok(BaseModel {
-        id: assets.files.model.id.clone(),
+        id,
         revision: assets.files.model.revision.clone(),
         fingerprint: assets
             .weights
@@ -106,63 +118,29 @@ pub fn base_model(assets: &ModelAssets) -> Result<BaseModel> {
     })
 }
 
-/// Saves `model` into `dir` atomically: a complete folder or, on failure, the old one intact.
-pub fn save(dir: &Path, model: &MultiTaskModel, meta: &CheckpointMeta) -> Result<()> {
-    if dir.exists() {
-        let is_empty = dir
-            .read_dir()
-            .map(|mut d| d.next().is_none())
-            .unwrap_or(false);
-        if !dir.join(META_FILE).is_file() && !is_empty {
-            bail!(
-                "--save {}: the folder exists and is not a fetch-ml checkpoint; choose another folder",
-                dir.display()
-            );
-        }
-    }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.tmp-"))
-        .tempdir_in(&parent)
-        .with_context(|| format!("creating a temporary folder in {}", parent.display()))?;
-    let tensors: HashMap<String, Tensor> = saved_params(model).into_iter().collect();
-    candle_core::safetensors::save(&tensors, tmp.path().join(WEIGHTS_FILE))
-        .context("writing model.safetensors")?;
-    std::fs::write(
-        tmp.path().join(META_FILE),
-        serde_json::to_string_pretty(meta)?,
-    )?;
-    std::fs::write(
-        tmp.path().join(METRICS_FILE),
-        serde_json::to_string_pretty(&meta.metrics)?,
-    )?;
-    // Swap the folders: the old one is moved aside first and removed only once the new one
-    // is in place.
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    let had_old = dir.exists();
-    if had_old {
-        std::fs::rename(dir, &old)
-            .with_context(|| format!("moving the old {} aside", dir.display()))?;
-    }
-    if let Err(e) = std::fs::rename(tmp.path(), dir) {
-        if had_old {
-            let _ = std::fs::rename(&old, dir);
-        }
-        return Err(e).with_context(|| format!("moving the checkpoint into {}", dir.display()));
-    }
-    let _ = tmp.keep();
-    if had_old {
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-    }
-    Ok(())
+/// Saves `model` through `target`: a complete folder appears at the target, or (on failure)
+/// the old one stays; see [`super::save_target`] for what a kill at any moment leaves.
+pub fn save(target: &SaveTarget, model: &MultiTaskModel, meta: &CheckpointMeta) -> Result<()> {
+    let mut tensors: HashMap<String, Tensor> = saved_params(model).into_iter().collect();
+    let labels = serde_json::to_vec(&meta.heads.labels)?;
+    let n = labels.len();
+    tensors.insert(
+        LABELS_TENSOR.into(),
+        Tensor::from_vec(labels, n, &Device::Cpu)?,
+    );
+    target.save(|tmp| {
+        candle_core::safetensors::save(&tensors, tmp.join(WEIGHTS_FILE))
+            .context("writing model.safetensors")?;
+        std::fs::write(
+            tmp.join(METRICS_FILE),
+            serde_json::to_string_pretty(&meta.metrics)?,
+        )
+        .context("writing metrics.json")?;
+        // Last: a folder with checkpoint.json is a complete one.
+        std::fs::write(tmp.join(META_FILE), serde_json::to_string_pretty(meta)?)
+            .context("writing checkpoint.json")?;
+        Ok(())
+    })
 }
 
 /// A checkpoint read from disk.
@@ -174,6 +152,7 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     pub fn load(dir: &Path) -> Result<Self> {
+        save_target::recover(dir)?;
         let meta_path = dir.join(META_FILE);
         let text = std::fs::read_to_string(&meta_path).with_context(|| {
             format!(
@@ -192,6 +171,18 @@ impl Checkpoint {
             );
         }
         let weights = Arc::new(WeightFile::open(&dir.join(WEIGHTS_FILE))?);
+        // Checkpoints before the label tensor have none; theirs cannot be checked.
+        if let Some(saved) = weights.raw_bytes(LABELS_TENSOR)? {
+            let listed = serde_json::to_vec(&meta.heads.labels)?;
+            if saved != listed {
+                bail!(
+                    "{}: the label lists (heads.labels) are not the ones the weights were trained \
+                     with ({}); restore the file, or train again",
+                    meta_path.display(),
+                    String::from_utf8_lossy(&saved)
+                );
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             meta,
@@ -214,7 +205,17 @@ impl Checkpoint {
                 want.id
             );
         }
-        if want.fingerprint != got.fingerprint {
+        let got_fingerprint = if want.fingerprint.starts_with(FINGERPRINT_PREFIX) {
+            got.fingerprint.clone()
+        } else {
+            eprintln!(
+                "note: the checkpoint in {} comes from an older fetch-ml whose base-model \
+                 fingerprint covers only the first 2 MiB of the weights; save it again for a full check",
+                self.dir.display()
+            );
+            assets.weights.legacy_fingerprint()?
+        };
+        if want.fingerprint != got_fingerprint {
             bail!(
                 "the checkpoint in {} was trained on {} (weights fingerprint {}), but {} has other \
                  weights (fingerprint {}); pass the base model it was trained on",

@@ -45,6 +45,46 @@ pub fn multitask_loss(
     Ok((total, [a, b]))
 }
 
+/// Sum over the labelled rows of `weight[label] * CE`, and that sum's denominator
+/// contribution (the rows' summed weights: their count without class weights). Dividing the
+/// summed terms of several micro-batches by their summed denominators gives exactly the
+/// weighted mean of one large batch (PyTorch's `CrossEntropyLoss(weight=...)`).
+pub fn weighted_ce_sum(
+    logits: &Tensor,
+    t: &HeadTargets,
+    class_weights: Option<&Tensor>,
+) -> Result<(Tensor, f64)> {
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let picked = logp.gather(&t.ids.unsqueeze(1)?, 1)?.squeeze(1)?; // [batch]
+    let row_w = match class_weights {
+        Some(w) => (w.index_select(&t.ids, 0)? * &t.mask)?,
+        None => t.mask.clone(),
+    };
+    let denom = row_w.sum_all()?.to_scalar::<f32>()? as f64;
+    Ok(((picked * row_w)?.sum_all()?.neg()?, denom))
+}
+
+/// Inverse-frequency class weights `n / (k * count_c)` over the labelled rows (scikit-learn's
+/// "balanced"); a label without rows gets weight 0.
+pub fn balanced_weights(labels: &[Option<u32>], num_labels: usize) -> Vec<f32> {
+    let mut counts = vec![0usize; num_labels];
+    for &l in labels.iter().flatten() {
+        counts[l as usize] += 1;
+    }
+    let n: usize = counts.iter().sum();
+    let k = counts.iter().filter(|&&c| c > 0).count().max(1);
+    counts
+        .iter()
+        .map(|&c| {
+            if c == 0 {
+                0.0
+            } else {
+                (n as f64 / (k as f64 * c as f64)) as f32
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +125,42 @@ mod tests {
             get(&parts[1])
         );
         assert!((get(&total) - (0.5 * class + 2.0 * sent)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn balanced_weights_are_inverse_frequencies() {
+        let w = balanced_weights(&[Some(0), Some(0), Some(0), Some(1), None], 3);
+        // n = 4 labelled rows, k = 2 labels present.
+        assert_eq!(w, vec![4.0 / 6.0, 4.0 / 2.0, 0.0]);
+    }
+
+    #[test]
+    fn weighted_sums_over_micro_batches_give_the_large_batch_mean() {
+        let dev = Device::Cpu;
+        let logits = Tensor::new(&[[2f32, 0.], [0., 1.], [1., 1.], [3., -1.]], &dev).unwrap();
+        let labels = [Some(0), Some(1), None, Some(1)];
+        let w = Tensor::new(&[0.5f32, 2.0], &dev).unwrap();
+        let whole = HeadTargets::new(&labels, &dev).unwrap();
+        let (sum, denom) = weighted_ce_sum(&logits, &whole, Some(&w)).unwrap();
+        let mean = sum.to_scalar::<f32>().unwrap() as f64 / denom;
+        let mut parts = (0.0, 0.0);
+        for r in [0..2, 2..4] {
+            let t = HeadTargets::new(&labels[r.clone()], &dev).unwrap();
+            let (s, d) =
+                weighted_ce_sum(&logits.narrow(0, r.start, 2).unwrap(), &t, Some(&w)).unwrap();
+            parts.0 += s.to_scalar::<f32>().unwrap() as f64;
+            parts.1 += d;
+        }
+        assert!((parts.0 / parts.1 - mean).abs() < 1e-6);
+        // Without weights it is the plain masked mean.
+        let (s, d) = weighted_ce_sum(&logits, &whole, None).unwrap();
+        let plain = masked_cross_entropy(&logits, &whole).unwrap();
+        assert!(
+            (s.to_scalar::<f32>().unwrap() as f64 / d - plain.to_scalar::<f32>().unwrap() as f64)
+                .abs()
+                < 1e-6
+        );
+        assert_eq!(d, 3.0);
     }
 
     #[test]

@@ -3,6 +3,65 @@
 
 use serde::{Deserialize, Serialize};
 
+/// An evaluation figure to select checkpoints by (`--keep-best`, `--early-stop`): higher is
+/// better for each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Metric {
+    #[serde(rename = "class.accuracy")]
+    ClassAccuracy,
+    #[serde(rename = "class.macro_f1")]
+    ClassMacroF1,
+    #[serde(rename = "sentiment.accuracy")]
+    SentimentAccuracy,
+    #[serde(rename = "sentiment.macro_f1")]
+    SentimentMacroF1,
+    /// The mean of both heads' accuracies.
+    #[serde(rename = "mean.accuracy")]
+    MeanAccuracy,
+    /// The mean of both heads' macro-F1.
+    #[serde(rename = "mean.macro_f1")]
+    MeanMacroF1,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 6] = [
+        Metric::ClassAccuracy,
+        Metric::ClassMacroF1,
+        Metric::SentimentAccuracy,
+        Metric::SentimentMacroF1,
+        Metric::MeanAccuracy,
+        Metric::MeanMacroF1,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::ClassAccuracy => "class.accuracy",
+            Metric::ClassMacroF1 => "class.macro_f1",
+            Metric::SentimentAccuracy => "sentiment.accuracy",
+            Metric::SentimentMacroF1 => "sentiment.macro_f1",
+            Metric::MeanAccuracy => "mean.accuracy",
+            Metric::MeanMacroF1 => "mean.macro_f1",
+        }
+    }
+
+    /// Parses a name such as `class.macro_f1`.
+    pub fn parse(s: &str) -> Option<Metric> {
+        Metric::ALL.into_iter().find(|m| m.name() == s)
+    }
+
+    /// The figure in a pair of head metrics.
+    pub fn of(self, m: &[HeadMetrics; 2]) -> f64 {
+        match self {
+            Metric::ClassAccuracy => m[0].accuracy,
+            Metric::ClassMacroF1 => m[0].macro_f1,
+            Metric::SentimentAccuracy => m[1].accuracy,
+            Metric::SentimentMacroF1 => m[1].macro_f1,
+            Metric::MeanAccuracy => (m[0].accuracy + m[1].accuracy) / 2.0,
+            Metric::MeanMacroF1 => (m[0].macro_f1 + m[1].macro_f1) / 2.0,
+        }
+    }
+}
+
 /// Precision, recall and F1 of one label.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassScores {

@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 
 use super::embedding_cache::{CacheKey, EmbeddingCache};
@@ -43,6 +43,13 @@ impl Setup {
             train.truncate(n);
         }
         let eval = cfg.eval_file.as_ref().map(Dataset::load).transpose()?;
+        let s = &cfg.settings;
+        if eval.is_none() && (s.eval_every.is_some() || s.keep_best.is_some()) {
+            bail!(
+                "--eval-every and --keep-best evaluate during training: pass --eval-file with \
+                 --train-file"
+            );
+        }
         let labels = train.label_sets();
         for t in 0..2 {
             if labels[t].is_empty() {
@@ -50,6 +57,13 @@ impl Setup {
                     "{}: no row has a {} label, so that head cannot be trained",
                     train.name,
                     TASKS[t]
+                );
+            }
+            if labels[t].len() == 1 {
+                eprintln!(
+                    "warning: every {} label in {} is {:?}: that head can only ever predict it \
+                     (its loss is 0 from the start)",
+                    TASKS[t], train.name, labels[t][0]
                 );
             }
         }
@@ -62,10 +76,11 @@ impl Setup {
                 name: d.name.clone(),
                 prepared: Prepared {
                     texts: texts.iter().map(|t| t.to_string()).collect(),
-                    encoded: assets
-                        .tokenizer
-                        .encode(&texts)
-                        .with_context(|| format!("tokenizing {}", d.name))?,
+                    encoded: assets.tokenizer.encode(&texts).map_err(|e| {
+                        crate::tokenize::name_sentence(e, |i| {
+                            format!("{}, line {}", d.name, d.examples[i].line)
+                        })
+                    })?,
                     labels: ids,
                 },
             })
@@ -135,14 +150,19 @@ pub fn fit(
     let mut cache = setup.cache.lock().expect("cache lock");
     let training = train(
         model,
-        &setup.assets.tokenizer,
         &setup.train.prepared,
         eval,
         settings,
         cache.as_mut(),
         on_epoch,
     )?;
-    let final_eval = match training.epochs.last().and_then(|e| e.eval.clone()) {
+    // With --keep-best the model holds the best evaluation's weights: report that one.
+    let last = training
+        .best
+        .as_ref()
+        .map(|b| b.eval.clone())
+        .or_else(|| training.evaluations.last().map(|e| e.metrics.clone()));
+    let final_eval = match last {
         Some(m) => Some(m),
         None => eval
             .map(|e| evaluate(model, e, settings.batch_size, None))

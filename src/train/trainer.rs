@@ -11,15 +11,18 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use candle_core::backprop::GradStore;
+
 use super::adamw::{clip_gradients, AdamW};
 use super::embedding_cache::EmbeddingCache;
 use super::evaluate::{cached_features, evaluate};
-use super::loss::{multitask_loss, HeadTargets};
-use super::metrics::HeadMetrics;
+use super::loss::{balanced_weights, weighted_ce_sum, HeadTargets};
+use super::metrics::{HeadMetrics, Metric};
+use crate::model::batch::PackedBatch;
 use crate::model::dropout::Dropout;
 use crate::model::multitask::{MultiTaskModel, HEAD_NAMES};
 use crate::output::progress_bar;
-use crate::tokenize::{Encoded, TextTokenizer};
+use crate::tokenize::Encoded;
 
 /// How to train.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +47,23 @@ pub struct TrainSettings {
     pub cache_features: bool,
     /// Form each batch from examples of similar length (see [`epoch_batches`]).
     pub group_by_length: bool,
+    /// Micro-batches of `batch_size` per optimizer step (gradient accumulation).
+    pub grad_accum: usize,
+    /// Evaluate every this many optimizer steps (besides each epoch's end).
+    pub eval_every: Option<usize>,
+    /// Keep the weights of the best evaluation by this metric, not the last ones.
+    pub keep_best: Option<Metric>,
+    /// Stop after this many evaluations without improvement of `keep_best`'s metric.
+    pub early_stop: Option<usize>,
+    /// Weight each head's loss by inverse label frequency (`--class-weights auto`).
+    pub class_weights: bool,
+}
+
+impl TrainSettings {
+    /// Rows per optimizer step: `batch_size * grad_accum`.
+    pub fn step_rows(&self) -> usize {
+        self.batch_size * self.grad_accum.max(1)
+    }
 }
 
 impl Default for TrainSettings {
@@ -60,6 +80,11 @@ impl Default for TrainSettings {
             max_grad_norm: 1.0,
             cache_features: true,
             group_by_length: true,
+            grad_accum: 1,
+            eval_every: None,
+            keep_best: None,
+            early_stop: None,
+            class_weights: false,
         }
     }
 }
@@ -85,7 +110,7 @@ pub struct EpochReport {
 }
 
 /// What training did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct TrainOutcome {
     pub epochs: Vec<EpochReport>,
     pub steps: usize,
@@ -93,6 +118,25 @@ pub struct TrainOutcome {
     pub train_seconds: f64,
     /// True when sentence vectors were computed once and the heads trained on them.
     pub cached_features: bool,
+    /// True when the frozen layers' output was computed once and the upper layers trained
+    /// on it.
+    pub cached_prefix: bool,
+    /// Every evaluation, in order (each epoch's end, and every `--eval-every` steps).
+    pub evaluations: Vec<StepEval>,
+    /// With `--keep-best`: the evaluation whose weights the model now has.
+    pub best: Option<BestCheckpoint>,
+    /// True when `--early-stop` ended training before the last epoch.
+    pub stopped_early: bool,
+}
+
+/// The evaluation that `--keep-best` kept.
+#[derive(Debug, Clone, Serialize)]
+pub struct BestCheckpoint {
+    pub metric: String,
+    pub value: f64,
+    pub step: usize,
+    pub epoch: usize,
+    pub eval: [HeadMetrics; 2],
 }
 
 impl TrainOutcome {
@@ -152,151 +196,520 @@ fn var_groups(model: &MultiTaskModel) -> (Vec<Var>, Vec<Var>) {
     (enc, heads)
 }
 
-/// Trains `model` on `data`, evaluating on `eval` after each epoch; `on_epoch` sees each
-/// epoch's report as it ends. Returns without training when nothing is trainable.
+/// The output of the frozen layers for every training sentence, computed once: the frozen
+/// prefix runs in inference mode (no dropout), so it is the same every epoch.
+struct PrefixCache {
+    /// `[tokens, hidden]` rows of each sentence, in data order.
+    rows: Vec<Vec<f32>>,
+    hidden: usize,
+}
+
+/// Largest frozen-prefix cache kept in memory; above it the prefix is recomputed per step.
+pub const PREFIX_CACHE_MAX_BYTES: usize = 2 << 30;
+
+impl PrefixCache {
+    /// Bytes the cache would take for `data`: 4 per value, `hidden` values per token.
+    fn bytes(data: &Prepared, hidden: usize) -> usize {
+        data.encoded.iter().map(|e| e.ids.len()).sum::<usize>() * hidden * 4
+    }
+
+    fn build(model: &MultiTaskModel, data: &Prepared, batch_size: usize) -> Result<Self> {
+        let hidden = model.encoder.config.hidden_size;
+        let lengths: Vec<usize> = data.encoded.iter().map(|e| e.ids.len()).collect();
+        let mut rows = vec![Vec::new(); data.encoded.len()];
+        for idx in crate::tokenize::length_sorted_batches(&lengths, batch_size, None) {
+            let items: Vec<&Encoded> = idx.iter().map(|&i| &data.encoded[i]).collect();
+            let batch = PackedBatch::new(&items);
+            let x: Vec<f32> = model
+                .frozen_prefix_packed(&batch)?
+                .flatten_all()?
+                .to_vec1()?;
+            for (k, &i) in idx.iter().enumerate() {
+                rows[i] = x[batch.offsets[k] * hidden..batch.offsets[k + 1] * hidden].to_vec();
+            }
+        }
+        Ok(Self { rows, hidden })
+    }
+
+    /// The cached prefix output of the sentences `idx`, packed in that order: `[T, hidden]`.
+    fn gather(&self, idx: &[usize], dev: &Device) -> Result<Tensor> {
+        let flat: Vec<f32> = idx
+            .iter()
+            .flat_map(|&i| self.rows[i].iter().copied())
+            .collect();
+        let t = flat.len() / self.hidden;
+        Ok(Tensor::from_vec(flat, (t, self.hidden), dev)?)
+    }
+}
+
+/// Where the heads' inputs come from in training.
+enum Inputs {
+    /// Sentence vectors of a frozen encoder, `[n, hidden]` in data order.
+    Features(Tensor),
+    /// The frozen layers' output per sentence; the upper layers train on it.
+    Prefix(PrefixCache),
+    /// The whole trainable part of the encoder runs every step.
+    Encoder,
+}
+
+/// The best evaluation seen and the trainable weights that gave it (`--keep-best`).
+struct Best {
+    value: f64,
+    step: usize,
+    epoch: usize,
+    metrics: [HeadMetrics; 2],
+    weights: Vec<Tensor>,
+}
+
+/// One training run's state: the model, the optimizers, the schedule and the bookkeeping of
+/// evaluations.
+struct Trainer<'a> {
+    model: &'a MultiTaskModel,
+    data: &'a Prepared,
+    eval: Option<&'a Prepared>,
+    s: &'a TrainSettings,
+    dev: Device,
+    vars: Vec<Var>,
+    opt_enc: Option<AdamW>,
+    opt_head: Option<AdamW>,
+    dropout: Dropout,
+    inputs: Inputs,
+    eval_features: Option<Tensor>,
+    class_weights: [Option<Tensor>; 2],
+    step: usize,
+    total_steps: usize,
+    warmup_steps: usize,
+    best: Option<Best>,
+    /// Evaluations since the best one (for `--early-stop`).
+    stale_evals: usize,
+    evaluations: Vec<StepEval>,
+}
+
+/// One evaluation during training (`--eval-every`, or the end of an epoch).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepEval {
+    pub step: usize,
+    pub epoch: usize,
+    pub metrics: [HeadMetrics; 2],
+}
+
+/// Per-head sums of one optimizer step's losses, for the epoch means.
+#[derive(Default)]
+struct StepLoss {
+    /// `[head]` (weighted CE sum, denominator).
+    heads: [(f64, f64); 2],
+    total: f64,
+}
+
+impl<'a> Trainer<'a> {
+    fn new(
+        model: &'a MultiTaskModel,
+        data: &'a Prepared,
+        eval: Option<&'a Prepared>,
+        s: &'a TrainSettings,
+        cache: Option<&mut EmbeddingCache>,
+    ) -> Result<Self> {
+        let dev: Device = model.encoder.device().clone();
+        let (enc_vars, head_vars) = var_groups(model);
+        let vars: Vec<Var> = enc_vars.iter().chain(&head_vars).cloned().collect();
+        let adamw = |vars: Vec<Var>, lr: f64| -> Result<Option<AdamW>> {
+            if vars.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(AdamW::new(vars, lr, s.weight_decay)?))
+        };
+        let num_layers = model.encoder.layers.len();
+        let (inputs, eval_features) = if s.cache_features && model.plan.encoder_frozen(num_layers) {
+            let mut cache = cache;
+            let train = cached_features(model, data, s.batch_size, cache.as_deref_mut())?;
+            // Evaluation vectors are cached too.
+            let eval = match eval {
+                Some(e) => Some(cached_features(model, e, s.batch_size, cache)?),
+                None => None,
+            };
+            (Inputs::Features(train), eval)
+        } else if s.cache_features && model.plan.encoder_prefix.is_some() {
+            let hidden = model.encoder.config.hidden_size;
+            let bytes = PrefixCache::bytes(data, hidden);
+            if bytes <= PREFIX_CACHE_MAX_BYTES {
+                (
+                    Inputs::Prefix(PrefixCache::build(model, data, s.batch_size)?),
+                    None,
+                )
+            } else {
+                eprintln!(
+                    "note: the frozen layers' output would take {} MB ({} bytes per token); \
+                     recomputing it every step instead",
+                    bytes >> 20,
+                    hidden * 4
+                );
+                (Inputs::Encoder, None)
+            }
+        } else {
+            (Inputs::Encoder, None)
+        };
+        let class_weights = if s.class_weights {
+            let w = |t: usize| -> Result<Option<Tensor>> {
+                let labels: Vec<Option<u32>> = data.labels.iter().map(|l| l[t]).collect();
+                let w = balanced_weights(&labels, model.spec.labels[t].len());
+                Ok(Some(Tensor::new(w, &dev)?))
+            };
+            [w(0)?, w(1)?]
+        } else {
+            [None, None]
+        };
+        let steps_per_epoch = data.encoded.len().div_ceil(s.step_rows());
+        let total_steps = steps_per_epoch * s.epochs;
+        Ok(Self {
+            model,
+            data,
+            eval,
+            s,
+            dev,
+            vars,
+            opt_enc: adamw(enc_vars, s.lr)?,
+            opt_head: adamw(head_vars, s.head_lr)?,
+            dropout: Dropout::new(s.seed.wrapping_add(1)),
+            inputs,
+            eval_features,
+            class_weights,
+            step: 0,
+            total_steps,
+            warmup_steps: (s.warmup * total_steps as f64).round() as usize,
+            best: None,
+            stale_evals: 0,
+            evaluations: Vec::new(),
+        })
+    }
+
+    /// Logits of both heads for the rows `idx` of the training data, in training mode.
+    fn logits(&self, idx: &[usize]) -> Result<[Tensor; 2]> {
+        let m = self.model;
+        let d = Some(&self.dropout);
+        Ok(match &self.inputs {
+            Inputs::Features(f) => {
+                let rows =
+                    Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), &self.dev)?;
+                m.head_logits(&f.index_select(&rows, 0)?, d)?
+            }
+            Inputs::Prefix(cache) => {
+                let items: Vec<&Encoded> = idx.iter().map(|&i| &self.data.encoded[i]).collect();
+                let batch = PackedBatch::new(&items);
+                let x = cache.gather(idx, &self.dev)?;
+                m.head_logits(&m.features_from_prefix(Some(&x), &batch, d)?, d)?
+            }
+            Inputs::Encoder => {
+                // Packed: no work on padding, whatever the batch order.
+                let items: Vec<&Encoded> = idx.iter().map(|&i| &self.data.encoded[i]).collect();
+                m.forward_packed(&PackedBatch::new(&items), d)?
+            }
+        })
+    }
+
+    /// One optimizer step over the rows `idx`: `--grad-accum` micro-batches of at most
+    /// `batch_size` rows, their gradients summed, each head's loss divided by the whole
+    /// step's (weighted) label count, so the step equals one large batch up to rounding.
+    fn optimizer_step(&mut self, idx: &[usize], epoch: usize) -> Result<StepLoss> {
+        let s = self.s;
+        let labels = |t: usize, rows: &[usize]| -> Vec<Option<u32>> {
+            rows.iter().map(|&i| self.data.labels[i][t]).collect()
+        };
+        // The step's denominators, known before any micro-batch runs.
+        let mut denom = [0f64; 2];
+        for (t, d) in denom.iter_mut().enumerate() {
+            let targets = HeadTargets::new(&labels(t, idx), &self.dev)?;
+            *d = match &self.class_weights[t] {
+                Some(w) => (w.index_select(&targets.ids, 0)? * &targets.mask)?
+                    .sum_all()?
+                    .to_scalar::<f32>()? as f64,
+                None => targets.count as f64,
+            };
+        }
+        let mut out = StepLoss::default();
+        let mut grads: Option<GradStore> = None;
+        for micro in idx.chunks(s.batch_size) {
+            trace_rss("step start");
+            let logits = self.logits(micro)?;
+            trace_rss("after forward");
+            let mut loss: Option<Tensor> = None;
+            for t in 0..2 {
+                let targets = HeadTargets::new(&labels(t, micro), &self.dev)?;
+                let (sum, _) =
+                    weighted_ce_sum(&logits[t], &targets, self.class_weights[t].as_ref())?;
+                let term = (&sum * (s.loss_weights[t] / denom[t].max(1e-12)))?;
+                out.heads[t].0 += sum.to_scalar::<f32>()? as f64;
+                loss = Some(match loss {
+                    Some(l) => (l + term)?,
+                    None => term,
+                });
+            }
+            let loss = loss.expect("two heads");
+            out.total += loss.to_scalar::<f32>()? as f64;
+            let g = loss.backward()?;
+            trace_rss("after backward");
+            grads = Some(match grads {
+                None => g,
+                Some(mut acc) => {
+                    for v in &self.vars {
+                        if let Some(x) = g.get(v.as_tensor()) {
+                            let sum = match acc.get(v.as_tensor()) {
+                                Some(a) => (a + x)?,
+                                None => x.clone(),
+                            };
+                            acc.insert(v.as_tensor(), sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        out.heads[0].1 = denom[0];
+        out.heads[1].1 = denom[1];
+        if !out.total.is_finite() {
+            bail!(
+                "training diverged at epoch {epoch}, step {}: the loss is {} (class {}, \
+                 sentiment {}). Nothing was saved; try a lower --lr or --head-lr",
+                self.step + 1,
+                out.total,
+                out.heads[0].0 / out.heads[0].1.max(1e-12),
+                out.heads[1].0 / out.heads[1].1.max(1e-12),
+            );
+        }
+        let mut grads = grads.expect("at least one micro-batch");
+        clip_gradients(&mut grads, &self.vars, s.max_grad_norm)?;
+        let factor = lr_factor(self.step, self.warmup_steps, self.total_steps);
+        if let Some(o) = self.opt_enc.as_mut() {
+            o.lr = s.lr * factor;
+            o.step(&grads)?;
+        }
+        if let Some(o) = self.opt_head.as_mut() {
+            o.lr = s.head_lr * factor;
+            o.step(&grads)?;
+        }
+        trace_rss("after optimizer step");
+        self.step += 1;
+        Ok(out)
+    }
+
+    /// Evaluates now; with `--keep-best`, remembers the weights when the metric improved.
+    /// Returns the metrics, or `None` without an evaluation set.
+    fn evaluate_now(&mut self, epoch: usize) -> Result<Option<[HeadMetrics; 2]>> {
+        let Some(e) = self.eval else {
+            return Ok(None);
+        };
+        let metrics = evaluate(
+            self.model,
+            e,
+            self.s.batch_size,
+            self.eval_features.as_ref(),
+        )?;
+        self.evaluations.push(StepEval {
+            step: self.step,
+            epoch,
+            metrics: metrics.clone(),
+        });
+        if let Some(metric) = self.s.keep_best {
+            let value = metric.of(&metrics);
+            if self.best.as_ref().is_none_or(|b| value > b.value) {
+                let weights = self
+                    .vars
+                    .iter()
+                    .map(|v| v.as_tensor().copy())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                self.best = Some(Best {
+                    value,
+                    step: self.step,
+                    epoch,
+                    metrics: metrics.clone(),
+                    weights,
+                });
+                self.stale_evals = 0;
+            } else {
+                self.stale_evals += 1;
+            }
+        }
+        Ok(Some(metrics))
+    }
+
+    /// True when `--early-stop` patience has run out.
+    fn should_stop(&self) -> bool {
+        self.s.early_stop.is_some_and(|p| self.stale_evals >= p)
+    }
+
+    /// Trains every epoch (or until early stopping), then restores the best weights when
+    /// `--keep-best` asks for them.
+    fn run(mut self, on_epoch: &mut dyn FnMut(&EpochReport)) -> Result<TrainOutcome> {
+        let s = self.s;
+        trace_rss("trainer ready");
+        let started = Instant::now();
+        let n = self.data.encoded.len();
+        let mut outcome = TrainOutcome {
+            epochs: Vec::new(),
+            steps: 0,
+            train_seconds: started.elapsed().as_secs_f64(),
+            cached_features: matches!(self.inputs, Inputs::Features(_)),
+            cached_prefix: matches!(self.inputs, Inputs::Prefix(_)),
+            evaluations: Vec::new(),
+            best: None,
+            stopped_early: false,
+        };
+        // Batches of similar length help the optimiser see similar examples together; with
+        // packed batches they no longer save work.
+        let lengths: Vec<usize> = self.data.encoded.iter().map(|e| e.ids.len()).collect();
+        let group_lengths = s.group_by_length.then_some(lengths);
+        let mut shuffle_rng = StdRng::seed_from_u64(s.seed.wrapping_add(2));
+        'epochs: for epoch in 1..=s.epochs {
+            let epoch_start = Instant::now();
+            let mut eval_seconds = 0.0;
+            let steps = epoch_batches(n, s.step_rows(), group_lengths.as_deref(), &mut shuffle_rng);
+            let bar = progress_bar(Some(n as u64), &format!("epoch {epoch}/{}", s.epochs));
+            let mut sums = [(0f64, 0f64); 2];
+            let mut total = 0.0;
+            let mut last_eval = None;
+            for idx in &steps {
+                let l = self.optimizer_step(idx, epoch)?;
+                for (sum, head) in sums.iter_mut().zip(&l.heads) {
+                    sum.0 += head.0;
+                    sum.1 += head.1;
+                }
+                total += l.total;
+                bar.inc(idx.len() as u64);
+                if s.eval_every.is_some_and(|k| self.step.is_multiple_of(k)) && self.eval.is_some()
+                {
+                    let t0 = Instant::now();
+                    let m = self.evaluate_now(epoch)?.expect("an evaluation set");
+                    eval_seconds += t0.elapsed().as_secs_f64();
+                    bar.suspend(|| eprintln!("{}", step_line(self.step, epoch, &m)));
+                    last_eval = Some(m);
+                    if self.should_stop() {
+                        bar.finish_and_clear();
+                        outcome.stopped_early = true;
+                        let report = self.epoch_report(
+                            epoch,
+                            sums,
+                            total,
+                            steps.len(),
+                            last_eval,
+                            epoch_start,
+                            eval_seconds,
+                        );
+                        outcome.train_seconds += report.seconds;
+                        on_epoch(&report);
+                        outcome.epochs.push(report);
+                        break 'epochs;
+                    }
+                }
+            }
+            bar.finish_and_clear();
+            // An epoch ends with an evaluation, unless one just ran at its last step.
+            let evaluated_at_end =
+                last_eval.is_some() && s.eval_every.is_some_and(|k| self.step.is_multiple_of(k));
+            let seconds_before_eval = epoch_start.elapsed().as_secs_f64() - eval_seconds;
+            if !evaluated_at_end {
+                last_eval = self.evaluate_now(epoch)?;
+            }
+            let mut report =
+                self.epoch_report(epoch, sums, total, steps.len(), last_eval, epoch_start, 0.0);
+            report.seconds = seconds_before_eval;
+            outcome.train_seconds += report.seconds;
+            on_epoch(&report);
+            outcome.epochs.push(report);
+            if self.should_stop() {
+                outcome.stopped_early = true;
+                break;
+            }
+        }
+        outcome.steps = self.step;
+        if let Some(best) = self.best.take() {
+            for (v, w) in self.vars.iter().zip(&best.weights) {
+                v.set(w)?;
+            }
+            outcome.best = Some(BestCheckpoint {
+                metric: s
+                    .keep_best
+                    .expect("best implies keep_best")
+                    .name()
+                    .to_string(),
+                value: best.value,
+                step: best.step,
+                epoch: best.epoch,
+                eval: best.metrics,
+            });
+        }
+        outcome.evaluations = std::mem::take(&mut self.evaluations);
+        Ok(outcome)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn epoch_report(
+        &self,
+        epoch: usize,
+        sums: [(f64, f64); 2],
+        total: f64,
+        steps: usize,
+        eval: Option<[HeadMetrics; 2]>,
+        start: Instant,
+        eval_seconds: f64,
+    ) -> EpochReport {
+        EpochReport {
+            epoch,
+            loss: [
+                sums[0].0 / sums[0].1.max(1e-12),
+                sums[1].0 / sums[1].1.max(1e-12),
+            ],
+            total_loss: total / steps.max(1) as f64,
+            eval,
+            seconds: start.elapsed().as_secs_f64() - eval_seconds,
+        }
+    }
+}
+
+/// With `FETCH_ML_TRACE_RSS` set, prints the resident memory at a phase of training on
+/// stderr (for finding where training memory goes; see BENCHMARKS.md).
+fn trace_rss(phase: &str) {
+    if std::env::var_os("FETCH_ML_TRACE_RSS").is_none() {
+        return;
+    }
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    eprintln!("rss {phase}: {} MB", (pages * page) >> 20);
+}
+
+/// The stderr line of an evaluation within an epoch.
+fn step_line(step: usize, epoch: usize, m: &[HeadMetrics; 2]) -> String {
+    format!(
+        "  step {step} (epoch {epoch}): class acc {:.3} F1 {:.3}, sentiment acc {:.3} F1 {:.3}",
+        m[0].accuracy, m[0].macro_f1, m[1].accuracy, m[1].macro_f1
+    )
+}
+
+/// Trains `model` on `data`, evaluating on `eval` after each epoch (and every
+/// `eval_every` steps); `on_epoch` sees each epoch's report as it ends. Returns without
+/// training when nothing is trainable.
 pub fn train(
     model: &MultiTaskModel,
-    tok: &TextTokenizer,
     data: &Prepared,
     eval: Option<&Prepared>,
     s: &TrainSettings,
-    mut cache: Option<&mut EmbeddingCache>,
+    cache: Option<&mut EmbeddingCache>,
     on_epoch: &mut dyn FnMut(&EpochReport),
 ) -> Result<TrainOutcome> {
-    let dev: Device = model.encoder.device().clone();
-    let (enc_vars, head_vars) = var_groups(model);
-    let mut outcome = TrainOutcome {
-        epochs: Vec::new(),
-        steps: 0,
-        train_seconds: 0.0,
-        cached_features: false,
-    };
-    if enc_vars.is_empty() && head_vars.is_empty() {
-        return Ok(outcome);
+    let (enc, heads) = var_groups(model);
+    if enc.is_empty() && heads.is_empty() {
+        return Ok(TrainOutcome::default());
     }
-    let all_vars: Vec<Var> = enc_vars.iter().chain(&head_vars).cloned().collect();
-    let adamw = |vars: Vec<Var>, lr: f64| -> Result<Option<AdamW>> {
-        if vars.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(AdamW::new(vars, lr, s.weight_decay)?))
-    };
-    let mut opt_enc = adamw(enc_vars.clone(), s.lr)?;
-    let mut opt_head = adamw(head_vars, s.head_lr)?;
-
     let started = Instant::now();
-    let num_layers = model.encoder.layers.len();
-    let use_cache = s.cache_features && model.plan.encoder_frozen(num_layers);
-    outcome.cached_features = use_cache;
-    let train_features = match use_cache {
-        true => Some(cached_features(
-            model,
-            data,
-            s.batch_size,
-            cache.as_deref_mut(),
-        )?),
-        false => None,
-    };
-    let caching_time = started.elapsed().as_secs_f64();
-    // Evaluation vectors are cached too; their cost counts as evaluation, not training.
-    let eval_features = match (use_cache, eval) {
-        (true, Some(e)) => Some(cached_features(model, e, s.batch_size, cache)?),
-        _ => None,
-    };
-
-    let n = data.encoded.len();
-    let steps_per_epoch = n.div_ceil(s.batch_size);
-    let total_steps = steps_per_epoch * s.epochs;
-    let warmup_steps = (s.warmup * total_steps as f64).round() as usize;
-    let dropout = Dropout::new(s.seed.wrapping_add(1));
-    // Batches of similar length pad less. The cached path, which has no padding, forms the
-    // same batches, so both paths train the heads identically.
-    let lengths: Vec<usize> = data.encoded.iter().map(|e| e.ids.len()).collect();
-    let group_lengths = s.group_by_length.then_some(lengths);
-    let mut shuffle_rng = StdRng::seed_from_u64(s.seed.wrapping_add(2));
-    let mut step = 0usize;
-    let mut train_time = caching_time;
-
-    for epoch in 1..=s.epochs {
-        let epoch_start = Instant::now();
-        let batches = epoch_batches(n, s.batch_size, group_lengths.as_deref(), &mut shuffle_rng);
-        let bar = progress_bar(Some(n as u64), &format!("epoch {epoch}/{}", s.epochs));
-        let mut sums = [0.0f64; 2];
-        let mut counts = [0usize; 2];
-        let mut total_sum = 0.0;
-        for idx in batches.iter().map(Vec::as_slice) {
-            let labels: Vec<[Option<u32>; 2]> = idx.iter().map(|&i| data.labels[i]).collect();
-            let targets = [
-                HeadTargets::new(&labels.iter().map(|l| l[0]).collect::<Vec<_>>(), &dev)?,
-                HeadTargets::new(&labels.iter().map(|l| l[1]).collect::<Vec<_>>(), &dev)?,
-            ];
-            let logits = match &train_features {
-                Some(f) => {
-                    let rows =
-                        Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), &dev)?;
-                    model.head_logits(&f.index_select(&rows, 0)?, Some(&dropout))?
-                }
-                None => {
-                    let items: Vec<&Encoded> = idx.iter().map(|&i| &data.encoded[i]).collect();
-                    model.forward(&tok.batch(&items, &dev)?, Some(&dropout))?
-                }
-            };
-            let (loss, parts) = multitask_loss(&logits, &targets, s.loss_weights)?;
-            let values = [
-                parts[0].to_scalar::<f32>()? as f64,
-                parts[1].to_scalar::<f32>()? as f64,
-            ];
-            let total = loss.to_scalar::<f32>()? as f64;
-            if !total.is_finite() {
-                bail!(
-                    "training diverged at epoch {epoch}, step {}: the loss is {total} (class {}, \
-                     sentiment {}). Nothing was saved; try a lower --lr or --head-lr",
-                    step + 1,
-                    values[0],
-                    values[1]
-                );
-            }
-            let mut grads = loss.backward()?;
-            clip_gradients(&mut grads, &all_vars, s.max_grad_norm)?;
-            let factor = lr_factor(step, warmup_steps, total_steps);
-            if let Some(o) = opt_enc.as_mut() {
-                o.lr = s.lr * factor;
-                o.step(&grads)?;
-            }
-            if let Some(o) = opt_head.as_mut() {
-                o.lr = s.head_lr * factor;
-                o.step(&grads)?;
-            }
-            for t in 0..2 {
-                sums[t] += values[t] * targets[t].count as f64;
-                counts[t] += targets[t].count;
-            }
-            total_sum += total;
-            step += 1;
-            bar.inc(idx.len() as u64);
-        }
-        bar.finish_and_clear();
-        let seconds = epoch_start.elapsed().as_secs_f64();
-        train_time += seconds;
-        let eval_metrics = match eval {
-            Some(e) => Some(evaluate(model, e, s.batch_size, eval_features.as_ref())?),
-            None => None,
-        };
-        let report = EpochReport {
-            epoch,
-            loss: [
-                sums[0] / counts[0].max(1) as f64,
-                sums[1] / counts[1].max(1) as f64,
-            ],
-            total_loss: total_sum / steps_per_epoch as f64,
-            eval: eval_metrics,
-            seconds,
-        };
-        on_epoch(&report);
-        outcome.epochs.push(report);
-    }
-    outcome.steps = step;
-    outcome.train_seconds = train_time;
+    let trainer = Trainer::new(model, data, eval, s, cache)?;
+    // Computing cached vectors or the frozen prefix counts as training time.
+    let setup_seconds = started.elapsed().as_secs_f64();
+    let mut outcome = trainer.run(on_epoch)?;
+    outcome.train_seconds += setup_seconds;
     Ok(outcome)
 }
 

@@ -74,38 +74,53 @@ pub unsafe fn attend_head(
     );
 }
 
-/// Self-attention on `qkv` `[batch, seq, 3 * hidden]` whose rows past each sequence's
-/// length are padding; output `[batch, seq, hidden]`, padding rows zero. Dropout on the
-/// probabilities is drawn from (seed, sequence, head, position).
+/// Self-attention on `qkv` rows of `3 * hidden` (`[batch, seq, 3h]` padded, or `[T, 3h]`
+/// packed): sequence `i` is the `lengths[i]` rows from row `starts[i]`; other rows are padding
+/// and come out zero. Dropout on the probabilities is drawn from (seed, sequence, head,
+/// position).
 struct AttentionOp {
     heads: usize,
     head_dim: usize,
+    starts: Vec<usize>,
     lengths: Vec<usize>,
     dropout: Option<(f32, u64)>,
     /// Softmax probabilities of each (sequence, head), saved by the forward pass.
     probs: Mutex<Option<Vec<Vec<f32>>>>,
 }
 
+/// A buffer pointer shared by the per-(sequence, head) tasks.
 #[derive(Clone, Copy)]
 struct Ptr(*mut f32);
+// SAFETY: the tasks read the shared inputs and write disjoint (rows, head columns) blocks of
+// the output; the buffers outlive the parallel loop that uses the pointer.
 unsafe impl Send for Ptr {}
+// SAFETY: as for Send: no two tasks write the same element.
 unsafe impl Sync for Ptr {}
 
 impl AttentionOp {
-    /// `(batch, seq, hidden)`, checked against the heads and lengths.
-    fn dims(&self, l: &Layout) -> Result<(usize, usize, usize)> {
-        let (b, s, three_h) = l.shape().dims3()?;
+    /// `(rows, hidden)`, checked against the heads and the sequences: every sequence's rows
+    /// lie inside the buffer (the kernels below rely on it).
+    fn dims(&self, l: &Layout) -> Result<(usize, usize)> {
+        let three_h = *l.dims().last().unwrap_or(&0);
         let h = self.heads * self.head_dim;
-        if three_h != 3 * h || self.lengths.len() != b || self.lengths.iter().any(|&m| m > s) {
+        let rows = l.shape().elem_count() / three_h.max(1);
+        let fits = self
+            .starts
+            .iter()
+            .zip(&self.lengths)
+            .all(|(&a, &m)| a + m <= rows);
+        if three_h != 3 * h || self.starts.len() != self.lengths.len() || !fits {
             bail!(
-                "attention: qkv {:?} does not match {} heads of {} and lengths {:?}",
+                "attention: qkv {:?} does not match {} heads of {} and sequences at {:?} of \
+                 lengths {:?}",
                 l.dims(),
                 self.heads,
                 self.head_dim,
+                self.starts,
                 self.lengths
             );
         }
-        Ok((b, s, h))
+        Ok((rows, h))
     }
 
     fn tasks(&self) -> Vec<(usize, usize)> {
@@ -129,24 +144,25 @@ impl CustomOp1 for AttentionOp {
         "fused-attention"
     }
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, s, h) = self.dims(l)?;
+        let (rows, h) = self.dims(l)?;
         let qkv = Ptr(slice(st, l, "attention qkv")?.as_ptr() as *mut f32);
         let d = self.head_dim;
-        let mut out = vec![0f32; b * s * h];
+        let mut out = vec![0f32; rows * h];
         let optr = Ptr(out.as_mut_ptr());
         let probs: Vec<Vec<f32>> = self
             .tasks()
             .par_iter()
             .map(|&(bi, hd)| {
                 let (optr, qkv) = (optr, qkv);
-                let m = self.lengths[bi];
+                let (start, m) = (self.starts[bi], self.lengths[bi]);
                 let mut p = Vec::new();
-                // SAFETY: offsets stay inside [b, s, 3h] and [b, s, h]; each task writes rows
-                // 0..m of sequence bi, columns of head hd only.
+                // SAFETY: `dims` checked that rows start..start+m lie inside [rows, 3h] and
+                // [rows, h]; each task writes those rows of sequence bi, columns of head hd
+                // only.
                 unsafe {
-                    let q = qkv.0.add(bi * s * 3 * h + hd * d) as *const f32;
+                    let q = qkv.0.add(start * 3 * h + hd * d) as *const f32;
                     let o = MatMut {
-                        ptr: optr.0.add(bi * s * h + hd * d),
+                        ptr: optr.0.add(start * h + hd * d),
                         ld: h,
                     };
                     let mask = self.mask(bi, hd, m);
@@ -166,7 +182,9 @@ impl CustomOp1 for AttentionOp {
             })
             .collect();
         *self.probs.lock().expect("attention lock") = Some(probs);
-        Ok((CpuStorage::F32(out), Shape::from((b, s, h))))
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().expect("qkv has dims") = h;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -195,20 +213,27 @@ impl CustomOp2 for AttentionGrad<'_> {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.op;
-        let (b, s, h) = op.dims(l1)?;
+        let (rows, h) = op.dims(l1)?;
         let qkv = Ptr(slice(s1, l1, "attention grad qkv")?.as_ptr() as *mut f32);
-        let dout = Ptr(slice(s2, l2, "attention grad")?.as_ptr() as *mut f32);
+        let dout_all = slice(s2, l2, "attention grad")?;
+        if dout_all.len() != rows * h {
+            bail!(
+                "attention grad: {} values for {rows} rows of {h}",
+                dout_all.len()
+            );
+        }
+        let dout = Ptr(dout_all.as_ptr() as *mut f32);
         let d = op.head_dim;
         let scale = 1.0 / (d as f32).sqrt();
         let none = Parallelism::None;
-        let mut dqkv = vec![0f32; b * s * 3 * h];
+        let mut dqkv = vec![0f32; rows * 3 * h];
         let dptr = Ptr(dqkv.as_mut_ptr());
         op.tasks()
             .par_iter()
             .enumerate()
             .for_each(|(t, &(bi, hd))| {
                 let (dptr, qkv, dout) = (dptr, qkv, dout);
-                let m = op.lengths[bi];
+                let (start, m) = (op.starts[bi], op.lengths[bi]);
                 if m == 0 {
                     return;
                 }
@@ -220,13 +245,14 @@ impl CustomOp2 for AttentionGrad<'_> {
                 };
                 let mut dp = vec![0f32; m * m];
                 let ld = 3 * h;
-                // SAFETY: as in the forward pass; each task writes rows 0..m of sequence bi in the
-                // Q, K and V columns of head hd only.
+                // SAFETY: as in the forward pass (`dims` checked the rows, and dout has rows x h
+                // values); each task writes rows start..start+m in the Q, K and V columns of
+                // head hd only.
                 unsafe {
-                    let q = qkv.0.add(bi * s * ld + hd * d) as *const f32;
+                    let q = qkv.0.add(start * ld + hd * d) as *const f32;
                     let (k, v) = (q.add(h), q.add(2 * h));
-                    let go = Mat::rows(dout.0.add(bi * s * h + hd * d), h);
-                    let dq = dptr.0.add(bi * s * ld + hd * d);
+                    let go = Mat::rows(dout.0.add(start * h + hd * d), h);
+                    let dq = dptr.0.add(start * ld + hd * d);
                     let at = |ptr: *mut f32| MatMut { ptr, ld };
                     // dV = Pd^T dO
                     matmul(
@@ -292,9 +318,37 @@ pub fn attention(
     head_dim: usize,
     dropout: Option<(f32, u64)>,
 ) -> Result<Tensor> {
+    let (_, s, _) = qkv.dims3()?;
+    let starts: Vec<usize> = (0..lengths.len()).map(|i| i * s).collect();
+    attention_at(qkv, &starts, lengths, heads, head_dim, dropout)
+}
+
+/// As [`attention`], on packed sequences: `qkv` `[T, 3 * hidden]`, sequence `i` is the rows
+/// `offsets[i]..offsets[i + 1]`. No work is spent on padding, whatever the batch.
+pub fn attention_packed(
+    qkv: &Tensor,
+    offsets: &[usize],
+    heads: usize,
+    head_dim: usize,
+    dropout: Option<(f32, u64)>,
+) -> Result<Tensor> {
+    let starts = &offsets[..offsets.len().saturating_sub(1)];
+    let lengths: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
+    attention_at(qkv, starts, &lengths, heads, head_dim, dropout)
+}
+
+fn attention_at(
+    qkv: &Tensor,
+    starts: &[usize],
+    lengths: &[usize],
+    heads: usize,
+    head_dim: usize,
+    dropout: Option<(f32, u64)>,
+) -> Result<Tensor> {
     qkv.contiguous()?.apply_op1(AttentionOp {
         heads,
         head_dim,
+        starts: starts.to_vec(),
         lengths: lengths.to_vec(),
         dropout,
         probs: Mutex::new(None),

@@ -9,8 +9,8 @@ mod linear;
 mod norm;
 mod pointwise;
 
-pub use attention::{attend_head, attention};
-pub use linear::{add_bias, linear};
+pub use attention::{attend_head, attention, attention_packed};
+pub use linear::linear;
 pub use norm::layer_norm;
 pub use pointwise::{dropout, gelu, softmax_last_dim};
 

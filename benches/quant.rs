@@ -176,7 +176,7 @@ mod peak {
 
 fn main() -> anyhow::Result<()> {
     fetch_ml::alloc::keep_freed_memory();
-    fetch_ml::threads::configure(None);
+    fetch_ml::threads::configure(None)?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = root.join("models/all-MiniLM-L6-v2");
     anyhow::ensure!(model.is_dir(), "run scripts/fetch-minilm.sh first");

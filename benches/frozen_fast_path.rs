@@ -47,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         freeze_layers: None,
         max_train_examples: None,
         embedding_cache: None,
+        dtype: Default::default(),
     };
     let cache_dir = tempfile::tempdir()?;
     let cached_cfg = TrainConfig {

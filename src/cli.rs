@@ -10,6 +10,7 @@ use crate::data::DataSource;
 use crate::hub::{offline_from_env, ModelRef};
 use crate::input::InputSource;
 use crate::model::freeze::{FreezePart, Scenario};
+use crate::model::quant::Dtype;
 use crate::train::metrics::Metric;
 use crate::train::trainer::TrainSettings;
 
@@ -96,6 +97,14 @@ pub struct Cli {
     /// batches group sentences of similar length.
     #[arg(long, default_value_t = 32, value_parser = positive, help_heading = "Output")]
     pub batch_size: usize,
+
+    /// Arithmetic of the encoder where it does not train (--task=1, a frozen encoder's
+    /// vectors in --task=2/3, predictions with --checkpoint): f32, bf16 (bf16 products, f32
+    /// sums) or int8 (int8 weights per output channel, int8 activations per token row, i32
+    /// sums). Softmax, LayerNorm and pooling stay f32; a sentence's vector never depends on
+    /// its batch. The kernel is chosen for this CPU and named on stderr. [default: f32]
+    #[arg(long, value_name = "f32|bf16|int8", value_parser = dtype, help_heading = "Model")]
+    pub dtype: Option<Dtype>,
 
     /// Also cap each inference batch at N tokens (padding-free: the sum of its sentences'
     /// lengths); a longer sentence gets a batch of its own. [default: no token cap]
@@ -256,6 +265,10 @@ pub struct Cli {
     pub plot: Option<PathBuf>,
 }
 
+fn dtype(s: &str) -> Result<Dtype, String> {
+    s.parse::<Dtype>().map_err(|e| e.to_string())
+}
+
 fn metric(s: &str) -> Result<Metric, String> {
     Metric::parse(s).ok_or_else(|| {
         let names: Vec<&str> = Metric::ALL.iter().map(|m| m.name()).collect();
@@ -409,6 +422,7 @@ impl Cli {
                 format: self.format,
                 batch_size: self.batch_size,
                 max_batch_tokens: self.max_batch_tokens,
+                dtype: self.dtype.unwrap_or_default(),
                 max_seq_length: self.max_seq_length,
                 normalize,
             }));
@@ -457,6 +471,7 @@ impl Cli {
             freeze_layers: self.freeze_layers,
             max_train_examples: self.max_train_examples.or(default_max_examples),
             embedding_cache: self.embedding_cache,
+            dtype: self.dtype.unwrap_or_default(),
         };
         if task == 2 {
             return Ok(Command::Multitask(MultitaskConfig {

@@ -7,6 +7,7 @@ use crate::data::DataSource;
 use crate::hub::ModelRef;
 use crate::input::InputSource;
 use crate::model::freeze::{FreezePart, Scenario};
+use crate::model::quant::Dtype;
 use crate::train::trainer::TrainSettings;
 
 /// How results are printed.
@@ -38,6 +39,8 @@ pub struct EmbedConfig {
     pub max_seq_length: Option<usize>,
     /// Override the model's normalisation; `None` follows the model's folder.
     pub normalize: Option<bool>,
+    /// Arithmetic of the encoder's dense layers.
+    pub dtype: Dtype,
 }
 
 /// What the tool was asked to do.
@@ -70,6 +73,9 @@ pub struct TrainConfig {
     pub max_train_examples: Option<usize>,
     /// Folder for cached sentence vectors of a frozen encoder.
     pub embedding_cache: Option<PathBuf>,
+    /// Arithmetic of the encoder where it does not train (frozen-encoder vectors,
+    /// predictions with a checkpoint); an error with a trainable encoder.
+    pub dtype: Dtype,
 }
 
 /// Settings of `--task=2`, the multitask model.

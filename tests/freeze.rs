@@ -55,6 +55,7 @@ fn fixture() -> Fixture {
         freeze_layers: None,
         max_train_examples: None,
         embedding_cache: None,
+        dtype: Default::default(),
     };
     Fixture { dir, cfg }
 }

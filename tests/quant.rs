@@ -300,3 +300,89 @@ fn quantized_minilm_quality_vs_f32() {
         }
     }
 }
+
+/// `--dtype` as a user meets it: task 1 names the kernel and reports the dtype; a frozen
+/// encoder in task 2 uses it (with its own embedding-cache entries); a trainable encoder
+/// refuses it with the reason.
+#[test]
+fn dtype_flag_through_the_binary() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    fetch_ml::testutil::TinyBert::default()
+        .write(&model)
+        .unwrap();
+    let bin = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fetch-ml"));
+        c.env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .stdin(Stdio::null());
+        c
+    };
+    let o = bin()
+        .args([
+            "--task=1",
+            "--format=json",
+            "--dtype",
+            "int8",
+            "-s",
+            "hello world",
+            "--model",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("int8") && err.contains("kernel"), "{err}");
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(doc["dtype"], "int8");
+    assert_eq!(
+        doc["embeddings"][0]["embedding"].as_array().unwrap().len(),
+        32
+    );
+
+    let rows: String = (0..16)
+        .map(|i| {
+            format!(
+                "{{\"text\": \"the {} was {}\", \"class\": \"{}\", \"sentiment\": \"{}\"}}\n",
+                ["pizza", "phone"][i % 2],
+                ["good", "bad"][(i / 2) % 2],
+                ["food", "tech"][i % 2],
+                ["positive", "negative"][(i / 2) % 2]
+            )
+        })
+        .collect();
+    let train = dir.path().join("t.jsonl");
+    std::fs::write(&train, rows).unwrap();
+    let cache = dir.path().join("cache");
+    let task2 = |dtype: &str, freeze: bool| {
+        let mut c = bin();
+        c.args([
+            "--task=2", "--epochs", "1", "-s", "hi", "--dtype", dtype, "--model",
+        ])
+        .arg(&model)
+        .arg("--train-file")
+        .arg(&train)
+        .arg("--save")
+        .arg(dir.path().join(format!("ck-{dtype}")))
+        .arg("--embedding-cache")
+        .arg(&cache);
+        if freeze {
+            c.args(["--freeze", "encoder"]);
+        }
+        c.output().unwrap()
+    };
+    let o = task2("int8", false);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--freeze encoder") && err.contains("f32"),
+        "{err}"
+    );
+    for dtype in ["int8", "f32"] {
+        let o = task2(dtype, true);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let entries = std::fs::read_dir(&cache).unwrap().count();
+    assert_eq!(entries, 2, "one cache file per dtype");
+}

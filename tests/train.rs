@@ -60,6 +60,7 @@ fn config(
         freeze_layers,
         max_train_examples: None,
         embedding_cache: None,
+        dtype: Default::default(),
     }
 }
 

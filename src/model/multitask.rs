@@ -14,9 +14,10 @@ use serde::{Deserialize, Serialize};
 use super::batch::PackedBatch;
 use super::bert::{AttentionMask, BertEncoder, Linear, Mode};
 use super::dropout::Dropout;
-use super::fast::Workspace;
+use super::fast::{FastEncoder, Workspace};
 use super::freeze::FreezePlan;
 use super::pooling::Pooling;
+use super::quant::Dtype;
 use super::weights::{ParamRegistry, ParamSource, WeightFile};
 use crate::loader::ModelAssets;
 use crate::tokenize::{Batch, Encoded};
@@ -87,6 +88,8 @@ pub struct MultiTaskModel {
     pub registry: Arc<ParamRegistry>,
     /// Buffers of the inference fast path.
     workspace: Mutex<Workspace>,
+    /// The frozen encoder in another arithmetic (`--dtype`), for inference.
+    fast: Option<FastEncoder>,
 }
 
 impl MultiTaskModel {
@@ -132,14 +135,42 @@ impl MultiTaskModel {
             plan,
             registry,
             workspace: Mutex::new(Workspace::default()),
+            fast: None,
         })
+    }
+
+    /// Runs the encoder's inference (sentence vectors for the heads) in `dtype`. Only for an
+    /// encoder that does not train: a trainable one changes every step and is evaluated in
+    /// float32.
+    pub fn with_dtype(mut self, dtype: Dtype) -> anyhow::Result<Self> {
+        if dtype == Dtype::F32 {
+            return Ok(self);
+        }
+        let layers = self.encoder.layers.len();
+        if !self.plan.encoder_frozen(layers) {
+            anyhow::bail!(
+                "--dtype {dtype} applies to an encoder that does not train (--freeze encoder, or \
+                 predicting with --checkpoint); a trainable encoder trains and is evaluated in \
+                 f32. Drop --dtype or freeze the encoder"
+            );
+        }
+        let fast = FastEncoder::from_encoder(&self.encoder, dtype)?;
+        eprintln!(
+            "encoder in {dtype}: dense layers on the {} kernel",
+            fast.kernel_name()
+        );
+        self.fast = Some(fast);
+        Ok(self)
     }
 
     /// Pooled sentence vectors `[batch, hidden]` in inference mode, through the encoder's
     /// fast path; equal to `features(batch, None)` to float rounding.
     pub fn features_infer(&self, items: &[&Encoded]) -> Result<Tensor> {
         let mut ws = self.workspace.lock().expect("workspace lock");
-        let rows = self.encoder.pooled_packed(items, self.pooling, &mut ws)?;
+        let rows = match &self.fast {
+            Some(f) => f.pooled_packed(items, self.pooling, &mut ws)?,
+            None => self.encoder.pooled_packed(items, self.pooling, &mut ws)?,
+        };
         let h = self.encoder.config.hidden_size;
         let flat: Vec<f32> = rows.into_iter().flatten().collect();
         Ok(Tensor::from_vec(

@@ -9,6 +9,8 @@ use crate::config::{EmbedConfig, Format};
 use crate::embed::{Embedder, Embedding};
 use crate::input::{SentenceReader, MAX_LINE_BYTES};
 use crate::loader::ModelAssets;
+use crate::model::fast::FastEncoder;
+use crate::model::quant::Dtype;
 use crate::output::{progress_bar, Output};
 use crate::tokenize::name_sentence;
 
@@ -26,13 +28,22 @@ struct Meta {
     normalized: bool,
     pooling: &'static str,
     max_seq_length: usize,
+    dtype: &'static str,
 }
 
 pub fn run(cfg: &EmbedConfig) -> Result<()> {
     let assets = ModelAssets::load(&cfg.model, cfg.max_seq_length)?;
     let device = Device::Cpu;
-    let encoder = assets.frozen_encoder(&device)?;
-    let mut embedder = Embedder::new(
+    // The float32 dense weights are dropped once converted: only one copy stays resident.
+    let encoder = FastEncoder::new(assets.frozen_encoder(&device)?, cfg.dtype)?;
+    if cfg.dtype != Dtype::F32 {
+        eprintln!(
+            "encoder in {}: dense layers on the {} kernel",
+            cfg.dtype,
+            encoder.kernel_name()
+        );
+    }
+    let mut embedder = Embedder::with_fast(
         &encoder,
         &assets.tokenizer,
         assets.pipeline.pooling,
@@ -47,6 +58,7 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
         normalized: embedder.normalize,
         pooling: embedder.pooling.name(),
         max_seq_length: assets.tokenizer.max_len(),
+        dtype: cfg.dtype.name(),
     };
 
     let mut reader = SentenceReader::open(&cfg.input)?;

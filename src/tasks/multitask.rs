@@ -62,7 +62,8 @@ pub fn run(cfg: &MultitaskConfig) -> Result<()> {
         plan,
         HeadInit::Seed(t.settings.seed),
         &dev,
-    )?;
+    )?
+    .with_dtype(t.dtype)?;
     let counts = crate::train::verify::ParamCounts::of(&model);
     eprintln!(
         "model {} ({} layers, hidden {}); training on {} ({} rows); frozen: {}",
@@ -149,7 +150,9 @@ fn run_checkpoint(cfg: &MultitaskConfig, dir: &std::path::Path) -> Result<()> {
     };
     let max_len = cfg.train.max_seq_length.or(Some(base.max_seq_length));
     let assets = ModelAssets::load(&model_ref, max_len)?;
-    let model = ckpt.model(&assets, &Device::Cpu)?;
+    let model = ckpt
+        .model(&assets, &Device::Cpu)?
+        .with_dtype(cfg.train.dtype)?;
     let labels = model.spec.labels.clone();
     eprintln!(
         "loaded checkpoint {} (base model {})",

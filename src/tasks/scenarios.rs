@@ -68,6 +68,26 @@ pub fn run(cfg: &ScenariosConfig) -> Result<()> {
             "--freeze-layers {n}: the model has only {layers} encoder layers (use 0 to {layers})"
         );
     }
+    if t.dtype != crate::model::quant::Dtype::F32 {
+        let training: Vec<String> = cfg
+            .scenarios
+            .iter()
+            .filter(|sc| {
+                sc.plan(layers, n)
+                    .map(|p| !p.encoder_frozen(layers))
+                    .unwrap_or(true)
+            })
+            .map(|sc| sc.label(n))
+            .collect();
+        if !training.is_empty() {
+            bail!(
+                "--dtype {} applies to a frozen encoder, but these scenarios train it: {}; pass \
+                 --scenarios encoder,all (or drop --dtype)",
+                t.dtype,
+                training.join(", ")
+            );
+        }
+    }
     let s = &t.settings;
     eprintln!(
         "comparing {} scenario(s) on {} ({} rows), evaluated on {}: {} epoch(s), batch {}, seed {}, model {}",
@@ -92,7 +112,8 @@ pub fn run(cfg: &ScenariosConfig) -> Result<()> {
             plan,
             HeadInit::Seed(s.seed),
             &Device::Cpu,
-        )?;
+        )?
+        .with_dtype(t.dtype)?;
         let counts = crate::train::verify::ParamCounts::of(&model);
         for line in counts.table().lines() {
             eprintln!("  {line}");

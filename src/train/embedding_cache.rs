@@ -22,18 +22,21 @@ pub struct CacheKey {
     pub max_seq_length: usize,
     pub pooling: String,
     pub dimension: usize,
+    /// The encoder's arithmetic (`f32`, `bf16`, `int8`): each gives other vectors.
+    pub dtype: String,
 }
 
 impl CacheKey {
     fn describe(&self) -> String {
         format!(
-            "model={}\nrevision={}\nfingerprint={}\nmax_seq_length={}\npooling={}\ndimension={}\n",
+            "model={}\nrevision={}\nfingerprint={}\nmax_seq_length={}\npooling={}\ndimension={}\ndtype={}\n",
             self.model,
             self.revision,
             self.fingerprint,
             self.max_seq_length,
             self.pooling,
-            self.dimension
+            self.dimension,
+            self.dtype
         )
     }
 }
@@ -223,6 +226,7 @@ mod tests {
             max_seq_length: 128,
             pooling: "mean".into(),
             dimension: 3,
+            dtype: "f32".into(),
         }
     }
 

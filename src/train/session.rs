@@ -99,6 +99,7 @@ impl Setup {
                     max_seq_length: assets.tokenizer.max_len(),
                     pooling: "mean".into(),
                     dimension: assets.config.hidden_size,
+                    dtype: cfg.dtype.name().into(),
                 };
                 let cache = EmbeddingCache::open(dir, key)?;
                 if let Some(note) = &cache.note {

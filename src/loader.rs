@@ -7,6 +7,8 @@ use candle_core::Device;
 
 use crate::hub::{self, ModelFiles, ModelRef};
 use crate::model::bert::{BertConfig, BertEncoder};
+use crate::model::fast::FastEncoder;
+use crate::model::quant::Dtype;
 use crate::model::weights::{ParamRegistry, ParamSource, TrainablePredicate, WeightFile};
 use crate::pipeline::Pipeline;
 use crate::tokenize::TextTokenizer;
@@ -70,6 +72,19 @@ impl ModelAssets {
             pipeline,
             tokenizer,
             weights,
+        })
+    }
+
+    /// The inference encoder in `dtype`, loaded one layer at a time (see
+    /// [`FastEncoder::load`]): with int8 or bf16, only the converted weights stay resident.
+    pub fn inference_encoder(&self, dtype: Dtype, device: &Device) -> Result<FastEncoder> {
+        let vb = ParamSource::unrecorded(vec![self.weights.clone()]).into_var_builder(device);
+        FastEncoder::load(vb, &self.config, dtype).with_context(|| {
+            format!(
+                "loading the encoder weights of {} from {}",
+                self.files.model.id,
+                self.files.weights.display()
+            )
         })
     }
 

@@ -10,10 +10,11 @@
 //! The training path (candle ops with a backward pass) is in [`super::bert`].
 
 use candle_core::{bail, CpuStorage, Result, Storage, Tensor};
+use candle_nn::VarBuilder;
 use candle_transformers::models::bert::HiddenAct;
 use rayon::prelude::*;
 
-use super::bert::{BertConfig, BertEmbeddings, BertEncoder, LayerNorm, Linear};
+use super::bert::{BertConfig, BertEmbeddings, BertEncoder, BertLayer, LayerNorm, Linear};
 use super::gemm::{matmul, parallelism, Mat, MatMut};
 use super::kernels;
 use super::ops::attend_head;
@@ -461,6 +462,28 @@ struct QuantLayer {
     head_dim: usize,
 }
 
+impl QuantLayer {
+    /// Converts `layer`'s dense layers to `dtype` (Q, K and V fused into one product).
+    fn new(layer: &BertLayer, dtype: quant::Dtype) -> Result<Self> {
+        let a = &layer.attention;
+        let qkv = Linear {
+            weight: Tensor::cat(&[&a.query.weight, &a.key.weight, &a.value.weight], 0)?,
+            bias: Tensor::cat(&[&a.query.bias, &a.key.bias, &a.value.bias], 0)?,
+        };
+        Ok(Self {
+            qkv: Dense::new(&qkv, dtype)?,
+            attn_out: Dense::new(&a.output, dtype)?,
+            attn_norm: a.layer_norm.clone(),
+            ffn_in: Dense::new(&layer.intermediate, dtype)?,
+            ffn_out: Dense::new(&layer.output, dtype)?,
+            out_norm: layer.layer_norm.clone(),
+            act: layer.act(),
+            heads: a.heads(),
+            head_dim: a.head_dim(),
+        })
+    }
+}
+
 /// The encoder with int8 or bf16 dense layers; embeddings, LayerNorms, softmax and pooling
 /// stay float32. It holds no float32 copy of the dense weights.
 struct QuantEncoder {
@@ -544,22 +567,7 @@ impl FastEncoder {
         } = encoder;
         let mut qlayers = Vec::with_capacity(layers.len());
         for layer in layers {
-            let a = &layer.attention;
-            let qkv = Linear {
-                weight: Tensor::cat(&[&a.query.weight, &a.key.weight, &a.value.weight], 0)?,
-                bias: Tensor::cat(&[&a.query.bias, &a.key.bias, &a.value.bias], 0)?,
-            };
-            qlayers.push(QuantLayer {
-                qkv: Dense::new(&qkv, dtype)?,
-                attn_out: Dense::new(&a.output, dtype)?,
-                attn_norm: a.layer_norm.clone(),
-                ffn_in: Dense::new(&layer.intermediate, dtype)?,
-                ffn_out: Dense::new(&layer.output, dtype)?,
-                out_norm: layer.layer_norm.clone(),
-                act: layer.act(),
-                heads: a.heads(),
-                head_dim: a.head_dim(),
-            });
+            qlayers.push(QuantLayer::new(&layer, dtype)?);
             // `layer` (with its float32 dense weights) is dropped here.
         }
         Ok(Self {
@@ -572,6 +580,30 @@ impl FastEncoder {
                 kernels,
             }),
         })
+    }
+
+    /// Loads the encoder from `vb` straight into `dtype`, one layer at a time: each layer's
+    /// float32 weights are read, converted and dropped before the next is read, so the
+    /// process never holds the whole float32 model (peak memory: the embeddings, one float32
+    /// layer and the converted layers).
+    pub fn load(vb: VarBuilder, cfg: &BertConfig, dtype: quant::Dtype) -> Result<Self> {
+        if dtype == quant::Dtype::F32 {
+            return Self::new(BertEncoder::load(vb, cfg)?, dtype);
+        }
+        let empty = BertEncoder {
+            embeddings: BertEmbeddings::load(vb.pp("embeddings"), cfg)?,
+            layers: Vec::new(),
+            config: cfg.clone(),
+        };
+        let mut fast = Self::new(empty, dtype)?;
+        let Inner::Quant(q) = &mut fast.inner else {
+            bail!("fast path: a {dtype} encoder without quantized layers")
+        };
+        for i in 0..cfg.num_hidden_layers {
+            let layer = BertLayer::load(vb.pp(format!("encoder.layer.{i}")), cfg)?;
+            q.layers.push(QuantLayer::new(&layer, dtype)?);
+        }
+        Ok(fast)
     }
 
     /// As [`FastEncoder::new`] for an encoder the caller keeps (its tensors are shared, not

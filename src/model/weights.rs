@@ -328,7 +328,9 @@ pub struct ParamSource {
     files: Vec<Arc<WeightFile>>,
     init_rng: Option<Mutex<StdRng>>,
     trainable: TrainablePredicate,
-    registry: Arc<ParamRegistry>,
+    /// Where handed-out parameters are recorded; `None` records nothing, so a tensor lives
+    /// only as long as the model block that holds it (see [`ParamSource::unrecorded`]).
+    registry: Option<Arc<ParamRegistry>>,
 }
 
 impl ParamSource {
@@ -338,7 +340,18 @@ impl ParamSource {
             files,
             init_rng: None,
             trainable: Arc::new(|_| false),
-            registry,
+            registry: Some(registry),
+        }
+    }
+
+    /// A source that records nothing: for loading that converts and drops each block as it
+    /// goes (a registry would keep every float32 tensor alive until loading ends).
+    pub fn unrecorded(files: Vec<Arc<WeightFile>>) -> Self {
+        Self {
+            files,
+            init_rng: None,
+            trainable: Arc::new(|_| false),
+            registry: None,
         }
     }
 
@@ -401,11 +414,13 @@ impl SimpleBackend for ParamSource {
         } else {
             (tensor, None)
         };
-        self.registry.push(Param {
-            name: name.to_string(),
-            tensor: tensor.clone(),
-            var,
-        });
+        if let Some(registry) = &self.registry {
+            registry.push(Param {
+                name: name.to_string(),
+                tensor: tensor.clone(),
+                var,
+            });
+        }
         Ok(tensor)
     }
 

@@ -9,7 +9,6 @@ use crate::config::{EmbedConfig, Format};
 use crate::embed::{Embedder, Embedding};
 use crate::input::{SentenceReader, MAX_LINE_BYTES};
 use crate::loader::ModelAssets;
-use crate::model::fast::FastEncoder;
 use crate::model::quant::Dtype;
 use crate::output::{progress_bar, Output};
 use crate::tokenize::name_sentence;
@@ -35,7 +34,7 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
     let assets = ModelAssets::load(&cfg.model, cfg.max_seq_length)?;
     let device = Device::Cpu;
     // The float32 dense weights are dropped once converted: only one copy stays resident.
-    let encoder = FastEncoder::new(assets.frozen_encoder(&device)?, cfg.dtype)?;
+    let encoder = assets.inference_encoder(cfg.dtype, &device)?;
     if cfg.dtype != Dtype::F32 {
         eprintln!(
             "encoder in {}: dense layers on the {} kernel",

@@ -6,7 +6,7 @@
 #                     [--threads N] [--batch-size N] [--examples N] [--limit N] [--no-check]
 #                     [--no-length-grouping]
 #
-#   --parts      what to run, comma-separated: embed, startup, train, or all [all]
+#   --parts      what to run, comma-separated: embed, startup, train, quant, or all [all]
 #   --file       sentence file for the embedding part [bench/data/sentences-2k.txt]
 #   --repeat     runs of each tool in the embed and train parts; the best is kept [2]
 #   --threads    threads for both tools [2]
@@ -28,6 +28,10 @@
 #            Peak RSS of both from /usr/bin/time -v (Maximum resident set size).
 #   startup  wall time of one sentence, process start to exit: fetch-ml --sentence (best of 5)
 #            vs bench/st_startup.py (best of 3), interpreter start-up included.
+#   quant    fetch-ml --task=1 --dtype f32, bf16, int8 (whole process, as embed) against
+#            ONNX Runtime fp32 and dynamic int8 (bench/ort_embed.py: encode loop only, after a
+#            warm-up; needs onnxruntime, onnx and onnxscript in the venv); the vectors of each
+#            dtype are compared by cosine with fetch-ml's f32 ones.
 #   train    fetch-ml --task=2 --epochs 1: train rows / training.train_seconds of its JSON
 #            report (evaluation excluded; no warm-up step); bench/st_train.py: timed rows / s
 #            after one warm-up step. Both form batches the same way (grouped by length unless
@@ -75,10 +79,10 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-[ "$parts" = all ] && parts=embed,startup,train
+[ "$parts" = all ] && parts=embed,startup,train,quant
 want() { [[ ",$parts," == *",$1,"* ]]; }
 for p in ${parts//,/ }; do
-  case "$p" in embed|startup|train) ;; *) echo "unknown part: $p" >&2; exit 2 ;; esac
+  case "$p" in embed|startup|train|quant) ;; *) echo "unknown part: $p" >&2; exit 2 ;; esac
 done
 
 die() { echo "error: $*" >&2; exit 1; }
@@ -86,13 +90,13 @@ die() { echo "error: $*" >&2; exit 1; }
 [ -f "$MODEL/model.safetensors" ] || die "no model at $MODEL: run scripts/fetch-minilm.sh"
 [ -x "$PY" ] || die "no Python venv at $PY: run bash bench/setup-python.sh"
 [ -x /usr/bin/time ] || die "GNU time missing: apt-get install -y time"
-if want embed; then
+if want embed || want quant; then
   [ -f "$file" ] || die "no sentence file $file: run $PY bench/make-sentences.py"
 fi
 
 work=$(mktemp -d /tmp/fetch-ml-bench.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-if [ -n "$limit" ] && want embed; then
+if [ -n "$limit" ] && { want embed || want quant; }; then
   awk -v n="$limit" 'NF && ++k <= n' "$file" > "$work/sentences.txt"
   file="$work/sentences.txt"
 fi
@@ -143,6 +147,64 @@ echo "model: $MODEL; threads: $threads; batch size: $batch"
 echo
 
 summary=()
+
+# ---------- quantized inference against ONNX Runtime ----------
+if want quant; then
+  n=$(grep -c '[^[:space:]]' "$file")
+  echo "== quantized inference: $n sentences from $file (best of $repeat)"
+  echo "CPU flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_vnni|avx_vnni|avx512_bf16|amx_bf16|amx_int8)$' | tr '\n' ' ')"
+  declare -A q_sps q_rss
+  for dtype in f32 bf16 int8; do
+    cmd=("${ours_env[@]}" "$BIN" --task=1 --model "$MODEL" --input "$file" --format jsonl
+         --output "$work/ours-$dtype.jsonl" --batch-size "$batch" --dtype "$dtype")
+    show_cmd "${cmd[@]}"
+    best=0
+    for r in $(seq 1 "$repeat"); do
+      run_timed "$work/q.out" "$work/q.err" "${cmd[@]}"
+      sps=$(calc "$n / $WALL")
+      echo "  run $r fetch-ml $dtype: $sps sentences/s (wall $WALL s), peak RSS $RSS_MB MB"
+      if better "$sps" "$best"; then best=$sps; q_rss[$dtype]=$RSS_MB; fi
+    done
+    q_sps[$dtype]=$best
+    grep -h kernel "$work/q.err" | head -1 | sed 's/^/  /' || true
+  done
+  ort_cmd=("$PY" "$here/ort_embed.py" --model "$MODEL" --file "$file" --threads "$threads"
+           --batch-size "$batch" --work-dir "$work/ort")
+  show_cmd "${ort_cmd[@]}"
+  best_fp=0 best_i8=0
+  for r in $(seq 1 "$repeat"); do
+    HF_HUB_OFFLINE=1 "${ort_cmd[@]}" > "$work/ort.out" 2> "$work/ort.err" || { tail "$work/ort.err"; exit 1; }
+    fp=$(grep fp32 "$work/ort.out" | json_get sentences_per_s)
+    i8=$(grep int8 "$work/ort.out" | json_get sentences_per_s)
+    echo "  run $r onnxruntime: fp32 $fp sentences/s, int8 $i8 sentences/s (encode loop only)"
+    if better "$fp" "$best_fp"; then best_fp=$fp; fi
+    if better "$i8" "$best_i8"; then best_i8=$i8; fi
+  done
+  echo "result:"
+  echo "  fetch-ml f32 ${q_sps[f32]}, bf16 ${q_sps[bf16]}, int8 ${q_sps[int8]} sentences/s (whole process); peak RSS f32 ${q_rss[f32]}, bf16 ${q_rss[bf16]}, int8 ${q_rss[int8]} MB"
+  echo "  onnxruntime fp32 $best_fp, int8 $best_i8 sentences/s (encode loop)"
+  echo "  ratios: fetch-ml int8 / onnxruntime int8 $(calc "${q_sps[int8]} / $best_i8")x; bf16 / f32 $(calc "${q_sps[bf16]} / ${q_sps[f32]}")x; int8 / f32 $(calc "${q_sps[int8]} / ${q_sps[f32]}")x"
+  summary+=("quant    int8 ours/onnxruntime-int8 $(calc "${q_sps[int8]} / $best_i8")x (${q_sps[int8]} vs $best_i8 sentences/s); bf16/f32 $(calc "${q_sps[bf16]} / ${q_sps[f32]}")x")
+  "$PY" - "$work" <<'PY'
+import json, sys
+import numpy as np
+def load(path):
+    rows = {}
+    for line in open(path):
+        d = json.loads(line)
+        rows[d["index"]] = d["embedding"]
+    return np.array([rows[k] for k in sorted(rows)], dtype=np.float64)
+ref = load(f"{sys.argv[1]}/ours-f32.jsonl")
+for dtype in ["bf16", "int8"]:
+    v = load(f"{sys.argv[1]}/ours-{dtype}.jsonl")
+    cos = (v * ref).sum(1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ref, axis=1))
+    sim_ref, sim_v = ref @ ref.T, v @ v.T
+    np.fill_diagonal(sim_ref, -2); np.fill_diagonal(sim_v, -2)
+    nn = (sim_ref.argmax(1) == sim_v.argmax(1)).mean()
+    print(f"  {dtype} vs f32 over {len(cos)} sentences: cosine mean {cos.mean():.6f}, min {cos.min():.6f}; nearest neighbour agrees for {100*nn:.2f}%")
+PY
+  echo
+fi
 
 # ---------- embedding throughput ----------
 if want embed; then

@@ -55,6 +55,9 @@ else
   check_pins
 fi
 
+# ONNX Runtime for bench/ort_embed.py (bench/run.sh --parts quant).
+"$vpy" -m pip install --disable-pip-version-check --progress-bar off -q -r "$here/requirements-ort.txt"
+
 # Offline: the Hugging Face hub is not reachable, and the model is a local folder.
 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$vpy" - <<'PY'
 import platform, sys

@@ -740,3 +740,44 @@ fn trainer_flags_are_reported_and_saved() {
         &["--keep-best"],
     );
 }
+
+/// The word embeddings train with row-wise gradients: the rows of tokens in the training
+/// data change, the rows of tokens never seen stay bit-identical (a dense AdamW would decay
+/// them all).
+#[test]
+fn word_embeddings_train_row_wise() {
+    let t = toy();
+    let cfg = config(&t, quick(), &[], None);
+    let setup = Setup::load(&cfg).unwrap();
+    let layers = setup.assets.config.num_hidden_layers;
+    let plan = FreezePlan::new(&cfg.freeze, cfg.freeze_layers, layers).unwrap();
+    let model = build_model(&setup, &cfg, plan);
+    let word = |m: &MultiTaskModel| {
+        m.encoder
+            .embeddings
+            .word_embeddings
+            .embeddings()
+            .to_vec2::<f32>()
+            .unwrap()
+    };
+    let before = word(&model);
+    fit(&model, &setup, &cfg.settings, &mut |_| {}).unwrap();
+    let after = word(&model);
+    let seen: std::collections::HashSet<u32> = setup
+        .train
+        .prepared
+        .encoded
+        .iter()
+        .flat_map(|e| e.ids.iter().copied())
+        .collect();
+    let mut changed = 0;
+    for (id, (b, a)) in before.iter().zip(&after).enumerate() {
+        if seen.contains(&(id as u32)) {
+            changed += (b != a) as usize;
+        } else {
+            assert_eq!(b, a, "row {id} was never seen but changed");
+        }
+    }
+    assert_eq!(changed, seen.len(), "every seen row trained");
+    assert!(seen.len() < before.len());
+}

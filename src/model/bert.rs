@@ -152,6 +152,28 @@ fn softmax(x: &Tensor, mode: Mode) -> Result<Tensor> {
     }
 }
 
+/// Records, in training, the word-embedding rows each forward pass looked up as leaves of
+/// their own, so the trainer can apply their gradient row-wise (see `train::sparse`) instead
+/// of candle building a dense gradient of the whole vocabulary.
+#[derive(Default)]
+pub struct SparseTap {
+    enabled: std::sync::atomic::AtomicBool,
+    leaves: std::sync::Mutex<Vec<(candle_core::Var, Vec<u32>)>>,
+}
+
+impl SparseTap {
+    pub fn enable(&self, on: bool) {
+        self.enabled.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn enabled(&self) -> bool {
+        self.enabled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// The leaves recorded since the last call, with the token ids of their rows.
+    pub fn take(&self) -> Vec<(candle_core::Var, Vec<u32>)> {
+        std::mem::take(&mut *self.leaves.lock().expect("sparse tap lock"))
+    }
+}
+
 /// Word, position and token-type embeddings, summed and normalised.
 #[derive(Clone)]
 pub struct BertEmbeddings {
@@ -160,6 +182,8 @@ pub struct BertEmbeddings {
     pub token_type_embeddings: Embedding,
     pub layer_norm: LayerNorm,
     dropout: f64,
+    /// Word-embedding rows as sparse leaves in training, when the trainer asks for it.
+    pub sparse: std::sync::Arc<SparseTap>,
 }
 
 impl BertEmbeddings {
@@ -181,6 +205,7 @@ impl BertEmbeddings {
             token_type_embeddings: emb(cfg.type_vocab_size, "token_type_embeddings")?,
             layer_norm: LayerNorm::load(vb.pp("LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
             dropout: cfg.hidden_dropout_prob,
+            sparse: Default::default(),
         })
     }
 
@@ -209,9 +234,26 @@ impl BertEmbeddings {
         let ids = Tensor::from_slice(&batch.input_ids, t, dev)?;
         let types = Tensor::from_slice(&batch.type_ids, t, dev)?;
         let positions = Tensor::from_slice(&batch.positions, t, dev)?;
-        let x = self
-            .word_embeddings
-            .forward(&ids)?
+        let words = match mode {
+            Mode::Train(_) if self.sparse.enabled() => {
+                // A leaf of its own: its gradient is exactly the rows' gradient.
+                let rows = self
+                    .word_embeddings
+                    .embeddings()
+                    .detach()
+                    .index_select(&ids, 0)?;
+                let leaf = candle_core::Var::from_tensor(&rows)?;
+                let t = leaf.as_tensor().clone();
+                self.sparse
+                    .leaves
+                    .lock()
+                    .expect("sparse tap lock")
+                    .push((leaf, batch.input_ids.clone()));
+                t
+            }
+            _ => self.word_embeddings.forward(&ids)?,
+        };
+        let x = words
             .add(&self.token_type_embeddings.forward(&types)?)?
             .add(&self.position_embeddings.forward(&positions)?)?;
         let x = self.layer_norm.forward(&x, mode)?;

@@ -132,7 +132,18 @@ impl CustomOp1 for SumSquares {
 /// Scales all gradients so that their global L2 norm is at most `max_norm`; returns the norm
 /// before scaling.
 pub fn clip_gradients(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
-    let mut sq = 0f64;
+    clip_all_gradients(grads, vars, None, max_norm)
+}
+
+/// As [`clip_gradients`], with the rows of a sparse gradient counted in the global norm and
+/// scaled with the rest.
+pub fn clip_all_gradients(
+    grads: &mut GradStore,
+    vars: &[Var],
+    mut sparse: Option<&mut super::sparse::SparseGrad>,
+    max_norm: f64,
+) -> Result<f64> {
+    let mut sq = sparse.as_ref().map_or(0.0, |s| s.sum_squares());
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
             let g = g.contiguous()?;
@@ -142,6 +153,9 @@ pub fn clip_gradients(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
     let norm = sq.sqrt();
     if norm.is_finite() && norm > max_norm {
         let scale = (max_norm / (norm + 1e-6)) as f32;
+        if let Some(s) = sparse.as_mut() {
+            s.scale(scale);
+        }
         for v in vars {
             if let Some(g) = grads.get(v.as_tensor()) {
                 let g = if g.is_contiguous() {

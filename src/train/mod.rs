@@ -8,5 +8,6 @@ pub mod loss;
 pub mod metrics;
 pub mod save_target;
 pub mod session;
+pub mod sparse;
 pub mod trainer;
 pub mod verify;

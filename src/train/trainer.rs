@@ -13,11 +13,12 @@ use serde::{Deserialize, Serialize};
 
 use candle_core::backprop::GradStore;
 
-use super::adamw::{clip_gradients, AdamW};
+use super::adamw::{clip_all_gradients, AdamW};
 use super::embedding_cache::EmbeddingCache;
 use super::evaluate::{cached_features, evaluate};
 use super::loss::{balanced_weights, weighted_ce_sum, HeadTargets};
 use super::metrics::{HeadMetrics, Metric};
+use super::sparse::{LazyAdamW, SparseGrad};
 use crate::model::batch::PackedBatch;
 use crate::model::dropout::Dropout;
 use crate::model::multitask::{MultiTaskModel, HEAD_NAMES};
@@ -57,6 +58,9 @@ pub struct TrainSettings {
     pub early_stop: Option<usize>,
     /// Weight each head's loss by inverse label frequency (`--class-weights auto`).
     pub class_weights: bool,
+    /// Train the word embeddings with row-wise (sparse) gradients and a lazy AdamW (see
+    /// `train::sparse`); off gives candle's dense gradient and the dense AdamW.
+    pub sparse_embeddings: bool,
 }
 
 impl TrainSettings {
@@ -85,6 +89,7 @@ impl Default for TrainSettings {
             keep_best: None,
             early_stop: None,
             class_weights: false,
+            sparse_embeddings: true,
         }
     }
 }
@@ -181,6 +186,9 @@ pub fn lr_factor(step: usize, warmup: usize, total: usize) -> f64 {
     }
 }
 
+/// The word embeddings' parameter name.
+const WORD_EMBEDDINGS: &str = "embeddings.word_embeddings.weight";
+
 /// Splits the trainable variables into encoder and head groups.
 fn var_groups(model: &MultiTaskModel) -> (Vec<Var>, Vec<Var>) {
     let (mut enc, mut heads) = (Vec::new(), Vec::new());
@@ -272,6 +280,8 @@ struct Trainer<'a> {
     vars: Vec<Var>,
     opt_enc: Option<AdamW>,
     opt_head: Option<AdamW>,
+    /// The word embeddings' optimizer when they train with sparse gradients.
+    opt_words: Option<LazyAdamW>,
     dropout: Dropout,
     inputs: Inputs,
     eval_features: Option<Tensor>,
@@ -310,8 +320,7 @@ impl<'a> Trainer<'a> {
         cache: Option<&mut EmbeddingCache>,
     ) -> Result<Self> {
         let dev: Device = model.encoder.device().clone();
-        let (enc_vars, head_vars) = var_groups(model);
-        let vars: Vec<Var> = enc_vars.iter().chain(&head_vars).cloned().collect();
+        let (mut enc_vars, head_vars) = var_groups(model);
         let adamw = |vars: Vec<Var>, lr: f64| -> Result<Option<AdamW>> {
             if vars.is_empty() {
                 return Ok(None);
@@ -348,6 +357,22 @@ impl<'a> Trainer<'a> {
         } else {
             (Inputs::Encoder, None)
         };
+        // The word embeddings train with sparse gradients when the embeddings run every step.
+        let word_var = model
+            .registry
+            .params()
+            .into_iter()
+            .find(|p| p.name == WORD_EMBEDDINGS)
+            .and_then(|p| p.var);
+        let opt_words = match word_var {
+            Some(var) if s.sparse_embeddings && matches!(inputs, Inputs::Encoder) => {
+                enc_vars.retain(|v| v.as_tensor().id() != var.as_tensor().id());
+                model.encoder.embeddings.sparse.enable(true);
+                Some(LazyAdamW::new(var, s.lr, s.weight_decay)?)
+            }
+            _ => None,
+        };
+        let vars: Vec<Var> = enc_vars.iter().chain(&head_vars).cloned().collect();
         let class_weights = if s.class_weights {
             let w = |t: usize| -> Result<Option<Tensor>> {
                 let labels: Vec<Option<u32>> = data.labels.iter().map(|l| l[t]).collect();
@@ -369,6 +394,7 @@ impl<'a> Trainer<'a> {
             vars,
             opt_enc: adamw(enc_vars, s.lr)?,
             opt_head: adamw(head_vars, s.head_lr)?,
+            opt_words,
             dropout: Dropout::new(s.seed.wrapping_add(1)),
             inputs,
             eval_features,
@@ -427,6 +453,8 @@ impl<'a> Trainer<'a> {
         }
         let mut out = StepLoss::default();
         let mut grads: Option<GradStore> = None;
+        let width = self.model.encoder.config.hidden_size;
+        let mut sparse = self.opt_words.as_ref().map(|_| SparseGrad::new(width));
         for micro in idx.chunks(s.batch_size) {
             trace_rss("step start");
             let logits = self.logits(micro)?;
@@ -447,6 +475,11 @@ impl<'a> Trainer<'a> {
             out.total += loss.to_scalar::<f32>()? as f64;
             let g = loss.backward()?;
             trace_rss("after backward");
+            for (leaf, ids) in self.model.encoder.embeddings.sparse.take() {
+                if let (Some(s), Some(rows)) = (sparse.as_mut(), g.get(leaf.as_tensor())) {
+                    s.add(&ids, &rows.flatten_all()?.to_vec1::<f32>()?)?;
+                }
+            }
             grads = Some(match grads {
                 None => g,
                 Some(mut acc) => {
@@ -476,8 +509,12 @@ impl<'a> Trainer<'a> {
             );
         }
         let mut grads = grads.expect("at least one micro-batch");
-        clip_gradients(&mut grads, &self.vars, s.max_grad_norm)?;
+        clip_all_gradients(&mut grads, &self.vars, sparse.as_mut(), s.max_grad_norm)?;
         let factor = lr_factor(self.step, self.warmup_steps, self.total_steps);
+        if let (Some(o), Some(g)) = (self.opt_words.as_mut(), sparse.as_ref()) {
+            o.lr = s.lr * factor;
+            o.step(g)?;
+        }
         if let Some(o) = self.opt_enc.as_mut() {
             o.lr = s.lr * factor;
             o.step(&grads)?;
@@ -637,6 +674,7 @@ impl<'a> Trainer<'a> {
             });
         }
         outcome.evaluations = std::mem::take(&mut self.evaluations);
+        self.model.encoder.embeddings.sparse.enable(false);
         Ok(outcome)
     }
 

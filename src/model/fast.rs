@@ -97,9 +97,28 @@ fn linear(
 }
 
 /// Self-attention over packed sequences: `ctx[t, h*d..]` from `qkv` `[T, 3H]`.
-fn attention(qkv: &[f32], ctx: &mut [f32], offsets: &[usize], heads: usize, head_dim: usize) {
+fn attention(
+    qkv: &[f32],
+    ctx: &mut [f32],
+    offsets: &[usize],
+    heads: usize,
+    head_dim: usize,
+) -> Result<()> {
     let hidden = heads * head_dim;
     let ld = 3 * hidden;
+    // The kernel below relies on these: every sequence's rows inside both buffers.
+    let t = *offsets.last().unwrap_or(&0);
+    if offsets.first() != Some(&0)
+        || offsets.windows(2).any(|w| w[1] < w[0])
+        || qkv.len() < t * ld
+        || ctx.len() < t * hidden
+    {
+        bail!(
+            "fast path: attention buffers ({} and {} values) do not hold {t} tokens of {hidden}",
+            qkv.len(),
+            ctx.len()
+        );
+    }
     let tasks: Vec<(usize, usize)> = (0..offsets.len() - 1)
         .flat_map(|s| (0..heads).map(move |h| (s, h)))
         .collect();
@@ -135,6 +154,7 @@ fn attention(qkv: &[f32], ctx: &mut [f32], offsets: &[usize], heads: usize, head
                 );
             }
         });
+    Ok(())
 }
 
 /// Rows of `width` values, `x[r] = LayerNorm(x[r] + residual[r])` (residual optional).
@@ -284,7 +304,7 @@ impl BertEncoder {
                 &offs,
                 a.heads(),
                 a.head_dim(),
-            );
+            )?;
             linear(&ws.ctx[..t * h], t, &a.output, &mut ws.tmp[..t * h], h, 0)?;
             layer_norm_rows(&mut ws.tmp[..t * h], Some(&ws.x[..t * h]), &a.layer_norm, h)?;
             std::mem::swap(&mut ws.x, &mut ws.tmp);
@@ -684,7 +704,7 @@ impl QuantEncoder {
                 &mut mid[..t * inter],
             );
             layer.qkv.forward(x, t, qkv, 3 * h, 0, None, k, scratch)?;
-            attention(qkv, ctx, &offs, layer.heads, layer.head_dim);
+            attention(qkv, ctx, &offs, layer.heads, layer.head_dim)?;
             layer
                 .attn_out
                 .forward(ctx, t, tmp, h, 0, None, k, scratch)?;

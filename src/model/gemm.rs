@@ -37,11 +37,15 @@ pub struct MatMut {
     pub ld: usize,
 }
 
-// SAFETY: views are only dereferenced inside `matmul`; callers give each thread disjoint
-// output regions.
+// SAFETY: a `Mat` is a read-only view; it is only dereferenced inside `matmul`, whose
+// callers guarantee that the memory outlives the call and is not written meanwhile.
 unsafe impl Send for Mat {}
+// SAFETY: as for Send: shared reads of memory nobody writes during the call.
 unsafe impl Sync for Mat {}
+// SAFETY: a `MatMut` is only dereferenced inside `matmul`; callers hand each thread a
+// disjoint output region, so no two threads write the same element.
 unsafe impl Send for MatMut {}
+// SAFETY: as for Send: the regions written through shared copies are disjoint.
 unsafe impl Sync for MatMut {}
 
 /// Splits the product over rayon's threads when it is large enough to be worth it.

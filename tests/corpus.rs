@@ -235,12 +235,12 @@ fn three_shards_cover_a_file_once_with_the_vectors_of_one_run() {
     ];
     let mut union: Vec<Row> = Vec::new();
     let mut next_byte = 0u64;
-    for i in 0..3 {
+    for (i, source) in sources.iter().enumerate() {
         let o = run(&mut shard(i));
         ok(&o);
         let err = stderr(&o);
         assert!(err.contains(&format!("shard {i}/3 (from")), "{err}");
-        assert!(err.contains(sources[i]), "{err}");
+        assert!(err.contains(source), "{err}");
         // "bytes A..B of LEN": the ranges follow each other from 0 to the end of the file.
         let range = err
             .split("bytes ")

@@ -196,7 +196,7 @@ fn stream(
 /// Where the rows go: a text format through [`Printer`], or a columnar file.
 enum Sink {
     Stream { printer: Printer, out: Output },
-    Parquet(ParquetSink),
+    Parquet(Box<ParquetSink>),
     Npy(NpySink),
 }
 
@@ -213,11 +213,10 @@ impl Sink {
                 printer: Printer::new(format, meta),
                 out: Output::create(cfg.output.as_deref())?,
             },
-            None if cfg.format == OutputFormat::Parquet => Sink::Parquet(ParquetSink::create(
-                file()?,
-                dim,
-                serde_json::to_string(&meta)?,
-            )?),
+            None if cfg.format == OutputFormat::Parquet => {
+                let meta = serde_json::to_string(&meta)?;
+                Sink::Parquet(Box::new(ParquetSink::create(file()?, dim, meta)?))
+            }
             None => Sink::Npy(NpySink::create(file()?, dim)?),
         })
     }

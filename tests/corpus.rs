@@ -837,3 +837,22 @@ fn the_kubernetes_manifest_runs_one_shard_per_index() {
     let got: Vec<(u64, String)> = union.into_iter().map(|r| (r.index, r.text)).collect();
     assert_eq!(got, want);
 }
+
+#[test]
+fn help_documents_the_corpus_flags() {
+    let out = ok(&run(fetch_ml().arg("--help")));
+    for needle in [
+        "--shard <I/N>",
+        "--shards <N>",
+        "--overwrite",
+        "--export <DIR>",
+        "parquet",
+        "npy",
+        "JOB_COMPLETION_INDEX",
+        "SLURM_ARRAY_TASK_ID",
+        "FETCH_ML_SHARDS",
+        "{shard}",
+    ] {
+        assert!(out.contains(needle), "--help lacks {needle}");
+    }
+}

@@ -1,16 +1,19 @@
 //! The command line as clap sees it, and its conversion into [`crate::config`] structs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::Parser;
 
-use crate::config::{Command, EmbedConfig, Format, MultitaskConfig, ScenariosConfig, TrainConfig};
+use crate::config::{
+    Command, EmbedConfig, MultitaskConfig, OutputFormat, ScenariosConfig, TrainConfig,
+};
 use crate::data::DataSource;
 use crate::hub::{offline_from_env, ModelRef};
 use crate::input::InputSource;
 use crate::model::freeze::{FreezePart, Scenario};
 use crate::model::quant::Dtype;
+use crate::shard::{Shard, ShardSpec};
 use crate::train::metrics::Metric;
 use crate::train::trainer::TrainSettings;
 
@@ -21,9 +24,11 @@ const EXAMPLES: &str = "\
 Examples:
   fetch-ml --task=1 --sentence \"Hello world!\"
   fetch-ml --task=1 --model ./all-MiniLM-L6-v2 --input sentences.txt --format jsonl -o out.jsonl
+  fetch-ml --task=1 --input corpus.txt --shard 2/8 --format parquet -o out/emb-{shard}.parquet
   HF_HUB_OFFLINE=1 fetch-ml --task=1 --model sentence-transformers/all-MiniLM-L6-v2
   fetch-ml --task=2 --freeze encoder --epochs 10 --save checkpoints/heads
   fetch-ml --task=2 --checkpoint checkpoints/heads --input new.txt --format jsonl
+  fetch-ml --task=2 --checkpoint checkpoints/heads --export exported-model
   fetch-ml --task=3 --plot scenarios.png";
 
 /// Sentence embeddings and a multitask model on a BERT encoder written in Rust with candle.
@@ -83,15 +88,43 @@ pub struct Cli {
     pub input: Option<PathBuf>,
 
     /// Write results to FILE instead of standard output. The file appears only once complete.
+    /// In a sharded run, {shard} in FILE becomes the shard's tag (00002-of-00008), {i} its
+    /// index and {n} the count; without them the tag goes before the extension
+    /// (emb.parquet -> emb-00002-of-00008.parquet).
     #[arg(long, short = 'o', value_name = "FILE", help_heading = "Output")]
     pub output: Option<PathBuf>,
 
     /// Output format. text: a summary per sentence and, for up to 20 sentences, their cosine
-    /// similarity matrix. jsonl: one object per sentence (index, text, tokens, truncated,
-    /// embedding). json: one document (model, dimension, normalized, pooling,
-    /// max_seq_length, embeddings: [{text, tokens, truncated, embedding}], count).
-    #[arg(long, value_enum, default_value_t = Format::Text, help_heading = "Output")]
-    pub format: Format,
+    /// similarity matrix. jsonl: one object per sentence (index = the sentence's 0-based line
+    /// number in the input, text, tokens, truncated, embedding). json: one document (model,
+    /// dimension, normalized, pooling, max_seq_length, embeddings: [{text, tokens, truncated,
+    /// embedding}], count). parquet (--task=1, needs --output): columns index (int64), text,
+    /// tokens (int32), truncated, embedding (fixed-size list of float32), a row group per
+    /// 4096 sentences. npy (--task=1, needs --output): a float32 matrix, one row per
+    /// sentence, and a JSONL sidecar FILE.meta.jsonl with index, text, tokens, truncated of
+    /// each row.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text, help_heading = "Output")]
+    pub format: OutputFormat,
+
+    /// Embed only shard I of N (0-based, I < N) of the input. A file is cut into N byte
+    /// ranges at line starts and this run reads only its own; other inputs are read whole and
+    /// line L goes to shard L mod N. Output rows keep their global line number as index.
+    /// [default: from JOB_COMPLETION_INDEX (Kubernetes Indexed Job, with --shards) or
+    /// SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT (Slurm job array);
+    /// else no sharding. --shard 0/1 turns the environment off]
+    #[arg(long, value_name = "I/N", value_parser = Shard::parse, help_heading = "Corpus (--task=1)")]
+    pub shard: Option<Shard>,
+
+    /// The number of shards N when the shard index comes from the environment
+    /// (JOB_COMPLETION_INDEX, which carries no count; for Slurm it overrides
+    /// SLURM_ARRAY_TASK_COUNT). FETCH_ML_SHARDS=N does the same.
+    #[arg(long, value_name = "N", value_parser = positive, conflicts_with = "shard", help_heading = "Corpus (--task=1)")]
+    pub shards: Option<usize>,
+
+    /// Redo work whose output already exists: a shard's complete output (which is otherwise
+    /// skipped, so that retried shards are cheap), or an earlier --export folder.
+    #[arg(long, help_heading = "Corpus (--task=1)")]
+    pub overwrite: bool,
 
     /// Sentences per forward pass; in training, examples per optimizer step. Inference
     /// batches group sentences of similar length.
@@ -255,6 +288,13 @@ pub struct Cli {
     )]
     pub checkpoint: Option<PathBuf>,
 
+    /// Also write the trained model (or the --checkpoint's) to DIR as a sentence-transformers
+    /// folder: the encoder (config.json, tokenizer files, model.safetensors, modules.json,
+    /// 1_Pooling, sentence_bert_config.json) plus heads.safetensors and heads.json. Written
+    /// whole, then renamed into place; an existing DIR is replaced only with --overwrite.
+    #[arg(long, value_name = "DIR", help_heading = "Multitask model (--task=2)")]
+    pub export: Option<PathBuf>,
+
     /// Scenarios to compare, comma-separated: none, encoder, class-head, sentiment-head,
     /// layers, all. [default: all six]
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = scenario, help_heading = "Scenarios (--task=3)")]
@@ -321,6 +361,14 @@ fn positive_secs(s: &str) -> Result<f64, String> {
     }
 }
 
+/// The name of a `--format` value as typed.
+fn format_name(f: OutputFormat) -> String {
+    use clap::ValueEnum;
+    f.to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
 fn positive(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
@@ -361,7 +409,13 @@ impl Cli {
             ("--save", self.save.is_some()),
             ("--checkpoint", self.checkpoint.is_some()),
             ("--freeze", !self.freeze.is_empty()),
+            ("--export", self.export.is_some()),
         ];
+        let shards = [
+            ("--shard", self.shard.is_some()),
+            ("--shards", self.shards.is_some()),
+        ];
+        let overwrite = [("--overwrite", self.overwrite)];
         let task3 = [
             ("--scenarios", !self.scenarios.is_empty()),
             ("--plot", self.plot.is_some()),
@@ -372,11 +426,18 @@ impl Cli {
         ];
         let unused: Vec<(&'static str, bool)> = match task {
             1 => train.iter().chain(&task2).chain(&task3).copied().collect(),
-            2 => embed_only.iter().chain(&task3).copied().collect(),
+            2 => embed_only
+                .iter()
+                .chain(&task3)
+                .chain(&shards)
+                .copied()
+                .collect(),
             _ => embed_only
                 .iter()
                 .chain(&task2)
                 .chain(&input)
+                .chain(&shards)
+                .chain(&overwrite)
                 .copied()
                 .collect(),
         };
@@ -410,16 +471,41 @@ impl Cli {
             }
         };
         if task == 1 {
+            let to_stdout = self.output.as_deref().is_none_or(|p| p == Path::new("-"));
+            if self.format.is_columnar() && to_stdout {
+                bail!(
+                    "--format {0} writes a file: give --output FILE (e.g. -o embeddings.{0})",
+                    format_name(self.format)
+                );
+            }
             let normalize = match (self.normalize, self.no_normalize) {
                 (true, _) => Some(true),
                 (_, true) => Some(false),
                 _ => None,
             };
+            let shard = match self.shard {
+                Some(shard) => Some(ShardSpec {
+                    shard,
+                    source: format!("--shard {shard}"),
+                }),
+                None => crate::shard::from_env(self.shards, &|k| std::env::var(k).ok())?,
+            };
+            let output = match (&shard, self.output) {
+                (Some(s), Some(p)) if p != Path::new("-") => Some(s.shard.output_path(&p)),
+                (None, Some(p)) if crate::shard::has_placeholder(&p) => bail!(
+                    "--output {}: {{shard}}, {{i}} and {{n}} are filled in for a sharded run \
+                     only; pass --shard I/N, or remove them from the name",
+                    p.display()
+                ),
+                (_, p) => p,
+            };
             return Ok(Command::Embed(EmbedConfig {
                 model,
                 input,
-                output: self.output,
+                output,
                 format: self.format,
+                shard,
+                overwrite: self.overwrite,
                 batch_size: self.batch_size,
                 max_batch_tokens: self.max_batch_tokens,
                 dtype: self.dtype.unwrap_or_default(),
@@ -427,6 +513,12 @@ impl Cli {
                 normalize,
             }));
         }
+        let Some(format) = self.format.text_format() else {
+            bail!(
+                "--format {} applies to --task=1 only; use text, json or jsonl",
+                format_name(self.format)
+            );
+        };
         let defaults = TrainSettings::default();
         let (default_epochs, default_max_examples) = if task == 2 {
             (defaults.epochs, None)
@@ -480,9 +572,11 @@ impl Cli {
                     .save
                     .unwrap_or_else(|| PathBuf::from("checkpoints/multitask")),
                 checkpoint: self.checkpoint,
+                export: self.export,
+                overwrite: self.overwrite,
                 input,
                 output: self.output,
-                format: self.format,
+                format,
             }));
         }
         let mut scenarios = self.scenarios;
@@ -496,7 +590,7 @@ impl Cli {
             scenarios,
             plot: self.plot,
             output: self.output,
-            format: self.format,
+            format,
         }))
     }
 }

@@ -8,10 +8,44 @@ use crate::hub::ModelRef;
 use crate::input::InputSource;
 use crate::model::freeze::{FreezePart, Scenario};
 use crate::model::quant::Dtype;
+use crate::shard::ShardSpec;
 use crate::train::trainer::TrainSettings;
 
-/// How results are printed.
+/// Every `--format` value. `--task=1` takes all of them; `--task=2` and `--task=3` take the
+/// first three ([`Format`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Readable summaries and tables.
+    Text,
+    /// One JSON object per line.
+    Jsonl,
+    /// One JSON document.
+    Json,
+    /// Apache Parquet: columns index, text, tokens, truncated, embedding.
+    Parquet,
+    /// A NumPy .npy float32 matrix, with a JSONL sidecar `PATH.meta.jsonl` for the rest.
+    Npy,
+}
+
+impl OutputFormat {
+    /// The format of tasks 2 and 3, or `None` for the columnar ones.
+    pub fn text_format(self) -> Option<Format> {
+        match self {
+            OutputFormat::Text => Some(Format::Text),
+            OutputFormat::Jsonl => Some(Format::Jsonl),
+            OutputFormat::Json => Some(Format::Json),
+            OutputFormat::Parquet | OutputFormat::Npy => None,
+        }
+    }
+
+    /// True for the formats that are written to a file only.
+    pub fn is_columnar(self) -> bool {
+        self.text_format().is_none()
+    }
+}
+
+/// How results of `--task=2` and `--task=3` are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     /// Readable summaries and tables.
     Text,
@@ -28,9 +62,13 @@ pub struct EmbedConfig {
     pub model: ModelRef,
     /// The sentences to embed.
     pub input: InputSource,
-    /// Write here instead of standard output.
+    /// Write here instead of standard output; for a shard, already the shard's own path.
     pub output: Option<PathBuf>,
-    pub format: Format,
+    pub format: OutputFormat,
+    /// Embed only this shard of the input; `None` for all of it.
+    pub shard: Option<ShardSpec>,
+    /// Redo a shard whose output already exists instead of skipping it.
+    pub overwrite: bool,
     /// Sentences per forward pass.
     pub batch_size: usize,
     /// Tokens per forward pass, at most.
@@ -86,6 +124,10 @@ pub struct MultitaskConfig {
     pub save: PathBuf,
     /// Predict with this saved model instead of training.
     pub checkpoint: Option<PathBuf>,
+    /// Also write the trained model here as a sentence-transformers folder plus the heads.
+    pub export: Option<PathBuf>,
+    /// Replace an earlier export in `export`.
+    pub overwrite: bool,
     /// Sentences to predict after training.
     pub input: InputSource,
     pub output: Option<PathBuf>,

@@ -4,10 +4,12 @@
 //! skipped; a line that is not UTF-8 is an error naming it.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Cursor};
+use std::io::{BufRead, BufReader, Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+
+use crate::shard::{self, Shard};
 
 /// The sentences shipped with the tool, used when no input is given.
 pub const DEFAULT_SENTENCES: &str = include_str!("../data/sentences.txt");
@@ -60,23 +62,63 @@ pub struct SentenceReader {
     chunk_clipped: Vec<bool>,
     /// Lines cut so far.
     clipped_lines: usize,
+    /// Split by line number: only the lines this shard owns are returned.
+    owner: Option<Shard>,
+    /// Lines before the first one read (a byte-range shard starts past them).
+    first_line: usize,
 }
 
 impl SentenceReader {
     /// Opens the source.
     pub fn open(source: &InputSource) -> Result<Self> {
+        Ok(Self::open_shard(source, None)?.0)
+    }
+
+    /// Opens the share of `source` that `shard` covers (all of it for `None`), and describes
+    /// that share for the log. A regular file is read only over the shard's byte range (see
+    /// [`crate::shard`]); any other source is read whole and split by line number.
+    pub fn open_shard(source: &InputSource, shard: Option<Shard>) -> Result<(Self, String)> {
+        let mut owner = shard;
+        let mut first_line = 0usize;
+        let mut share = String::new();
         let (lines, given, total): (Option<Box<dyn BufRead>>, Vec<String>, Option<u64>) =
             match source {
                 InputSource::Sentences(v) => (None, v.clone(), Some(v.len() as u64)),
                 InputSource::File(path) => {
-                    let f = open_file(path)?;
+                    let mut f = open_file(path)?;
                     // Only a regular file has a size worth showing progress against.
                     let len = f.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
-                    (
-                        Some(Box::new(BufReader::with_capacity(1 << 16, f))),
-                        vec![],
-                        len,
-                    )
+                    match (shard, len) {
+                        (Some(s), Some(len)) => {
+                            let r = shard::byte_range(&f, len, s).with_context(|| {
+                                format!("--input {}: reading the shard boundaries", path.display())
+                            })?;
+                            f.seek(SeekFrom::Start(r.start))
+                                .with_context(|| format!("--input {}", path.display()))?;
+                            owner = None;
+                            first_line = r.first_line as usize;
+                            share = format!(
+                                "bytes {}..{} of {len} of {}, from line {} ({} newline(s) \
+                                 counted before it)",
+                                r.start,
+                                r.end,
+                                path.display(),
+                                r.first_line + 1,
+                                r.first_line
+                            );
+                            let part = f.take(r.end - r.start);
+                            (
+                                Some(Box::new(BufReader::with_capacity(1 << 16, part))),
+                                vec![],
+                                Some(r.end - r.start),
+                            )
+                        }
+                        _ => (
+                            Some(Box::new(BufReader::with_capacity(1 << 16, f))),
+                            vec![],
+                            len,
+                        ),
+                    }
                 }
                 InputSource::Stdin => (
                     Some(Box::new(BufReader::with_capacity(
@@ -92,17 +134,33 @@ impl SentenceReader {
                     Some(DEFAULT_SENTENCES.len() as u64),
                 ),
             };
-        Ok(Self {
+        if let Some(s) = owner {
+            share = format!(
+                "{} is not a regular file, so it is read whole: lines L (0-based) with L mod {} = {}",
+                source.describe(),
+                s.count,
+                s.index
+            );
+        }
+        let reader = Self {
             lines,
             given: given.into_iter(),
             name: source.describe(),
-            line_no: 0,
+            line_no: first_line,
             bytes_read: 0,
             total_bytes: total,
             chunk_lines: Vec::new(),
             chunk_clipped: Vec::new(),
             clipped_lines: 0,
-        })
+            owner,
+            first_line,
+        };
+        Ok((reader, share))
+    }
+
+    /// The 1-based numbers of the first and last line read so far (`first > last` when none).
+    pub fn lines_read(&self) -> (usize, usize) {
+        (self.first_line + 1, self.line_no)
     }
 
     /// A short name of the source, for messages.
@@ -149,12 +207,19 @@ impl SentenceReader {
         let mut out = Vec::new();
         self.chunk_lines.clear();
         self.chunk_clipped.clear();
+        let owns = |owner: Option<Shard>, line_no: usize| {
+            owner.is_none_or(|s| s.owns_line(line_no as u64 - 1))
+        };
         let Some(reader) = self.lines.as_mut() else {
-            out.extend(self.given.by_ref().take(max));
-            let first = self.line_no;
-            self.line_no += out.len();
-            self.chunk_lines.extend(first + 1..=self.line_no);
-            self.chunk_clipped.resize(out.len(), false);
+            while out.len() < max {
+                let Some(s) = self.given.next() else { break };
+                self.line_no += 1;
+                if owns(self.owner, self.line_no) {
+                    out.push(s);
+                    self.chunk_lines.push(self.line_no);
+                    self.chunk_clipped.push(false);
+                }
+            }
             return Ok(out);
         };
         let mut buf = Vec::new();
@@ -167,6 +232,9 @@ impl SentenceReader {
             }
             self.line_no += 1;
             self.bytes_read += line.bytes;
+            if !owns(self.owner, self.line_no) {
+                continue;
+            }
             if let Some(col) = line.bad_utf8_at {
                 bail!(
                     "{}, line {}: not valid UTF-8 (bad byte at column {col}); save the file as UTF-8",

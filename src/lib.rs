@@ -4,9 +4,11 @@
 
 pub mod alloc;
 pub mod cli;
+pub mod columnar;
 pub mod config;
 pub mod data;
 pub mod embed;
+pub mod export;
 pub mod hub;
 pub mod input;
 pub mod interrupt;
@@ -16,6 +18,7 @@ pub mod output;
 pub mod panics;
 pub mod pipeline;
 pub mod plot;
+pub mod shard;
 pub mod tasks;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testutil;

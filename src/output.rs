@@ -62,6 +62,19 @@ impl Output {
         matches!(self.inner, Sink::Stdout(_))
     }
 
+    /// Overwrites `bytes` at `offset` of a file output, for a header whose content is known
+    /// only at the end (the row count of a .npy file). Not possible on standard output.
+    pub fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        match &mut self.inner {
+            Sink::Stdout(_) => anyhow::bail!("cannot rewrite a header on standard output"),
+            Sink::File { tmp, path, .. } => tmp
+                .flush()
+                .and_then(|_| tmp.get_ref().as_file().write_all_at(bytes, offset))
+                .with_context(|| format!("writing {}", path.display())),
+        }
+    }
+
     /// Flushes and, for a file, renames it into place.
     pub fn finish(self) -> Result<()> {
         match self.inner {

@@ -1,11 +1,14 @@
-//! `--task=1`: embed sentences and print them as text, JSONL or JSON.
+//! `--task=1`: embed sentences (all of the input, or one shard of it) and write them as text,
+//! JSONL, JSON, Parquet or NumPy.
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use candle_core::Device;
 
-use crate::config::{EmbedConfig, Format};
+use crate::columnar::{npy_sidecar, NpySink, ParquetSink, Row};
+use crate::config::{EmbedConfig, Format, OutputFormat};
 use crate::embed::{Embedder, Embedding};
 use crate::input::{SentenceReader, MAX_LINE_BYTES};
 use crate::loader::ModelAssets;
@@ -13,7 +16,8 @@ use crate::model::quant::Dtype;
 use crate::output::{progress_bar, Output};
 use crate::tokenize::name_sentence;
 
-/// Sentences read and embedded per step; bounds memory whatever the input size.
+/// Sentences read and embedded per step (and per Parquet row group); bounds memory whatever
+/// the input size.
 const CHUNK: usize = 4096;
 /// The cosine matrix is printed for at most this many sentences.
 const MATRIX_MAX: usize = 20;
@@ -28,9 +32,44 @@ struct Meta {
     pooling: &'static str,
     max_seq_length: usize,
     dtype: &'static str,
+    /// `I/N` in a sharded run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shard: Option<String>,
+}
+
+/// The files a run writes: none for standard output; the matrix and its sidecar for npy.
+fn output_files(cfg: &EmbedConfig) -> Vec<PathBuf> {
+    match &cfg.output {
+        Some(p) if p.as_os_str() != "-" => match cfg.format {
+            OutputFormat::Npy => vec![p.clone(), npy_sidecar(p)],
+            _ => vec![p.clone()],
+        },
+        _ => vec![],
+    }
 }
 
 pub fn run(cfg: &EmbedConfig) -> Result<()> {
+    let files = output_files(cfg);
+    let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+    if let Some(spec) = &cfg.shard {
+        eprintln!("shard {} (from {})", spec.shard, spec.source);
+        if crate::shard::outputs_exist(&files) {
+            if !cfg.overwrite {
+                eprintln!(
+                    "shard {}: skipped, its output {} already exists (outputs appear only once \
+                     complete); pass --overwrite to redo it",
+                    spec.shard,
+                    names.join(" + ")
+                );
+                return Ok(());
+            }
+            eprintln!(
+                "shard {}: {} exists; redoing it (--overwrite)",
+                spec.shard,
+                names.join(" + ")
+            );
+        }
+    }
     let assets = ModelAssets::load(&cfg.model, cfg.max_seq_length)?;
     let device = Device::Cpu;
     // The float32 dense weights are dropped once converted: only one copy stays resident.
@@ -58,31 +97,52 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
         pooling: embedder.pooling.name(),
         max_seq_length: assets.tokenizer.max_len(),
         dtype: cfg.dtype.name(),
+        shard: cfg.shard.as_ref().map(|s| s.shard.to_string()),
     };
+    let max_seq_length = meta.max_seq_length;
 
-    let mut reader = SentenceReader::open(&cfg.input)?;
-    let mut out = Output::create(cfg.output.as_deref())?;
-    let mut printer = Printer::new(cfg.format, meta);
+    let shard = cfg.shard.as_ref().map(|s| s.shard);
+    let (mut reader, share) = SentenceReader::open_shard(&cfg.input, shard)?;
+    if let Some(s) = shard {
+        eprintln!("shard {s}: {share}");
+    }
+    let mut sink = Sink::create(cfg, meta)?;
     let mut written = false;
-    let streamed = stream(&mut reader, &embedder, &mut printer, &mut out, &mut written);
+    let streamed = stream(&mut reader, &embedder, &mut sink, &mut written);
     let (count, truncated) = match streamed {
         Ok(counts) => counts,
         // A file output is simply never renamed into place; standard output is already out.
-        Err(e) if written && out.is_stdout() => {
+        Err(e) if written && sink.is_stdout() => {
             return Err(
                 e.context("stopped early: what was written to standard output is incomplete")
             )
         }
         Err(e) => return Err(e),
     };
-    if count == 0 {
+    if count == 0 && shard.is_none() {
         bail!(
             "{} has no sentences (blank lines are skipped); give text with --sentence or --input",
             cfg.input.describe()
         );
     }
-    printer.end(&mut out, count)?;
-    out.finish()?;
+    sink.finish(count)?;
+    if let Some(s) = shard {
+        let (first, last) = reader.lines_read();
+        let lines = if first > last {
+            "no lines".to_string()
+        } else {
+            format!("lines {first}-{last}")
+        };
+        let to = if names.is_empty() {
+            "standard output".to_string()
+        } else {
+            names.join(" + ")
+        };
+        eprintln!(
+            "shard {s}: {lines} of {}: {count} sentence(s) written to {to}",
+            reader.name()
+        );
+    }
     if reader.clipped_lines() > 0 {
         eprintln!(
             "note: {} line(s) were longer than {} MiB; only their first {} MiB was read",
@@ -93,21 +153,20 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
     }
     if truncated > 0 {
         eprintln!(
-            "note: {truncated} of {count} sentence(s) were longer than {} tokens and were \
-             truncated; --max-seq-length sets the limit (at most {})",
-            printer.meta.max_seq_length, assets.config.max_position_embeddings
+            "note: {truncated} of {count} sentence(s) were longer than {max_seq_length} tokens and \
+             were truncated; --max-seq-length sets the limit (at most {})",
+            assets.config.max_position_embeddings
         );
     }
     Ok(())
 }
 
-/// Embeds and prints every sentence of `reader`; returns the count and how many were
-/// truncated. `written` turns true once anything went to `out`.
+/// Embeds and writes every sentence of `reader`; returns the count and how many were
+/// truncated. `written` turns true once anything went to the output.
 fn stream(
     reader: &mut SentenceReader,
     embedder: &Embedder,
-    printer: &mut Printer,
-    out: &mut Output,
+    sink: &mut Sink,
     written: &mut bool,
 ) -> Result<(usize, usize)> {
     let (_, total) = reader.progress();
@@ -123,30 +182,107 @@ fn stream(
             .map_err(|e| name_sentence(e, |i| reader.locate(i)))?;
         if count == 0 {
             *written = true;
-            printer.begin(out)?;
+            sink.begin()?;
         }
         for (i, (text, e)) in chunk.iter().zip(embeddings).enumerate() {
             let mut e = e;
             e.truncated |= reader.clipped(i);
-            printer.item(out, count, text, &e)?;
+            // The sentence's 0-based line number (its position, for --sentence).
+            let index = reader.line_of(i) as u64 - 1;
+            sink.item(count, index, text, &e)?;
             count += 1;
             truncated += e.truncated as usize;
         }
+        sink.end_chunk()?;
         bar.set_position(reader.progress().0);
     }
     bar.finish_and_clear();
     if count == 0 {
         *written = true;
-        printer.begin(out)?;
+        sink.begin()?;
     }
     Ok((count, truncated))
+}
+
+/// Where the rows go: a text format through [`Printer`], or a columnar file.
+enum Sink {
+    Stream { printer: Printer, out: Output },
+    Parquet(Box<ParquetSink>),
+    Npy(NpySink),
+}
+
+impl Sink {
+    fn create(cfg: &EmbedConfig, meta: Meta) -> Result<Self> {
+        let dim = meta.dimension;
+        let file = || {
+            cfg.output
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("--format parquet and npy need --output FILE"))
+        };
+        Ok(match cfg.format.text_format() {
+            Some(format) => Sink::Stream {
+                printer: Printer::new(format, meta),
+                out: Output::create(cfg.output.as_deref())?,
+            },
+            None if cfg.format == OutputFormat::Parquet => {
+                let meta = serde_json::to_string(&meta)?;
+                Sink::Parquet(Box::new(ParquetSink::create(file()?, dim, meta)?))
+            }
+            None => Sink::Npy(NpySink::create(file()?, dim)?),
+        })
+    }
+
+    fn is_stdout(&self) -> bool {
+        matches!(self, Sink::Stream { out, .. } if out.is_stdout())
+    }
+
+    fn begin(&mut self) -> Result<()> {
+        match self {
+            Sink::Stream { printer, out } => printer.begin(out),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sentence number `n` of this run, on line `index` (0-based) of the input.
+    fn item(&mut self, n: usize, index: u64, text: &str, e: &Embedding) -> Result<()> {
+        let row = || Row {
+            index,
+            text,
+            tokens: e.tokens,
+            truncated: e.truncated,
+            embedding: &e.vector,
+        };
+        match self {
+            Sink::Stream { printer, out } => printer.item(out, n, index, text, e),
+            Sink::Parquet(p) => p.row(&row()),
+            Sink::Npy(p) => p.row(&row()),
+        }
+    }
+
+    fn end_chunk(&mut self) -> Result<()> {
+        match self {
+            Sink::Parquet(p) => p.end_chunk(),
+            _ => Ok(()),
+        }
+    }
+
+    fn finish(self, count: usize) -> Result<()> {
+        match self {
+            Sink::Stream { printer, mut out } => {
+                printer.end(&mut out, count)?;
+                out.finish()
+            }
+            Sink::Parquet(p) => p.finish(),
+            Sink::Npy(p) => p.finish(),
+        }
+    }
 }
 
 /// One sentence in the JSON formats; f32 values print in their shortest exact form.
 #[derive(serde::Serialize)]
 struct Record<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
-    index: Option<usize>,
+    index: Option<u64>,
     text: &'a str,
     tokens: usize,
     truncated: bool,
@@ -196,7 +332,15 @@ impl Printer {
         Ok(())
     }
 
-    fn item(&mut self, out: &mut dyn Write, index: usize, text: &str, e: &Embedding) -> Result<()> {
+    /// Sentence number `n` of the run, on line `index` (0-based) of the input.
+    fn item(
+        &mut self,
+        out: &mut dyn Write,
+        n: usize,
+        index: u64,
+        text: &str,
+        e: &Embedding,
+    ) -> Result<()> {
         match self.format {
             Format::Text => {
                 let norm = e.vector.iter().map(|v| v * v).sum::<f32>().sqrt();
@@ -206,7 +350,7 @@ impl Printer {
                     .take(8)
                     .map(|v| format!("{v:+.4}"))
                     .collect();
-                writeln!(out, "[{}] {}", index + 1, clip(text, 100))?;
+                writeln!(out, "[{}] {}", n + 1, clip(text, 100))?;
                 writeln!(
                     out,
                     "    {} tokens{}  norm {norm:.4}  [{}, ...]",
@@ -236,7 +380,7 @@ impl Printer {
                     truncated: e.truncated,
                     embedding: &e.vector,
                 };
-                let sep = if index == 0 { "" } else { "," };
+                let sep = if n == 0 { "" } else { "," };
                 write!(out, "{sep}{}", serde_json::to_string(&obj)?)?;
             }
         }

@@ -11,6 +11,7 @@ use serde_json::json;
 use super::report::{epoch_line, head_table};
 use crate::config::{Format, MultitaskConfig};
 use crate::data::Dataset;
+use crate::export::Provenance;
 use crate::hub::ModelRef;
 use crate::input::SentenceReader;
 use crate::loader::ModelAssets;
@@ -47,6 +48,9 @@ pub fn run(cfg: &MultitaskConfig) -> Result<()> {
     let t = &cfg.train;
     if let Some(p) = &cfg.output {
         crate::output::check_target("--output", p, None)?;
+    }
+    if let Some(dir) = &cfg.export {
+        crate::export::check_target(dir, cfg.overwrite)?;
     }
     // Checked and locked before training, so a bad or busy target fails in seconds.
     let target =
@@ -125,6 +129,13 @@ pub fn run(cfg: &MultitaskConfig) -> Result<()> {
     checkpoint::save(&target, &model, &meta)
         .with_context(|| format!("--save {}", cfg.save.display()))?;
     eprintln!("checkpoint saved to {}", cfg.save.display());
+    if let Some(dir) = &cfg.export {
+        let from = Provenance {
+            checkpoint: Some(cfg.save.clone()),
+            base_model: t.model.id.clone(),
+        };
+        export_model(dir, cfg.overwrite, &setup.assets, &model, &from)?;
+    }
 
     let text_report = report_text(
         &setup.labels,
@@ -159,6 +170,13 @@ fn run_checkpoint(cfg: &MultitaskConfig, dir: &std::path::Path) -> Result<()> {
         dir.display(),
         model_ref.id
     );
+    if let Some(export_dir) = &cfg.export {
+        let from = Provenance {
+            checkpoint: Some(dir.to_path_buf()),
+            base_model: model_ref.id.clone(),
+        };
+        export_model(export_dir, cfg.overwrite, &assets, &model, &from)?;
+    }
     let mut eval = None;
     let mut eval_name = None;
     if let Some(src) = &cfg.train.eval_file {
@@ -188,6 +206,32 @@ fn run_checkpoint(cfg: &MultitaskConfig, dir: &std::path::Path) -> Result<()> {
     });
     let text = report_text(&labels, eval_name.as_ref().map(|(n, _)| n.as_str()), &eval);
     finish(cfg, &assets, &model, report, text)
+}
+
+/// `--export DIR`: the model as a sentence-transformers folder plus its heads; a Normalize
+/// step when the base model has one.
+fn export_model(
+    dir: &std::path::Path,
+    overwrite: bool,
+    assets: &ModelAssets,
+    model: &MultiTaskModel,
+    from: &Provenance,
+) -> Result<()> {
+    crate::export::export(
+        dir,
+        overwrite,
+        assets,
+        model,
+        assets.pipeline.normalize,
+        from,
+    )?;
+    eprintln!(
+        "exported the model to {} (sentence-transformers folder + {} and {})",
+        dir.display(),
+        crate::export::HEADS_WEIGHTS,
+        crate::export::HEADS_FILE
+    );
+    Ok(())
 }
 
 fn eval_json(source: Option<(&str, usize)>, eval: &Option<[HeadMetrics; 2]>) -> serde_json::Value {

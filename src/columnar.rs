@@ -1,0 +1,254 @@
+//! Columnar embedding files for data frames and vector stores: Apache Parquet, and NumPy's
+//! `.npy` with a JSONL sidecar. Both are written through [`Output`] (a temporary file renamed
+//! into place when complete) and stream: rows go out as each chunk of sentences finishes, so
+//! memory stays flat whatever the input size.
+//!
+//! Parquet columns: `index` (int64, the sentence's 0-based line number in the input), `text`
+//! (utf8), `tokens` (int32), `truncated` (bool), `embedding` (fixed-size list of float32 of
+//! the model's dimension). One row group per chunk, Snappy-compressed, no dictionaries. The
+//! file's key-value metadata `fetch-ml` holds the run's model description as JSON.
+//!
+//! `.npy`: format version 1.0, `<f4` (float32 little-endian), C order, shape `(rows, dim)`.
+//! Row k is the sentence on line k of the sidecar `PATH.meta.jsonl` (`index`, `text`,
+//! `tokens`, `truncated`). The header is written first with room for any row count and
+//! rewritten with the real one at the end.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use arrow_array::{
+    ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, Int32Array, Int64Array, RecordBatch,
+    StringArray,
+};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+
+use crate::output::Output;
+
+/// The key of the Parquet file metadata entry that describes the run.
+pub const PARQUET_META_KEY: &str = "fetch-ml";
+
+/// One embedded sentence, as the columnar writers take it.
+pub struct Row<'a> {
+    /// The sentence's 0-based line number in the input.
+    pub index: u64,
+    pub text: &'a str,
+    pub tokens: usize,
+    pub truncated: bool,
+    pub embedding: &'a [f32],
+}
+
+/// Streams rows into a Parquet file, one row group per [`ParquetSink::end_chunk`].
+pub struct ParquetSink {
+    writer: ArrowWriter<Output>,
+    schema: SchemaRef,
+    dim: usize,
+    index: Vec<i64>,
+    text: Vec<String>,
+    tokens: Vec<i32>,
+    truncated: Vec<bool>,
+    values: Vec<f32>,
+    path: PathBuf,
+}
+
+impl ParquetSink {
+    /// Starts `path` (written to a temporary file until [`ParquetSink::finish`]) for vectors of
+    /// `dim` numbers; `meta` (JSON) goes into the file metadata under [`PARQUET_META_KEY`].
+    pub fn create(path: &Path, dim: usize, meta: String) -> Result<Self> {
+        let item = Field::new("item", DataType::Float32, false);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("index", DataType::Int64, false),
+            Field::new("text", DataType::Utf8, false),
+            Field::new("tokens", DataType::Int32, false),
+            Field::new("truncated", DataType::Boolean, false),
+            Field::new(
+                "embedding",
+                DataType::FixedSizeList(Arc::new(item), dim as i32),
+                false,
+            ),
+        ]));
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            // Sentences are mostly distinct and vectors never repeat: dictionaries only cost.
+            .set_dictionary_enabled(false)
+            .set_key_value_metadata(Some(vec![KeyValue::new(
+                PARQUET_META_KEY.to_string(),
+                meta,
+            )]))
+            .build();
+        let out = Output::create(Some(path))?;
+        let writer = ArrowWriter::try_new(out, schema.clone(), Some(props))
+            .with_context(|| format!("--output {}: starting the Parquet file", path.display()))?;
+        Ok(Self {
+            writer,
+            schema,
+            dim,
+            index: Vec::new(),
+            text: Vec::new(),
+            tokens: Vec::new(),
+            truncated: Vec::new(),
+            values: Vec::new(),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Buffers one row until the end of the chunk.
+    pub fn row(&mut self, r: &Row) -> Result<()> {
+        anyhow::ensure!(r.embedding.len() == self.dim, "vector of the wrong size");
+        self.index.push(r.index as i64);
+        self.text.push(r.text.to_string());
+        self.tokens.push(r.tokens as i32);
+        self.truncated.push(r.truncated);
+        self.values.extend_from_slice(r.embedding);
+        Ok(())
+    }
+
+    /// Writes the buffered rows as one row group.
+    pub fn end_chunk(&mut self) -> Result<()> {
+        if self.index.is_empty() {
+            return Ok(());
+        }
+        let item = Arc::new(Field::new("item", DataType::Float32, false));
+        let values = Float32Array::from(std::mem::take(&mut self.values));
+        let embedding = FixedSizeListArray::try_new(item, self.dim as i32, Arc::new(values), None)?;
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(std::mem::take(&mut self.index))),
+            Arc::new(StringArray::from(std::mem::take(&mut self.text))),
+            Arc::new(Int32Array::from(std::mem::take(&mut self.tokens))),
+            Arc::new(BooleanArray::from(std::mem::take(&mut self.truncated))),
+            Arc::new(embedding),
+        ];
+        let batch = RecordBatch::try_new(self.schema.clone(), columns)?;
+        let fail = || format!("writing {}", self.path.display());
+        self.writer.write(&batch).with_context(fail)?;
+        self.writer.flush().with_context(fail)?;
+        Ok(())
+    }
+
+    /// Writes the last rows and the footer, and renames the file into place.
+    pub fn finish(mut self) -> Result<()> {
+        self.end_chunk()?;
+        let path = self.path.clone();
+        let out = self
+            .writer
+            .into_inner()
+            .with_context(|| format!("writing {}", path.display()))?;
+        out.finish()
+    }
+}
+
+/// The sidecar of a `.npy` output: `PATH.meta.jsonl`.
+pub fn npy_sidecar(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_os_string();
+    s.push(".meta.jsonl");
+    PathBuf::from(s)
+}
+
+/// Bytes of the `.npy` header, magic included: room for any row count, a multiple of 64.
+const NPY_HEADER: usize = 128;
+
+/// The `.npy` v1.0 header of a `rows x dim` float32 C-order matrix, [`NPY_HEADER`] bytes long.
+pub fn npy_header(rows: u64, dim: usize) -> Vec<u8> {
+    let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}");
+    let mut h = b"\x93NUMPY\x01\x00".to_vec();
+    let len = (NPY_HEADER - 10) as u16;
+    h.extend_from_slice(&len.to_le_bytes());
+    h.extend_from_slice(dict.as_bytes());
+    h.resize(NPY_HEADER - 1, b' ');
+    h.push(b'\n');
+    h
+}
+
+/// Streams rows into a `.npy` matrix and its JSONL sidecar.
+pub struct NpySink {
+    matrix: Output,
+    sidecar: Output,
+    dim: usize,
+    rows: u64,
+    buf: Vec<u8>,
+}
+
+/// One line of the `.npy` sidecar.
+#[derive(serde::Serialize)]
+struct SidecarRow<'a> {
+    index: u64,
+    text: &'a str,
+    tokens: usize,
+    truncated: bool,
+}
+
+impl NpySink {
+    /// Starts `path` and its sidecar [`npy_sidecar`] (both temporary until finished).
+    pub fn create(path: &Path, dim: usize) -> Result<Self> {
+        let mut matrix = Output::create(Some(path))?;
+        let sidecar = Output::create(Some(&npy_sidecar(path)))?;
+        matrix
+            .write_all(&npy_header(0, dim))
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(Self {
+            matrix,
+            sidecar,
+            dim,
+            rows: 0,
+            buf: Vec::new(),
+        })
+    }
+
+    pub fn row(&mut self, r: &Row) -> Result<()> {
+        anyhow::ensure!(r.embedding.len() == self.dim, "vector of the wrong size");
+        self.buf.clear();
+        for v in r.embedding {
+            self.buf.extend_from_slice(&v.to_le_bytes());
+        }
+        self.matrix.write_all(&self.buf)?;
+        let meta = SidecarRow {
+            index: r.index,
+            text: r.text,
+            tokens: r.tokens,
+            truncated: r.truncated,
+        };
+        writeln!(self.sidecar, "{}", serde_json::to_string(&meta)?)?;
+        self.rows += 1;
+        Ok(())
+    }
+
+    /// Writes the real row count into the header and renames both files into place, the
+    /// sidecar first: a `.npy` file that exists always has its sidecar.
+    pub fn finish(mut self) -> Result<()> {
+        let header = npy_header(self.rows, self.dim);
+        self.matrix.write_at(0, &header)?;
+        self.sidecar.finish()?;
+        self.matrix.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_header_is_fixed_size_and_parses() {
+        for rows in [0, 7, u64::MAX] {
+            let h = npy_header(rows, 768);
+            assert_eq!(h.len(), NPY_HEADER);
+            assert_eq!(&h[..8], b"\x93NUMPY\x01\x00");
+            assert_eq!(u16::from_le_bytes([h[8], h[9]]) as usize, NPY_HEADER - 10);
+            let dict = std::str::from_utf8(&h[10..]).unwrap();
+            assert!(dict.ends_with('\n'));
+            assert!(dict.contains(&format!("'shape': ({rows}, 768)")), "{dict}");
+        }
+    }
+
+    #[test]
+    fn sidecar_name() {
+        assert_eq!(
+            npy_sidecar(Path::new("out/emb.npy")),
+            PathBuf::from("out/emb.npy.meta.jsonl")
+        );
+    }
+}

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 
 use crate::config::{
-    Command, EmbedConfig, MultitaskConfig, OutputFormat, ScenariosConfig, TrainConfig,
+    defaults, Command, EmbedConfig, MultitaskConfig, OutputFormat, ScenariosConfig, TrainConfig,
 };
 use crate::data::DataSource;
 use crate::hub::{offline_from_env, ModelRef};
@@ -18,7 +18,7 @@ use crate::train::metrics::Metric;
 use crate::train::trainer::TrainSettings;
 
 /// The model used when `--model` is not given.
-pub const DEFAULT_MODEL: &str = "bert-base-uncased";
+pub const DEFAULT_MODEL: &str = defaults::MODEL;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -523,7 +523,10 @@ impl Cli {
         let (default_epochs, default_max_examples) = if task == 2 {
             (defaults.epochs, None)
         } else {
-            (2, Some(256))
+            (
+                defaults::SCENARIO_EPOCHS,
+                Some(defaults::SCENARIO_MAX_EXAMPLES),
+            )
         };
         let predicting = self.checkpoint.is_some();
         let own_train_file = self.train_file.is_some();
@@ -557,8 +560,8 @@ impl Cli {
                 class_weights: self.class_weights.as_deref() == Some("auto"),
                 ..defaults
             },
-            head_hidden: self.head_hidden.unwrap_or(256),
-            head_dropout: self.head_dropout.unwrap_or(0.1),
+            head_hidden: self.head_hidden.unwrap_or(defaults::HEAD_HIDDEN),
+            head_dropout: self.head_dropout.unwrap_or(defaults::HEAD_DROPOUT),
             freeze: self.freeze,
             freeze_layers: self.freeze_layers,
             max_train_examples: self.max_train_examples.or(default_max_examples),
@@ -570,7 +573,7 @@ impl Cli {
                 train,
                 save: self
                     .save
-                    .unwrap_or_else(|| PathBuf::from("checkpoints/multitask")),
+                    .unwrap_or_else(|| PathBuf::from(defaults::SAVE_DIR)),
                 checkpoint: self.checkpoint,
                 export: self.export,
                 overwrite: self.overwrite,

@@ -11,6 +11,22 @@ use crate::model::quant::Dtype;
 use crate::shard::ShardSpec;
 use crate::train::trainer::TrainSettings;
 
+/// The defaults of the settings below, in one place (`--help` repeats them).
+pub mod defaults {
+    /// The model when `--model` is not given.
+    pub const MODEL: &str = "bert-base-uncased";
+    /// Width of each head's hidden layer.
+    pub const HEAD_HIDDEN: usize = 256;
+    /// Dropout between each head's two layers.
+    pub const HEAD_DROPOUT: f64 = 0.1;
+    /// Where `--task=2` saves its checkpoint.
+    pub const SAVE_DIR: &str = "checkpoints/multitask";
+    /// `--task=3`'s budget: epochs and training rows per scenario.
+    pub const SCENARIO_EPOCHS: usize = 2;
+    pub const SCENARIO_MAX_EXAMPLES: usize = 256;
+    // Training settings (epochs, learning rates, ...) default in `TrainSettings::default()`.
+}
+
 /// Every `--format` value. `--task=1` takes all of them; `--task=2` and `--task=3` take the
 /// first three ([`Format`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -6,7 +6,7 @@ use candle_core::Tensor;
 
 use super::embedding_cache::EmbeddingCache;
 use super::metrics::HeadMetrics;
-use super::trainer::Prepared;
+use super::prepared::Prepared;
 use crate::model::multitask::MultiTaskModel;
 use crate::tokenize::{length_sorted_batches, Encoded};
 

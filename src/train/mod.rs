@@ -6,6 +6,7 @@ pub mod embedding_cache;
 pub mod evaluate;
 pub mod loss;
 pub mod metrics;
+pub mod prepared;
 pub mod save_target;
 pub mod session;
 pub mod sparse;

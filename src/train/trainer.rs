@@ -94,12 +94,7 @@ impl Default for TrainSettings {
     }
 }
 
-/// Tokenized sentences with their label indices.
-pub struct Prepared {
-    pub texts: Vec<String>,
-    pub encoded: Vec<Encoded>,
-    pub labels: Vec<[Option<u32>; 2]>,
-}
+pub use super::prepared::Prepared;
 
 /// What one epoch did.
 #[derive(Debug, Clone, Serialize)]

@@ -95,7 +95,8 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
         eprintln!(
             "note: {truncated} of {count} sentence(s) were longer than {} tokens and were \
              truncated; --max-seq-length sets the limit (at most {})",
-            printer.meta.max_seq_length, assets.config.max_position_embeddings
+            printer.meta.max_seq_length,
+            assets.config.max_tokens()
         );
     }
     Ok(())

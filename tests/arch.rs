@@ -1,9 +1,9 @@
 //! Every supported architecture (BERT, RoBERTa, XLM-RoBERTa, DistilBERT) against Hugging Face
 //! transformers: tiny random models in `tests/fixtures/arch/<name>/` with reference outputs,
-//! both written by `scripts/make-arch-fixtures.py`. Each runs through the fast path (f32 and
-//! int8), the training path in inference mode and the binary; each trains with every tensor
-//! getting a gradient, freezes exactly what `--freeze-layers 1` names, and round-trips a
-//! checkpoint. An unsupported `model_type` is refused by name.
+//! both written by `scripts/make-arch-fixtures.py`. Each runs through the fast path (f32,
+//! int8 and bf16), the training path in inference mode and the binary; each trains with
+//! every tensor getting a gradient, freezes exactly what `--freeze-layers 1` names, and
+//! round-trips a checkpoint. An unsupported `model_type` is refused by name.
 
 mod common;
 
@@ -181,26 +181,28 @@ fn training_path_in_inference_mode_matches_transformers() {
     }
 }
 
-/// int8 dense layers (FastEncoder) stay close to transformers' float32 vectors.
+/// int8 and bf16 dense layers (FastEncoder) stay close to transformers' float32 vectors.
 #[test]
-fn int8_fast_path_is_close_to_transformers() {
+fn quantized_fast_path_is_close_to_transformers() {
     for name in ARCHS {
         let r = reference(name);
         let a = assets(&fixture(name));
         let enc = a.tokenizer.encode(&r.sentences).unwrap();
         let items: Vec<_> = enc.iter().collect();
-        let fast = a.inference_encoder(Dtype::Int8, &Device::Cpu).unwrap();
-        let mut ws = Workspace::default();
-        let pooled = fast.pooled_packed(&items, Pooling::Mean, &mut ws).unwrap();
-        let mut worst = 1f64;
-        for (got, want) in pooled.iter().zip(&r.mean) {
-            worst = worst.min(common::compare(got, want).0);
+        for dtype in [Dtype::Int8, Dtype::Bf16] {
+            let fast = a.inference_encoder(dtype, &Device::Cpu).unwrap();
+            let mut ws = Workspace::default();
+            let pooled = fast.pooled_packed(&items, Pooling::Mean, &mut ws).unwrap();
+            let mut worst = 1f64;
+            for (got, want) in pooled.iter().zip(&r.mean) {
+                worst = worst.min(common::compare(got, want).0);
+            }
+            eprintln!(
+                "{name}: {dtype} ({}), worst cosine {worst:.6}",
+                fast.kernel_name()
+            );
+            assert!(worst > 0.99, "{name} {dtype}: cosine {worst}");
         }
-        eprintln!(
-            "{name}: int8 ({}), worst cosine {worst:.6}",
-            fast.kernel_name()
-        );
-        assert!(worst > 0.99, "{name}: cosine {worst}");
     }
 }
 

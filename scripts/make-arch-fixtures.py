@@ -12,6 +12,12 @@ For each of bert, roberta, xlm-roberta and distilbert this writes tests/fixtures
                                   mean-pooled vectors (attention mask applied), computed by
                                   transformers in float32 on the padded batch
 
+and tests/fixtures/arch/st-dense/: a sentence-transformers folder on the tiny BERT (Transformer,
+mean Pooling, a 32 -> 16 Dense with Tanh, Normalize; prompts "query: " and "passage: ") saved
+by sentence-transformers, with its reference.json: the vectors sentence-transformers' encode()
+gives plain, with prompt_name="query", with prompt="search: ", and with truncate_dim=8 (and
+normalize_embeddings=True: truncated, then normalised again).
+
 Every parameter gets random noise on top of transformers' own initialisation (LayerNorm
 weights included), so a tensor loaded under the wrong name, a wrong position offset or a
 dropped token-type table changes the outputs visibly.
@@ -216,5 +222,50 @@ def main():
         print(f"{name}: vocab {tok.get_vocab_size()}, {size} bytes in {out}", file=sys.stderr)
 
 
+def st_dense():
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import models as st_models
+    import sentence_transformers
+
+    torch.manual_seed(2000)
+    transformer = st_models.Transformer(str(OUT / "bert"), max_seq_length=64)
+    pooling = st_models.Pooling(HIDDEN, pooling_mode="mean")
+    dense = st_models.Dense(HIDDEN, 16, activation_function=torch.nn.Tanh())
+    model = SentenceTransformer(
+        modules=[transformer, pooling, dense, st_models.Normalize()],
+        prompts={"query": "query: ", "passage": "passage: "},
+        device="cpu",
+    )
+    model.eval()
+    out = OUT / "st-dense"
+    model.save(str(out))
+    (out / "README.md").unlink(missing_ok=True)  # a generated model card, not needed
+
+    def enc(**kw):
+        v = model.encode(SENTENCES, convert_to_numpy=True, batch_size=4, **kw)
+        return [[float(x) for x in row] for row in v]
+
+    ids = model.tokenize(["query: " + s for s in SENTENCES])
+    lengths = ids["attention_mask"].sum(1).tolist()
+    ref = {
+        "generated_by": "scripts/make-arch-fixtures.py",
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "sentence_transformers": sentence_transformers.__version__,
+        },
+        "sentences": SENTENCES,
+        "query_input_ids": [row[:n] for row, n in zip(ids["input_ids"].tolist(), lengths)],
+        "plain": enc(),
+        "query": enc(prompt_name="query"),
+        "search_prompt": enc(prompt="search: "),
+        "truncate_8": enc(truncate_dim=8, normalize_embeddings=True),
+    }
+    (out / "reference.json").write_text(json.dumps(ref) + "\n")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"st-dense: {size} bytes in {out}", file=sys.stderr)
+
+
 if __name__ == "__main__":
     main()
+    st_dense()

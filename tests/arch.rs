@@ -3,7 +3,9 @@
 //! both written by `scripts/make-arch-fixtures.py`. Each runs through the fast path (f32,
 //! int8 and bf16), the training path in inference mode and the binary; each trains with
 //! every tensor getting a gradient, freezes exactly what `--freeze-layers 1` names, and
-//! round-trips a checkpoint. An unsupported `model_type` is refused by name.
+//! round-trips a checkpoint. An unsupported `model_type` is refused by name. A
+//! sentence-transformers folder (`st-dense`: Dense module, prompts) matches
+//! sentence-transformers' `encode` with prompts and `truncate_dim`.
 
 mod common;
 
@@ -458,6 +460,134 @@ fn every_architecture_trains_freezes_and_checkpoints() {
                 let got = predict_probs(&loaded, &enc, 2, None).unwrap();
                 assert_eq!(want, got, "{name}: checkpoint predictions");
             }
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct StReference {
+    sentences: Vec<String>,
+    query_input_ids: Vec<Vec<u32>>,
+    plain: Vec<Vec<f32>>,
+    query: Vec<Vec<f32>>,
+    search_prompt: Vec<Vec<f32>>,
+    truncate_8: Vec<Vec<f32>>,
+}
+
+/// Runs `--task=1 --format=jsonl` on `model` with `extra` flags; the vectors in order.
+fn embed_with(model: &Path, sentences: &[String], extra: &[&str]) -> Vec<Vec<f32>> {
+    let mut cmd = fetch_ml();
+    cmd.args(["--task=1", "--format=jsonl"])
+        .args(extra)
+        .arg("--model")
+        .arg(model);
+    for s in sentences {
+        cmd.args(["-s", s]);
+    }
+    let out = ok(&run(&mut cmd));
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            serde_json::from_value(v["embedding"].clone()).unwrap()
+        })
+        .collect()
+}
+
+fn assert_vectors(what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| max_diff(g, w))
+        .fold(0.0, f32::max);
+    eprintln!("st-dense {what}: max abs diff {worst:.2e}");
+    assert!(worst < TOL, "{what}: max abs diff {worst}");
+}
+
+/// A sentence-transformers folder with a Dense module and prompts: fetch-ml gives
+/// sentence-transformers' own vectors plain, with a named prompt, with a prompt text, with
+/// truncated dimensions and with the folder's default prompt.
+#[test]
+fn sentence_transformers_dense_prompts_and_truncate_dim() {
+    let path = fixture("st-dense");
+    let r: StReference =
+        serde_json::from_str(&std::fs::read_to_string(path.join("reference.json")).unwrap())
+            .unwrap();
+    let a = assets(&path);
+    assert_eq!(a.pipeline.dense.len(), 1);
+    assert_eq!(a.pipeline.dimension(a.config.hidden_size), 16);
+    assert!(a.pipeline.normalize);
+    let prompted: Vec<String> = r.sentences.iter().map(|s| format!("query: {s}")).collect();
+    let enc = a.tokenizer.encode(&prompted).unwrap();
+    for (e, want) in enc.iter().zip(&r.query_input_ids) {
+        assert_eq!(&e.ids, want, "token ids with the prompt");
+    }
+
+    assert_vectors("plain", &embed_with(&path, &r.sentences, &[]), &r.plain);
+    assert_vectors(
+        "--prompt-name query",
+        &embed_with(&path, &r.sentences, &["--prompt-name", "query"]),
+        &r.query,
+    );
+    assert_vectors(
+        "--prompt",
+        &embed_with(&path, &r.sentences, &["--prompt", "search: "]),
+        &r.search_prompt,
+    );
+    let truncated = embed_with(&path, &r.sentences, &["--truncate-dim", "8"]);
+    assert!(truncated.iter().all(|v| v.len() == 8));
+    assert_vectors("--truncate-dim 8", &truncated, &r.truncate_8);
+
+    // The folder's default prompt applies when no flag is given.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("st");
+    copy_tree(&path, &copy);
+    let st_config = copy.join("config_sentence_transformers.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&st_config).unwrap()).unwrap();
+    c["default_prompt_name"] = "query".into();
+    std::fs::write(&st_config, c.to_string()).unwrap();
+    assert_vectors(
+        "default_prompt_name query",
+        &embed_with(&copy, &r.sentences, &[]),
+        &r.query,
+    );
+
+    // Errors name the fix.
+    let hi = ["-s", "hi", "--model"];
+    fails_with(
+        &run(fetch_ml()
+            .args(["--task=1", "--truncate-dim", "17"])
+            .args(hi)
+            .arg(&path)),
+        &["--truncate-dim 17", "16 dimensions"],
+    );
+    fails_with(
+        &run(fetch_ml()
+            .args(["--task=1", "--prompt-name", "nope"])
+            .args(hi)
+            .arg(&path)),
+        &["nope", "passage", "query"],
+    );
+    fails_with(
+        &run(fetch_ml()
+            .args(["--task=2", "--prompt", "x: "])
+            .args(hi)
+            .arg(&path)),
+        &["--prompt", "--task=2"],
+    );
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
         }
     }
 }

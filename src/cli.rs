@@ -62,7 +62,8 @@ pub struct Cli {
 
     /// Truncate each sentence to this many tokens, [CLS] and [SEP] included.
     /// [default: the model's own limit: max_seq_length of sentence_bert_config.json, else
-    /// max_position_embeddings]
+    /// max_position_embeddings (less pad_token_id + 1 for RoBERTa and XLM-RoBERTa, whose
+    /// positions start there: 514 positions hold 512 tokens)]
     #[arg(long, value_name = "N", help_heading = "Model")]
     pub max_seq_length: Option<usize>,
 
@@ -147,6 +148,30 @@ pub struct Cli {
     /// L2-normalise the embeddings, whatever the model's folder says.
     #[arg(long, conflicts_with = "no_normalize", help_heading = "Output")]
     pub normalize: bool,
+
+    /// Text prepended to every sentence before tokenization, as sentence-transformers'
+    /// `prompt` (e5 models want "query: " or "passage: "). Its tokens count toward the max
+    /// length and are pooled with the sentence's.
+    #[arg(
+        long,
+        value_name = "TEXT",
+        conflicts_with = "prompt_name",
+        help_heading = "Output"
+    )]
+    pub prompt: Option<String>,
+
+    /// A named prompt of the model's config_sentence_transformers.json (such as query or
+    /// passage), prepended to every sentence. [default: the model's default_prompt_name, if
+    /// it names one; else no prompt]
+    #[arg(long, value_name = "NAME", help_heading = "Output")]
+    pub prompt_name: Option<String>,
+
+    /// Keep only the first N dimensions of each vector (Matryoshka models), after the Dense
+    /// layers and before normalisation: a model that normalises gives unit vectors of N
+    /// dimensions (text-embeddings-inference's `dimensions`). N larger than the model's
+    /// dimension is an error. [default: all dimensions]
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = "Output")]
+    pub truncate_dim: Option<usize>,
 
     /// Do not normalise the embeddings, whatever the model's folder says.
     /// [default: normalise only when the model's modules.json lists a Normalize step]
@@ -404,6 +429,9 @@ impl Cli {
         let embed_only = [
             ("--normalize", self.normalize),
             ("--no-normalize", self.no_normalize),
+            ("--prompt", self.prompt.is_some()),
+            ("--prompt-name", self.prompt_name.is_some()),
+            ("--truncate-dim", self.truncate_dim.is_some()),
         ];
         let task2 = [
             ("--save", self.save.is_some()),
@@ -511,6 +539,9 @@ impl Cli {
                 dtype: self.dtype.unwrap_or_default(),
                 max_seq_length: self.max_seq_length,
                 normalize,
+                prompt: self.prompt,
+                prompt_name: self.prompt_name,
+                truncate_dim: self.truncate_dim,
             }));
         }
         let Some(format) = self.format.text_format() else {

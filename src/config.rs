@@ -95,6 +95,12 @@ pub struct EmbedConfig {
     pub normalize: Option<bool>,
     /// Arithmetic of the encoder's dense layers.
     pub dtype: Dtype,
+    /// Text prepended to every sentence; `None` for `prompt_name` or the model's default.
+    pub prompt: Option<String>,
+    /// A prompt of the model's `config_sentence_transformers.json`, by name.
+    pub prompt_name: Option<String>,
+    /// Keep only the first N dimensions, then normalise if the model normalises.
+    pub truncate_dim: Option<usize>,
 }
 
 /// What the tool was asked to do.

@@ -1,5 +1,6 @@
-//! Sentence embeddings: tokenize, batch by length, encode (fast path), pool, normalise, and
-//! return the vectors in input order.
+//! Sentence embeddings: prepend the prompt, tokenize, batch by length, encode (fast path),
+//! pool, apply the Dense layers, truncate the dimensions, normalise, and return the vectors in
+//! input order.
 
 use std::sync::Mutex;
 
@@ -8,6 +9,7 @@ use anyhow::Result;
 use crate::model::bert::BertEncoder;
 use crate::model::fast::{FastEncoder, Workspace};
 use crate::model::pooling::Pooling;
+use crate::pipeline::DenseLayer;
 use crate::tokenize::{length_sorted_batches, Encoded, TextTokenizer};
 
 /// One sentence's embedding and how it was tokenized.
@@ -36,6 +38,12 @@ pub struct Embedder<'a> {
     pub batch_size: usize,
     /// Tokens per forward pass, at most (a batch always holds at least one sentence).
     pub max_batch_tokens: Option<usize>,
+    /// sentence-transformers Dense modules, applied after pooling.
+    pub dense: &'a [DenseLayer],
+    /// Keep only the first N dimensions (before normalisation).
+    pub truncate_dim: Option<usize>,
+    /// Text prepended to every sentence before tokenization ([`Embedder::embed`]).
+    pub prompt: Option<String>,
     workspace: Mutex<Workspace>,
 }
 
@@ -87,17 +95,37 @@ impl<'a> Embedder<'a> {
             normalize,
             batch_size,
             max_batch_tokens: None,
+            dense: &[],
+            truncate_dim: None,
+            prompt: None,
             workspace: Mutex::new(Workspace::default()),
         }
     }
 
-    /// Pooled (and, if asked, normalised) vectors of one batch, in its order.
+    /// Pooled vectors of one batch, in its order, through the Dense layers, truncated and
+    /// normalised as asked.
     pub fn embed_items(&self, items: &[&Encoded]) -> Result<Vec<Vec<f32>>> {
         let mut ws = self.workspace.lock().expect("workspace lock");
         let mut vectors = match self.encoder {
             EncoderRef::Bert(e) => e.pooled_packed(items, self.pooling, &mut ws)?,
             EncoderRef::Fast(e) => e.pooled_packed(items, self.pooling, &mut ws)?,
         };
+        for layer in self.dense {
+            for v in &mut vectors {
+                *v = layer.forward(v);
+            }
+        }
+        if let Some(n) = self.truncate_dim {
+            for v in &mut vectors {
+                if n > v.len() {
+                    anyhow::bail!(
+                        "--truncate-dim {n} is larger than the {} dimensions",
+                        v.len()
+                    );
+                }
+                v.truncate(n);
+            }
+        }
         if self.normalize {
             for v in &mut vectors {
                 let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
@@ -109,7 +137,14 @@ impl<'a> Embedder<'a> {
 
     /// Embeds `texts`, returned in input order.
     pub fn embed<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Embedding>> {
-        let encoded = self.tokenizer.encode(texts)?;
+        let encoded = match &self.prompt {
+            Some(p) => {
+                let prompted: Vec<String> =
+                    texts.iter().map(|t| format!("{p}{}", t.as_ref())).collect();
+                self.tokenizer.encode(&prompted)?
+            }
+            None => self.tokenizer.encode(texts)?,
+        };
         self.embed_encoded(&encoded)
     }
 

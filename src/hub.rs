@@ -70,6 +70,17 @@ pub struct ModelFiles {
     pub pooling_config: Option<PathBuf>,
     /// sentence-transformers' `sentence_bert_config.json`.
     pub sentence_bert_config: Option<PathBuf>,
+    /// The Dense modules listed in `modules.json`, in order.
+    pub dense: Vec<DenseFiles>,
+    /// sentence-transformers' `config_sentence_transformers.json` (named prompts).
+    pub st_config: Option<PathBuf>,
+}
+
+/// The files of one sentence-transformers Dense module (`2_Dense/`).
+#[derive(Debug, Clone)]
+pub struct DenseFiles {
+    pub config: PathBuf,
+    pub weights: PathBuf,
 }
 
 /// Gets a file of the model by name: `Ok(None)` when the model does not have it.
@@ -430,6 +441,23 @@ fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
         None => None,
     };
     let sentence_bert_config = fetch.fetch("sentence_bert_config.json")?;
+    let mut dense = Vec::new();
+    if let Some(m) = &modules {
+        for dir in crate::pipeline::dense_module_paths(m)? {
+            let config = required(&format!("{dir}/config.json"))?;
+            let weights = match fetch.fetch(&format!("{dir}/model.safetensors"))? {
+                Some(p) => p,
+                None if fetch.has(&format!("{dir}/pytorch_model.bin")) => bail!(
+                    "model {}: the Dense module {dir} has only pytorch_model.bin; fetch-ml reads \
+                     model.safetensors. Convert it to safetensors first",
+                    model.id
+                ),
+                None => required(&format!("{dir}/model.safetensors"))?,
+            };
+            dense.push(DenseFiles { config, weights });
+        }
+    }
+    let st_config = fetch.fetch("config_sentence_transformers.json")?;
     let folder = config
         .parent()
         .map(Path::to_path_buf)
@@ -443,5 +471,7 @@ fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
         modules,
         pooling_config,
         sentence_bert_config,
+        dense,
+        st_config,
     })
 }

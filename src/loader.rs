@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
 use crate::hub::{self, ModelFiles, ModelRef};
+use crate::model::arch::Architecture;
 use crate::model::bert::{BertConfig, BertEncoder};
 use crate::model::fast::FastEncoder;
 use crate::model::quant::Dtype;
@@ -32,18 +33,25 @@ impl ModelAssets {
     pub fn from_files(files: ModelFiles, max_seq_length: Option<usize>) -> Result<Self> {
         let text = std::fs::read_to_string(&files.config)
             .with_context(|| format!("reading {}", files.config.display()))?;
-        let config: BertConfig = serde_json::from_str(&text)
-            .with_context(|| format!("parsing {} as a BERT config", files.config.display()))?;
+        let config = Architecture::parse_config(&text)
+            .with_context(|| format!("parsing {}", files.config.display()))?;
         config
             .validate()
             .with_context(|| format!("checking {}", files.config.display()))?;
         let pipeline = Pipeline::from_files(&files)?;
-        let limit = config.max_position_embeddings;
+        let limit = config.max_tokens();
         let max_len = match max_seq_length {
             Some(n) if n > limit => bail!(
                 "--max-seq-length {n} is larger than the model's limit of {limit} positions \
-                 (max_position_embeddings in {})",
-                files.config.display()
+                 (max_position_embeddings in {}{})",
+                files.config.display(),
+                match config.position_offset() {
+                    0 => String::new(),
+                    o => format!(
+                        ", less the {o} that {} positions start at",
+                        config.arch.name()
+                    ),
+                }
             ),
             Some(n) if n < 2 => {
                 bail!("--max-seq-length {n} leaves no room for [CLS] and [SEP]; use 2 or more")
@@ -65,7 +73,7 @@ impl ModelAssets {
             config.pad_token_id as u32,
         )?
         .with_vocab_limit(config.vocab_size);
-        let weights = Arc::new(WeightFile::open(&files.weights)?);
+        let weights = Arc::new(WeightFile::open(&files.weights)?.with_architecture(config.arch));
         Ok(Self {
             files,
             config,

@@ -1,10 +1,14 @@
-//! A model's embedding pipeline as its folder describes it: pooling, normalisation, max length.
+//! A model's embedding pipeline as its folder describes it: prompts, pooling, Dense layers,
+//! normalisation, max length.
 //!
 //! sentence-transformers folders list their steps in `modules.json` (Transformer, Pooling,
-//! Normalize), give the pooling mode in `1_Pooling/config.json` and the max length in
-//! `sentence_bert_config.json`. A plain BERT folder has none of these: mean pooling, no
-//! normalisation, and the position-embedding limit.
+//! Dense, Normalize), give the pooling mode in `1_Pooling/config.json`, each Dense layer in
+//! its own folder (`2_Dense/config.json` and `model.safetensors`), the max length in
+//! `sentence_bert_config.json` and named prompts in `config_sentence_transformers.json`. A
+//! plain BERT folder has none of these: mean pooling, no normalisation, and the
+//! position-embedding limit.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -17,21 +21,154 @@ use crate::model::pooling::Pooling;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pipeline {
     pub pooling: Pooling,
+    /// Dense layers applied to the pooled vector, in order, before normalisation.
+    pub dense: Vec<DenseLayer>,
     pub normalize: bool,
     /// The model's own max length in tokens, when its folder sets one.
     pub max_seq_length: Option<usize>,
     /// sentence-transformers lower-cases the text itself before tokenising.
     pub lowercase_input: bool,
+    /// Named prompts (`config_sentence_transformers.json`), such as `query` -> "query: ".
+    pub prompts: BTreeMap<String, String>,
+    /// The prompt used when none is asked for.
+    pub default_prompt_name: Option<String>,
+    /// False when the Pooling module leaves the prompt's tokens out (not implemented).
+    pub include_prompt: bool,
 }
 
 impl Default for Pipeline {
     fn default() -> Self {
         Self {
             pooling: Pooling::Mean,
+            dense: Vec::new(),
             normalize: false,
             max_seq_length: None,
             lowercase_input: false,
+            prompts: BTreeMap::new(),
+            default_prompt_name: None,
+            include_prompt: true,
         }
+    }
+}
+
+/// The activation of a sentence-transformers Dense module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenseActivation {
+    Identity,
+    Tanh,
+    Relu,
+    Sigmoid,
+    Gelu,
+}
+
+impl DenseActivation {
+    /// From the torch class name of `activation_function` (Tanh when absent, as in
+    /// sentence-transformers).
+    fn parse(name: Option<&str>) -> Result<Self> {
+        let Some(name) = name else {
+            return Ok(DenseActivation::Tanh);
+        };
+        Ok(match name.rsplit('.').next().unwrap_or(name) {
+            "Identity" => DenseActivation::Identity,
+            "Tanh" => DenseActivation::Tanh,
+            "ReLU" => DenseActivation::Relu,
+            "Sigmoid" => DenseActivation::Sigmoid,
+            "GELU" => DenseActivation::Gelu,
+            _ => bail!(
+                "activation {name} is not supported; supported: Identity, Tanh, ReLU, Sigmoid, \
+                 GELU"
+            ),
+        })
+    }
+
+    fn apply(self, v: f32) -> f32 {
+        match self {
+            DenseActivation::Identity => v,
+            DenseActivation::Tanh => v.tanh(),
+            DenseActivation::Relu => v.max(0.0),
+            DenseActivation::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+            DenseActivation::Gelu => {
+                0.5 * v * (1.0 + crate::model::kernels::erf(v / std::f32::consts::SQRT_2))
+            }
+        }
+    }
+}
+
+/// A sentence-transformers Dense module: `act(W x + b)` on the pooled vector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DenseLayer {
+    pub in_features: usize,
+    pub out_features: usize,
+    /// `[out, in]`, row-major.
+    pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+    pub activation: DenseActivation,
+}
+
+#[derive(Deserialize)]
+struct DenseConfig {
+    in_features: usize,
+    out_features: usize,
+    #[serde(default = "yes")]
+    bias: bool,
+    activation_function: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl DenseLayer {
+    /// Reads a Dense module from its `config.json` and `model.safetensors` (`linear.weight`,
+    /// `linear.bias`).
+    pub fn load(config: &Path, weights: &Path) -> Result<Self> {
+        let c: DenseConfig = read_json(config)?;
+        let activation = DenseActivation::parse(c.activation_function.as_deref())
+            .with_context(|| format!("{}", config.display()))?;
+        let tensors = candle_core::safetensors::load(weights, &candle_core::Device::Cpu)
+            .with_context(|| format!("reading {}", weights.display()))?;
+        let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let t = tensors
+                .get(name)
+                .with_context(|| format!("{}: no tensor {name}", weights.display()))?;
+            if t.dims() != shape {
+                bail!(
+                    "{}: tensor {name} has shape {:?} but {} says {:?}",
+                    weights.display(),
+                    t.dims(),
+                    config.display(),
+                    shape
+                );
+            }
+            Ok(t.to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let weight = get("linear.weight", &[c.out_features, c.in_features])?;
+        let bias = if c.bias {
+            Some(get("linear.bias", &[c.out_features])?)
+        } else {
+            None
+        };
+        Ok(Self {
+            in_features: c.in_features,
+            out_features: c.out_features,
+            weight,
+            bias,
+            activation,
+        })
+    }
+
+    /// `act(W x + b)`; `x` has `in_features` values.
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        (0..self.out_features)
+            .map(|o| {
+                let row = &self.weight[o * self.in_features..(o + 1) * self.in_features];
+                let dot: f32 = row.iter().zip(x).map(|(w, v)| w * v).sum();
+                let b = self.bias.as_ref().map_or(0.0, |b| b[o]);
+                self.activation.apply(dot + b)
+            })
+            .collect()
     }
 }
 
@@ -53,6 +190,15 @@ fn modules(path: &Path) -> Result<Vec<Module>> {
     read_json(path)
 }
 
+/// The folders of the Dense modules listed in `modules.json`, in order.
+pub fn dense_module_paths(modules_json: &Path) -> Result<Vec<String>> {
+    Ok(modules(modules_json)?
+        .into_iter()
+        .filter(|m| m.kind.rsplit('.').next() == Some("Dense"))
+        .map(|m| m.path)
+        .collect())
+}
+
 /// The folder of the Pooling module listed in `modules.json`, if any.
 pub fn pooling_module_path(modules_json: &Path) -> Result<Option<String>> {
     Ok(modules(modules_json)?
@@ -63,6 +209,12 @@ pub fn pooling_module_path(modules_json: &Path) -> Result<Option<String>> {
 
 #[derive(Deserialize)]
 struct PoolingConfig {
+    /// sentence-transformers 5+: one mode name (or a list of them).
+    #[serde(default)]
+    pooling_mode: Option<serde_json::Value>,
+    #[serde(default = "yes")]
+    include_prompt: bool,
+    // Older folders: one flag per mode.
     #[serde(default)]
     pooling_mode_cls_token: bool,
     #[serde(default)]
@@ -78,6 +230,13 @@ struct PoolingConfig {
 }
 
 #[derive(Deserialize)]
+struct StConfig {
+    #[serde(default)]
+    prompts: BTreeMap<String, String>,
+    default_prompt_name: Option<String>,
+}
+
+#[derive(Deserialize)]
 struct SentenceBertConfig {
     max_seq_length: Option<usize>,
     #[serde(default)]
@@ -89,10 +248,36 @@ impl Pipeline {
     pub fn from_files(files: &ModelFiles) -> Result<Self> {
         let mut p = Pipeline::default();
         if let Some(path) = &files.modules {
+            let mut dense = files.dense.iter();
             for m in modules(path)? {
                 let kind = m.kind.rsplit('.').next().unwrap_or(&m.kind);
                 match kind {
                     "Transformer" | "Pooling" => {}
+                    "Dense" if p.normalize => bail!(
+                        "{} lists a Dense module after Normalize, which fetch-ml does not \
+                         implement; its embeddings would be wrong, so the model is refused",
+                        path.display()
+                    ),
+                    "Dense" => {
+                        let Some(f) = dense.next() else {
+                            bail!(
+                                "{}: the files of Dense module {} were not found",
+                                path.display(),
+                                m.path
+                            )
+                        };
+                        let layer = DenseLayer::load(&f.config, &f.weights)
+                            .with_context(|| format!("loading Dense module {}", m.path))?;
+                        let want = p.dense.last().map(|d: &DenseLayer| d.out_features);
+                        if let Some(w) = want.filter(|&w| w != layer.in_features) {
+                            bail!(
+                                "Dense module {} takes {} values but the module before it gives {w}",
+                                m.path,
+                                layer.in_features
+                            );
+                        }
+                        p.dense.push(layer);
+                    }
                     "Normalize" => p.normalize = true,
                     other => bail!(
                         "{} lists a {other} module, which fetch-ml does not implement; its \
@@ -104,31 +289,27 @@ impl Pipeline {
         }
         if let Some(path) = &files.pooling_config {
             let c: PoolingConfig = read_json(path)?;
-            let modes = [
-                (c.pooling_mode_mean_tokens, Some(Pooling::Mean)),
-                (c.pooling_mode_cls_token, Some(Pooling::Cls)),
-                (c.pooling_mode_max_tokens, Some(Pooling::Max)),
-                (
-                    c.pooling_mode_mean_sqrt_len_tokens,
-                    Some(Pooling::MeanSqrtLen),
-                ),
-                (c.pooling_mode_weightedmean_tokens, None),
-                (c.pooling_mode_lasttoken, None),
-            ];
-            let chosen: Vec<_> = modes.iter().filter(|(on, _)| *on).collect();
-            p.pooling = match chosen.as_slice() {
-                [(_, Some(mode))] => *mode,
-                [] => bail!("{}: no pooling mode is enabled", path.display()),
-                [(_, None)] => bail!(
-                    "{}: the pooling mode (weighted mean or last token) is not supported; \
-                     supported: mean, cls, max, mean_sqrt_len",
-                    path.display()
-                ),
-                _ => bail!(
-                    "{}: several pooling modes are enabled at once; fetch-ml supports one",
-                    path.display()
-                ),
+            p.include_prompt = c.include_prompt;
+            p.pooling = match &c.pooling_mode {
+                Some(mode) => {
+                    pooling_from_mode(mode).with_context(|| format!("{}", path.display()))?
+                }
+                None => legacy_pooling(&c, path)?,
             };
+        }
+        if let Some(path) = &files.st_config {
+            let c: StConfig = read_json(path)?;
+            if let Some(name) = &c.default_prompt_name {
+                if !c.prompts.contains_key(name) {
+                    bail!(
+                        "{}: default_prompt_name {name:?} is not one of its prompts ({})",
+                        path.display(),
+                        c.prompts.keys().cloned().collect::<Vec<_>>().join(", ")
+                    );
+                }
+            }
+            p.prompts = c.prompts;
+            p.default_prompt_name = c.default_prompt_name;
         }
         if let Some(path) = &files.sentence_bert_config {
             let c: SentenceBertConfig = read_json(path)?;
@@ -137,4 +318,100 @@ impl Pipeline {
         }
         Ok(p)
     }
+
+    /// The vector width after pooling and the Dense layers, for an encoder of `hidden`.
+    pub fn dimension(&self, hidden: usize) -> usize {
+        self.dense.last().map_or(hidden, |d| d.out_features)
+    }
+
+    /// Applies the Dense layers to a pooled vector.
+    pub fn apply_dense(&self, v: Vec<f32>) -> Vec<f32> {
+        self.dense.iter().fold(v, |v, d| d.forward(&v))
+    }
+
+    /// The prompt to prepend: `--prompt` as given, else `--prompt-name` looked up, else the
+    /// folder's `default_prompt_name`; `None` for no prompt.
+    pub fn resolve_prompt(
+        &self,
+        prompt: Option<&str>,
+        prompt_name: Option<&str>,
+    ) -> Result<Option<String>> {
+        let text = match (prompt, prompt_name) {
+            (Some(p), _) => Some(p.to_string()),
+            (None, Some(name)) => match self.prompts.get(name) {
+                Some(p) => Some(p.clone()),
+                None if self.prompts.is_empty() => bail!(
+                    "--prompt-name {name}: the model has no named prompts \
+                     (config_sentence_transformers.json); pass the text with --prompt"
+                ),
+                None => bail!(
+                    "--prompt-name {name}: the model's prompts are {}",
+                    self.prompts.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            },
+            (None, None) => self
+                .default_prompt_name
+                .as_ref()
+                .and_then(|n| self.prompts.get(n).cloned()),
+        };
+        let text = text.filter(|t| !t.is_empty());
+        if text.is_some() && !self.include_prompt {
+            bail!(
+                "the model's Pooling module leaves prompt tokens out (include_prompt false), which \
+                 fetch-ml does not implement; its embeddings with a prompt would be wrong"
+            );
+        }
+        Ok(text)
+    }
+}
+
+/// The pooling of sentence-transformers 5+'s `pooling_mode` (a name, or a list of one).
+fn pooling_from_mode(mode: &serde_json::Value) -> Result<Pooling> {
+    let name = match mode {
+        serde_json::Value::String(s) => s.as_str(),
+        serde_json::Value::Array(a) if a.len() == 1 => a[0].as_str().unwrap_or(""),
+        serde_json::Value::Array(_) => {
+            bail!("several pooling modes are enabled at once; fetch-ml supports one")
+        }
+        _ => "",
+    };
+    Ok(match name {
+        "mean" => Pooling::Mean,
+        "cls" => Pooling::Cls,
+        "max" => Pooling::Max,
+        "mean_sqrt_len_tokens" => Pooling::MeanSqrtLen,
+        other => bail!(
+            "the pooling mode {other:?} is not supported; supported: mean, cls, max, \
+             mean_sqrt_len_tokens"
+        ),
+    })
+}
+
+/// The pooling of older folders: one boolean per mode.
+fn legacy_pooling(c: &PoolingConfig, path: &Path) -> Result<Pooling> {
+    let modes = [
+        (c.pooling_mode_mean_tokens, Some(Pooling::Mean)),
+        (c.pooling_mode_cls_token, Some(Pooling::Cls)),
+        (c.pooling_mode_max_tokens, Some(Pooling::Max)),
+        (
+            c.pooling_mode_mean_sqrt_len_tokens,
+            Some(Pooling::MeanSqrtLen),
+        ),
+        (c.pooling_mode_weightedmean_tokens, None),
+        (c.pooling_mode_lasttoken, None),
+    ];
+    let chosen: Vec<_> = modes.iter().filter(|(on, _)| *on).collect();
+    Ok(match chosen.as_slice() {
+        [(_, Some(mode))] => *mode,
+        [] => bail!("{}: no pooling mode is enabled", path.display()),
+        [(_, None)] => bail!(
+            "{}: the pooling mode (weighted mean or last token) is not supported; \
+             supported: mean, cls, max, mean_sqrt_len",
+            path.display()
+        ),
+        _ => bail!(
+            "{}: several pooling modes are enabled at once; fetch-ml supports one",
+            path.display()
+        ),
+    })
 }

@@ -322,11 +322,22 @@ fn unsupported_pipeline_module_is_refused() {
     let m = std::fs::read_to_string(path.join("modules.json")).unwrap();
     std::fs::write(
         path.join("modules.json"),
+        m.replace("]", ",{\"idx\":2,\"name\":\"2\",\"path\":\"2_LSTM\",\"type\":\"sentence_transformers.models.LSTM\"}]"),
+    )
+    .unwrap();
+    let e = err_of(load(&path));
+    assert!(e.contains("modules.json") && e.contains("LSTM"), "{e}");
+    // A Dense module is implemented, but its files must be there.
+    std::fs::write(
+        path.join("modules.json"),
         m.replace("]", ",{\"idx\":2,\"name\":\"2\",\"path\":\"2_Dense\",\"type\":\"sentence_transformers.models.Dense\"}]"),
     )
     .unwrap();
     let e = err_of(load(&path));
-    assert!(e.contains("modules.json") && e.contains("Dense"), "{e}");
+    assert!(
+        e.contains("2_Dense/config.json") && e.contains("not found"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //!
 //! Weight names follow Hugging Face BERT checkpoints (`embeddings.word_embeddings.weight`,
 //! `encoder.layer.3.attention.self.query.weight`, ...); a `bert.` prefix and the old
-//! `LayerNorm.gamma`/`beta` names are resolved by [`super::weights`]. Unlike
+//! `LayerNorm.gamma`/`beta` names are resolved by [`super::weights`]. RoBERTa, XLM-RoBERTa
+//! and DistilBERT run through the same blocks: [`super::arch`] maps their configs and names. Unlike
 //! candle-transformers' `BertModel`, every block is public, dropout is real in training, and
 //! the LayerNorm and softmax used in training have a backward pass.
 
@@ -11,6 +12,7 @@ use candle_nn::{Embedding, VarBuilder};
 use candle_transformers::models::bert::HiddenAct;
 use serde::Deserialize;
 
+use super::arch::Architecture;
 use super::batch::PackedBatch;
 use super::dropout::Dropout;
 
@@ -22,6 +24,9 @@ pub struct BertConfig {
     /// Dropout on attention probabilities; BERT's default is 0.1.
     #[serde(default = "default_dropout")]
     pub attention_probs_dropout_prob: f64,
+    /// The architecture `config.json` names (set by [`Architecture::parse_config`]).
+    #[serde(skip)]
+    pub arch: Architecture,
 }
 
 fn default_dropout() -> f64 {
@@ -36,6 +41,18 @@ impl std::ops::Deref for BertConfig {
 }
 
 impl BertConfig {
+    /// The position id of a sentence's first token (`pad_token_id + 1` for RoBERTa).
+    pub fn position_offset(&self) -> usize {
+        self.arch.position_offset(self.pad_token_id)
+    }
+
+    /// The most tokens a sentence may have: the position table less its offset (514 RoBERTa
+    /// positions with pad id 1 give 512 tokens).
+    pub fn max_tokens(&self) -> usize {
+        self.max_position_embeddings
+            .saturating_sub(self.position_offset())
+    }
+
     /// Checks the numbers the encoder relies on.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
@@ -54,11 +71,19 @@ impl BertConfig {
             self.vocab_size
         );
         anyhow::ensure!(
-            self.max_position_embeddings >= 2,
-            "max_position_embeddings {} leaves no room for [CLS] and [SEP]",
-            self.max_position_embeddings
+            self.max_tokens() >= 2,
+            "max_position_embeddings {} leaves no room for [CLS] and [SEP]{}",
+            self.max_position_embeddings,
+            match self.position_offset() {
+                0 => String::new(),
+                o => format!(" (a {} model's positions start at {o})", self.arch.name()),
+            }
         );
-        anyhow::ensure!(self.type_vocab_size > 0, "type_vocab_size is 0");
+        // DistilBERT has no token types; every other architecture has at least one.
+        anyhow::ensure!(
+            self.type_vocab_size > 0 || self.arch == Architecture::DistilBert,
+            "type_vocab_size is 0"
+        );
         anyhow::ensure!(
             self.layer_norm_eps.is_finite() && self.layer_norm_eps >= 0.0,
             "layer_norm_eps {} is not a non-negative number",
@@ -179,11 +204,14 @@ impl SparseTap {
 pub struct BertEmbeddings {
     pub word_embeddings: Embedding,
     pub position_embeddings: Embedding,
-    pub token_type_embeddings: Embedding,
+    /// `None` when the model has no token types (DistilBERT: `type_vocab_size` 0).
+    pub token_type_embeddings: Option<Embedding>,
     pub layer_norm: LayerNorm,
     dropout: f64,
     /// Word-embedding rows as sparse leaves in training, when the trainer asks for it.
     pub sparse: std::sync::Arc<SparseTap>,
+    /// The position id of each sentence's first token (see [`BertConfig::position_offset`]).
+    position_offset: u32,
 }
 
 impl BertEmbeddings {
@@ -202,11 +230,20 @@ impl BertEmbeddings {
         Ok(Self {
             word_embeddings: emb(cfg.vocab_size, "word_embeddings")?,
             position_embeddings: emb(cfg.max_position_embeddings, "position_embeddings")?,
-            token_type_embeddings: emb(cfg.type_vocab_size, "token_type_embeddings")?,
+            token_type_embeddings: match cfg.type_vocab_size {
+                0 => None,
+                n => Some(emb(n, "token_type_embeddings")?),
+            },
             layer_norm: LayerNorm::load(vb.pp("LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
             dropout: cfg.hidden_dropout_prob,
             sparse: Default::default(),
+            position_offset: cfg.position_offset() as u32,
         })
+    }
+
+    /// The position id of each sentence's first token.
+    pub fn position_offset(&self) -> usize {
+        self.position_offset as usize
     }
 
     /// `input_ids`, `token_type_ids`: `[batch, seq]` u32 -> `[batch, seq, hidden]`.
@@ -217,12 +254,13 @@ impl BertEmbeddings {
         mode: Mode,
     ) -> Result<Tensor> {
         let (_b, seq) = input_ids.dims2()?;
-        let positions = Tensor::arange(0u32, seq as u32, input_ids.device())?;
-        let x = self
-            .word_embeddings
-            .forward(input_ids)?
-            .add(&self.token_type_embeddings.forward(token_type_ids)?)?
-            .broadcast_add(&self.position_embeddings.forward(&positions)?)?;
+        let first = self.position_offset;
+        let positions = Tensor::arange(first, first + seq as u32, input_ids.device())?;
+        let mut x = self.word_embeddings.forward(input_ids)?;
+        if let Some(types) = &self.token_type_embeddings {
+            x = x.add(&types.forward(token_type_ids)?)?;
+        }
+        let x = x.broadcast_add(&self.position_embeddings.forward(&positions)?)?;
         let x = self.layer_norm.forward(&x, mode)?;
         mode.dropout(&x, self.dropout)
     }
@@ -232,9 +270,14 @@ impl BertEmbeddings {
         let dev = self.word_embeddings.embeddings().device();
         let t = batch.tokens();
         let ids = Tensor::from_slice(&batch.input_ids, t, dev)?;
-        let types = Tensor::from_slice(&batch.type_ids, t, dev)?;
-        let positions = Tensor::from_slice(&batch.positions, t, dev)?;
-        let words = match mode {
+        let positions = match self.position_offset {
+            0 => Tensor::from_slice(&batch.positions, t, dev)?,
+            first => {
+                let shifted: Vec<u32> = batch.positions.iter().map(|p| p + first).collect();
+                Tensor::from_vec(shifted, t, dev)?
+            }
+        };
+        let mut x = match mode {
             Mode::Train(_) if self.sparse.enabled() => {
                 // A leaf of its own: its gradient is exactly the rows' gradient.
                 let rows = self
@@ -253,9 +296,11 @@ impl BertEmbeddings {
             }
             _ => self.word_embeddings.forward(&ids)?,
         };
-        let x = words
-            .add(&self.token_type_embeddings.forward(&types)?)?
-            .add(&self.position_embeddings.forward(&positions)?)?;
+        if let Some(table) = &self.token_type_embeddings {
+            let types = Tensor::from_slice(&batch.type_ids, t, dev)?;
+            x = x.add(&table.forward(&types)?)?;
+        }
+        let x = x.add(&self.position_embeddings.forward(&positions)?)?;
         let x = self.layer_norm.forward(&x, mode)?;
         mode.dropout(&x, self.dropout)
     }

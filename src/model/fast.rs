@@ -233,8 +233,12 @@ fn embed_packed(
     let h = cfg.hidden_size;
     // Embeddings: word + position + token type, then LayerNorm.
     let max_pos = cfg.max_position_embeddings;
-    if seqs.iter().any(|s| s.ids.len() > max_pos) {
-        bail!("a sequence is longer than the model's {max_pos} positions");
+    let first = e.position_offset();
+    if seqs.iter().any(|s| first + s.ids.len() > max_pos) {
+        bail!(
+            "a sequence is longer than the model's {} positions",
+            max_pos.saturating_sub(first)
+        );
     }
     // Checked before the lookups below, which would otherwise index out of bounds.
     if seqs
@@ -244,33 +248,50 @@ fn embed_packed(
     {
         bail!("a token id is outside the vocabulary of {}", cfg.vocab_size);
     }
+    // A model without token types (DistilBERT) takes type 0 only, and adds nothing for it.
+    let types = cfg.type_vocab_size.max(1);
     if seqs
         .iter()
         .flat_map(|s| &s.type_ids)
-        .any(|&t| t as usize >= cfg.type_vocab_size)
+        .any(|&t| t as usize >= types)
     {
         bail!(
             "a token type id is outside the model's {} types",
             cfg.type_vocab_size
         );
     }
-    view(e.word_embeddings.embeddings(), |word| {
-        view(e.position_embeddings.embeddings(), |pos| {
-            view(e.token_type_embeddings.embeddings(), |typ| {
-                let x = &mut *x;
-                for (s, seq) in seqs.iter().enumerate() {
-                    for (p, (&id, &tt)) in seq.ids.iter().zip(&seq.type_ids).enumerate() {
-                        let row = &mut x[(offs[s] + p) * h..(offs[s] + p + 1) * h];
-                        let (id, tt) = (id as usize, tt as usize);
-                        let w = &word[id * h..(id + 1) * h];
-                        let pe = &pos[p * h..(p + 1) * h];
+    let fill = |word: &[f32], pos: &[f32], typ: Option<&[f32]>, x: &mut [f32]| {
+        for (s, seq) in seqs.iter().enumerate() {
+            for (p, (&id, &tt)) in seq.ids.iter().zip(&seq.type_ids).enumerate() {
+                let row = &mut x[(offs[s] + p) * h..(offs[s] + p + 1) * h];
+                let (id, tt) = (id as usize, tt as usize);
+                let w = &word[id * h..(id + 1) * h];
+                let pe = &pos[(first + p) * h..(first + p + 1) * h];
+                match typ {
+                    Some(typ) => {
                         let te = &typ[tt * h..(tt + 1) * h];
                         for i in 0..h {
                             row[i] = w[i] + pe[i] + te[i];
                         }
                     }
+                    None => {
+                        for i in 0..h {
+                            row[i] = w[i] + pe[i];
+                        }
+                    }
                 }
-            })
+            }
+        }
+    };
+    view(e.word_embeddings.embeddings(), |word| {
+        view(e.position_embeddings.embeddings(), |pos| {
+            match &e.token_type_embeddings {
+                Some(t) => view(t.embeddings(), |typ| fill(word, pos, Some(typ), &mut *x)),
+                None => {
+                    fill(word, pos, None, &mut *x);
+                    Ok(())
+                }
+            }
         })
     })???;
     layer_norm_rows(x, None, &e.layer_norm, h)

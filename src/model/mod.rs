@@ -1,6 +1,7 @@
-//! The neural network: our BERT encoder, pooling, the multitask heads, freezing, and where
-//! parameters come from.
+//! The neural network: our BERT encoder (and the architectures that share its blocks, see
+//! [`arch`]), pooling, the multitask heads, freezing, and where parameters come from.
 
+pub mod arch;
 pub mod batch;
 pub mod bert;
 pub mod dropout;

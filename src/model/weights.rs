@@ -19,6 +19,8 @@ use candle_nn::{Init, VarBuilder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::arch::Architecture;
+
 /// One parameter handed out to a model block.
 #[derive(Clone)]
 pub struct Param {
@@ -77,6 +79,8 @@ pub struct WeightFile {
     /// Where the data section starts in the file.
     data_start: u64,
     fingerprint: std::sync::OnceLock<String>,
+    /// How the file names its tensors (see [`WeightFile::with_architecture`]).
+    arch: Architecture,
 }
 
 /// One tensor's header entry.
@@ -125,7 +129,15 @@ impl WeightFile {
             tensors,
             data_start: 8 + n,
             fingerprint: std::sync::OnceLock::new(),
+            arch: Architecture::Bert,
         })
+    }
+
+    /// Reads the file's tensors under `arch`'s names (a base model's file; our own
+    /// checkpoints use the canonical names, which every architecture tries first).
+    pub fn with_architecture(mut self, arch: Architecture) -> Self {
+        self.arch = arch;
+        self
     }
 
     /// Reads the tensor stored under exactly `name` onto `dev`, in its stored data type.
@@ -149,19 +161,15 @@ impl WeightFile {
         &self.path
     }
 
-    /// The file's own name for `name`: as is, with a `bert.` prefix, or with the old
-    /// `gamma`/`beta` LayerNorm names that `bert-base-uncased` still uses.
+    /// The file's own name for the canonical `name`: as is, or as the file's architecture
+    /// names it ([`Architecture::hf_names`]: a `bert.`/`roberta.`/`distilbert.` prefix,
+    /// DistilBERT's own names, the old `gamma`/`beta` LayerNorm names of `bert-base-uncased`).
     fn resolve(&self, name: &str) -> Option<String> {
-        let mut candidates = vec![name.to_string()];
-        if let Some(stem) = name.strip_suffix("LayerNorm.weight") {
-            candidates.push(format!("{stem}LayerNorm.gamma"));
+        if self.tensors.contains_key(name) {
+            return Some(name.to_string());
         }
-        if let Some(stem) = name.strip_suffix("LayerNorm.bias") {
-            candidates.push(format!("{stem}LayerNorm.beta"));
-        }
-        let prefixed: Vec<String> = candidates.iter().map(|c| format!("bert.{c}")).collect();
-        candidates.extend(prefixed);
-        candidates
+        self.arch
+            .hf_names(name)
             .into_iter()
             .find(|c| self.tensors.contains_key(c))
     }

@@ -32,6 +32,9 @@ struct Meta {
     pooling: &'static str,
     max_seq_length: usize,
     dtype: &'static str,
+    /// The text prepended to every sentence, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<String>,
     /// `I/N` in a sharded run.
     #[serde(skip_serializing_if = "Option::is_none")]
     shard: Option<String>,
@@ -89,15 +92,31 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
         cfg.batch_size,
     );
     embedder.max_batch_tokens = cfg.max_batch_tokens;
+    embedder.dense = &assets.pipeline.dense;
+    let mut dimension = assets.pipeline.dimension(assets.config.hidden_size);
+    if let Some(n) = cfg.truncate_dim {
+        if n > dimension {
+            bail!("--truncate-dim {n} is larger than the model's {dimension} dimensions");
+        }
+        embedder.truncate_dim = Some(n);
+        dimension = n;
+    }
+    embedder.prompt = assets
+        .pipeline
+        .resolve_prompt(cfg.prompt.as_deref(), cfg.prompt_name.as_deref())?;
+    if let (Some(p), None, None) = (&embedder.prompt, &cfg.prompt, &cfg.prompt_name) {
+        eprintln!("note: the model's default prompt {p:?} is prepended to every sentence");
+    }
     let meta = Meta {
         model: cfg.model.id.clone(),
         revision: (!cfg.model.is_local()).then(|| cfg.model.revision.clone()),
-        dimension: assets.config.hidden_size,
+        dimension,
         normalized: embedder.normalize,
         pooling: embedder.pooling.name(),
         max_seq_length: assets.tokenizer.max_len(),
         dtype: cfg.dtype.name(),
         shard: cfg.shard.as_ref().map(|s| s.shard.to_string()),
+        prompt: embedder.prompt.clone(),
     };
     let max_seq_length = meta.max_seq_length;
 
@@ -155,7 +174,7 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
         eprintln!(
             "note: {truncated} of {count} sentence(s) were longer than {max_seq_length} tokens and \
              were truncated; --max-seq-length sets the limit (at most {})",
-            assets.config.max_position_embeddings
+            assets.config.max_tokens()
         );
     }
     Ok(())

@@ -1,0 +1,300 @@
+//! The encoder architectures fetch-ml runs, chosen by `config.json`, and the one place that maps
+//! each architecture's config keys and tensor names onto our canonical (BERT) ones.
+//!
+//! BERT, RoBERTa, XLM-RoBERTa and DistilBERT share one block structure (post-LayerNorm
+//! attention and feed-forward layers), so they all run through [`super::bert`] and the fast
+//! path. What differs is said here:
+//! - the config: DistilBERT's keys (`dim`, `n_layers`, ...) become a BERT config;
+//! - positions: RoBERTa and XLM-RoBERTa number tokens from `pad_token_id + 1`;
+//! - token types: DistilBERT has none (`type_vocab_size` 0);
+//! - tensor names: every canonical name (`encoder.layer.0.attention.self.query.weight`) has
+//!   its file names per architecture, with and without the model prefix (`roberta.`, ...).
+//!
+//! Freezing, checkpoints and the freeze check only ever see canonical names.
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use super::bert::BertConfig;
+
+/// An encoder family, from `config.json`'s `model_type` (or its `architectures`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Architecture {
+    #[default]
+    Bert,
+    Roberta,
+    XlmRoberta,
+    DistilBert,
+}
+
+impl Architecture {
+    /// Every supported architecture, by its `model_type`.
+    pub const ALL: [Architecture; 4] = [
+        Architecture::Bert,
+        Architecture::Roberta,
+        Architecture::XlmRoberta,
+        Architecture::DistilBert,
+    ];
+
+    /// The `model_type` of `config.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Bert => "bert",
+            Architecture::Roberta => "roberta",
+            Architecture::XlmRoberta => "xlm-roberta",
+            Architecture::DistilBert => "distilbert",
+        }
+    }
+
+    /// The supported `model_type`s, for messages: "bert, roberta, xlm-roberta, distilbert".
+    pub fn supported() -> String {
+        Self::ALL.map(Self::name).join(", ")
+    }
+
+    /// The prefix of the architecture's tensors in checkpoints of task models
+    /// (`BertForMaskedLM`, ...): `bert.`, `roberta.`, `distilbert.`.
+    fn prefix(self) -> &'static str {
+        match self {
+            Architecture::Bert => "bert.",
+            Architecture::Roberta | Architecture::XlmRoberta => "roberta.",
+            Architecture::DistilBert => "distilbert.",
+        }
+    }
+
+    /// The architecture `config.json` names: its `model_type`, else the first of its
+    /// `architectures` (`XLMRobertaModel`, ...), else BERT (old configs name neither). Any
+    /// other model type is an error that names it and lists the supported ones.
+    pub fn from_config(config: &Value) -> Result<Self> {
+        if let Some(t) = config.get("model_type").and_then(Value::as_str) {
+            return match t.to_ascii_lowercase().replace('_', "-").as_str() {
+                "bert" => Ok(Architecture::Bert),
+                "roberta" => Ok(Architecture::Roberta),
+                "xlm-roberta" => Ok(Architecture::XlmRoberta),
+                "distilbert" => Ok(Architecture::DistilBert),
+                _ => bail!(
+                    "model_type \"{t}\" is not supported; fetch-ml runs these model types: {}",
+                    Self::supported()
+                ),
+            };
+        }
+        let first = config
+            .get("architectures")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_str);
+        let Some(class) = first else {
+            return Ok(Architecture::Bert);
+        };
+        // Longest family names first: "XLMRoberta" before "Roberta", "DistilBert" before "Bert".
+        let families = [
+            ("XLMRoberta", Architecture::XlmRoberta),
+            ("DistilBert", Architecture::DistilBert),
+            ("Roberta", Architecture::Roberta),
+            ("Bert", Architecture::Bert),
+        ];
+        match families.iter().find(|(f, _)| class.starts_with(f)) {
+            Some((_, a)) => Ok(*a),
+            None => bail!(
+                "architecture \"{class}\" (config.json has no model_type) is not supported; \
+                 fetch-ml runs these model types: {}",
+                Self::supported()
+            ),
+        }
+    }
+
+    /// The first position id: 0 for BERT and DistilBERT, `pad_token_id + 1` for RoBERTa and
+    /// XLM-RoBERTa (Hugging Face's `create_position_ids_from_input_ids`).
+    pub fn position_offset(self, pad_token_id: usize) -> usize {
+        match self {
+            Architecture::Roberta | Architecture::XlmRoberta => pad_token_id + 1,
+            Architecture::Bert | Architecture::DistilBert => 0,
+        }
+    }
+
+    /// The names under which a file of this architecture may store the canonical (BERT)
+    /// parameter `canonical`, most likely first: without and then with the model prefix,
+    /// plus the old `LayerNorm.gamma`/`beta` names.
+    pub fn hf_names(self, canonical: &str) -> Vec<String> {
+        let mut names = vec![self.rename(canonical)];
+        if let Some(stem) = names[0].strip_suffix("LayerNorm.weight") {
+            let gamma = format!("{stem}LayerNorm.gamma");
+            names.push(gamma);
+        }
+        if let Some(stem) = names[0].strip_suffix("LayerNorm.bias") {
+            let beta = format!("{stem}LayerNorm.beta");
+            names.push(beta);
+        }
+        let prefixed: Vec<String> = names
+            .iter()
+            .map(|n| format!("{}{n}", self.prefix()))
+            .collect();
+        names.extend(prefixed);
+        names
+    }
+
+    /// The architecture's own name of the canonical parameter `canonical` (no prefix).
+    fn rename(self, canonical: &str) -> String {
+        if self != Architecture::DistilBert {
+            return canonical.to_string();
+        }
+        let Some(rest) = canonical.strip_prefix("encoder.layer.") else {
+            return canonical.to_string();
+        };
+        let Some((i, tail)) = rest.split_once('.') else {
+            return canonical.to_string();
+        };
+        let blocks = [
+            ("attention.self.query.", "attention.q_lin."),
+            ("attention.self.key.", "attention.k_lin."),
+            ("attention.self.value.", "attention.v_lin."),
+            ("attention.output.dense.", "attention.out_lin."),
+            ("attention.output.LayerNorm.", "sa_layer_norm."),
+            ("intermediate.dense.", "ffn.lin1."),
+            ("output.dense.", "ffn.lin2."),
+            ("output.LayerNorm.", "output_layer_norm."),
+        ];
+        for (bert, distil) in blocks {
+            if let Some(param) = tail.strip_prefix(bert) {
+                return format!("transformer.layer.{i}.{distil}{param}");
+            }
+        }
+        canonical.to_string()
+    }
+
+    /// `config.json` as our BERT config: the architecture chosen, DistilBERT's keys mapped.
+    pub fn parse_config(text: &str) -> Result<BertConfig> {
+        let value: Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
+        let arch = Self::from_config(&value)?;
+        let value = match arch {
+            Architecture::DistilBert => distilbert_as_bert(&value)?,
+            _ => value,
+        };
+        let mut config: BertConfig = serde_json::from_value(value)
+            .with_context(|| format!("reading config.json as a {} config", arch.name()))?;
+        config.arch = arch;
+        Ok(config)
+    }
+}
+
+/// DistilBERT's config keys as BERT's (its LayerNorms use eps 1e-12, fixed in its code).
+fn distilbert_as_bert(v: &Value) -> Result<Value> {
+    let get = |key: &str| -> Result<Value> {
+        v.get(key)
+            .cloned()
+            .with_context(|| format!("the DistilBERT config has no \"{key}\""))
+    };
+    let or = |key: &str, default: Value| v.get(key).cloned().unwrap_or(default);
+    if v.get("sinusoidal_pos_embds").and_then(Value::as_bool) == Some(true) {
+        // The table is still stored in the weights (filled with sinusoids), so it loads as is.
+        eprintln!("note: sinusoidal_pos_embds is true; the stored position table is used as it is");
+    }
+    Ok(json!({
+        "vocab_size": get("vocab_size")?,
+        "hidden_size": get("dim")?,
+        "num_hidden_layers": get("n_layers")?,
+        "num_attention_heads": get("n_heads")?,
+        "intermediate_size": get("hidden_dim")?,
+        "hidden_act": or("activation", json!("gelu")),
+        "hidden_dropout_prob": or("dropout", json!(0.1)),
+        "attention_probs_dropout_prob": or("attention_dropout", json!(0.1)),
+        "max_position_embeddings": get("max_position_embeddings")?,
+        "type_vocab_size": 0,
+        "initializer_range": or("initializer_range", json!(0.02)),
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": or("pad_token_id", json!(0)),
+        "model_type": "distilbert",
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_type_decides_and_unknown_is_named() {
+        let arch = |v: Value| Architecture::from_config(&v);
+        assert_eq!(arch(json!({})).unwrap(), Architecture::Bert);
+        assert_eq!(
+            arch(json!({"model_type": "xlm-roberta"})).unwrap(),
+            Architecture::XlmRoberta
+        );
+        assert_eq!(
+            arch(json!({"architectures": ["DistilBertModel"]})).unwrap(),
+            Architecture::DistilBert
+        );
+        assert_eq!(
+            arch(json!({"architectures": ["XLMRobertaModel"]})).unwrap(),
+            Architecture::XlmRoberta
+        );
+        let e = arch(json!({"model_type": "t5"})).unwrap_err().to_string();
+        assert!(
+            e.contains("\"t5\"") && e.contains("xlm-roberta, distilbert"),
+            "{e}"
+        );
+        let e = arch(json!({"architectures": ["T5EncoderModel"]}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("T5EncoderModel") && e.contains("bert"), "{e}");
+    }
+
+    #[test]
+    fn tensor_names_per_architecture() {
+        let d = Architecture::DistilBert;
+        assert_eq!(
+            d.hf_names("encoder.layer.3.attention.self.key.bias"),
+            vec![
+                "transformer.layer.3.attention.k_lin.bias",
+                "distilbert.transformer.layer.3.attention.k_lin.bias"
+            ]
+        );
+        assert_eq!(
+            d.hf_names("encoder.layer.0.output.LayerNorm.weight")[0],
+            "transformer.layer.0.output_layer_norm.weight"
+        );
+        assert_eq!(
+            d.hf_names("encoder.layer.1.attention.output.dense.weight")[0],
+            "transformer.layer.1.attention.out_lin.weight"
+        );
+        assert_eq!(
+            d.hf_names("embeddings.LayerNorm.bias")[0],
+            "embeddings.LayerNorm.bias"
+        );
+        let r = Architecture::Roberta.hf_names("embeddings.word_embeddings.weight");
+        assert_eq!(
+            r,
+            vec![
+                "embeddings.word_embeddings.weight",
+                "roberta.embeddings.word_embeddings.weight"
+            ]
+        );
+        let b = Architecture::Bert.hf_names("embeddings.LayerNorm.weight");
+        assert_eq!(
+            b,
+            vec![
+                "embeddings.LayerNorm.weight",
+                "embeddings.LayerNorm.gamma",
+                "bert.embeddings.LayerNorm.weight",
+                "bert.embeddings.LayerNorm.gamma"
+            ]
+        );
+    }
+
+    #[test]
+    fn distilbert_config_maps_to_bert() {
+        let c = Architecture::parse_config(
+            r#"{"model_type": "distilbert", "vocab_size": 50, "dim": 32, "n_layers": 2,
+                "n_heads": 4, "hidden_dim": 64, "activation": "gelu",
+                "max_position_embeddings": 40, "pad_token_id": 0, "dropout": 0.1,
+                "attention_dropout": 0.1, "initializer_range": 0.02,
+                "sinusoidal_pos_embds": false}"#,
+        )
+        .unwrap();
+        assert_eq!(c.arch, Architecture::DistilBert);
+        assert_eq!(
+            (c.hidden_size, c.num_hidden_layers, c.num_attention_heads),
+            (32, 2, 4)
+        );
+        assert_eq!((c.intermediate_size, c.type_vocab_size), (64, 0));
+        assert_eq!(c.position_offset(), 0);
+    }
+}

@@ -477,72 +477,15 @@ impl Cli {
     }
 
     /// Validates the flags and builds the task's config.
-    pub fn into_command(self) -> Result<Command> {
+    pub fn into_command(mut self) -> Result<Command> {
         let task = self.task;
         if let Some(flag) = self.unused_flags(task).first() {
             bail!("{flag} does not apply to --task={task}; see --help for the flags of each task");
         }
-        let model_given = self.model.is_some();
-        let model = ModelRef {
-            id: self.model.unwrap_or_else(|| DEFAULT_MODEL.to_string()),
-            revision: self.revision,
-            offline: self.offline || offline_from_env(),
-            hub_timeout: std::time::Duration::from_secs_f64(self.hub_timeout),
-        };
-        let input = if !self.sentences.is_empty() {
-            InputSource::Sentences(self.sentences)
-        } else {
-            match self.input {
-                Some(p) if p.as_os_str() == "-" => InputSource::Stdin,
-                Some(p) => InputSource::File(p),
-                None => InputSource::Default,
-            }
-        };
+        let (model, model_given) = self.model_ref();
+        let input = self.input_source();
         if task == 1 {
-            let to_stdout = self.output.as_deref().is_none_or(|p| p == Path::new("-"));
-            if self.format.is_columnar() && to_stdout {
-                bail!(
-                    "--format {0} writes a file: give --output FILE (e.g. -o embeddings.{0})",
-                    format_name(self.format)
-                );
-            }
-            let normalize = match (self.normalize, self.no_normalize) {
-                (true, _) => Some(true),
-                (_, true) => Some(false),
-                _ => None,
-            };
-            let shard = match self.shard {
-                Some(shard) => Some(ShardSpec {
-                    shard,
-                    source: format!("--shard {shard}"),
-                }),
-                None => crate::shard::from_env(self.shards, &|k| std::env::var(k).ok())?,
-            };
-            let output = match (&shard, self.output) {
-                (Some(s), Some(p)) if p != Path::new("-") => Some(s.shard.output_path(&p)),
-                (None, Some(p)) if crate::shard::has_placeholder(&p) => bail!(
-                    "--output {}: {{shard}}, {{i}} and {{n}} are filled in for a sharded run \
-                     only; pass --shard I/N, or remove them from the name",
-                    p.display()
-                ),
-                (_, p) => p,
-            };
-            return Ok(Command::Embed(EmbedConfig {
-                model,
-                input,
-                output,
-                format: self.format,
-                shard,
-                overwrite: self.overwrite,
-                batch_size: self.batch_size,
-                max_batch_tokens: self.max_batch_tokens,
-                dtype: self.dtype.unwrap_or_default(),
-                max_seq_length: self.max_seq_length,
-                normalize,
-                prompt: self.prompt,
-                prompt_name: self.prompt_name,
-                truncate_dim: self.truncate_dim,
-            }));
+            return Ok(Command::Embed(self.embed_config(model, input)?));
         }
         let Some(format) = self.format.text_format() else {
             bail!(
@@ -550,55 +493,7 @@ impl Cli {
                 format_name(self.format)
             );
         };
-        let defaults = TrainSettings::default();
-        let (default_epochs, default_max_examples) = if task == 2 {
-            (defaults.epochs, None)
-        } else {
-            (
-                defaults::SCENARIO_EPOCHS,
-                Some(defaults::SCENARIO_MAX_EXAMPLES),
-            )
-        };
-        let predicting = self.checkpoint.is_some();
-        let own_train_file = self.train_file.is_some();
-        let train = TrainConfig {
-            model,
-            model_given,
-            max_seq_length: self.max_seq_length,
-            train_file: self
-                .train_file
-                .map_or_else(DataSource::default_train, DataSource::File),
-            // The shipped evaluation set goes with the shipped training set only.
-            eval_file: match (self.eval_file, predicting || own_train_file) {
-                (Some(f), _) => Some(DataSource::File(f)),
-                (None, false) => Some(DataSource::default_eval()),
-                (None, true) => None,
-            },
-            settings: TrainSettings {
-                epochs: self.epochs.unwrap_or(default_epochs),
-                batch_size: self.batch_size,
-                lr: self.lr.unwrap_or(defaults.lr),
-                head_lr: self.head_lr.unwrap_or(defaults.head_lr),
-                warmup: self.warmup.unwrap_or(defaults.warmup),
-                weight_decay: self.weight_decay.unwrap_or(defaults.weight_decay),
-                loss_weights: self.loss_weights.unwrap_or(defaults.loss_weights),
-                seed: self.seed.unwrap_or(defaults.seed),
-                group_by_length: !self.no_length_grouping,
-                grad_accum: self.grad_accum.unwrap_or(defaults.grad_accum),
-                eval_every: self.eval_every,
-                keep_best: self.keep_best,
-                early_stop: self.early_stop,
-                class_weights: self.class_weights.as_deref() == Some("auto"),
-                ..defaults
-            },
-            head_hidden: self.head_hidden.unwrap_or(defaults::HEAD_HIDDEN),
-            head_dropout: self.head_dropout.unwrap_or(defaults::HEAD_DROPOUT),
-            freeze: self.freeze,
-            freeze_layers: self.freeze_layers,
-            max_train_examples: self.max_train_examples.or(default_max_examples),
-            embedding_cache: self.embedding_cache,
-            dtype: self.dtype.unwrap_or_default(),
-        };
+        let train = self.train_config(model, model_given);
         if task == 2 {
             return Ok(Command::Multitask(MultitaskConfig {
                 train,
@@ -626,5 +521,134 @@ impl Cli {
             output: self.output,
             format,
         }))
+    }
+
+    /// The model to load, and whether `--model` was given.
+    fn model_ref(&mut self) -> (ModelRef, bool) {
+        let given = self.model.is_some();
+        let model = ModelRef {
+            id: self
+                .model
+                .take()
+                .unwrap_or_else(|| DEFAULT_MODEL.to_string()),
+            revision: std::mem::take(&mut self.revision),
+            offline: self.offline || offline_from_env(),
+            hub_timeout: std::time::Duration::from_secs_f64(self.hub_timeout),
+        };
+        (model, given)
+    }
+
+    /// Where the sentences come from.
+    fn input_source(&mut self) -> InputSource {
+        if !self.sentences.is_empty() {
+            return InputSource::Sentences(std::mem::take(&mut self.sentences));
+        }
+        match self.input.take() {
+            Some(p) if p.as_os_str() == "-" => InputSource::Stdin,
+            Some(p) => InputSource::File(p),
+            None => InputSource::Default,
+        }
+    }
+
+    /// `--task=1`'s settings.
+    fn embed_config(self, model: ModelRef, input: InputSource) -> Result<EmbedConfig> {
+        let to_stdout = self.output.as_deref().is_none_or(|p| p == Path::new("-"));
+        if self.format.is_columnar() && to_stdout {
+            bail!(
+                "--format {0} writes a file: give --output FILE (e.g. -o embeddings.{0})",
+                format_name(self.format)
+            );
+        }
+        let normalize = match (self.normalize, self.no_normalize) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        };
+        let shard = match self.shard {
+            Some(shard) => Some(ShardSpec {
+                shard,
+                source: format!("--shard {shard}"),
+            }),
+            None => crate::shard::from_env(self.shards, &|k| std::env::var(k).ok())?,
+        };
+        let output = match (&shard, self.output) {
+            (Some(s), Some(p)) if p != Path::new("-") => Some(s.shard.output_path(&p)),
+            (None, Some(p)) if crate::shard::has_placeholder(&p) => bail!(
+                "--output {}: {{shard}}, {{i}} and {{n}} are filled in for a sharded run \
+                 only; pass --shard I/N, or remove them from the name",
+                p.display()
+            ),
+            (_, p) => p,
+        };
+        Ok(EmbedConfig {
+            model,
+            input,
+            output,
+            format: self.format,
+            shard,
+            overwrite: self.overwrite,
+            batch_size: self.batch_size,
+            max_batch_tokens: self.max_batch_tokens,
+            dtype: self.dtype.unwrap_or_default(),
+            max_seq_length: self.max_seq_length,
+            normalize,
+            prompt: self.prompt,
+            prompt_name: self.prompt_name,
+            truncate_dim: self.truncate_dim,
+        })
+    }
+
+    /// The training settings of `--task=2` and `--task=3`.
+    fn train_config(&mut self, model: ModelRef, model_given: bool) -> TrainConfig {
+        let defaults = TrainSettings::default();
+        let (default_epochs, default_max_examples) = if self.task == 2 {
+            (defaults.epochs, None)
+        } else {
+            (
+                defaults::SCENARIO_EPOCHS,
+                Some(defaults::SCENARIO_MAX_EXAMPLES),
+            )
+        };
+        let predicting = self.checkpoint.is_some();
+        let own_train_file = self.train_file.is_some();
+        TrainConfig {
+            model,
+            model_given,
+            max_seq_length: self.max_seq_length,
+            train_file: self
+                .train_file
+                .take()
+                .map_or_else(DataSource::default_train, DataSource::File),
+            // The shipped evaluation set goes with the shipped training set only.
+            eval_file: match (self.eval_file.take(), predicting || own_train_file) {
+                (Some(f), _) => Some(DataSource::File(f)),
+                (None, false) => Some(DataSource::default_eval()),
+                (None, true) => None,
+            },
+            settings: TrainSettings {
+                epochs: self.epochs.unwrap_or(default_epochs),
+                batch_size: self.batch_size,
+                lr: self.lr.unwrap_or(defaults.lr),
+                head_lr: self.head_lr.unwrap_or(defaults.head_lr),
+                warmup: self.warmup.unwrap_or(defaults.warmup),
+                weight_decay: self.weight_decay.unwrap_or(defaults.weight_decay),
+                loss_weights: self.loss_weights.unwrap_or(defaults.loss_weights),
+                seed: self.seed.unwrap_or(defaults.seed),
+                group_by_length: !self.no_length_grouping,
+                grad_accum: self.grad_accum.unwrap_or(defaults.grad_accum),
+                eval_every: self.eval_every,
+                keep_best: self.keep_best,
+                early_stop: self.early_stop,
+                class_weights: self.class_weights.as_deref() == Some("auto"),
+                ..defaults
+            },
+            head_hidden: self.head_hidden.unwrap_or(defaults::HEAD_HIDDEN),
+            head_dropout: self.head_dropout.unwrap_or(defaults::HEAD_DROPOUT),
+            freeze: std::mem::take(&mut self.freeze),
+            freeze_layers: self.freeze_layers,
+            max_train_examples: self.max_train_examples.or(default_max_examples),
+            embedding_cache: self.embedding_cache.take(),
+            dtype: self.dtype.unwrap_or_default(),
+        }
     }
 }

@@ -239,8 +239,18 @@ fn endpoint() -> String {
     std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into())
 }
 
-/// Milliseconds since `START` at the last sign of life of a request.
-type Activity = Arc<AtomicU64>;
+/// The last sign of life of a request: milliseconds since the watchdog's start.
+#[derive(Clone)]
+struct Activity {
+    start: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms.store(now_ms(self.start), Ordering::Relaxed);
+    }
+}
 
 fn now_ms(start: Instant) -> u64 {
     start.elapsed().as_millis() as u64
@@ -256,7 +266,10 @@ fn watched<T: Send + 'static>(
     f: impl FnOnce(Activity) -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let start = Instant::now();
-    let activity: Activity = Arc::new(AtomicU64::new(0));
+    let activity = Activity {
+        start,
+        last_ms: Arc::new(AtomicU64::new(0)),
+    };
     let (tx, rx) = mpsc::channel();
     let act = activity.clone();
     std::thread::Builder::new()
@@ -267,7 +280,8 @@ fn watched<T: Send + 'static>(
         .context("starting the hub request")?;
     let limit = model.hub_timeout;
     loop {
-        let idle = Duration::from_millis(now_ms(start) - activity.load(Ordering::Relaxed));
+        let last = activity.last_ms.load(Ordering::Relaxed);
+        let idle = Duration::from_millis(now_ms(start).saturating_sub(last));
         if idle >= limit {
             bail!(
                 "{what}: no answer from {} in {} s (--hub-timeout sets the limit)",
@@ -288,7 +302,6 @@ fn watched<T: Send + 'static>(
 /// A download progress bar that also reports activity to the watchdog.
 struct WatchedBar {
     activity: Activity,
-    start: Instant,
     bar: Option<indicatif::ProgressBar>,
 }
 
@@ -296,7 +309,6 @@ impl WatchedBar {
     fn new(activity: Activity) -> Self {
         Self {
             activity,
-            start: Instant::now(),
             bar: None,
         }
     }
@@ -304,12 +316,12 @@ impl WatchedBar {
 
 impl hf_hub::api::Progress for WatchedBar {
     fn init(&mut self, size: usize, filename: &str) {
-        self.activity.store(now_ms(self.start), Ordering::Relaxed);
+        self.activity.touch();
         let bar = crate::output::progress_bar(Some(size as u64), filename);
         self.bar = Some(bar);
     }
     fn update(&mut self, size: usize) {
-        self.activity.store(now_ms(self.start), Ordering::Relaxed);
+        self.activity.touch();
         if let Some(b) = &self.bar {
             b.inc(size as u64);
         }

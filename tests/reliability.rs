@@ -927,4 +927,12 @@ fn a_checkpoint_of_a_relative_model_path_loads_from_another_folder() {
         .current_dir(elsewhere.path())
         .args(["--task=2", "-s", "hi", "--checkpoint"])
         .arg(&ck)));
+    // A checkpoint named by `.` from inside it loads too (nothing to recover there).
+    ok(&run(fetch_ml().current_dir(&ck).args([
+        "--task=2",
+        "-s",
+        "hi",
+        "--checkpoint",
+        ".",
+    ])));
 }

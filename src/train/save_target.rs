@@ -109,7 +109,10 @@ impl SaveTarget {
 /// When `dir` is missing but a save that was interrupted left a complete checkpoint beside it,
 /// renames that one into place (with a note on stderr); removes leftovers of interrupted saves.
 pub fn recover(dir: &Path) -> Result<()> {
-    let (parent, name) = split(dir)?;
+    // A path such as `.` names no folder a save could have swapped: nothing to recover.
+    let Ok((parent, name)) = split(dir) else {
+        return Ok(());
+    };
     if !parent.is_dir() {
         return Ok(());
     }

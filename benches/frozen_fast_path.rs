@@ -13,7 +13,7 @@ use fetch_ml::config::TrainConfig;
 use fetch_ml::data::DataSource;
 use fetch_ml::hub::ModelRef;
 use fetch_ml::model::freeze::{FreezePart, FreezePlan};
-use fetch_ml::model::multitask::{HeadInit, MultiTaskModel};
+use fetch_ml::model::multitask::HeadInit;
 use fetch_ml::train::session::{fit, Setup};
 use fetch_ml::train::trainer::TrainSettings;
 
@@ -73,8 +73,7 @@ fn main() -> anyhow::Result<()> {
     ];
     let mut results = Vec::new();
     for (label, cache, setup) in runs {
-        let m = MultiTaskModel::build(
-            &setup.assets,
+        let m = setup.assets.multitask(
             vec![setup.assets.weights.clone()],
             setup.heads_spec(&cfg),
             plan,

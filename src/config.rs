@@ -3,13 +3,12 @@
 
 use std::path::PathBuf;
 
-use crate::data::DataSource;
 use crate::hub::ModelRef;
 use crate::input::InputSource;
-use crate::model::freeze::{FreezePart, Scenario};
+use crate::model::freeze::Scenario;
 use crate::model::quant::Dtype;
 use crate::shard::ShardSpec;
-use crate::train::trainer::TrainSettings;
+pub use crate::train::session::TrainConfig;
 
 /// The defaults of the settings below, in one place (`--help` repeats them).
 pub mod defaults {
@@ -109,33 +108,6 @@ pub enum Command {
     Embed(EmbedConfig),
     Multitask(MultitaskConfig),
     Scenarios(ScenariosConfig),
-}
-
-/// Training settings shared by `--task=2` and `--task=3`.
-#[derive(Debug, Clone)]
-pub struct TrainConfig {
-    /// The base model.
-    pub model: ModelRef,
-    /// True when `--model` was given (a checkpoint otherwise names its own base).
-    pub model_given: bool,
-    pub max_seq_length: Option<usize>,
-    pub train_file: DataSource,
-    /// `None`: no evaluation.
-    pub eval_file: Option<DataSource>,
-    pub settings: TrainSettings,
-    /// Width of each head's hidden layer.
-    pub head_hidden: usize,
-    /// Dropout between each head's two layers.
-    pub head_dropout: f64,
-    pub freeze: Vec<FreezePart>,
-    pub freeze_layers: Option<usize>,
-    /// Train on at most this many rows.
-    pub max_train_examples: Option<usize>,
-    /// Folder for cached sentence vectors of a frozen encoder.
-    pub embedding_cache: Option<PathBuf>,
-    /// Arithmetic of the encoder where it does not train (frozen-encoder vectors,
-    /// predictions with a checkpoint); an error with a trainable encoder.
-    pub dtype: Dtype,
 }
 
 /// Settings of `--task=2`, the multitask model.

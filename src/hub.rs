@@ -446,7 +446,7 @@ fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
     };
     let modules = fetch.fetch("modules.json")?;
     let pooling_config = match &modules {
-        Some(m) => match crate::pipeline::pooling_module_path(m)? {
+        Some(m) => match crate::st_modules::pooling_module_path(m)? {
             Some(dir) => fetch.fetch(&format!("{dir}/config.json"))?,
             None => None,
         },
@@ -455,7 +455,7 @@ fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
     let sentence_bert_config = fetch.fetch("sentence_bert_config.json")?;
     let mut dense = Vec::new();
     if let Some(m) = &modules {
-        for dir in crate::pipeline::dense_module_paths(m)? {
+        for dir in crate::st_modules::dense_module_paths(m)? {
             let config = required(&format!("{dir}/config.json"))?;
             let weights = match fetch.fetch(&format!("{dir}/model.safetensors"))? {
                 Some(p) => p,

@@ -19,6 +19,7 @@ pub mod panics;
 pub mod pipeline;
 pub mod plot;
 pub mod shard;
+pub mod st_modules;
 pub mod tasks;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testutil;

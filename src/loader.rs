@@ -9,6 +9,8 @@ use crate::hub::{self, ModelFiles, ModelRef};
 use crate::model::arch::Architecture;
 use crate::model::bert::{BertConfig, BertEncoder};
 use crate::model::fast::FastEncoder;
+use crate::model::freeze::FreezePlan;
+use crate::model::multitask::{HeadInit, HeadsSpec, MultiTaskModel};
 use crate::model::quant::Dtype;
 use crate::model::weights::{ParamRegistry, ParamSource, TrainablePredicate, WeightFile};
 use crate::pipeline::Pipeline;
@@ -104,6 +106,22 @@ impl ModelAssets {
             ParamRegistry::new(),
             device,
         )
+    }
+
+    /// Builds the multitask model on this encoder: encoder weights from `encoder_files` (first
+    /// match wins), heads as `init` says, trainable parameters as `plan` says.
+    pub fn multitask(
+        &self,
+        encoder_files: Vec<Arc<WeightFile>>,
+        spec: HeadsSpec,
+        plan: FreezePlan,
+        init: HeadInit,
+        device: &Device,
+    ) -> Result<MultiTaskModel> {
+        let registry = ParamRegistry::new();
+        let trainable: TrainablePredicate = Arc::new(move |name: &str| plan.is_trainable(name));
+        let encoder = self.encoder(encoder_files, trainable, registry.clone(), device)?;
+        MultiTaskModel::build(encoder, registry, spec, plan, init, device)
     }
 
     /// Builds the encoder from `files` (first match wins), making trainable what `trainable`

@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use crate::hub::ModelFiles;
 use crate::model::pooling::Pooling;
+use crate::st_modules::{modules, read_json};
 
 /// What happens after the encoder, and how long inputs may be.
 #[derive(Debug, Clone, PartialEq)]
@@ -170,41 +171,6 @@ impl DenseLayer {
             })
             .collect()
     }
-}
-
-#[derive(Deserialize)]
-struct Module {
-    #[serde(default)]
-    path: String,
-    #[serde(rename = "type")]
-    kind: String,
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
-}
-
-fn modules(path: &Path) -> Result<Vec<Module>> {
-    read_json(path)
-}
-
-/// The folders of the Dense modules listed in `modules.json`, in order.
-pub fn dense_module_paths(modules_json: &Path) -> Result<Vec<String>> {
-    Ok(modules(modules_json)?
-        .into_iter()
-        .filter(|m| m.kind.rsplit('.').next() == Some("Dense"))
-        .map(|m| m.path)
-        .collect())
-}
-
-/// The folder of the Pooling module listed in `modules.json`, if any.
-pub fn pooling_module_path(modules_json: &Path) -> Result<Option<String>> {
-    Ok(modules(modules_json)?
-        .into_iter()
-        .find(|m| m.kind.ends_with(".Pooling"))
-        .map(|m| m.path))
 }
 
 #[derive(Deserialize)]

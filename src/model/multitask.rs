@@ -18,8 +18,7 @@ use super::fast::{FastEncoder, Workspace};
 use super::freeze::FreezePlan;
 use super::pooling::Pooling;
 use super::quant::Dtype;
-use super::weights::{ParamRegistry, ParamSource, WeightFile};
-use crate::loader::ModelAssets;
+use super::weights::{ParamRegistry, ParamSource, TrainablePredicate, WeightFile};
 use crate::tokenize::{Batch, Encoded};
 
 /// The shape of the two heads.
@@ -93,19 +92,18 @@ pub struct MultiTaskModel {
 }
 
 impl MultiTaskModel {
-    /// Builds the model: encoder weights from `encoder_files` (first match wins), heads as
-    /// `init` says, trainable parameters as `plan` says.
+    /// Puts the model together around `encoder`, whose parameters `registry` holds: heads as
+    /// `init` says, trainable as `plan` says. (`ModelAssets::multitask` builds the encoder
+    /// and calls this.)
     pub fn build(
-        assets: &ModelAssets,
-        encoder_files: Vec<Arc<WeightFile>>,
+        encoder: BertEncoder,
+        registry: Arc<ParamRegistry>,
         spec: HeadsSpec,
         plan: FreezePlan,
         init: HeadInit,
         device: &Device,
     ) -> Result<Self> {
-        let registry = ParamRegistry::new();
-        let trainable = Arc::new(move |name: &str| plan.is_trainable(name));
-        let encoder = assets.encoder(encoder_files, trainable.clone(), registry.clone(), device)?;
+        let trainable: TrainablePredicate = Arc::new(move |name: &str| plan.is_trainable(name));
         let source = match &init {
             HeadInit::Seed(seed) => {
                 ParamSource::from_files(vec![], registry.clone()).with_init_seed(*seed)
@@ -115,7 +113,7 @@ impl MultiTaskModel {
             }
         };
         let vb = source.with_trainable(trainable).into_var_builder(device);
-        let hidden = assets.config.hidden_size;
+        let hidden = encoder.config.hidden_size;
         let head = |t: usize| {
             Head::load(
                 vb.pp(HEAD_NAMES[t]),

@@ -59,15 +59,16 @@ pub fn run(cfg: &MultitaskConfig) -> Result<()> {
     let dev = Device::Cpu;
     let layers = setup.assets.config.num_hidden_layers;
     let plan = FreezePlan::new(&t.freeze, t.freeze_layers, layers)?;
-    let model = MultiTaskModel::build(
-        &setup.assets,
-        vec![setup.assets.weights.clone()],
-        setup.heads_spec(t),
-        plan,
-        HeadInit::Seed(t.settings.seed),
-        &dev,
-    )?
-    .with_dtype(t.dtype)?;
+    let model = setup
+        .assets
+        .multitask(
+            vec![setup.assets.weights.clone()],
+            setup.heads_spec(t),
+            plan,
+            HeadInit::Seed(t.settings.seed),
+            &dev,
+        )?
+        .with_dtype(t.dtype)?;
     let counts = crate::train::verify::ParamCounts::of(&model);
     eprintln!(
         "model {} ({} layers, hidden {}); training on {} ({} rows); frozen: {}",

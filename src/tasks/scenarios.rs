@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::report::epoch_line;
 use crate::config::{Format, ScenariosConfig};
 use crate::model::freeze::Scenario;
-use crate::model::multitask::{HeadInit, MultiTaskModel};
+use crate::model::multitask::HeadInit;
 use crate::output::Output;
 use crate::plot::{grouped_bars, Series};
 use crate::train::session::{fit, Setup};
@@ -105,15 +105,16 @@ pub fn run(cfg: &ScenariosConfig) -> Result<()> {
         let description = sc.label(n);
         eprintln!("[{}/{}] {description}", i + 1, cfg.scenarios.len());
         let plan = sc.plan(layers, n)?;
-        let model = MultiTaskModel::build(
-            &setup.assets,
-            vec![setup.assets.weights.clone()],
-            setup.heads_spec(t),
-            plan,
-            HeadInit::Seed(s.seed),
-            &Device::Cpu,
-        )?
-        .with_dtype(t.dtype)?;
+        let model = setup
+            .assets
+            .multitask(
+                vec![setup.assets.weights.clone()],
+                setup.heads_spec(t),
+                plan,
+                HeadInit::Seed(s.seed),
+                &Device::Cpu,
+            )?
+            .with_dtype(t.dtype)?;
         let counts = crate::train::verify::ParamCounts::of(&model);
         for line in counts.table().lines() {
             eprintln!("  {line}");

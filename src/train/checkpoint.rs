@@ -15,12 +15,9 @@ use crate::model::freeze::FreezePlan;
 use crate::model::multitask::{HeadInit, HeadsSpec, MultiTaskModel, HEAD_NAMES};
 use crate::model::weights::{WeightFile, FINGERPRINT_PREFIX};
 use crate::train::save_target::{self, SaveTarget};
+pub use crate::train::save_target::{FORMAT, META_FILE, METRICS_FILE, WEIGHTS_FILE};
 
-pub const FORMAT: &str = "fetch-ml-multitask";
 const VERSION: u32 = 1;
-pub const WEIGHTS_FILE: &str = "model.safetensors";
-pub const META_FILE: &str = "checkpoint.json";
-pub const METRICS_FILE: &str = "metrics.json";
 /// A u8 tensor in `model.safetensors` holding the heads' label lists as JSON, so that an edit
 /// of the lists in `checkpoint.json` (which would silently relabel predictions) is caught.
 pub const LABELS_TENSOR: &str = "heads.labels_json";
@@ -244,14 +241,14 @@ impl Checkpoint {
         let num_layers = assets.config.num_hidden_layers;
         let inference =
             FreezePlan::new(&[crate::model::freeze::FreezePart::All], None, num_layers)?;
-        MultiTaskModel::build(
-            assets,
-            vec![self.weights.clone(), assets.weights.clone()],
-            self.meta.heads.clone(),
-            inference,
-            HeadInit::Checkpoint(self.weights.clone()),
-            device,
-        )
-        .with_context(|| format!("loading the checkpoint in {}", self.dir.display()))
+        assets
+            .multitask(
+                vec![self.weights.clone(), assets.weights.clone()],
+                self.meta.heads.clone(),
+                inference,
+                HeadInit::Checkpoint(self.weights.clone()),
+                device,
+            )
+            .with_context(|| format!("loading the checkpoint in {}", self.dir.display()))
     }
 }

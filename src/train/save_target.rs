@@ -15,7 +15,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::checkpoint::{FORMAT, META_FILE, METRICS_FILE, WEIGHTS_FILE};
+/// The `format` of a fetch-ml checkpoint's `checkpoint.json`.
+pub const FORMAT: &str = "fetch-ml-multitask";
+/// The weights of a checkpoint folder.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The metadata of a checkpoint folder, written last: a folder with it is complete.
+pub const META_FILE: &str = "checkpoint.json";
+/// The training metrics of a checkpoint folder.
+pub const METRICS_FILE: &str = "metrics.json";
 
 /// The files a checkpoint folder holds; nothing else is ever deleted.
 const OWN_FILES: [&str; 3] = [WEIGHTS_FILE, META_FILE, METRICS_FILE];

@@ -2,6 +2,7 @@
 //! trains, then snapshot, train, evaluate and verify the freeze. Shared by `--task=2` and
 //! `--task=3`.
 
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use anyhow::{bail, Result};
@@ -12,10 +13,39 @@ use super::evaluate::evaluate;
 use super::metrics::HeadMetrics;
 use super::trainer::{train, EpochReport, Prepared, TrainOutcome, TrainSettings};
 use super::verify::{FreezeCheck, ParamCounts, Snapshot};
-use crate::config::TrainConfig;
-use crate::data::{Dataset, TASKS};
+use crate::data::{DataSource, Dataset, TASKS};
+use crate::hub::ModelRef;
 use crate::loader::ModelAssets;
+use crate::model::freeze::FreezePart;
 use crate::model::multitask::{HeadsSpec, MultiTaskModel};
+use crate::model::quant::Dtype;
+
+/// Training settings shared by `--task=2` and `--task=3`.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// The base model.
+    pub model: ModelRef,
+    /// True when `--model` was given (a checkpoint otherwise names its own base).
+    pub model_given: bool,
+    pub max_seq_length: Option<usize>,
+    pub train_file: DataSource,
+    /// `None`: no evaluation.
+    pub eval_file: Option<DataSource>,
+    pub settings: TrainSettings,
+    /// Width of each head's hidden layer.
+    pub head_hidden: usize,
+    /// Dropout between each head's two layers.
+    pub head_dropout: f64,
+    pub freeze: Vec<FreezePart>,
+    pub freeze_layers: Option<usize>,
+    /// Train on at most this many rows.
+    pub max_train_examples: Option<usize>,
+    /// Folder for cached sentence vectors of a frozen encoder.
+    pub embedding_cache: Option<PathBuf>,
+    /// Arithmetic of the encoder where it does not train (frozen-encoder vectors,
+    /// predictions with a checkpoint); an error with a trainable encoder.
+    pub dtype: Dtype,
+}
 
 /// A data set, tokenized and labelled.
 pub struct DataPart {

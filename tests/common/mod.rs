@@ -150,15 +150,16 @@ pub fn build_model(
     cfg: &fetch_ml::config::TrainConfig,
     plan: fetch_ml::model::freeze::FreezePlan,
 ) -> fetch_ml::model::multitask::MultiTaskModel {
-    fetch_ml::model::multitask::MultiTaskModel::build(
-        &setup.assets,
-        vec![setup.assets.weights.clone()],
-        setup.heads_spec(cfg),
-        plan,
-        fetch_ml::model::multitask::HeadInit::Seed(cfg.settings.seed),
-        &candle_core::Device::Cpu,
-    )
-    .expect("build the multitask model")
+    setup
+        .assets
+        .multitask(
+            vec![setup.assets.weights.clone()],
+            setup.heads_spec(cfg),
+            plan,
+            fetch_ml::model::multitask::HeadInit::Seed(cfg.settings.seed),
+            &candle_core::Device::Cpu,
+        )
+        .expect("build the multitask model")
 }
 
 /// Every parameter's name and bit pattern, in model order.

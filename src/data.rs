@@ -7,7 +7,78 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+/// Why a data set cannot be used; every variant names the file, and the line where there is
+/// one.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{file}: cannot read the file")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{file}: unknown data format '.{ext}'; use a .jsonl file (one {{\"text\", \"class\", \
+         \"sentiment\"}} object per line) or a .csv file with a text,class,sentiment header"
+    )]
+    UnknownFormat { file: String, ext: String },
+    #[error("{file}: the file has no rows")]
+    NoRows { file: String },
+    #[error("{file}, line {line}: {problem}")]
+    Row {
+        file: String,
+        line: usize,
+        problem: RowProblem,
+    },
+    #[error(
+        "{file}, line {line}: {task} label '{label}' never occurs in the training data \
+         (known: {known})"
+    )]
+    UnknownLabel {
+        file: String,
+        line: usize,
+        task: &'static str,
+        label: String,
+        known: String,
+    },
+}
+
+/// What is wrong with one row of a data file.
+#[derive(Debug, thiserror::Error)]
+pub enum RowProblem {
+    #[error("not valid UTF-8{}", .0.map(|c| format!(" (bad byte at column {c})")).unwrap_or_default())]
+    NotUtf8(Option<usize>),
+    #[error("not valid JSON: {0}")]
+    NotJson(String),
+    #[error("expected a JSON object with \"text\", \"class\" and \"sentiment\"")]
+    NotObject,
+    #[error("\"{field}\" must be {expected}, got {got}")]
+    FieldType {
+        field: &'static str,
+        expected: &'static str,
+        got: String,
+    },
+    #[error("the row has no text")]
+    NoText,
+    #[error("the row has neither a class nor a sentiment label")]
+    NoLabel,
+    #[error("cannot read the CSV header: {0}")]
+    CsvHeader(String),
+    #[error("the CSV header has no '{column}' column (found: {found}); the header must name text, class and sentiment")]
+    MissingColumn { column: &'static str, found: String },
+    #[error("malformed CSV: {0}")]
+    MalformedCsv(String),
+}
+
+type Result<T, E = DataError> = std::result::Result<T, E>;
+
+fn row(file: &str, line: usize, problem: RowProblem) -> DataError {
+    DataError::Row {
+        file: file.to_string(),
+        line,
+        problem,
+    }
+}
 
 /// The training set shipped with the tool (`data/multitask/train.jsonl`).
 pub const DEFAULT_TRAIN: &str = include_str!("../data/multitask/train.jsonl");
@@ -64,21 +135,24 @@ impl Dataset {
         let examples = match source {
             DataSource::BuiltIn(_, text) => parse_jsonl(text.as_bytes(), &name)?,
             DataSource::File(path) => {
-                let bytes = std::fs::read(path)
-                    .with_context(|| format!("{}: cannot read the file", path.display()))?;
+                let bytes = std::fs::read(path).map_err(|source| DataError::Read {
+                    file: name.clone(),
+                    source,
+                })?;
                 match extension(path).as_str() {
                     "jsonl" | "json" | "ndjson" => parse_jsonl(&bytes, &name)?,
                     "csv" => parse_csv(&bytes, &name)?,
-                    other => bail!(
-                        "{name}: unknown data format '.{other}'; use a .jsonl file (one \
-                         {{\"text\", \"class\", \"sentiment\"}} object per line) or a .csv file \
-                         with a text,class,sentiment header"
-                    ),
+                    other => {
+                        return Err(DataError::UnknownFormat {
+                            file: name,
+                            ext: other.to_string(),
+                        })
+                    }
                 }
             }
         };
         if examples.is_empty() {
-            bail!("{name}: the file has no rows");
+            return Err(DataError::NoRows { file: name });
         }
         Ok(Self { name, examples })
     }
@@ -105,15 +179,14 @@ impl Dataset {
                 let mut ids = [None, None];
                 for t in 0..2 {
                     if let Some(l) = &e.labels[t] {
-                        let id = labels[t].iter().position(|k| k == l).with_context(|| {
-                            format!(
-                                "{}, line {}: {} label '{l}' never occurs in the training data \
-                                 (known: {})",
-                                self.name,
-                                e.line,
-                                TASKS[t],
-                                labels[t].join(", ")
-                            )
+                        let id = labels[t].iter().position(|k| k == l).ok_or_else(|| {
+                            DataError::UnknownLabel {
+                                file: self.name.clone(),
+                                line: e.line,
+                                task: TASKS[t],
+                                label: l.clone(),
+                                known: labels[t].join(", "),
+                            }
                         })?;
                         ids[t] = Some(id as u32);
                     }
@@ -140,15 +213,21 @@ fn label_of(
     v: Option<&serde_json::Value>,
     name: &str,
     line: usize,
-    field: &str,
+    field: &'static str,
 ) -> Result<Option<String>> {
     match v {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) => Ok(non_empty(s)),
         Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(other) => {
-            bail!("{name}, line {line}: \"{field}\" must be a string or null, got {other}")
-        }
+        Some(other) => Err(row(
+            name,
+            line,
+            RowProblem::FieldType {
+                field,
+                expected: "a string or null",
+                got: other.to_string(),
+            },
+        )),
     }
 }
 
@@ -165,10 +244,10 @@ fn example(
     line: usize,
 ) -> Result<Example> {
     let Some(text) = text else {
-        bail!("{name}, line {line}: the row has no text");
+        return Err(row(name, line, RowProblem::NoText));
     };
     if labels.iter().all(Option::is_none) {
-        bail!("{name}, line {line}: the row has neither a class nor a sentiment label");
+        return Err(row(name, line, RowProblem::NoLabel));
     }
     Ok(Example { text, labels, line })
 }
@@ -178,24 +257,28 @@ fn parse_jsonl(bytes: &[u8], name: &str) -> Result<Vec<Example>> {
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = i + 1;
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        let text = std::str::from_utf8(raw).map_err(|e| {
-            anyhow::anyhow!(
-                "{name}, line {line}: not valid UTF-8 (bad byte at column {})",
-                e.valid_up_to() + 1
-            )
-        })?;
+        let text = std::str::from_utf8(raw)
+            .map_err(|e| row(name, line, RowProblem::NotUtf8(Some(e.valid_up_to() + 1))))?;
         if text.trim().is_empty() {
             continue;
         }
         let v: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| anyhow::anyhow!("{name}, line {line}: not valid JSON: {e}"))?;
+            .map_err(|e| row(name, line, RowProblem::NotJson(e.to_string())))?;
         let Some(obj) = v.as_object() else {
-            bail!("{name}, line {line}: expected a JSON object with \"text\", \"class\" and \"sentiment\"");
+            return Err(row(name, line, RowProblem::NotObject));
         };
         let text = match obj.get("text") {
             None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::String(s)) => non_empty(s).map(|_| s.clone()),
-            Some(other) => bail!("{name}, line {line}: \"text\" must be a string, got {other}"),
+            Some(other) => {
+                let got = other.to_string();
+                let problem = RowProblem::FieldType {
+                    field: "text",
+                    expected: "a string",
+                    got,
+                };
+                return Err(row(name, line, problem));
+            }
         };
         let labels = [
             label_of(obj.get(TASKS[0]), name, line, TASKS[0])?,
@@ -213,12 +296,12 @@ fn parse_csv(bytes: &[u8], name: &str) -> Result<Vec<Example>> {
             .filter(|&&b| b == b'\n')
             .count()
             + 1;
-        bail!("{name}, line {line}: not valid UTF-8");
+        return Err(row(name, line, RowProblem::NotUtf8(None)));
     }
     let mut reader = csv::ReaderBuilder::new().flexible(false).from_reader(bytes);
     let headers = reader
         .headers()
-        .with_context(|| format!("{name}, line 1: cannot read the CSV header"))?
+        .map_err(|e| row(name, 1, RowProblem::CsvHeader(e.to_string())))?
         .clone();
     let col = |c: &str| headers.iter().position(|h| h.trim() == c);
     let text_col = col("text");
@@ -229,18 +312,15 @@ fn parse_csv(bytes: &[u8], name: &str) -> Result<Vec<Example>> {
         (TASKS[1], label_cols[1]),
     ] {
         if present.is_none() {
-            bail!(
-                "{name}, line 1: the CSV header has no '{c}' column (found: {}); the header \
-                 must name text, class and sentiment",
-                headers.iter().collect::<Vec<_>>().join(", ")
-            );
+            let found = headers.iter().collect::<Vec<_>>().join(", ");
+            return Err(row(name, 1, RowProblem::MissingColumn { column: c, found }));
         }
     }
     let mut out = Vec::new();
     for record in reader.records() {
         let record = record.map_err(|e| {
-            let line = e.position().map(|p| p.line()).unwrap_or(0);
-            anyhow::anyhow!("{name}, line {line}: malformed CSV: {e}")
+            let line = e.position().map(|p| p.line() as usize).unwrap_or(0);
+            row(name, line, RowProblem::MalformedCsv(e.to_string()))
         })?;
         let line = record.position().map(|p| p.line() as usize).unwrap_or(0);
         if record.iter().all(|f| f.trim().is_empty()) {

@@ -119,7 +119,7 @@ impl<'a> Embedder<'a> {
             for v in &mut vectors {
                 if n > v.len() {
                     anyhow::bail!(
-                        "--truncate-dim {n} is larger than the {} dimensions",
+                        "cannot truncate the vectors to {n} dimensions: they have only {}",
                         v.len()
                     );
                 }

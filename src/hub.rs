@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -25,6 +25,71 @@ pub struct ModelRef {
 
 /// The default of [`ModelRef::hub_timeout`].
 pub const DEFAULT_HUB_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a model's files cannot be resolved. The messages say what went wrong where; they name
+/// no flags, so the CLI adds the advice that does ([`crate::cli::advice`]).
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("{id}: no such folder")]
+    NoSuchFolder { id: String },
+    #[error("model {model}: {file} not found in {searched}")]
+    MissingFile {
+        model: String,
+        file: String,
+        searched: String,
+        place: Place,
+    },
+    #[error(
+        "model {model}: {} only pytorch_model.bin in {searched}; fetch-ml reads \
+         model.safetensors. Convert the weights to safetensors first",
+        .module.as_ref().map(|m| format!("the Dense module {m} has")).unwrap_or_else(|| "found".into())
+    )]
+    PytorchOnly {
+        model: String,
+        searched: String,
+        module: Option<String>,
+    },
+    #[error("model {model}: neither tokenizer.json nor vocab.txt found in {searched}")]
+    NoTokenizer {
+        model: String,
+        searched: String,
+        place: Place,
+    },
+    #[error("cannot reach the Hugging Face hub at {endpoint} for {model} (revision {revision})")]
+    Unreachable {
+        model: String,
+        revision: String,
+        endpoint: String,
+        #[source]
+        source: anyhow::Error,
+    },
+    #[error("{what}: no answer from {endpoint} in {secs} s")]
+    Timeout {
+        what: String,
+        endpoint: String,
+        secs: f64,
+    },
+    #[error("{what}: the hub request stopped without an answer")]
+    Stopped { what: String },
+    #[error("downloading {file} of {model} failed")]
+    Download {
+        model: String,
+        file: String,
+        #[source]
+        source: anyhow::Error,
+    },
+}
+
+/// Where a model's files were looked for.
+#[derive(Debug, Clone)]
+pub enum Place {
+    /// A local folder.
+    Folder,
+    /// The local hub cache only (offline), at this path.
+    Cache(PathBuf),
+    /// The hub itself.
+    Hub,
+}
 
 impl ModelRef {
     pub fn new(id: impl Into<String>) -> Self {
@@ -90,8 +155,8 @@ trait Fetch {
     fn has(&self, name: &str) -> bool;
     /// Explains, for an error message, where a missing file was looked for.
     fn searched(&self) -> String;
-    /// How to fix a missing required file.
-    fn hint(&self) -> String;
+    /// The kind of place searched, for the advice on a missing file.
+    fn place(&self) -> Place;
 }
 
 struct LocalFolder(PathBuf);
@@ -107,8 +172,8 @@ impl Fetch for LocalFolder {
     fn searched(&self) -> String {
         format!("folder {}", self.0.display())
     }
-    fn hint(&self) -> String {
-        "copy the file into the folder, or pass a complete Hugging Face model folder".into()
+    fn place(&self) -> Place {
+        Place::Folder
     }
 }
 
@@ -166,12 +231,8 @@ impl Fetch for OfflineCache {
             ),
         }
     }
-    fn hint(&self) -> String {
-        format!(
-            "run once without --offline (and without HF_HUB_OFFLINE=1) to download it, set HF_HOME \
-             to the cache that holds it, or pass --model /path/to/folder; the cache searched is {}",
-            self.cache.path().display()
-        )
+    fn place(&self) -> Place {
+        Place::Cache(self.cache.path().clone())
     }
 }
 
@@ -218,9 +279,11 @@ impl Fetch for Online {
             repo.download_with_progress(&file, WatchedBar::new(activity))
                 .map_err(anyhow::Error::from)
         })
-        .context(
-            "the download failed; retry, or pass --model /path/to/folder with the model's files",
-        )?;
+        .map_err(|source| HubError::Download {
+            model: self.model.id.clone(),
+            file: name.to_string(),
+            source,
+        })?;
         Ok(Some(path))
     }
     fn searched(&self) -> String {
@@ -229,8 +292,8 @@ impl Fetch for Online {
             self.model.id, self.model.revision
         )
     }
-    fn hint(&self) -> String {
-        "check the model id; fetch-ml needs a BERT model with safetensors weights".into()
+    fn place(&self) -> Place {
+        Place::Hub
     }
 }
 
@@ -283,17 +346,21 @@ fn watched<T: Send + 'static>(
         let last = activity.last_ms.load(Ordering::Relaxed);
         let idle = Duration::from_millis(now_ms(start).saturating_sub(last));
         if idle >= limit {
-            bail!(
-                "{what}: no answer from {} in {} s (--hub-timeout sets the limit)",
-                endpoint(),
-                limit.as_secs_f64()
-            );
+            return Err(HubError::Timeout {
+                what: what.to_string(),
+                endpoint: endpoint(),
+                secs: limit.as_secs_f64(),
+            }
+            .into());
         }
         match rx.recv_timeout(limit - idle) {
             Ok(result) => return result,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                bail!("{what}: the hub request stopped without an answer")
+                return Err(HubError::Stopped {
+                    what: what.to_string(),
+                }
+                .into())
             }
         }
     }
@@ -351,11 +418,10 @@ pub fn resolve(model: &ModelRef) -> Result<ModelFiles> {
         return resolve_with(model, &LocalFolder(PathBuf::from(&model.id)));
     }
     if looks_like_path(&model.id) {
-        bail!(
-            "--model {}: no such folder. Pass an existing model folder, or a hub id such as \
-             bert-base-uncased",
-            model.id
-        );
+        return Err(HubError::NoSuchFolder {
+            id: model.id.clone(),
+        }
+        .into());
     }
     if model.offline {
         let fetch = OfflineCache {
@@ -383,13 +449,14 @@ pub fn resolve(model: &ModelRef) -> Result<ModelFiles> {
     let info = watched(model, &what, move |_| {
         repo.info().map_err(anyhow::Error::from)
     })
-    .with_context(|| {
-        format!(
-            "cannot reach the Hugging Face hub for {} (revision {}). If the model is already \
-                 in the cache, pass --offline (or set HF_HUB_OFFLINE=1); otherwise pass --model \
-                 /path/to/folder (no local folder named {} exists)",
-            model.id, model.revision, model.id
-        )
+    .map_err(|source| match source.downcast::<HubError>() {
+        Ok(e) => e,
+        Err(source) => HubError::Unreachable {
+            model: model.id.clone(),
+            revision: model.revision.clone(),
+            endpoint: endpoint(),
+            source,
+        },
     })?;
     let files = info.siblings.into_iter().map(|s| s.rfilename).collect();
     resolve_with(
@@ -409,24 +476,27 @@ fn looks_like_path(id: &str) -> bool {
 
 fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
     let required = |name: &str| -> Result<PathBuf> {
-        fetch.fetch(name)?.with_context(|| {
-            format!(
-                "model {}: {name} not found in {}. To fix: {}",
-                model.id,
-                fetch.searched(),
-                fetch.hint()
-            )
+        fetch.fetch(name)?.ok_or_else(|| {
+            HubError::MissingFile {
+                model: model.id.clone(),
+                file: name.to_string(),
+                searched: fetch.searched(),
+                place: fetch.place(),
+            }
+            .into()
         })
     };
     let config = required("config.json")?;
     let weights = match fetch.fetch("model.safetensors")? {
         Some(p) => p,
-        None if fetch.has("pytorch_model.bin") => bail!(
-            "model {}: only pytorch_model.bin was found in {}; fetch-ml reads model.safetensors. \
-             Convert the weights to safetensors first",
-            model.id,
-            fetch.searched()
-        ),
+        None if fetch.has("pytorch_model.bin") => {
+            return Err(HubError::PytorchOnly {
+                model: model.id.clone(),
+                searched: fetch.searched(),
+                module: None,
+            }
+            .into())
+        }
         None => required("model.safetensors")?,
     };
     let tokenizer = match fetch.fetch("tokenizer.json")? {
@@ -436,12 +506,14 @@ fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
                 vocab,
                 tokenizer_config: fetch.fetch("tokenizer_config.json")?,
             },
-            None => bail!(
-                "model {}: neither tokenizer.json nor vocab.txt found in {}. To fix: {}",
-                model.id,
-                fetch.searched(),
-                fetch.hint()
-            ),
+            None => {
+                return Err(HubError::NoTokenizer {
+                    model: model.id.clone(),
+                    searched: fetch.searched(),
+                    place: fetch.place(),
+                }
+                .into())
+            }
         },
     };
     let modules = fetch.fetch("modules.json")?;
@@ -459,11 +531,14 @@ fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
             let config = required(&format!("{dir}/config.json"))?;
             let weights = match fetch.fetch(&format!("{dir}/model.safetensors"))? {
                 Some(p) => p,
-                None if fetch.has(&format!("{dir}/pytorch_model.bin")) => bail!(
-                    "model {}: the Dense module {dir} has only pytorch_model.bin; fetch-ml reads \
-                     model.safetensors. Convert it to safetensors first",
-                    model.id
-                ),
+                None if fetch.has(&format!("{dir}/pytorch_model.bin")) => {
+                    return Err(HubError::PytorchOnly {
+                        model: model.id.clone(),
+                        searched: fetch.searched(),
+                        module: Some(dir),
+                    }
+                    .into())
+                }
                 None => required(&format!("{dir}/model.safetensors"))?,
             };
             dense.push(DenseFiles { config, weights });

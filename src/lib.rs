@@ -2,6 +2,7 @@
 //!
 //! The binary is thin: [`cli`] turns flags into a [`config::Command`], and [`run`] does it.
 
+pub mod advice;
 pub mod alloc;
 pub mod cli;
 pub mod columnar;

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::Device;
 
 use crate::hub::{self, ModelFiles, ModelRef};
@@ -15,6 +15,31 @@ use crate::model::quant::Dtype;
 use crate::model::weights::{ParamRegistry, ParamSource, TrainablePredicate, WeightFile};
 use crate::pipeline::Pipeline;
 use crate::tokenize::TextTokenizer;
+
+/// A setting the model cannot take. The messages name no flags; the CLI adds them.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "a maximum sequence length of {asked} is larger than the model's limit of {limit} \
+         positions (max_position_embeddings in {config}{offset})"
+    )]
+    SeqLengthOverLimit {
+        asked: usize,
+        limit: usize,
+        config: String,
+        /// How the architecture's position offset lowers the limit, or "".
+        offset: String,
+    },
+    #[error(
+        "a maximum sequence length of {asked} leaves no room for [CLS] and [SEP]; use 2 or more"
+    )]
+    SeqLengthTooShort { asked: usize },
+    #[error(
+        "max_seq_length {asked} in the model's sentence_bert_config.json leaves no room for \
+         [CLS] and [SEP]; fix the file or give a maximum sequence length of 2 or more"
+    )]
+    ModelSeqLengthTooShort { asked: usize },
+}
 
 /// A model's files, read and checked, ready to build an encoder from.
 pub struct ModelAssets {
@@ -43,27 +68,27 @@ impl ModelAssets {
         let pipeline = Pipeline::from_files(&files)?;
         let limit = config.max_tokens();
         let max_len = match max_seq_length {
-            Some(n) if n > limit => bail!(
-                "--max-seq-length {n} is larger than the model's limit of {limit} positions \
-                 (max_position_embeddings in {}{})",
-                files.config.display(),
-                match config.position_offset() {
-                    0 => String::new(),
-                    o => format!(
-                        ", less the {o} that {} positions start at",
-                        config.arch.name()
-                    ),
+            Some(n) if n > limit => {
+                return Err(LoadError::SeqLengthOverLimit {
+                    asked: n,
+                    limit,
+                    config: files.config.display().to_string(),
+                    offset: match config.position_offset() {
+                        0 => String::new(),
+                        o => format!(
+                            ", less the {o} that {} positions start at",
+                            config.arch.name()
+                        ),
+                    },
                 }
-            ),
-            Some(n) if n < 2 => {
-                bail!("--max-seq-length {n} leaves no room for [CLS] and [SEP]; use 2 or more")
+                .into())
             }
+            Some(n) if n < 2 => return Err(LoadError::SeqLengthTooShort { asked: n }.into()),
             Some(n) => n,
             None => match pipeline.max_seq_length {
-                Some(n) if n < 2 => bail!(
-                    "max_seq_length {n} in the model's sentence_bert_config.json leaves no room \
-                     for [CLS] and [SEP]; fix the file or pass --max-seq-length"
-                ),
+                Some(n) if n < 2 => {
+                    return Err(LoadError::ModelSeqLengthTooShort { asked: n }.into())
+                }
                 Some(n) => n.min(limit),
                 None => limit,
             },

@@ -23,6 +23,9 @@ fn main() -> ExitCode {
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            for line in fetch_ml::advice::advice(&e) {
+                eprintln!("to fix: {line}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -306,14 +306,13 @@ impl Pipeline {
             (Some(p), _) => Some(p.to_string()),
             (None, Some(name)) => match self.prompts.get(name) {
                 Some(p) => Some(p.clone()),
-                None if self.prompts.is_empty() => bail!(
-                    "--prompt-name {name}: the model has no named prompts \
-                     (config_sentence_transformers.json); pass the text with --prompt"
-                ),
-                None => bail!(
-                    "--prompt-name {name}: the model's prompts are {}",
-                    self.prompts.keys().cloned().collect::<Vec<_>>().join(", ")
-                ),
+                None => {
+                    return Err(UnknownPrompt {
+                        name: name.to_string(),
+                        known: self.prompts.keys().cloned().collect(),
+                    }
+                    .into())
+                }
             },
             (None, None) => self
                 .default_prompt_name
@@ -329,6 +328,21 @@ impl Pipeline {
         }
         Ok(text)
     }
+}
+
+/// A prompt asked for by a name the model's `config_sentence_transformers.json` lacks.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no prompt named {name:?}: {}",
+    if known.is_empty() {
+        "the model has no named prompts (config_sentence_transformers.json)".to_string()
+    } else {
+        format!("the model's prompts are {}", known.join(", "))
+    }
+)]
+pub struct UnknownPrompt {
+    pub name: String,
+    pub known: Vec<String>,
 }
 
 /// The pooling of sentence-transformers 5+'s `pooling_mode` (a name, or a list of one).

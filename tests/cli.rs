@@ -512,7 +512,14 @@ fn freeze_layers_out_of_range_gives_the_count() {
     let o = run(fetch_ml()
         .args(["--task=2", "--freeze-layers", "4", "--model"])
         .arg(&model));
-    fails_with(&o, &["--freeze-layers 4", "only 3 encoder layers"]);
+    fails_with(
+        &o,
+        &[
+            "4 frozen layers",
+            "only 3 encoder layers",
+            "to fix: pass --freeze-layers between 0 and 3",
+        ],
+    );
 }
 
 #[test]

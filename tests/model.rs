@@ -347,7 +347,10 @@ fn max_seq_length_above_the_model_limit_is_an_error() {
         &ModelRef::new(path.to_str().unwrap()),
         Some(65),
     ));
-    assert!(e.contains("--max-seq-length 65") && e.contains("64"), "{e}");
+    assert!(
+        e.contains("length of 65") && e.contains("64") && !e.contains("--"),
+        "{e}"
+    );
 }
 
 /// Ids the model does not know are an error from the fast path, not an out-of-bounds panic

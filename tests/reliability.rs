@@ -390,7 +390,10 @@ fn weights_changed_in_place_invalidate_checkpoints() {
         .arg(&ck)
         .arg("--model")
         .arg(&t.model));
-    fails_with(&o, &["other weights", "fingerprint"]);
+    fails_with(
+        &o,
+        &["other weights", "fingerprint", "to fix: pass --model"],
+    );
 }
 
 /// A model folder whose pre-tokenizer has a catastrophic regex.
@@ -935,4 +938,19 @@ fn a_checkpoint_of_a_relative_model_path_loads_from_another_folder() {
         "--checkpoint",
         ".",
     ])));
+}
+
+/// A checkpoint whose base model is gone names the checkpoint as where the model came from,
+/// not a `--model` flag the user never passed.
+#[test]
+fn a_missing_base_model_is_named_as_the_checkpoints() {
+    let t = toy(&TinyBert::default());
+    let ck = t.dir.path().join("ck");
+    ok(&run(train_cmd(&t, &ck).args(["--freeze", "encoder"])));
+    std::fs::rename(&t.model, t.dir.path().join("moved")).unwrap();
+    let o = run(fetch_ml()
+        .args(["--task=2", "-s", "hi", "--checkpoint"])
+        .arg(&ck));
+    fails_with(&o, &["the checkpoint's base model", "no such folder"]);
+    assert!(!stderr(&o).starts_with("error: --model"), "{}", stderr(&o));
 }

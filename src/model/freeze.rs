@@ -3,8 +3,27 @@
 //! The frozen part of the encoder is always a prefix (the embeddings, then the first N
 //! layers): the forward pass runs it without gradients and cuts the graph after it.
 
-use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+
+/// A freeze request that cannot be met. The messages name no flags; the CLI adds them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FreezeError {
+    #[error("unknown part '{0}'; expected one of {names}", names = FreezePart::NAMES)]
+    UnknownPart(String),
+    #[error(
+        "unknown scenario '{0}'; expected none, encoder, class-head, sentiment-head, layers or all"
+    )]
+    UnknownScenario(String),
+    #[error(
+        "{asked} frozen layers asked for, but the model has only {layers} encoder layers \
+         (use 0 to {layers})"
+    )]
+    TooManyLayers { asked: usize, layers: usize },
+    #[error("freezing none cannot be combined with other parts")]
+    NoneWithOthers,
+}
+
+type Result<T, E = FreezeError> = std::result::Result<T, E>;
 
 /// A part named by `--freeze`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,10 +47,7 @@ impl FreezePart {
             "encoder" | "backbone" => FreezePart::Encoder,
             "class-head" | "head-a" => FreezePart::ClassHead,
             "sentiment-head" | "head-b" => FreezePart::SentimentHead,
-            other => bail!(
-                "--freeze: unknown part '{other}'; expected one of {}",
-                Self::NAMES
-            ),
+            other => return Err(FreezeError::UnknownPart(other.to_string())),
         })
     }
 }
@@ -56,7 +72,10 @@ impl FreezePlan {
         let mut plan = FreezePlan::default();
         if let Some(n) = freeze_layers {
             if n > num_layers {
-                bail!("--freeze-layers {n}: the model has only {num_layers} encoder layers (use 0 to {num_layers})");
+                return Err(FreezeError::TooManyLayers {
+                    asked: n,
+                    layers: num_layers,
+                });
             }
             plan.encoder_prefix = Some(n);
         }
@@ -74,7 +93,7 @@ impl FreezePlan {
             }
         }
         if parts.contains(&FreezePart::None) && parts.len() > 1 {
-            bail!("--freeze none cannot be combined with other parts");
+            return Err(FreezeError::NoneWithOthers);
         }
         Ok(plan)
     }
@@ -173,10 +192,7 @@ impl Scenario {
             "sentiment-head" | "head-b" => Scenario::SentimentHead,
             "layers" => Scenario::Layers,
             "all" => Scenario::All,
-            other => bail!(
-                "--scenarios: unknown scenario '{other}'; expected none, encoder, class-head, \
-                 sentiment-head, layers or all"
-            ),
+            other => return Err(FreezeError::UnknownScenario(other.to_string())),
         })
     }
 
@@ -261,7 +277,7 @@ mod tests {
     fn out_of_range_layers_give_the_count() {
         let e = FreezePlan::new(&[], Some(7), 6).unwrap_err().to_string();
         assert!(
-            e.contains("--freeze-layers 7") && e.contains("only 6"),
+            e.contains("7 frozen layers") && e.contains("only 6") && !e.contains("--"),
             "{e}"
         );
         let e = FreezePlan::new(&[FreezePart::None, FreezePart::Encoder], None, 6)

@@ -21,6 +21,14 @@ use super::quant::Dtype;
 use super::weights::{ParamRegistry, ParamSource, TrainablePredicate, WeightFile};
 use crate::tokenize::{Batch, Encoded};
 
+/// An inference arithmetic other than f32 asked of an encoder that trains.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{0} arithmetic applies to an encoder that does not train (a frozen encoder, or predicting \
+     with a checkpoint); a trainable encoder trains and is evaluated in f32"
+)]
+pub struct TrainableDtype(pub Dtype);
+
 /// The shape of the two heads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeadsSpec {
@@ -146,11 +154,7 @@ impl MultiTaskModel {
         }
         let layers = self.encoder.layers.len();
         if !self.plan.encoder_frozen(layers) {
-            anyhow::bail!(
-                "--dtype {dtype} applies to an encoder that does not train (--freeze encoder, or \
-                 predicting with --checkpoint); a trainable encoder trains and is evaluated in \
-                 f32. Drop --dtype or freeze the encoder"
-            );
+            return Err(TrainableDtype(dtype).into());
         }
         let fast = FastEncoder::from_encoder(&self.encoder, dtype)?;
         eprintln!(

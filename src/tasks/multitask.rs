@@ -161,7 +161,17 @@ fn run_checkpoint(cfg: &MultitaskConfig, dir: &std::path::Path) -> Result<()> {
         }
     };
     let max_len = cfg.train.max_seq_length.or(Some(base.max_seq_length));
-    let assets = ModelAssets::load(&model_ref, max_len)?;
+    let assets = ModelAssets::load(&model_ref, max_len).with_context(|| {
+        if cfg.train.model_given {
+            format!("--model {}", model_ref.id)
+        } else {
+            format!(
+                "loading the checkpoint's base model {} (saved in {}; --model picks another)",
+                model_ref.id,
+                dir.join("checkpoint.json").display()
+            )
+        }
+    })?;
     let model = ckpt
         .model(&assets, &Device::Cpu)?
         .with_dtype(cfg.train.dtype)?;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +18,51 @@ use crate::train::save_target::{self, SaveTarget};
 pub use crate::train::save_target::{FORMAT, META_FILE, METRICS_FILE, WEIGHTS_FILE};
 
 const VERSION: u32 = 1;
+
+/// Why a checkpoint cannot be used. The messages name no flags; the CLI adds them.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{dir}: cannot read {META_FILE}; is this a fetch-ml checkpoint folder?")]
+    NotACheckpoint {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: format {format} version {version} is not one this fetch-ml reads ({FORMAT} version {VERSION})")]
+    Version {
+        path: String,
+        format: String,
+        version: u32,
+    },
+    #[error(
+        "{path}: the label lists (heads.labels) are not the ones the weights were trained with \
+         ({saved}); restore the file, or train again"
+    )]
+    LabelsEdited { path: String, saved: String },
+    #[error(
+        "the checkpoint in {dir} was trained on {} (hidden size {}, {} layers, vocabulary {}), but \
+         the model given is {} (hidden size {}, {} layers, vocabulary {})",
+        want.id, want.hidden_size, want.num_layers, want.vocab_size,
+        got.id, got.hidden_size, got.num_layers, got.vocab_size
+    )]
+    BaseShape {
+        dir: String,
+        want: Box<BaseModel>,
+        got: Box<BaseModel>,
+    },
+    #[error(
+        "the checkpoint in {dir} was trained on {} (weights fingerprint {}), but {} has other \
+         weights (fingerprint {})",
+        want.id, want.fingerprint, got.id, got.fingerprint
+    )]
+    BaseWeights {
+        dir: String,
+        want: Box<BaseModel>,
+        got: Box<BaseModel>,
+    },
+    #[error("{path}: tensor {name} is listed as trained in {META_FILE} but missing from the file")]
+    MissingTensor { path: String, name: String },
+}
 /// A u8 tensor in `model.safetensors` holding the heads' label lists as JSON, so that an edit
 /// of the lists in `checkpoint.json` (which would silently relabel predictions) is caught.
 pub const LABELS_TENSOR: &str = "heads.labels_json";
@@ -151,33 +196,32 @@ impl Checkpoint {
     pub fn load(dir: &Path) -> Result<Self> {
         save_target::recover(dir)?;
         let meta_path = dir.join(META_FILE);
-        let text = std::fs::read_to_string(&meta_path).with_context(|| {
-            format!(
-                "--checkpoint {}: cannot read {META_FILE}; is this a fetch-ml checkpoint folder?",
-                dir.display()
-            )
+        let text = std::fs::read_to_string(&meta_path).map_err(|source| {
+            CheckpointError::NotACheckpoint {
+                dir: dir.display().to_string(),
+                source,
+            }
         })?;
         let meta: CheckpointMeta = serde_json::from_str(&text)
             .with_context(|| format!("parsing {}", meta_path.display()))?;
         if meta.format != FORMAT || meta.version != VERSION {
-            bail!(
-                "{}: format {} version {} is not one this fetch-ml reads ({FORMAT} version {VERSION})",
-                meta_path.display(),
-                meta.format,
-                meta.version
-            );
+            return Err(CheckpointError::Version {
+                path: meta_path.display().to_string(),
+                format: meta.format,
+                version: meta.version,
+            }
+            .into());
         }
         let weights = Arc::new(WeightFile::open(&dir.join(WEIGHTS_FILE))?);
         // Checkpoints before the label tensor have none; theirs cannot be checked.
         if let Some(saved) = weights.raw_bytes(LABELS_TENSOR)? {
             let listed = serde_json::to_vec(&meta.heads.labels)?;
             if saved != listed {
-                bail!(
-                    "{}: the label lists (heads.labels) are not the ones the weights were trained \
-                     with ({}); restore the file, or train again",
-                    meta_path.display(),
-                    String::from_utf8_lossy(&saved)
-                );
+                return Err(CheckpointError::LabelsEdited {
+                    path: meta_path.display().to_string(),
+                    saved: String::from_utf8_lossy(&saved).into_owned(),
+                }
+                .into());
             }
         }
         Ok(Self {
@@ -193,14 +237,12 @@ impl Checkpoint {
         let got = base_model(assets)?;
         let dims = |b: &BaseModel| (b.hidden_size, b.num_layers, b.vocab_size);
         if dims(want) != dims(&got) {
-            bail!(
-                "the checkpoint in {} was trained on {} (hidden size {}, {} layers, vocabulary {}), \
-                 but the model given is {} (hidden size {}, {} layers, vocabulary {}); pass --model {}",
-                self.dir.display(),
-                want.id, want.hidden_size, want.num_layers, want.vocab_size,
-                got.id, got.hidden_size, got.num_layers, got.vocab_size,
-                want.id
-            );
+            return Err(CheckpointError::BaseShape {
+                dir: self.dir.display().to_string(),
+                want: Box::new(want.clone()),
+                got: Box::new(got),
+            }
+            .into());
         }
         let got_fingerprint = if want.fingerprint.starts_with(FINGERPRINT_PREFIX) {
             got.fingerprint.clone()
@@ -213,15 +255,12 @@ impl Checkpoint {
             assets.weights.legacy_fingerprint()?
         };
         if want.fingerprint != got_fingerprint {
-            bail!(
-                "the checkpoint in {} was trained on {} (weights fingerprint {}), but {} has other \
-                 weights (fingerprint {}); pass the base model it was trained on",
-                self.dir.display(),
-                want.id,
-                want.fingerprint,
-                got.id,
-                got.fingerprint
-            );
+            return Err(CheckpointError::BaseWeights {
+                dir: self.dir.display().to_string(),
+                want: Box::new(want.clone()),
+                got: Box::new(got),
+            }
+            .into());
         }
         Ok(())
     }
@@ -232,10 +271,11 @@ impl Checkpoint {
         let stored: std::collections::HashSet<String> = self.weights.names().into_iter().collect();
         for name in &self.meta.trained_encoder_tensors {
             if !stored.contains(name) {
-                bail!(
-                    "{}: tensor {name} is listed as trained in {META_FILE} but missing from the file",
-                    self.weights.path().display()
-                );
+                return Err(CheckpointError::MissingTensor {
+                    path: self.weights.path().display().to_string(),
+                    name: name.clone(),
+                }
+                .into());
             }
         }
         let num_layers = assets.config.num_hidden_layers;

@@ -68,7 +68,7 @@ impl EmbeddingCache {
     pub fn open(dir: &Path, key: CacheKey) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| {
             format!(
-                "--embedding-cache {}: cannot create the folder",
+                "{}: cannot create the embedding cache folder",
                 dir.display()
             )
         })?;

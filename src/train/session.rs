@@ -75,10 +75,7 @@ impl Setup {
         let eval = cfg.eval_file.as_ref().map(Dataset::load).transpose()?;
         let s = &cfg.settings;
         if eval.is_none() && (s.eval_every.is_some() || s.keep_best.is_some()) {
-            bail!(
-                "--eval-every and --keep-best evaluate during training: pass --eval-file with \
-                 --train-file"
-            );
+            bail!("evaluating during training needs an evaluation set, and this run has none");
         }
         let labels = train.label_sets();
         for t in 0..2 {

@@ -313,7 +313,10 @@ fn divergence_stops_and_keeps_the_old_checkpoint() {
         .arg(&t.train)
         .arg("--save")
         .arg(&dir));
-    fails_with(&o, &["diverged", "Nothing was saved"]);
+    fails_with(
+        &o,
+        &["diverged", "Nothing was saved", "to fix: try a lower --lr"],
+    );
     assert_eq!(
         std::fs::read(dir.join("model.safetensors")).unwrap(),
         before

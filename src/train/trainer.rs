@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -95,6 +95,21 @@ impl Default for TrainSettings {
 }
 
 pub use super::prepared::Prepared;
+
+/// The loss stopped being a finite number: training stops before anything is saved.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "training diverged at epoch {epoch}, step {step}: the loss is {loss} (class {}, sentiment {}). \
+     Nothing was saved",
+    heads[0],
+    heads[1]
+)]
+pub struct Diverged {
+    pub epoch: usize,
+    pub step: usize,
+    pub loss: f64,
+    pub heads: [f64; 2],
+}
 
 /// What one epoch did.
 #[derive(Debug, Clone, Serialize)]
@@ -494,14 +509,16 @@ impl<'a> Trainer<'a> {
         out.heads[0].1 = denom[0];
         out.heads[1].1 = denom[1];
         if !out.total.is_finite() {
-            bail!(
-                "training diverged at epoch {epoch}, step {}: the loss is {} (class {}, \
-                 sentiment {}). Nothing was saved; try a lower --lr or --head-lr",
-                self.step + 1,
-                out.total,
-                out.heads[0].0 / out.heads[0].1.max(1e-12),
-                out.heads[1].0 / out.heads[1].1.max(1e-12),
-            );
+            return Err(Diverged {
+                epoch,
+                step: self.step + 1,
+                loss: out.total,
+                heads: [
+                    out.heads[0].0 / out.heads[0].1.max(1e-12),
+                    out.heads[1].0 / out.heads[1].1.max(1e-12),
+                ],
+            }
+            .into());
         }
         let mut grads = grads.expect("at least one micro-batch");
         clip_all_gradients(&mut grads, &self.vars, sparse.as_mut(), s.max_grad_norm)?;

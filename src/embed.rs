@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::model::bert::BertEncoder;
 use crate::model::fast::{FastEncoder, Workspace};
-use crate::model::pooling::Pooling;
+use crate::model::pooling::{normalize_l2, Pooling};
 use crate::pipeline::DenseLayer;
 use crate::tokenize::{length_sorted_batches, Encoded, TextTokenizer};
 
@@ -127,10 +127,7 @@ impl<'a> Embedder<'a> {
             }
         }
         if self.normalize {
-            for v in &mut vectors {
-                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-                v.iter_mut().for_each(|x| *x /= norm);
-            }
+            vectors.iter_mut().for_each(|v| normalize_l2(v));
         }
         Ok(vectors)
     }

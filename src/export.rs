@@ -216,10 +216,7 @@ fn write_folder(
             shape: p.tensor.dims().to_vec(),
             data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         };
-        if HEAD_NAMES
-            .iter()
-            .any(|h| p.name.starts_with(&format!("{h}.")))
-        {
+        if crate::model::names::is_head(&p.name) {
             heads.insert(p.name, t);
         } else {
             encoder.insert(p.name, t);

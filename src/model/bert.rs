@@ -518,7 +518,7 @@ impl BertEncoder {
     pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
         let embeddings = BertEmbeddings::load(vb.pp("embeddings"), cfg)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| BertLayer::load(vb.pp(format!("encoder.layer.{i}")), cfg))
+            .map(|i| BertLayer::load(vb.pp(super::names::layer_prefix(i)), cfg))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embeddings,

@@ -371,41 +371,9 @@ impl BertEncoder {
         Ok((0..seqs.len())
             .map(|s| {
                 let rows = &x[offs[s] * h..offs[s + 1] * h];
-                let n = offs[s + 1] - offs[s];
-                pool_rows(rows, n, h, pooling)
+                pooling.pool_rows(rows, h)
             })
             .collect())
-    }
-}
-
-/// Pools `n` rows of width `h`.
-fn pool_rows(rows: &[f32], n: usize, h: usize, pooling: Pooling) -> Vec<f32> {
-    match pooling {
-        Pooling::Cls => rows[..h].to_vec(),
-        Pooling::Max => {
-            let mut out = vec![f32::NEG_INFINITY; h];
-            for r in rows.chunks(h) {
-                for (o, v) in out.iter_mut().zip(r) {
-                    *o = o.max(*v);
-                }
-            }
-            out
-        }
-        Pooling::Mean | Pooling::MeanSqrtLen => {
-            let mut out = vec![0f32; h];
-            for r in rows.chunks(h) {
-                for (o, v) in out.iter_mut().zip(r) {
-                    *o += *v;
-                }
-            }
-            let denom = if pooling == Pooling::Mean {
-                n as f32
-            } else {
-                (n as f32).sqrt()
-            };
-            out.iter_mut().for_each(|v| *v /= denom.max(1e-9));
-            out
-        }
     }
 }
 
@@ -641,7 +609,7 @@ impl FastEncoder {
             bail!("fast path: a {dtype} encoder without quantized layers")
         };
         for i in 0..cfg.num_hidden_layers {
-            let layer = BertLayer::load(vb.pp(format!("encoder.layer.{i}")), cfg)?;
+            let layer = BertLayer::load(vb.pp(super::names::layer_prefix(i)), cfg)?;
             q.layers.push(QuantLayer::new(&layer, dtype)?);
         }
         Ok(fast)
@@ -694,7 +662,7 @@ impl FastEncoder {
         Ok((0..seqs.len())
             .map(|s| {
                 let rows = &x[offs[s] * h..offs[s + 1] * h];
-                pool_rows(rows, offs[s + 1] - offs[s], h, pooling)
+                pooling.pool_rows(rows, h)
             })
             .collect())
     }

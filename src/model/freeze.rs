@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::names::Part;
+
 /// A freeze request that cannot be met. The messages name no flags; the CLI adds them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FreezeError {
@@ -115,21 +117,19 @@ impl FreezePlan {
 
     /// Whether the parameter called `name` trains under this plan.
     pub fn is_trainable(&self, name: &str) -> bool {
-        if name.starts_with("class_head.") {
-            return !self.class_head;
-        }
-        if name.starts_with("sentiment_head.") {
-            return !self.sentiment_head;
+        let part = Part::of(name);
+        match part {
+            Part::Head(0) => return !self.class_head,
+            Part::Head(_) => return !self.sentiment_head,
+            _ => {}
         }
         let Some(n) = self.encoder_prefix else {
             return true;
         };
-        if name.starts_with("embeddings.") {
-            return false;
-        }
-        match layer_index(name) {
-            Some(i) => i >= n,
-            None => true,
+        match part {
+            Part::Embeddings => false,
+            Part::Layer(i) => i >= n,
+            _ => true,
         }
     }
 
@@ -220,15 +220,6 @@ impl Scenario {
         };
         FreezePlan::new(parts, n, num_layers)
     }
-}
-
-/// The layer index of an encoder parameter name (`encoder.layer.{i}.…`).
-pub fn layer_index(name: &str) -> Option<usize> {
-    name.strip_prefix("encoder.layer.")?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
 }
 
 #[cfg(test)]

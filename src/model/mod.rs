@@ -10,6 +10,7 @@ pub mod freeze;
 pub mod gemm;
 pub mod kernels;
 pub mod multitask;
+pub mod names;
 pub mod ops;
 pub mod pooling;
 pub mod quant;

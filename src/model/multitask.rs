@@ -40,8 +40,7 @@ pub struct HeadsSpec {
     pub labels: [Vec<String>; 2],
 }
 
-/// Names of the heads' parameter prefixes, in task order.
-pub const HEAD_NAMES: [&str; 2] = ["class_head", "sentiment_head"];
+pub use super::names::HEAD_NAMES;
 
 /// Two fully connected layers with ReLU and dropout between them.
 pub struct Head {
@@ -259,7 +258,7 @@ impl MultiTaskModel {
         let x = self
             .encoder
             .forward_layers(&x, &mask, frozen..layers, train)?;
-        Ok(batch.mean_matrix(x.device())?.matmul(&x)?)
+        Ok(self.pooling.forward_packed(&x, batch)?)
     }
 
     /// Logits of both heads for a packed batch.

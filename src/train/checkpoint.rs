@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::loader::ModelAssets;
 use crate::model::freeze::FreezePlan;
-use crate::model::multitask::{HeadInit, HeadsSpec, MultiTaskModel, HEAD_NAMES};
+use crate::model::multitask::{HeadInit, HeadsSpec, MultiTaskModel};
+use crate::model::names::is_head;
 use crate::model::weights::{WeightFile, FINGERPRINT_PREFIX};
 use crate::train::save_target::{self, SaveTarget};
 pub use crate::train::save_target::{FORMAT, META_FILE, METRICS_FILE, WEIGHTS_FILE};
@@ -119,10 +120,6 @@ impl CheckpointMeta {
             metrics,
         }
     }
-}
-
-fn is_head(name: &str) -> bool {
-    HEAD_NAMES.iter().any(|h| name.starts_with(h))
 }
 
 /// What a checkpoint stores: every head tensor, and every trainable encoder tensor.

@@ -21,7 +21,8 @@ use super::metrics::{HeadMetrics, Metric};
 use super::sparse::{LazyAdamW, SparseGrad};
 use crate::model::batch::PackedBatch;
 use crate::model::dropout::Dropout;
-use crate::model::multitask::{MultiTaskModel, HEAD_NAMES};
+use crate::model::multitask::MultiTaskModel;
+use crate::model::names::{is_head, WORD_EMBEDDINGS};
 use crate::output::progress_bar;
 use crate::tokenize::Encoded;
 
@@ -196,15 +197,12 @@ pub fn lr_factor(step: usize, warmup: usize, total: usize) -> f64 {
     }
 }
 
-/// The word embeddings' parameter name.
-const WORD_EMBEDDINGS: &str = "embeddings.word_embeddings.weight";
-
 /// Splits the trainable variables into encoder and head groups.
 fn var_groups(model: &MultiTaskModel) -> (Vec<Var>, Vec<Var>) {
     let (mut enc, mut heads) = (Vec::new(), Vec::new());
     for p in model.registry.params() {
         if let Some(v) = p.var {
-            if HEAD_NAMES.iter().any(|h| p.name.starts_with(h)) {
+            if is_head(&p.name) {
                 heads.push(v);
             } else {
                 enc.push(v);

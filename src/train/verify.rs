@@ -5,22 +5,12 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::model::freeze::layer_index;
 use crate::model::multitask::MultiTaskModel;
+use crate::model::names::Part;
 
 /// The part of the model a parameter belongs to, for reports.
 pub fn part_of(name: &str) -> String {
-    if name.starts_with("embeddings.") {
-        "embeddings".into()
-    } else if let Some(i) = layer_index(name) {
-        format!("layer {i}")
-    } else if name.starts_with("class_head.") {
-        "class head".into()
-    } else if name.starts_with("sentiment_head.") {
-        "sentiment head".into()
-    } else {
-        "other".into()
-    }
+    Part::of(name).to_string()
 }
 
 /// Trainable and frozen parameter counts of one part.

@@ -6,8 +6,7 @@ use std::sync::Mutex;
 
 use anyhow::Result;
 
-use crate::model::bert::BertEncoder;
-use crate::model::fast::{FastEncoder, Workspace};
+use crate::model::fast::{PackedEncoder, Workspace};
 use crate::model::pooling::{normalize_l2, Pooling};
 use crate::pipeline::DenseLayer;
 use crate::tokenize::{length_sorted_batches, Encoded, TextTokenizer};
@@ -21,16 +20,9 @@ pub struct Embedding {
     pub truncated: bool,
 }
 
-/// The encoder an [`Embedder`] runs: the float32 one, or one in a chosen dtype.
-#[derive(Clone, Copy)]
-pub enum EncoderRef<'a> {
-    Bert(&'a BertEncoder),
-    Fast(&'a FastEncoder),
-}
-
 /// Embeds sentences with a frozen encoder.
 pub struct Embedder<'a> {
-    pub encoder: EncoderRef<'a>,
+    pub encoder: &'a dyn PackedEncoder,
     pub tokenizer: &'a TextTokenizer,
     pub pooling: Pooling,
     pub normalize: bool,
@@ -48,41 +40,10 @@ pub struct Embedder<'a> {
 }
 
 impl<'a> Embedder<'a> {
+    /// An embedder over `encoder`: the float32 [`crate::model::bert::BertEncoder`] or a
+    /// [`crate::model::fast::FastEncoder`] in a chosen dtype.
     pub fn new(
-        encoder: &'a BertEncoder,
-        tokenizer: &'a TextTokenizer,
-        pooling: Pooling,
-        normalize: bool,
-        batch_size: usize,
-    ) -> Self {
-        Self::with_encoder(
-            EncoderRef::Bert(encoder),
-            tokenizer,
-            pooling,
-            normalize,
-            batch_size,
-        )
-    }
-
-    /// As [`Embedder::new`], with an encoder in a chosen dtype ([`FastEncoder`]).
-    pub fn with_fast(
-        encoder: &'a FastEncoder,
-        tokenizer: &'a TextTokenizer,
-        pooling: Pooling,
-        normalize: bool,
-        batch_size: usize,
-    ) -> Self {
-        Self::with_encoder(
-            EncoderRef::Fast(encoder),
-            tokenizer,
-            pooling,
-            normalize,
-            batch_size,
-        )
-    }
-
-    fn with_encoder(
-        encoder: EncoderRef<'a>,
+        encoder: &'a dyn PackedEncoder,
         tokenizer: &'a TextTokenizer,
         pooling: Pooling,
         normalize: bool,
@@ -106,10 +67,7 @@ impl<'a> Embedder<'a> {
     /// normalised as asked.
     pub fn embed_items(&self, items: &[&Encoded]) -> Result<Vec<Vec<f32>>> {
         let mut ws = self.workspace.lock().expect("workspace lock");
-        let mut vectors = match self.encoder {
-            EncoderRef::Bert(e) => e.pooled_packed(items, self.pooling, &mut ws)?,
-            EncoderRef::Fast(e) => e.pooled_packed(items, self.pooling, &mut ws)?,
-        };
+        let mut vectors = self.encoder.pooled_packed(items, self.pooling, &mut ws)?;
         for layer in self.dense {
             for v in &mut vectors {
                 *v = layer.forward(v);

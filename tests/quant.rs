@@ -71,7 +71,7 @@ fn quantized_vectors_are_batch_invariant() {
         let long = "the team won the game and we love our phone app very much ".repeat(6);
         let tiny_words = [random_sentence(&mut rng, 1), random_sentence(&mut rng, 2)];
         for (name, fast) in quantized_encoders(&a) {
-            let e = Embedder::with_fast(
+            let e = Embedder::new(
                 &fast,
                 &a.tokenizer,
                 a.pipeline.pooling,
@@ -264,7 +264,7 @@ fn quantized_minilm_quality_vs_f32() {
     let want_nn = nearest(&want);
     for dtype in [Dtype::Int8, Dtype::Bf16] {
         let fast = FastEncoder::new(a.frozen_encoder(&Device::Cpu).unwrap(), dtype).unwrap();
-        let q = Embedder::with_fast(
+        let q = Embedder::new(
             &fast,
             &a.tokenizer,
             a.pipeline.pooling,

@@ -365,15 +365,58 @@ impl BertEncoder {
         pooling: Pooling,
         ws: &mut Workspace,
     ) -> Result<Vec<Vec<f32>>> {
-        let h = self.config.hidden_size;
-        let offs = offsets(seqs);
         let x = self.forward_packed(seqs, ws)?;
-        Ok((0..seqs.len())
-            .map(|s| {
-                let rows = &x[offs[s] * h..offs[s + 1] * h];
-                pooling.pool_rows(rows, h)
-            })
-            .collect())
+        Ok(pool_packed(x, seqs, self.config.hidden_size, pooling))
+    }
+}
+
+/// Pools the packed states `x` of `seqs`, one vector per sequence.
+fn pool_packed(x: &[f32], seqs: &[&Encoded], h: usize, pooling: Pooling) -> Vec<Vec<f32>> {
+    let offs = offsets(seqs);
+    (0..seqs.len())
+        .map(|s| pooling.pool_rows(&x[offs[s] * h..offs[s + 1] * h], h))
+        .collect()
+}
+
+/// An encoder that turns packed sequences into pooled sentence vectors for inference: the
+/// float32 [`BertEncoder`] or a [`FastEncoder`] in a chosen dtype. Callers pick by type.
+pub trait PackedEncoder: Sync {
+    /// Width of the vectors.
+    fn hidden_size(&self) -> usize;
+    /// One pooled vector per sequence of `seqs`, in order.
+    fn pooled_packed(
+        &self,
+        seqs: &[&Encoded],
+        pooling: Pooling,
+        ws: &mut Workspace,
+    ) -> Result<Vec<Vec<f32>>>;
+}
+
+impl PackedEncoder for BertEncoder {
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+    fn pooled_packed(
+        &self,
+        seqs: &[&Encoded],
+        pooling: Pooling,
+        ws: &mut Workspace,
+    ) -> Result<Vec<Vec<f32>>> {
+        BertEncoder::pooled_packed(self, seqs, pooling, ws)
+    }
+}
+
+impl PackedEncoder for FastEncoder {
+    fn hidden_size(&self) -> usize {
+        self.config().hidden_size
+    }
+    fn pooled_packed(
+        &self,
+        seqs: &[&Encoded],
+        pooling: Pooling,
+        ws: &mut Workspace,
+    ) -> Result<Vec<Vec<f32>>> {
+        FastEncoder::pooled_packed(self, seqs, pooling, ws)
     }
 }
 
@@ -656,15 +699,8 @@ impl FastEncoder {
         pooling: Pooling,
         ws: &mut Workspace,
     ) -> Result<Vec<Vec<f32>>> {
-        let h = self.config().hidden_size;
-        let offs = offsets(seqs);
         let x = self.forward_packed(seqs, ws)?;
-        Ok((0..seqs.len())
-            .map(|s| {
-                let rows = &x[offs[s] * h..offs[s + 1] * h];
-                pooling.pool_rows(rows, h)
-            })
-            .collect())
+        Ok(pool_packed(x, seqs, self.config().hidden_size, pooling))
     }
 }
 

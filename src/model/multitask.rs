@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::batch::PackedBatch;
 use super::bert::{AttentionMask, BertEncoder, Linear, Mode};
 use super::dropout::Dropout;
-use super::fast::{FastEncoder, Workspace};
+use super::fast::{FastEncoder, PackedEncoder, Workspace};
 use super::freeze::FreezePlan;
 use super::pooling::Pooling;
 use super::quant::Dtype;
@@ -168,10 +168,11 @@ impl MultiTaskModel {
     /// fast path; equal to `features(batch, None)` to float rounding.
     pub fn features_infer(&self, items: &[&Encoded]) -> Result<Tensor> {
         let mut ws = self.workspace.lock().expect("workspace lock");
-        let rows = match &self.fast {
-            Some(f) => f.pooled_packed(items, self.pooling, &mut ws)?,
-            None => self.encoder.pooled_packed(items, self.pooling, &mut ws)?,
+        let encoder: &dyn PackedEncoder = match &self.fast {
+            Some(f) => f,
+            None => &self.encoder,
         };
+        let rows = encoder.pooled_packed(items, self.pooling, &mut ws)?;
         let h = self.encoder.config.hidden_size;
         let flat: Vec<f32> = rows.into_iter().flatten().collect();
         Ok(Tensor::from_vec(

@@ -84,7 +84,7 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
             encoder.kernel_name()
         );
     }
-    let mut embedder = Embedder::with_fast(
+    let mut embedder = Embedder::new(
         &encoder,
         &assets.tokenizer,
         assets.pipeline.pooling,

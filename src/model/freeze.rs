@@ -105,7 +105,7 @@ impl FreezePlan {
         let Some(n) = self.encoder_prefix else {
             return true;
         };
-        if name.starts_with("embeddings.") {
+        if is_input_stage(name) {
             return false;
         }
         match layer_index(name) {
@@ -206,6 +206,13 @@ impl Scenario {
     }
 }
 
+/// Whether the parameter `name` belongs to the encoder's input stage, which any frozen prefix
+/// freezes: the embeddings, and MPNet's relative position bias table (every layer reads it,
+/// the frozen ones too, so it cannot train while they stay fixed).
+pub fn is_input_stage(name: &str) -> bool {
+    name.starts_with("embeddings.") || name.starts_with("encoder.relative_attention_bias.")
+}
+
 /// The layer index of an encoder parameter name (`encoder.layer.{i}.…`).
 pub fn layer_index(name: &str) -> Option<usize> {
     name.strip_prefix("encoder.layer.")?
@@ -245,6 +252,7 @@ mod tests {
 
         let p = FreezePlan::new(&[], Some(2), 6).unwrap();
         assert!(!p.is_trainable("embeddings.LayerNorm.weight"));
+        assert!(!p.is_trainable("encoder.relative_attention_bias.weight"));
         assert!(!p.is_trainable("encoder.layer.1.attention.self.query.weight"));
         assert!(p.is_trainable("encoder.layer.2.attention.self.query.weight"));
         assert!(p.is_trainable("encoder.layer.10.output.LayerNorm.bias"));

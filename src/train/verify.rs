@@ -5,12 +5,13 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::model::freeze::layer_index;
+use crate::model::freeze::{is_input_stage, layer_index};
 use crate::model::multitask::MultiTaskModel;
 
-/// The part of the model a parameter belongs to, for reports.
+/// The part of the model a parameter belongs to, for reports (MPNet's relative position bias
+/// counts with the embeddings: it freezes with them).
 pub fn part_of(name: &str) -> String {
-    if name.starts_with("embeddings.") {
+    if is_input_stage(name) {
         "embeddings".into()
     } else if let Some(i) = layer_index(name) {
         format!("layer {i}")

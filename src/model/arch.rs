@@ -342,6 +342,34 @@ mod tests {
     }
 
     #[test]
+    fn mpnet_config_has_no_token_types_and_positions_from_2() {
+        let text = |buckets: usize| {
+            format!(
+                r#"{{"model_type": "mpnet", "vocab_size": 50, "hidden_size": 32,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+                "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+                "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 66,
+                "initializer_range": 0.02, "layer_norm_eps": 1e-5, "pad_token_id": 1,
+                "relative_attention_num_buckets": {buckets}}}"#
+            )
+        };
+        let c = Architecture::parse_config(&text(32)).unwrap();
+        assert_eq!(c.arch, Architecture::Mpnet);
+        assert_eq!(
+            (c.type_vocab_size, c.relative_attention_num_buckets),
+            (0, 32)
+        );
+        assert_eq!((c.position_offset(), c.max_tokens()), (2, 64));
+        c.validate().unwrap();
+        let e = Architecture::parse_config(&text(16))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("relative_attention_num_buckets is 16"), "{e}");
+    }
+
+    #[test]
     fn distilbert_config_maps_to_bert() {
         let c = Architecture::parse_config(
             r#"{"model_type": "distilbert", "vocab_size": 50, "dim": 32, "n_layers": 2,

@@ -2,8 +2,9 @@
 //!
 //! Weight names follow Hugging Face BERT checkpoints (`embeddings.word_embeddings.weight`,
 //! `encoder.layer.3.attention.self.query.weight`, ...); a `bert.` prefix and the old
-//! `LayerNorm.gamma`/`beta` names are resolved by [`super::weights`]. RoBERTa, XLM-RoBERTa
-//! and DistilBERT run through the same blocks: [`super::arch`] maps their configs and names. Unlike
+//! `LayerNorm.gamma`/`beta` names are resolved by [`super::weights`]. RoBERTa, XLM-RoBERTa,
+//! DistilBERT and MPNet run through the same blocks: [`super::arch`] maps their configs and
+//! names, and [`super::mpnet`] holds MPNet's relative position bias. Unlike
 //! candle-transformers' `BertModel`, every block is public, dropout is real in training, and
 //! the LayerNorm and softmax used in training have a backward pass.
 

@@ -616,3 +616,46 @@ fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The tensor names of a safetensors file, sorted.
+fn tensor_names(path: &Path) -> Vec<String> {
+    let mut names: Vec<String> = candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .into_keys()
+        .collect();
+    names.sort();
+    names
+}
+
+/// `--task=2 --export` on every architecture writes the encoder under the architecture's own
+/// tensor names (the base file's, so transformers loads the folder), and the export embeds.
+#[test]
+fn every_architecture_exports_under_its_own_names() {
+    for name in ARCHS {
+        let dir = tempfile::tempdir().unwrap();
+        let exp = dir.path().join("export");
+        let o = run(fetch_ml()
+            .args([
+                "--task=2",
+                "--threads=2",
+                "--epochs=1",
+                "--max-train-examples=16",
+                "--batch-size=8",
+                "--model",
+            ])
+            .arg(fixture(name))
+            .arg("--export")
+            .arg(&exp)
+            .args(["--format=jsonl", "-s", "hi"]));
+        ok(&o);
+        assert_eq!(
+            tensor_names(&exp.join("model.safetensors")),
+            tensor_names(&fixture(name).join("model.safetensors")),
+            "{name}"
+        );
+        let out = ok(&run(fetch_ml()
+            .args(["--task=1", "--format=jsonl", "-s", "hello world", "--model"])
+            .arg(&exp)));
+        assert!(out.contains("\"embedding\""), "{name}: {out}");
+    }
+}

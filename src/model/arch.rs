@@ -58,7 +58,7 @@ impl Architecture {
 
     /// The prefix of the architecture's tensors in checkpoints of task models
     /// (`BertForMaskedLM`, ...): `bert.`, `roberta.`, `distilbert.`, `mpnet.`.
-    fn prefix(self) -> &'static str {
+    pub fn prefix(self) -> &'static str {
         match self {
             Architecture::Bert => "bert.",
             Architecture::Roberta | Architecture::XlmRoberta => "roberta.",
@@ -142,8 +142,9 @@ impl Architecture {
         names
     }
 
-    /// The architecture's own name of the canonical parameter `canonical` (no prefix).
-    fn rename(self, canonical: &str) -> String {
+    /// The architecture's own name of the canonical parameter `canonical` (no prefix): the
+    /// name a Hugging Face model of this architecture stores it under.
+    pub fn rename(self, canonical: &str) -> String {
         let (layers, blocks): (&str, &[(&str, &str)]) = match self {
             Architecture::DistilBert => (
                 "transformer.layer.",

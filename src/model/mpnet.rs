@@ -66,6 +66,9 @@ pub fn head_bias(
     let l = covered(buckets);
     assert!(m <= l, "relative bias: {m} tokens, buckets for {l}");
     out.clear();
+    if m == 0 {
+        return;
+    }
     out.extend(
         buckets[l - m..l + m - 1]
             .iter()
@@ -84,6 +87,9 @@ pub fn head_bias_grad(
 ) {
     let m = drel.len().div_ceil(2);
     let l = covered(buckets);
+    if m == 0 {
+        return;
+    }
     for (g, &b) in drel.iter().zip(&buckets[l - m..l + m - 1]) {
         dtable[b as usize * heads + head] += g;
     }
@@ -166,7 +172,9 @@ mod tests {
             .map(|i| (i / 2 * 10 + i % 2) as f32)
             .collect();
         let buckets = distance_buckets(5);
-        let mut rel = Vec::new();
+        let mut rel = vec![1.0];
+        head_bias(&table, 2, 1, &buckets, 0, &mut rel);
+        assert!(rel.is_empty(), "no tokens, no bias");
         head_bias(&table, 2, 1, &buckets, 3, &mut rel);
         // Distances -2, -1, 0, 1, 2 -> buckets 2, 1, 0, 17, 18.
         assert_eq!(rel, vec![21.0, 11.0, 1.0, 171.0, 181.0]);

@@ -644,6 +644,8 @@ fn every_architecture_exports_under_its_own_names() {
                 "--model",
             ])
             .arg(fixture(name))
+            .arg("--save")
+            .arg(dir.path().join("ck"))
             .arg("--export")
             .arg(&exp)
             .args(["--format=jsonl", "-s", "hi"]));

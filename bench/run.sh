@@ -4,7 +4,7 @@
 #
 #   bash bench/run.sh [--parts all|embed,startup,train] [--file SENTENCES] [--repeat N]
 #                     [--threads N] [--batch-size N] [--examples N] [--limit N] [--no-check]
-#                     [--no-length-grouping]
+#                     [--no-length-grouping] [--dtype f32|bf16|int8]
 #
 #   --parts      what to run, comma-separated: embed, startup, train, quant, or all [all]
 #   --file       sentence file for the embedding part [bench/data/sentences-2k.txt]
@@ -14,10 +14,12 @@
 #   --examples   training examples timed in the train part [320]
 #   --limit      embed only the first N sentences of --file (smoke tests)
 #   --no-check   skip the cosine comparison of the two tools' vectors
+#   --dtype      fetch-ml's --dtype in the embed part [f32]
 #   --no-length-grouping  train part: plain shuffled batches in both tools (passes fetch-ml's
 #                flag of that name and st_train.py's); default: both group by length
 #
-# Needs: target/release/fetch-ml (or $FETCH_ML), models/all-MiniLM-L6-v2 (scripts/fetch-minilm.sh),
+# Needs: target/release/fetch-ml (or $FETCH_ML), models/all-MiniLM-L6-v2 (scripts/fetch-minilm.sh;
+# or any model folder as $MODEL, e.g. models/all-mpnet-base-v2 from scripts/fetch-mpnet.sh),
 # the venv of bench/setup-python.sh (or $BENCH_PY), bench/data/ (bench/make-sentences.py),
 # and GNU time at /usr/bin/time (apt-get install -y time).
 #
@@ -52,6 +54,7 @@ batch=32
 examples=320
 limit=
 check=1
+embed_dtype=f32
 grouping=()
 startup_ours=5
 startup_theirs=3
@@ -66,6 +69,8 @@ while [ $# -gt 0 ]; do
     --repeat) repeat=$2; shift 2 ;;
     --repeat=*) repeat=${1#*=}; shift ;;
     --threads) threads=$2; shift 2 ;;
+    --dtype) embed_dtype=$2; shift 2 ;;
+    --dtype=*) embed_dtype=${1#*=}; shift ;;
     --threads=*) threads=${1#*=}; shift ;;
     --batch-size) batch=$2; shift 2 ;;
     --batch-size=*) batch=${1#*=}; shift ;;
@@ -211,8 +216,9 @@ if want embed; then
   n=$(grep -c '[^[:space:]]' "$file")
   echo "== embedding throughput: $n sentences from $file (best of $repeat)"
   ours_cmd=("${ours_env[@]}" "$BIN" --task=1 --model "$MODEL" --input "$file" --format jsonl
-            --output "$work/ours.jsonl" --batch-size "$batch")
-  theirs_cmd=("$PY" "$here/st_embed.py" "$file" --batch-size "$batch" --threads "$threads")
+            --output "$work/ours.jsonl" --batch-size "$batch" --dtype "$embed_dtype")
+  theirs_cmd=("$PY" "$here/st_embed.py" "$file" --batch-size "$batch" --threads "$threads"
+              --model "$MODEL")
   echo "fetch-ml:"; show_cmd "${ours_cmd[@]}"
   echo "sentence-transformers (the last run also gets --out FILE.npy, for the cosine check):"
   show_cmd "${theirs_cmd[@]}"
@@ -266,7 +272,7 @@ fi
 if want startup; then
   echo "== start-up: one sentence, process start to exit"
   ours_cmd=("${ours_env[@]}" "$BIN" --task=1 --model "$MODEL" --sentence "Hello world!")
-  theirs_cmd=("$PY" "$here/st_startup.py" --threads "$threads" "Hello world!")
+  theirs_cmd=("$PY" "$here/st_startup.py" --threads "$threads" --model "$MODEL" "Hello world!")
   echo "fetch-ml (best of $startup_ours):"; show_cmd "${ours_cmd[@]}"
   echo "sentence-transformers (best of $startup_theirs):"; show_cmd "${theirs_cmd[@]}"
   best_o=999999 best_t=999999

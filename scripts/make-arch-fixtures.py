@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
 """Tiny random models of each supported architecture, with reference outputs, for tests/arch.rs.
 
-For each of bert, roberta, xlm-roberta and distilbert this writes tests/fixtures/arch/<name>/:
-  config.json, model.safetensors  a 2-layer model (hidden 32, 4 heads, intermediate 64) with
+For each of bert, roberta, xlm-roberta, distilbert and mpnet this writes
+tests/fixtures/arch/<name>/:
+  config.json, model.safetensors  a 2-layer model (hidden 32, 4 heads, intermediate 64; MPNet
+                                  3 layers and its 32-bucket relative position bias) with
                                   random weights, saved by transformers' save_pretrained
   tokenizer.json                  a tiny tokenizer built here with the tokenizers library:
-                                  WordPiece (bert, distilbert) and Unigram with Metaspace
+                                  WordPiece (bert, distilbert; mpnet with MPNet's <s> </s>
+                                  specials, pad id 1) and Unigram with Metaspace
                                   (xlm-roberta) from explicit vocabularies, byte-level BPE
                                   (roberta) trained on a small corpus
   reference.json                  for SENTENCES: the token ids, the last hidden states and the
                                   mean-pooled vectors (attention mask applied), computed by
-                                  transformers in float32 on the padded batch
+                                  transformers in float32 on the padded batch; for mpnet
+                                  also a sentence of 60 tokens (distances up to 59 reach the
+                                  logarithmic buckets) and "relative_buckets", transformers'
+                                  relative_position_bucket of the distances -512..512
 
 and tests/fixtures/arch/st-dense/: a sentence-transformers folder on the tiny BERT (Transformer,
 mean Pooling, a 32 -> 16 Dense with Tanh, Normalize; prompts "query: " and "passage: ") saved
@@ -23,8 +29,9 @@ weights included), so a tensor loaded under the wrong name, a wrong position off
 dropped token-type table changes the outputs visibly.
 
 Regenerate (no network needed; the bench venv has torch, transformers and tokenizers):
-    HF_HUB_OFFLINE=1 /work/main/.bench-venv/bin/python scripts/make-arch-fixtures.py
-then run `cargo test --release --test arch`. The output is deterministic for a given
+    HF_HUB_OFFLINE=1 /work/main/.bench-venv/bin/python scripts/make-arch-fixtures.py [NAME ...]
+(NAMEs, e.g. `mpnet` or `st-dense`, regenerate only those fixtures; each model has its own
+seed, so the others do not change), then run `cargo test --release --test arch`. The output is deterministic for a given
 torch/transformers/tokenizers version (seeded); the versions used are recorded in each
 reference.json.
 """
@@ -97,6 +104,37 @@ def wordpiece_tokenizer():
     return tok, tok.token_to_id("[PAD]")
 
 
+def mpnet_tokenizer():
+    # MPNet's tokenizer is WordPiece with RoBERTa-style specials: <s>=0, <pad>=1, </s>=2,
+    # <unk>=3, and "<s> A </s>" for one sentence (its pad id 1 is what fixes the positions).
+    words, chars = corpus_words()
+    vocab = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    vocab += [w for w in words if len(w) <= 6 and w not in chars]
+    vocab += chars + ["##" + c for c in chars if c.isalnum()]
+    vocab += ["##ing", "##ed", "##er"]
+    vocab = list(dict.fromkeys(vocab))
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    s, e = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", s), ("</s>", e)],
+    )
+    tok.decoder = decoders.WordPiece()
+    return tok, tok.token_to_id("<pad>")
+
+
+# MPNet's fixture adds a long sentence, so that query-key distances reach the logarithmic
+# buckets of the relative position bias (60 tokens with <s> </s>).
+MPNET_LONG = (
+    "Dogs and cats are pets, she plays the piano after dinner, the weather today is sunny and "
+    "warm, Paris and Rome are cities in Europe, and a man is reading a book in the park; what "
+    "time is it? it is nine."
+)
+
+
 def bpe_tokenizer():
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -165,20 +203,32 @@ def build(name, tok, pad):
             max_position_embeddings=64, sinusoidal_pos_embds=False, activation="gelu", **common
         )
         model = transformers.DistilBertModel(cfg)
+    elif name == "mpnet":
+        # Positions start at 2 (MPNet's padding_idx 1): 66 positions hold 64 tokens.
+        cfg = transformers.MPNetConfig(
+            hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
+            intermediate_size=INTER, max_position_embeddings=66,
+            relative_attention_num_buckets=32, bos_token_id=0, eos_token_id=2,
+            layer_norm_eps=1e-5, **common
+        )
+        model = transformers.MPNetModel(cfg, add_pooling_layer=False)
     else:
         raise ValueError(name)
     return cfg, model
 
 
-def main():
+def main(only):
     torch.manual_seed(0)
     makers = {
         "bert": wordpiece_tokenizer,
         "roberta": bpe_tokenizer,
         "xlm-roberta": unigram_tokenizer,
         "distilbert": wordpiece_tokenizer,
+        "mpnet": mpnet_tokenizer,
     }
     for i, (name, make_tok) in enumerate(makers.items()):
+        if only and name not in only:
+            continue
         torch.manual_seed(1000 + i)
         tok, pad = make_tok()
         cfg, model = build(name, tok, pad)
@@ -192,7 +242,8 @@ def main():
         model.save_pretrained(out, safe_serialization=True)
         tok.save(str(out / "tokenizer.json"))
 
-        encs = tok.encode_batch(SENTENCES)
+        sentences = SENTENCES + ([MPNET_LONG] if name == "mpnet" else [])
+        encs = tok.encode_batch(sentences)
         ids = [e.ids for e in encs]
         longest = max(len(x) for x in ids)
         input_ids = torch.tensor([x + [pad] * (longest - len(x)) for x in ids])
@@ -209,14 +260,18 @@ def main():
                 "tokenizers": tokenizers.__version__,
             },
             "model_type": cfg.model_type,
-            "sentences": SENTENCES,
+            "sentences": sentences,
             "input_ids": ids,
             "mean": [[float(v) for v in row] for row in mean],
             "last_hidden": [
                 [[float(v) for v in tokrow] for tokrow in hidden[s, : len(ids[s])]]
-                for s in range(len(SENTENCES))
+                for s in range(len(sentences))
             ],
         }
+        if name == "mpnet":
+            rel = torch.arange(-512, 513)
+            buckets = model.encoder.relative_position_bucket(rel)
+            ref["relative_buckets"] = {"from": -512, "buckets": buckets.tolist()}
         (out / "reference.json").write_text(json.dumps(ref) + "\n")
         size = sum(f.stat().st_size for f in out.iterdir())
         print(f"{name}: vocab {tok.get_vocab_size()}, {size} bytes in {out}", file=sys.stderr)
@@ -267,5 +322,7 @@ def st_dense():
 
 
 if __name__ == "__main__":
-    main()
-    st_dense()
+    only = set(sys.argv[1:])
+    main(only)
+    if not only or "st-dense" in only:
+        st_dense()

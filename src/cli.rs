@@ -62,8 +62,8 @@ pub struct Cli {
 
     /// Truncate each sentence to this many tokens, [CLS] and [SEP] included.
     /// [default: the model's own limit: max_seq_length of sentence_bert_config.json, else
-    /// max_position_embeddings (less pad_token_id + 1 for RoBERTa and XLM-RoBERTa, whose
-    /// positions start there: 514 positions hold 512 tokens)]
+    /// max_position_embeddings (less the first position id: pad_token_id + 1 for RoBERTa and
+    /// XLM-RoBERTa, 2 for MPNet; 514 positions hold 512 tokens)]
     #[arg(long, value_name = "N", help_heading = "Model")]
     pub max_seq_length: Option<usize>,
 

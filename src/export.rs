@@ -23,6 +23,7 @@ use safetensors::Dtype;
 use serde_json::json;
 
 use crate::loader::ModelAssets;
+use crate::model::arch::Architecture;
 use crate::model::multitask::{MultiTaskModel, HEAD_NAMES};
 
 /// `heads.json`'s format name; an export folder is recognised by it.
@@ -207,6 +208,9 @@ fn write_folder(
 
     // The encoder: every tensor the model computes with, then the base model's other
     // encoder tensors (pooler, position ids) as they are.
+    // Encoder tensors go under the architecture's own names (MPNet's `attention.attn.q`,
+    // DistilBERT's `transformer.layer`), so that transformers loads the folder.
+    let arch = assets.config.arch;
     let mut encoder: BTreeMap<String, Owned> = BTreeMap::new();
     let mut heads: BTreeMap<String, Owned> = BTreeMap::new();
     for p in model.registry.params() {
@@ -219,10 +223,10 @@ fn write_folder(
         if crate::model::names::is_head(&p.name) {
             heads.insert(p.name, t);
         } else {
-            encoder.insert(p.name, t);
+            encoder.insert(arch.rename(&p.name), t);
         }
     }
-    for (name, t) in base_extras(&files.weights, &encoder)? {
+    for (name, t) in base_extras(&files.weights, arch, &encoder)? {
         encoder.insert(name, t);
     }
     let format = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
@@ -337,10 +341,10 @@ fn views(map: &BTreeMap<String, Owned>) -> Result<Vec<(String, TensorView<'_>)>>
         .collect()
 }
 
-/// The Hugging Face name of a tensor of a BERT checkpoint: no `bert.` prefix, and the
-/// `weight`/`bias` names of LayerNorm parameters.
-fn canonical(name: &str) -> String {
-    let n = name.strip_prefix("bert.").unwrap_or(name);
+/// The Hugging Face name of a tensor of a checkpoint of `arch`: no `bert.` (`mpnet.`, ...)
+/// prefix, and the `weight`/`bias` names of LayerNorm parameters.
+fn canonical(name: &str, arch: Architecture) -> String {
+    let n = name.strip_prefix(arch.prefix()).unwrap_or(name);
     if let Some(stem) = n.strip_suffix("LayerNorm.gamma") {
         format!("{stem}LayerNorm.weight")
     } else if let Some(stem) = n.strip_suffix("LayerNorm.beta") {
@@ -359,7 +363,11 @@ struct HeaderEntry {
 
 /// Encoder tensors of the base weights (`embeddings.*`, `encoder.*`, `pooler.*`) that the
 /// model does not compute with, read as stored, under their canonical names.
-fn base_extras(path: &Path, have: &BTreeMap<String, Owned>) -> Result<Vec<(String, Owned)>> {
+fn base_extras(
+    path: &Path,
+    arch: Architecture,
+    have: &BTreeMap<String, Owned>,
+) -> Result<Vec<(String, Owned)>> {
     let f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut len = [0u8; 8];
     f.read_exact_at(&mut len, 0)?;
@@ -372,7 +380,7 @@ fn base_extras(path: &Path, have: &BTreeMap<String, Owned>) -> Result<Vec<(Strin
     entries.remove("__metadata__");
     let mut out = Vec::new();
     for (name, v) in entries {
-        let canon = canonical(&name);
+        let canon = canonical(&name, arch);
         let encoder_part = ["embeddings.", "encoder.", "pooler."]
             .iter()
             .any(|p| canon.starts_with(p));
@@ -405,13 +413,23 @@ mod tests {
     #[test]
     fn canonical_names() {
         assert_eq!(
-            canonical("bert.embeddings.LayerNorm.gamma"),
+            canonical("bert.embeddings.LayerNorm.gamma", Architecture::Bert),
             "embeddings.LayerNorm.weight"
         );
         assert_eq!(
-            canonical("encoder.layer.0.output.LayerNorm.beta"),
+            canonical("encoder.layer.0.output.LayerNorm.beta", Architecture::Bert),
             "encoder.layer.0.output.LayerNorm.bias"
         );
-        assert_eq!(canonical("pooler.dense.weight"), "pooler.dense.weight");
+        assert_eq!(
+            canonical("pooler.dense.weight", Architecture::Bert),
+            "pooler.dense.weight"
+        );
+        assert_eq!(
+            canonical(
+                "mpnet.encoder.layer.0.attention.attn.q.bias",
+                Architecture::Mpnet
+            ),
+            "encoder.layer.0.attention.attn.q.bias"
+        );
     }
 }

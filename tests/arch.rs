@@ -1,4 +1,4 @@
-//! Every supported architecture (BERT, RoBERTa, XLM-RoBERTa, DistilBERT) against Hugging Face
+//! Every supported architecture (BERT, RoBERTa, XLM-RoBERTa, DistilBERT, MPNet) against Hugging Face
 //! transformers: tiny random models in `tests/fixtures/arch/<name>/` with reference outputs,
 //! both written by `scripts/make-arch-fixtures.py`. Each runs through the fast path (f32,
 //! int8 and bf16), the training path in inference mode and the binary; each trains with
@@ -24,6 +24,7 @@ use fetch_ml::model::bert::{AttentionMask, Mode};
 use fetch_ml::model::dropout::Dropout;
 use fetch_ml::model::fast::{offsets, Workspace};
 use fetch_ml::model::freeze::FreezePlan;
+use fetch_ml::model::mpnet;
 use fetch_ml::model::pooling::Pooling;
 use fetch_ml::model::quant::Dtype;
 use fetch_ml::train::checkpoint::{self, Checkpoint, CheckpointMeta};
@@ -33,7 +34,7 @@ use fetch_ml::train::session::{fit, Setup};
 use fetch_ml::train::trainer::TrainSettings;
 
 /// The fixture folders, one per architecture, named by `model_type`.
-const ARCHS: [&str; 4] = ["bert", "roberta", "xlm-roberta", "distilbert"];
+const ARCHS: [&str; 5] = ["bert", "roberta", "xlm-roberta", "distilbert", "mpnet"];
 
 /// Tolerance of f32 outputs against transformers (max abs difference).
 const TOL: f32 = 1e-5;
@@ -84,13 +85,30 @@ fn fixtures_load_as_their_architecture_and_tokenize_alike() {
         for (e, want) in enc.iter().zip(&r.input_ids) {
             assert_eq!(&e.ids, want, "{name}: token ids");
         }
-        // BERT and DistilBERT have 64 positions; RoBERTa and XLM-R 66, which hold 64 tokens
-        // as their positions start at pad + 1 = 2.
+        // BERT and DistilBERT have 64 positions; RoBERTa, XLM-R and MPNet 66, which hold 64
+        // tokens as their positions start at pad + 1 = 2.
         assert_eq!(a.tokenizer.max_len(), 64, "{name}");
-        assert_eq!(
-            a.config.position_offset(),
-            if name.contains("roberta") { 2 } else { 0 }
-        );
+        let offset = a.config.position_offset();
+        let bert_like = matches!(name, "bert" | "distilbert");
+        assert_eq!(offset, if bert_like { 0 } else { 2 }, "{name}");
+    }
+}
+
+/// MPNet's relative position buckets agree with transformers' for every distance to 512.
+#[test]
+fn mpnet_buckets_match_transformers() {
+    #[derive(serde::Deserialize)]
+    struct Buckets {
+        from: i64,
+        buckets: Vec<usize>,
+    }
+    let text = std::fs::read_to_string(fixture("mpnet").join("reference.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let b: Buckets = serde_json::from_value(v["relative_buckets"].clone()).unwrap();
+    assert_eq!(b.buckets.len(), 1025);
+    for (i, &want) in b.buckets.iter().enumerate() {
+        let r = b.from + i as i64;
+        assert_eq!(mpnet::relative_position_bucket(r), want, "distance {r}");
     }
 }
 
@@ -233,6 +251,7 @@ fn prefixed_tensor_names_load() {
         let prefix = match name {
             "bert" => "bert.",
             "roberta" | "xlm-roberta" => "roberta.",
+            "mpnet" => "mpnet.",
             _ => "distilbert.",
         };
         let path = renamed_copy(name, dir.path(), |k| format!("{prefix}{k}"));
@@ -374,9 +393,12 @@ fn train_config(model: &Path, dir: &Path, freeze_layers: Option<usize>) -> Train
     }
 }
 
-/// Whether `--freeze-layers 1` should leave `name` trainable, written out by name.
+/// Whether `--freeze-layers 1` should leave `name` trainable, written out by name: MPNet's
+/// relative position bias freezes with the embeddings (layer 0 reads it).
 fn trains_with_one_frozen_layer(name: &str) -> bool {
-    !(name.starts_with("embeddings.") || name.starts_with("encoder.layer.0."))
+    !(name.starts_with("embeddings.")
+        || name.starts_with("encoder.layer.0.")
+        || name == "encoder.relative_attention_bias.weight")
 }
 
 /// On every architecture: with nothing frozen, every trainable tensor gets a non-zero
@@ -394,9 +416,14 @@ fn every_architecture_trains_freezes_and_checkpoints() {
             let plan = FreezePlan::new(&[], freeze_layers, layers).unwrap();
             let model = build_model(&setup, &cfg, plan);
             let params = model.registry.params();
-            // Embeddings: word, position, LayerNorm (2), token types except DistilBERT.
+            // Embeddings: word, position, LayerNorm (2), token types except DistilBERT and
+            // MPNet; MPNet's relative position bias instead.
             let embeddings = if name == "distilbert" { 4 } else { 5 };
             assert_eq!(params.len(), embeddings + 16 * layers + 8, "{name}");
+            let bias = params
+                .iter()
+                .any(|p| p.name == "encoder.relative_attention_bias.weight");
+            assert_eq!(bias, name == "mpnet", "{name}");
             for p in &params {
                 let want = freeze_layers.is_none() || trains_with_one_frozen_layer(&p.name);
                 assert_eq!(p.trainable(), want, "{name} {freeze_layers:?}: {}", p.name);
@@ -450,15 +477,13 @@ fn every_architecture_trains_freezes_and_checkpoints() {
                 checkpoint::save(&target, &model, &meta).unwrap();
                 drop(target);
                 let ck = Checkpoint::load(&ck_dir).unwrap();
+                let trained = &ck.meta.trained_encoder_tensors;
                 assert!(
-                    ck.meta
-                        .trained_encoder_tensors
-                        .iter()
-                        .all(|n| n.starts_with("encoder.layer.1.")),
-                    "{name}: {:?}",
-                    ck.meta.trained_encoder_tensors
+                    trained.iter().all(|n| trains_with_one_frozen_layer(n)
+                        && n.starts_with("encoder.layer.")),
+                    "{name}: {trained:?}"
                 );
-                assert_eq!(ck.meta.trained_encoder_tensors.len(), 16, "{name}");
+                assert_eq!(trained.len(), 16 * (layers - 1), "{name}");
                 let loaded = ck.model(&setup.assets, &Device::Cpu).unwrap();
                 let got = predict_probs(&loaded, &enc, 2, None).unwrap();
                 assert_eq!(want, got, "{name}: checkpoint predictions");
@@ -592,5 +617,50 @@ fn copy_tree(from: &Path, to: &Path) {
         } else {
             std::fs::copy(e.path(), target).unwrap();
         }
+    }
+}
+
+/// The tensor names of a safetensors file, sorted.
+fn tensor_names(path: &Path) -> Vec<String> {
+    let mut names: Vec<String> = candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .into_keys()
+        .collect();
+    names.sort();
+    names
+}
+
+/// `--task=2 --export` on every architecture writes the encoder under the architecture's own
+/// tensor names (the base file's, so transformers loads the folder), and the export embeds.
+#[test]
+fn every_architecture_exports_under_its_own_names() {
+    for name in ARCHS {
+        let dir = tempfile::tempdir().unwrap();
+        let exp = dir.path().join("export");
+        let o = run(fetch_ml()
+            .args([
+                "--task=2",
+                "--threads=2",
+                "--epochs=1",
+                "--max-train-examples=16",
+                "--batch-size=8",
+                "--model",
+            ])
+            .arg(fixture(name))
+            .arg("--save")
+            .arg(dir.path().join("ck"))
+            .arg("--export")
+            .arg(&exp)
+            .args(["--format=jsonl", "-s", "hi"]));
+        ok(&o);
+        assert_eq!(
+            tensor_names(&exp.join("model.safetensors")),
+            tensor_names(&fixture(name).join("model.safetensors")),
+            "{name}"
+        );
+        let out = ok(&run(fetch_ml()
+            .args(["--task=1", "--format=jsonl", "-s", "hello world", "--model"])
+            .arg(&exp)));
+        assert!(out.contains("\"embedding\""), "{name}: {out}");
     }
 }

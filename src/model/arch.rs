@@ -1,12 +1,13 @@
 //! The encoder architectures fetch-ml runs, chosen by `config.json`, and the one place that maps
 //! each architecture's config keys and tensor names onto our canonical (BERT) ones.
 //!
-//! BERT, RoBERTa, XLM-RoBERTa and DistilBERT share one block structure (post-LayerNorm
-//! attention and feed-forward layers), so they all run through [`super::bert`] and the fast
-//! path. What differs is said here:
+//! BERT, RoBERTa, XLM-RoBERTa, DistilBERT and MPNet share one block structure
+//! (post-LayerNorm attention and feed-forward layers), so they all run through
+//! [`super::bert`] and the fast path. What differs is said here:
 //! - the config: DistilBERT's keys (`dim`, `n_layers`, ...) become a BERT config;
-//! - positions: RoBERTa and XLM-RoBERTa number tokens from `pad_token_id + 1`;
-//! - token types: DistilBERT has none (`type_vocab_size` 0);
+//! - positions: RoBERTa and XLM-RoBERTa number tokens from `pad_token_id + 1`, MPNet from 2;
+//! - token types: DistilBERT and MPNet have none (`type_vocab_size` 0);
+//! - MPNet adds a relative position bias to the attention scores ([`super::mpnet`]);
 //! - tensor names: every canonical name (`encoder.layer.0.attention.self.query.weight`) has
 //!   its file names per architecture, with and without the model prefix (`roberta.`, ...).
 //!
@@ -25,15 +26,17 @@ pub enum Architecture {
     Roberta,
     XlmRoberta,
     DistilBert,
+    Mpnet,
 }
 
 impl Architecture {
     /// Every supported architecture, by its `model_type`.
-    pub const ALL: [Architecture; 4] = [
+    pub const ALL: [Architecture; 5] = [
         Architecture::Bert,
         Architecture::Roberta,
         Architecture::XlmRoberta,
         Architecture::DistilBert,
+        Architecture::Mpnet,
     ];
 
     /// The `model_type` of `config.json`.
@@ -43,21 +46,24 @@ impl Architecture {
             Architecture::Roberta => "roberta",
             Architecture::XlmRoberta => "xlm-roberta",
             Architecture::DistilBert => "distilbert",
+            Architecture::Mpnet => "mpnet",
         }
     }
 
-    /// The supported `model_type`s, for messages: "bert, roberta, xlm-roberta, distilbert".
+    /// The supported `model_type`s, for messages: "bert, roberta, xlm-roberta, distilbert,
+    /// mpnet".
     pub fn supported() -> String {
         Self::ALL.map(Self::name).join(", ")
     }
 
     /// The prefix of the architecture's tensors in checkpoints of task models
-    /// (`BertForMaskedLM`, ...): `bert.`, `roberta.`, `distilbert.`.
-    fn prefix(self) -> &'static str {
+    /// (`BertForMaskedLM`, ...): `bert.`, `roberta.`, `distilbert.`, `mpnet.`.
+    pub fn prefix(self) -> &'static str {
         match self {
             Architecture::Bert => "bert.",
             Architecture::Roberta | Architecture::XlmRoberta => "roberta.",
             Architecture::DistilBert => "distilbert.",
+            Architecture::Mpnet => "mpnet.",
         }
     }
 
@@ -71,6 +77,7 @@ impl Architecture {
                 "roberta" => Ok(Architecture::Roberta),
                 "xlm-roberta" => Ok(Architecture::XlmRoberta),
                 "distilbert" => Ok(Architecture::DistilBert),
+                "mpnet" => Ok(Architecture::Mpnet),
                 _ => bail!(
                     "model_type \"{t}\" is not supported; fetch-ml runs these model types: {}",
                     Self::supported()
@@ -89,6 +96,7 @@ impl Architecture {
         let families = [
             ("XLMRoberta", Architecture::XlmRoberta),
             ("DistilBert", Architecture::DistilBert),
+            ("MPNet", Architecture::Mpnet),
             ("Roberta", Architecture::Roberta),
             ("Bert", Architecture::Bert),
         ];
@@ -103,10 +111,12 @@ impl Architecture {
     }
 
     /// The first position id: 0 for BERT and DistilBERT, `pad_token_id + 1` for RoBERTa and
-    /// XLM-RoBERTa (Hugging Face's `create_position_ids_from_input_ids`).
+    /// XLM-RoBERTa (Hugging Face's `create_position_ids_from_input_ids`), and 2 for MPNet,
+    /// whose `MPNetEmbeddings` fixes `padding_idx = 1` whatever the config's `pad_token_id`.
     pub fn position_offset(self, pad_token_id: usize) -> usize {
         match self {
             Architecture::Roberta | Architecture::XlmRoberta => pad_token_id + 1,
+            Architecture::Mpnet => MPNET_PADDING_IDX + 1,
             Architecture::Bert | Architecture::DistilBert => 0,
         }
     }
@@ -132,30 +142,44 @@ impl Architecture {
         names
     }
 
-    /// The architecture's own name of the canonical parameter `canonical` (no prefix).
-    fn rename(self, canonical: &str) -> String {
-        if self != Architecture::DistilBert {
-            return canonical.to_string();
-        }
+    /// The architecture's own name of the canonical parameter `canonical` (no prefix): the
+    /// name a Hugging Face model of this architecture stores it under.
+    pub fn rename(self, canonical: &str) -> String {
+        let (layers, blocks): (&str, &[(&str, &str)]) = match self {
+            Architecture::DistilBert => (
+                "transformer.layer.",
+                &[
+                    ("attention.self.query.", "attention.q_lin."),
+                    ("attention.self.key.", "attention.k_lin."),
+                    ("attention.self.value.", "attention.v_lin."),
+                    ("attention.output.dense.", "attention.out_lin."),
+                    ("attention.output.LayerNorm.", "sa_layer_norm."),
+                    ("intermediate.dense.", "ffn.lin1."),
+                    ("output.dense.", "ffn.lin2."),
+                    ("output.LayerNorm.", "output_layer_norm."),
+                ],
+            ),
+            Architecture::Mpnet => (
+                "encoder.layer.",
+                &[
+                    ("attention.self.query.", "attention.attn.q."),
+                    ("attention.self.key.", "attention.attn.k."),
+                    ("attention.self.value.", "attention.attn.v."),
+                    ("attention.output.dense.", "attention.attn.o."),
+                    ("attention.output.LayerNorm.", "attention.LayerNorm."),
+                ],
+            ),
+            _ => return canonical.to_string(),
+        };
         let Some(rest) = canonical.strip_prefix("encoder.layer.") else {
             return canonical.to_string();
         };
         let Some((i, tail)) = rest.split_once('.') else {
             return canonical.to_string();
         };
-        let blocks = [
-            ("attention.self.query.", "attention.q_lin."),
-            ("attention.self.key.", "attention.k_lin."),
-            ("attention.self.value.", "attention.v_lin."),
-            ("attention.output.dense.", "attention.out_lin."),
-            ("attention.output.LayerNorm.", "sa_layer_norm."),
-            ("intermediate.dense.", "ffn.lin1."),
-            ("output.dense.", "ffn.lin2."),
-            ("output.LayerNorm.", "output_layer_norm."),
-        ];
-        for (bert, distil) in blocks {
+        for (bert, own) in blocks {
             if let Some(param) = tail.strip_prefix(bert) {
-                return format!("transformer.layer.{i}.{distil}{param}");
+                return format!("{layers}{i}.{own}{param}");
             }
         }
         canonical.to_string()
@@ -167,6 +191,7 @@ impl Architecture {
         let arch = Self::from_config(&value)?;
         let value = match arch {
             Architecture::DistilBert => distilbert_as_bert(&value)?,
+            Architecture::Mpnet => mpnet_as_bert(value),
             _ => value,
         };
         let mut config: BertConfig = serde_json::from_value(value)
@@ -174,6 +199,17 @@ impl Architecture {
         config.arch = arch;
         Ok(config)
     }
+}
+
+/// MPNet's `padding_idx`, fixed in Hugging Face's `MPNetEmbeddings`.
+const MPNET_PADDING_IDX: usize = 1;
+
+/// MPNet's config as BERT's: no token types (its configs have no `type_vocab_size`).
+fn mpnet_as_bert(mut v: Value) -> Value {
+    if let Some(o) = v.as_object_mut() {
+        o.entry("type_vocab_size").or_insert(json!(0));
+    }
+    v
 }
 
 /// DistilBERT's config keys as BERT's (its LayerNorms use eps 1e-12, fixed in its code).
@@ -228,8 +264,12 @@ mod tests {
         );
         let e = arch(json!({"model_type": "t5"})).unwrap_err().to_string();
         assert!(
-            e.contains("\"t5\"") && e.contains("xlm-roberta, distilbert"),
+            e.contains("\"t5\"") && e.contains("xlm-roberta, distilbert, mpnet"),
             "{e}"
+        );
+        assert_eq!(
+            arch(json!({"architectures": ["MPNetForMaskedLM"]})).unwrap(),
+            Architecture::Mpnet
         );
         let e = arch(json!({"architectures": ["T5EncoderModel"]}))
             .unwrap_err()
@@ -267,6 +307,29 @@ mod tests {
                 "roberta.embeddings.word_embeddings.weight"
             ]
         );
+        let m = Architecture::Mpnet;
+        assert_eq!(
+            m.hf_names("encoder.layer.2.attention.output.dense.bias"),
+            vec![
+                "encoder.layer.2.attention.attn.o.bias",
+                "mpnet.encoder.layer.2.attention.attn.o.bias"
+            ]
+        );
+        assert_eq!(
+            m.hf_names("encoder.layer.0.attention.output.LayerNorm.weight")[0],
+            "encoder.layer.0.attention.LayerNorm.weight"
+        );
+        assert_eq!(
+            m.hf_names("encoder.layer.0.output.LayerNorm.weight")[0],
+            "encoder.layer.0.output.LayerNorm.weight"
+        );
+        assert_eq!(
+            m.hf_names("encoder.relative_attention_bias.weight"),
+            vec![
+                "encoder.relative_attention_bias.weight",
+                "mpnet.encoder.relative_attention_bias.weight"
+            ]
+        );
         let b = Architecture::Bert.hf_names("embeddings.LayerNorm.weight");
         assert_eq!(
             b,
@@ -277,6 +340,34 @@ mod tests {
                 "bert.embeddings.LayerNorm.gamma"
             ]
         );
+    }
+
+    #[test]
+    fn mpnet_config_has_no_token_types_and_positions_from_2() {
+        let text = |buckets: usize| {
+            format!(
+                r#"{{"model_type": "mpnet", "vocab_size": 50, "hidden_size": 32,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+                "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+                "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 66,
+                "initializer_range": 0.02, "layer_norm_eps": 1e-5, "pad_token_id": 1,
+                "relative_attention_num_buckets": {buckets}}}"#
+            )
+        };
+        let c = Architecture::parse_config(&text(32)).unwrap();
+        assert_eq!(c.arch, Architecture::Mpnet);
+        assert_eq!(
+            (c.type_vocab_size, c.relative_attention_num_buckets),
+            (0, 32)
+        );
+        assert_eq!((c.position_offset(), c.max_tokens()), (2, 64));
+        c.validate().unwrap();
+        let e = Architecture::parse_config(&text(16))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("relative_attention_num_buckets is 16"), "{e}");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! Weight names follow Hugging Face BERT checkpoints (`embeddings.word_embeddings.weight`,
 //! `encoder.layer.3.attention.self.query.weight`, ...); a `bert.` prefix and the old
-//! `LayerNorm.gamma`/`beta` names are resolved by [`super::weights`]. RoBERTa, XLM-RoBERTa
-//! and DistilBERT run through the same blocks: [`super::arch`] maps their configs and names. Unlike
+//! `LayerNorm.gamma`/`beta` names are resolved by [`super::weights`]. RoBERTa, XLM-RoBERTa,
+//! DistilBERT and MPNet run through the same blocks: [`super::arch`] maps their configs and
+//! names, and [`super::mpnet`] holds MPNet's relative position bias. Unlike
 //! candle-transformers' `BertModel`, every block is public, dropout is real in training, and
 //! the LayerNorm and softmax used in training have a backward pass.
 
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use super::arch::Architecture;
 use super::batch::PackedBatch;
 use super::dropout::Dropout;
+use super::mpnet::RelativeBias;
 
 /// `config.json` of a BERT model: candle-transformers' `Config` plus the attention dropout.
 #[derive(Debug, Clone, Deserialize)]
@@ -24,6 +26,9 @@ pub struct BertConfig {
     /// Dropout on attention probabilities; BERT's default is 0.1.
     #[serde(default = "default_dropout")]
     pub attention_probs_dropout_prob: f64,
+    /// Rows of MPNet's relative position bias table (0 for other architectures).
+    #[serde(default)]
+    pub relative_attention_num_buckets: usize,
     /// The architecture `config.json` names (set by [`Architecture::parse_config`]).
     #[serde(skip)]
     pub arch: Architecture,
@@ -79,10 +84,18 @@ impl BertConfig {
                 o => format!(" (a {} model's positions start at {o})", self.arch.name()),
             }
         );
-        // DistilBERT has no token types; every other architecture has at least one.
+        // DistilBERT and MPNet have no token types; every other architecture has one at least.
         anyhow::ensure!(
-            self.type_vocab_size > 0 || self.arch == Architecture::DistilBert,
+            self.type_vocab_size > 0
+                || matches!(self.arch, Architecture::DistilBert | Architecture::Mpnet),
             "type_vocab_size is 0"
+        );
+        anyhow::ensure!(
+            self.arch != Architecture::Mpnet
+                || self.relative_attention_num_buckets >= super::mpnet::BUCKETS,
+            "relative_attention_num_buckets is {}; MPNet looks up {} buckets",
+            self.relative_attention_num_buckets,
+            super::mpnet::BUCKETS
         );
         anyhow::ensure!(
             self.layer_norm_eps.is_finite() && self.layer_norm_eps >= 0.0,
@@ -317,6 +330,9 @@ pub struct AttentionMask {
     lengths: Option<Vec<usize>>,
     /// Sequence offsets of packed states `[T, hidden]` (see [`PackedBatch`]).
     packed: Option<Vec<usize>>,
+    /// MPNet's relative position bias table `[buckets, heads]`, added to every layer's scores
+    /// (set by [`BertEncoder::forward_layers`] from the encoder's own table).
+    bias: Option<Tensor>,
 }
 
 impl AttentionMask {
@@ -343,6 +359,7 @@ impl AttentionMask {
             additive,
             lengths,
             packed: None,
+            bias: None,
         })
     }
 
@@ -352,6 +369,15 @@ impl AttentionMask {
             additive: None,
             lengths: None,
             packed: Some(batch.offsets.clone()),
+            bias: None,
+        }
+    }
+
+    /// The mask with MPNet's relative position bias table `[buckets, heads]`.
+    fn with_bias(&self, table: &Tensor) -> Self {
+        Self {
+            bias: Some(table.clone()),
+            ..self.clone()
         }
     }
 }
@@ -414,9 +440,10 @@ impl BertAttention {
     }
 
     pub fn forward(&self, x: &Tensor, mask: &AttentionMask, mode: Mode) -> Result<Tensor> {
+        let bias = mask.bias.as_ref();
         let ctx = match (&mask.packed, &mask.lengths) {
-            (Some(offsets), _) => self.fused_context(x, Layout::Packed(offsets), mode)?,
-            (None, Some(lengths)) => self.fused_context(x, Layout::Padded(lengths), mode)?,
+            (Some(offsets), _) => self.fused_context(x, Layout::Packed(offsets), bias, mode)?,
+            (None, Some(lengths)) => self.fused_context(x, Layout::Padded(lengths), bias, mode)?,
             (None, None) => self.context(x, mask, mode)?,
         };
         let out = mode.dropout(&self.output.forward(&ctx)?, self.hidden_dropout)?;
@@ -425,7 +452,13 @@ impl BertAttention {
 
     /// Attention context through one fused projection and the fused attention op (batches
     /// padded at the end).
-    fn fused_context(&self, x: &Tensor, layout: Layout, mode: Mode) -> Result<Tensor> {
+    fn fused_context(
+        &self,
+        x: &Tensor,
+        layout: Layout,
+        bias: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let w = Tensor::cat(
             &[&self.query.weight, &self.key.weight, &self.value.weight],
             0,
@@ -436,12 +469,13 @@ impl BertAttention {
             Mode::Train(d) => d.next_seed(self.attn_dropout),
             Mode::Infer => None,
         };
+        let (heads, d) = (self.heads, self.head_dim);
         match layout {
             Layout::Padded(lengths) => {
-                super::ops::attention(&qkv, lengths, self.heads, self.head_dim, dropout)
+                super::ops::attention(&qkv, lengths, heads, d, bias, dropout)
             }
             Layout::Packed(offsets) => {
-                super::ops::attention_packed(&qkv, offsets, self.heads, self.head_dim, dropout)
+                super::ops::attention_packed(&qkv, offsets, heads, d, bias, dropout)
             }
         }
     }
@@ -454,6 +488,9 @@ impl BertAttention {
         let v = self.split_heads(&self.value.forward(x)?)?;
         // [batch, heads, seq, seq]
         let mut scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?;
+        if let Some(table) = &mask.bias {
+            scores = scores.broadcast_add(&super::mpnet::bias_matrix(table, s)?)?;
+        }
         if let Some(m) = &mask.additive {
             scores = scores.broadcast_add(m)?;
         }
@@ -510,11 +547,14 @@ impl BertLayer {
 pub struct BertEncoder {
     pub embeddings: BertEmbeddings,
     pub layers: Vec<BertLayer>,
+    /// MPNet's `encoder.relative_attention_bias`, shared by every layer; `None` otherwise.
+    pub relative_bias: Option<RelativeBias>,
     pub config: BertConfig,
 }
 
 impl BertEncoder {
-    /// Loads `embeddings.*` and `encoder.layer.{i}.*` from `vb`.
+    /// Loads `embeddings.*`, `encoder.layer.{i}.*` and, for MPNet,
+    /// `encoder.relative_attention_bias.*` from `vb`.
     pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
         let embeddings = BertEmbeddings::load(vb.pp("embeddings"), cfg)?;
         let layers = (0..cfg.num_hidden_layers)
@@ -523,8 +563,20 @@ impl BertEncoder {
         Ok(Self {
             embeddings,
             layers,
+            relative_bias: Self::load_relative_bias(&vb, cfg)?,
             config: cfg.clone(),
         })
+    }
+
+    /// MPNet's relative position bias table; `None` for the other architectures.
+    pub fn load_relative_bias(vb: &VarBuilder, cfg: &BertConfig) -> Result<Option<RelativeBias>> {
+        match cfg.arch {
+            Architecture::Mpnet => Ok(Some(RelativeBias::load(
+                vb.pp("encoder.relative_attention_bias"),
+                cfg,
+            )?)),
+            _ => Ok(None),
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -539,6 +591,14 @@ impl BertEncoder {
         range: std::ops::Range<usize>,
         mode: Mode,
     ) -> Result<Tensor> {
+        let with_bias;
+        let mask = match &self.relative_bias {
+            Some(b) => {
+                with_bias = mask.with_bias(&b.table);
+                &with_bias
+            }
+            None => mask,
+        };
         let mut x = x.clone();
         for layer in &self.layers[range] {
             x = layer.forward(&x, mask, mode)?;

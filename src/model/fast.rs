@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use super::bert::{BertConfig, BertEmbeddings, BertEncoder, BertLayer, LayerNorm, Linear};
 use super::gemm::{matmul, parallelism, Mat, MatMut};
 use super::kernels;
+use super::mpnet::{self, RelativeBias};
 use super::ops::attend_head;
 use super::pooling::Pooling;
 use super::quant;
@@ -96,13 +97,33 @@ fn linear(
     })
 }
 
-/// Self-attention over packed sequences: `ctx[t, h*d..]` from `qkv` `[T, 3H]`.
+/// MPNet's relative position bias table `[buckets, heads]` as values, with the buckets of
+/// the distances in sequences of up to `longest` tokens.
+struct BiasTable {
+    table: Vec<f32>,
+    buckets: Vec<u32>,
+}
+
+impl BiasTable {
+    fn new(bias: Option<&RelativeBias>, offsets: &[usize]) -> Result<Option<Self>> {
+        let Some(bias) = bias else { return Ok(None) };
+        let longest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        Ok(Some(Self {
+            table: bias.table.flatten_all()?.to_vec1::<f32>()?,
+            buckets: mpnet::distance_buckets(longest),
+        }))
+    }
+}
+
+/// Self-attention over packed sequences: `ctx[t, h*d..]` from `qkv` `[T, 3H]`, plus MPNet's
+/// relative position bias when given.
 fn attention(
     qkv: &[f32],
     ctx: &mut [f32],
     offsets: &[usize],
     heads: usize,
     head_dim: usize,
+    bias: Option<&BiasTable>,
 ) -> Result<()> {
     let hidden = heads * head_dim;
     let ld = 3 * hidden;
@@ -127,12 +148,23 @@ fn attention(
         ld: hidden,
     };
     let src = Mat::rows(qkv.as_ptr(), ld);
+    if let Some(b) = bias {
+        if b.table.len() < mpnet::BUCKETS * heads {
+            bail!(
+                "fast path: a relative bias table of {} values",
+                b.table.len()
+            );
+        }
+    }
     tasks
         .par_iter()
-        .for_each_init(Vec::<f32>::new, |probs, &(s, h)| {
+        .for_each_init(Default::default, |(probs, rel), &(s, h)| {
             let (out, src) = (out, src);
             let start = offsets[s];
             let m = offsets[s + 1] - start;
+            if let Some(b) = bias {
+                mpnet::head_bias(&b.table, heads, h, &b.buckets, m, rel);
+            }
             // SAFETY: offsets are within the [T, 3H] and [T, H] buffers; each task writes rows
             // start..start+m, columns h*d..(h+1)*d of ctx only.
             unsafe {
@@ -150,6 +182,7 @@ fn attention(
                     ld,
                     o,
                     probs,
+                    bias.map(|_| &rel[..]),
                     None,
                 );
             }
@@ -312,6 +345,7 @@ impl BertEncoder {
         grow_all(ws, t, h, inter);
 
         embed_packed(&self.embeddings, cfg, seqs, &offs, &mut ws.x[..t * h])?;
+        let bias = BiasTable::new(self.relative_bias.as_ref(), &offs)?;
 
         for layer in &self.layers {
             let a = &layer.attention;
@@ -325,6 +359,7 @@ impl BertEncoder {
                 &offs,
                 a.heads(),
                 a.head_dim(),
+                bias.as_ref(),
             )?;
             linear(&ws.ctx[..t * h], t, &a.output, &mut ws.tmp[..t * h], h, 0)?;
             layer_norm_rows(&mut ws.tmp[..t * h], Some(&ws.x[..t * h]), &a.layer_norm, h)?;
@@ -541,6 +576,7 @@ impl QuantLayer {
 struct QuantEncoder {
     embeddings: BertEmbeddings,
     layers: Vec<QuantLayer>,
+    relative_bias: Option<RelativeBias>,
     config: BertConfig,
     kernels: Kernels,
 }
@@ -615,6 +651,7 @@ impl FastEncoder {
         let BertEncoder {
             embeddings,
             layers,
+            relative_bias,
             config,
         } = encoder;
         let mut qlayers = Vec::with_capacity(layers.len());
@@ -628,6 +665,7 @@ impl FastEncoder {
             inner: Inner::Quant(QuantEncoder {
                 embeddings,
                 layers: qlayers,
+                relative_bias,
                 config,
                 kernels,
             }),
@@ -645,6 +683,7 @@ impl FastEncoder {
         let empty = BertEncoder {
             embeddings: BertEmbeddings::load(vb.pp("embeddings"), cfg)?,
             layers: Vec::new(),
+            relative_bias: BertEncoder::load_relative_bias(&vb, cfg)?,
             config: cfg.clone(),
         };
         let mut fast = Self::new(empty, dtype)?;
@@ -712,6 +751,7 @@ impl QuantEncoder {
         let t = *offs.last().expect("offsets");
         grow_all(ws, t, h, inter);
         embed_packed(&self.embeddings, cfg, seqs, &offs, &mut ws.x[..t * h])?;
+        let bias = BiasTable::new(self.relative_bias.as_ref(), &offs)?;
         let k = self.kernels;
         for layer in &self.layers {
             let Workspace {
@@ -729,7 +769,8 @@ impl QuantEncoder {
                 &mut mid[..t * inter],
             );
             layer.qkv.forward(x, t, qkv, 3 * h, 0, None, k, scratch)?;
-            attention(qkv, ctx, &offs, layer.heads, layer.head_dim)?;
+            let (heads, d) = (layer.heads, layer.head_dim);
+            attention(qkv, ctx, &offs, heads, d, bias.as_ref())?;
             layer
                 .attn_out
                 .forward(ctx, t, tmp, h, 0, None, k, scratch)?;

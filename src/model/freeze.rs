@@ -252,6 +252,7 @@ mod tests {
 
         let p = FreezePlan::new(&[], Some(2), 6).unwrap();
         assert!(!p.is_trainable("embeddings.LayerNorm.weight"));
+        assert!(!p.is_trainable("encoder.relative_attention_bias.weight"));
         assert!(!p.is_trainable("encoder.layer.1.attention.self.query.weight"));
         assert!(p.is_trainable("encoder.layer.2.attention.self.query.weight"));
         assert!(p.is_trainable("encoder.layer.10.output.LayerNorm.bias"));

@@ -9,6 +9,7 @@ pub mod fast;
 pub mod freeze;
 pub mod gemm;
 pub mod kernels;
+pub mod mpnet;
 pub mod multitask;
 pub mod names;
 pub mod ops;

@@ -13,6 +13,9 @@ pub const HEAD_NAMES: [&str; 2] = ["class_head", "sentiment_head"];
 /// The word embeddings' parameter name.
 pub const WORD_EMBEDDINGS: &str = "embeddings.word_embeddings.weight";
 
+/// The prefix of MPNet's relative position bias table, shared by all layers.
+pub const RELATIVE_ATTENTION_BIAS: &str = "encoder.relative_attention_bias.";
+
 /// The name prefix of encoder layer `i`: `encoder.layer.{i}`.
 pub fn layer_prefix(i: usize) -> String {
     format!("encoder.layer.{i}")
@@ -21,7 +24,9 @@ pub fn layer_prefix(i: usize) -> String {
 /// A part of the multitask model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Part {
-    /// The encoder's embeddings (below the first layer).
+    /// The encoder's input stage, which any frozen prefix freezes: the embeddings, and
+    /// MPNet's relative position bias table (every layer reads it, the frozen ones too, so it
+    /// cannot train while they stay fixed).
     Embeddings,
     /// Encoder layer `i`.
     Layer(usize),
@@ -34,7 +39,7 @@ pub enum Part {
 impl Part {
     /// The part the parameter called `name` belongs to.
     pub fn of(name: &str) -> Self {
-        if name.starts_with("embeddings.") {
+        if name.starts_with("embeddings.") || name.starts_with(RELATIVE_ATTENTION_BIAS) {
             return Part::Embeddings;
         }
         if let Some(i) = layer_index(name) {
@@ -88,6 +93,10 @@ mod tests {
     #[test]
     fn names_map_to_their_parts() {
         assert_eq!(Part::of(WORD_EMBEDDINGS), Part::Embeddings);
+        assert_eq!(
+            Part::of("encoder.relative_attention_bias.weight"),
+            Part::Embeddings
+        );
         assert_eq!(
             Part::of("encoder.layer.11.output.dense.weight"),
             Part::Layer(11)

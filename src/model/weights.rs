@@ -162,8 +162,8 @@ impl WeightFile {
     }
 
     /// The file's own name for the canonical `name`: as is, or as the file's architecture
-    /// names it ([`Architecture::hf_names`]: a `bert.`/`roberta.`/`distilbert.` prefix,
-    /// DistilBERT's own names, the old `gamma`/`beta` LayerNorm names of `bert-base-uncased`).
+    /// names it ([`Architecture::hf_names`]: a `bert.`/`roberta.`/`distilbert.`/`mpnet.` prefix,
+    /// DistilBERT's and MPNet's own names, the old `gamma`/`beta` LayerNorm names of `bert-base-uncased`).
     fn resolve(&self, name: &str) -> Option<String> {
         if self.tensors.contains_key(name) {
             return Some(name.to_string());

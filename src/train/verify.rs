@@ -8,7 +8,8 @@ use serde::Serialize;
 use crate::model::multitask::MultiTaskModel;
 use crate::model::names::Part;
 
-/// The part of the model a parameter belongs to, for reports.
+/// The part of the model a parameter belongs to, for reports (MPNet's relative position bias
+/// counts with the embeddings: it freezes with them).
 pub fn part_of(name: &str) -> String {
     Part::of(name).to_string()
 }

@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests: tiny models, the real MiniLM, running the binary.
+//! Helpers shared by the integration tests: tiny models, the real MiniLM and MPNet, running the
+//! binary.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -17,20 +18,41 @@ pub fn tiny_model(spec: &TinyBert) -> (tempfile::TempDir, PathBuf) {
 /// The all-MiniLM-L6-v2 folder that `scripts/fetch-minilm.sh` fetches. `None` (test skipped,
 /// with a message) when it is absent outside CI; a panic when it is absent in CI.
 pub fn minilm() -> Option<PathBuf> {
-    let path = std::env::var_os("FETCH_ML_MINILM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2"));
+    real_model(
+        "all-MiniLM-L6-v2",
+        "FETCH_ML_MINILM",
+        "scripts/fetch-minilm.sh",
+    )
+}
+
+/// The all-mpnet-base-v2 folder that `scripts/fetch-mpnet.sh` fetches, as [`minilm`].
+pub fn mpnet() -> Option<PathBuf> {
+    real_model(
+        "all-mpnet-base-v2",
+        "FETCH_ML_MPNET",
+        "scripts/fetch-mpnet.sh",
+    )
+}
+
+/// `models/NAME` (or the folder `$ENV` names) when it holds the weights; else `None` (test
+/// skipped, with a message), or a panic when `CI` is set.
+fn real_model(name: &str, env: &str, script: &str) -> Option<PathBuf> {
+    let path = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(name)
+    });
     if path.join("model.safetensors").is_file() {
         return Some(path);
     }
     if std::env::var_os("CI").is_some() {
         panic!(
-            "CI is set but the real model is missing at {}; run scripts/fetch-minilm.sh",
+            "CI is set but the real model is missing at {}; run {script}",
             path.display()
         );
     }
     eprintln!(
-        "SKIPPED: all-MiniLM-L6-v2 not found at {}; run scripts/fetch-minilm.sh",
+        "SKIPPED: {name} not found at {}; run {script}",
         path.display()
     );
     None

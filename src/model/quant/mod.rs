@@ -22,14 +22,20 @@
 //! emulates `vdpbf16ps` (odd product first, then even, each rounded to f32); it matches the
 //! AVX-512 kernel closely but not necessarily bit for bit (the instruction flushes denormals).
 //!
-//! Kernels: `FETCH_ML_KERNEL=portable|avx2|avxvnni|avx512vnni` (int8) or
-//! `portable|avx512bf16` (bf16) forces one; without it the fastest the CPU has is used.
+//! The same panels are the B tiles of Intel AMX (16 groups x 64 bytes), so the AMX kernels
+//! (`amx.rs`) read them as they are, 32 rows x 32 columns per call.
+//!
+//! Kernels: `FETCH_ML_KERNEL=portable|avx2|avxvnni|avx512vnni|amx` (int8) or
+//! `portable|avx512bf16|amxbf16` (bf16) forces one; without it the fastest the CPU has (and
+//! the operating system allows, for AMX) is used.
 
 use std::fmt;
 use std::str::FromStr;
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -101,12 +107,12 @@ fn err<T>(msg: impl Into<String>) -> Result<T, QuantError> {
 /// Output columns per packed panel: one 512-bit vector of i32 or f32 lanes.
 pub const PANEL: usize = 16;
 
-/// Rows of a tile, at most (the largest register block of any kernel).
-const MAX_MR: usize = 6;
+/// Rows of a tile, at most (the largest block of any kernel: AMX's 2 x 16 rows).
+const MAX_MR: usize = 32;
 /// Panels of a tile, at most.
 const MAX_NP: usize = 4;
-/// Rows per parallel task.
-const ROW_BLOCK: usize = 48;
+/// A kernel's output tile: `MAX_MR` rows of `MAX_NP * PANEL` lanes.
+type TileBuf<T> = [T; MAX_MR * MAX_NP * PANEL];
 
 /// An int8 kernel: how `dot(u8 row, s8 column)` is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +125,8 @@ pub enum Int8Kernel {
     AvxVnni,
     /// AVX-512 VNNI `vpdpbusd` on 512-bit vectors.
     Avx512Vnni,
+    /// Intel AMX `tdpbusd` on 16 x 64-byte tiles.
+    Amx,
 }
 
 /// A bf16 kernel.
@@ -128,14 +136,17 @@ pub enum Bf16Kernel {
     Portable,
     /// AVX-512 BF16 `vdpbf16ps`.
     Avx512Bf16,
+    /// Intel AMX `tdpbf16ps` on 16 x 64-byte tiles.
+    Amx,
 }
 
 impl Int8Kernel {
-    pub const ALL: [Int8Kernel; 4] = [
+    pub const ALL: [Int8Kernel; 5] = [
         Int8Kernel::Portable,
         Int8Kernel::Avx2,
         Int8Kernel::AvxVnni,
         Int8Kernel::Avx512Vnni,
+        Int8Kernel::Amx,
     ];
 
     pub fn name(self) -> &'static str {
@@ -144,6 +155,7 @@ impl Int8Kernel {
             Int8Kernel::Avx2 => "avx2",
             Int8Kernel::AvxVnni => "avxvnni",
             Int8Kernel::Avx512Vnni => "avx512vnni",
+            Int8Kernel::Amx => "amx",
         }
     }
 
@@ -162,6 +174,7 @@ impl Int8Kernel {
                         && is_x86_feature_detected!("avx512bw")
                         && is_x86_feature_detected!("avx512vnni")
                 }
+                Int8Kernel::Amx => amx::int8_supported(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -173,6 +186,7 @@ impl Int8Kernel {
     /// The fastest supported kernel.
     pub fn best() -> Self {
         [
+            Int8Kernel::Amx,
             Int8Kernel::Avx512Vnni,
             Int8Kernel::AvxVnni,
             Int8Kernel::Avx2,
@@ -187,13 +201,18 @@ impl Int8Kernel {
     pub fn select() -> Result<Self, QuantError> {
         match kernel_override() {
             None => Ok(Self::best()),
-            // A bf16 kernel name leaves the int8 choice to the CPU.
-            Some(name) if name == "avx512bf16" => Ok(Self::best()),
+            // A bf16-only kernel name leaves the int8 choice to the CPU.
+            Some(name)
+                if !Self::ALL.iter().any(|k| k.name() == name)
+                    && Bf16Kernel::ALL.iter().any(|k| k.name() == name) =>
+            {
+                Ok(Self::best())
+            }
             Some(name) => {
                 let Some(k) = Self::ALL.into_iter().find(|k| k.name() == name) else {
                     return err(format!(
                         "FETCH_ML_KERNEL={name} names no int8 kernel; expected one of \
-                         portable, avx2, avxvnni, avx512vnni"
+                         portable, avx2, avxvnni, avx512vnni, amx"
                     ));
                 };
                 if !k.supported() {
@@ -213,17 +232,31 @@ impl Int8Kernel {
             Int8Kernel::Avx2 => (2, 1),
             Int8Kernel::AvxVnni => (6, 1),
             Int8Kernel::Avx512Vnni => (6, 4),
+            Int8Kernel::Amx => (32, 2),
+        }
+    }
+
+    /// (rows, panels) of one parallel task.
+    fn block_shape(self) -> (usize, usize) {
+        match self {
+            Int8Kernel::Amx => AMX_BLOCK,
+            _ => BLOCK,
         }
     }
 }
 
 impl Bf16Kernel {
-    pub const ALL: [Bf16Kernel; 2] = [Bf16Kernel::Portable, Bf16Kernel::Avx512Bf16];
+    pub const ALL: [Bf16Kernel; 3] = [
+        Bf16Kernel::Portable,
+        Bf16Kernel::Avx512Bf16,
+        Bf16Kernel::Amx,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Bf16Kernel::Portable => "portable",
             Bf16Kernel::Avx512Bf16 => "avx512bf16",
+            Bf16Kernel::Amx => "amxbf16",
         }
     }
 
@@ -235,6 +268,7 @@ impl Bf16Kernel {
                 Bf16Kernel::Avx512Bf16 => {
                     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
                 }
+                Bf16Kernel::Amx => amx::bf16_supported(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -244,31 +278,35 @@ impl Bf16Kernel {
     }
 
     pub fn best() -> Self {
-        if Bf16Kernel::Avx512Bf16.supported() {
-            Bf16Kernel::Avx512Bf16
-        } else {
-            Bf16Kernel::Portable
-        }
+        [Bf16Kernel::Amx, Bf16Kernel::Avx512Bf16]
+            .into_iter()
+            .find(|k| k.supported())
+            .unwrap_or(Bf16Kernel::Portable)
     }
 
-    /// The kernel `FETCH_ML_KERNEL` asks for (`portable` or `avx512bf16`; an int8 kernel name
-    /// leaves the choice to the CPU), else the best one.
+    /// The kernel `FETCH_ML_KERNEL` asks for (`portable`, `avx512bf16` or `amxbf16`; an int8
+    /// kernel name leaves the choice to the CPU), else the best one.
     pub fn select() -> Result<Self, QuantError> {
         match kernel_override() {
-            Some(name) if name == "portable" => Ok(Bf16Kernel::Portable),
-            Some(name) if name == "avx512bf16" => {
-                if Bf16Kernel::Avx512Bf16.supported() {
-                    Ok(Bf16Kernel::Avx512Bf16)
-                } else {
-                    err("FETCH_ML_KERNEL=avx512bf16: this CPU lacks avx512_bf16")
-                }
-            }
-            Some(name) if Int8Kernel::ALL.iter().any(|k| k.name() == name) => Ok(Self::best()),
-            Some(name) => err(format!(
-                "FETCH_ML_KERNEL={name} names no kernel; expected one of portable, avx2, \
-                 avxvnni, avx512vnni, avx512bf16"
-            )),
             None => Ok(Self::best()),
+            Some(name) => {
+                if let Some(k) = Self::ALL.into_iter().find(|k| k.name() == name) {
+                    if !k.supported() {
+                        return err(format!(
+                            "FETCH_ML_KERNEL={name}: this CPU lacks the instructions of that \
+                             kernel"
+                        ));
+                    }
+                    return Ok(k);
+                }
+                if Int8Kernel::ALL.iter().any(|k| k.name() == name) {
+                    return Ok(Self::best());
+                }
+                err(format!(
+                    "FETCH_ML_KERNEL={name} names no kernel; expected one of portable, avx2, \
+                     avxvnni, avx512vnni, amx, avx512bf16, amxbf16"
+                ))
+            }
         }
     }
 
@@ -276,6 +314,14 @@ impl Bf16Kernel {
         match self {
             Bf16Kernel::Portable => (4, 1),
             Bf16Kernel::Avx512Bf16 => (6, 4),
+            Bf16Kernel::Amx => (32, 2),
+        }
+    }
+
+    fn block_shape(self) -> (usize, usize) {
+        match self {
+            Bf16Kernel::Amx => AMX_BLOCK,
+            _ => BLOCK,
         }
     }
 }
@@ -499,8 +545,8 @@ impl PackedI8 {
     }
 }
 
-/// Runs the int8 kernel on one tile: rows `a` (stride `lda`, `mr` <= 6 rows), panels starting
-/// at `b` (`np` <= 4 panels); `out[r * 64 + j]` receives the exact i32 products.
+/// Runs the int8 kernel on one tile: rows `a` (stride `lda`, `mr` rows), panels starting at
+/// `b` (`np` panels); `out[r * 64 + j]` receives the exact i32 products.
 ///
 /// # Safety
 /// `kernel.supported()`; `a` covers `mr` rows of `kp` bytes at stride `lda`; `b` covers `np`
@@ -514,7 +560,7 @@ unsafe fn int8_tile(
     b: *const i8,
     np: usize,
     kp: usize,
-    out: &mut [i32; MAX_MR * MAX_NP * PANEL],
+    out: &mut TileBuf<i32>,
 ) {
     match kernel {
         Int8Kernel::Portable => portable::int8_tile(a, lda, mr, b, np, kp, out),
@@ -524,30 +570,39 @@ unsafe fn int8_tile(
         Int8Kernel::AvxVnni => avxvnni::int8_tile(a, lda, mr, b, np, kp, out),
         #[cfg(target_arch = "x86_64")]
         Int8Kernel::Avx512Vnni => avx512vnni::int8_tile(a, lda, mr, b, np, kp, out),
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Amx => amx::int8_tile(a, lda, mr, b, np, kp, out),
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("only the portable kernel is supported off x86_64"),
     }
 }
 
-/// Splits `rows` x `panels` into tasks (blocks of 48 rows x 4 panels) and runs `f(r0, r1, p0,
-/// p1)` on each, in parallel when the product is large enough.
+/// (rows, panels) of a parallel task for the register-tile kernels, and for AMX (2 x 2 of its
+/// 32 x 32 tiles: the weights of a pair of panels are reused over 64 rows).
+const BLOCK: (usize, usize) = (48, 4);
+const AMX_BLOCK: (usize, usize) = (64, 8);
+
+/// Splits `rows` x `panels` into tasks of `block` (rows, panels) and runs `f(r0, r1, p0, p1)`
+/// on each, in parallel when the product is large enough.
 fn for_each_block(
     rows: usize,
     panels: usize,
+    block: (usize, usize),
     flops: usize,
     f: impl Fn(usize, usize, usize, usize) + Sync,
 ) {
-    let rb = rows.div_ceil(ROW_BLOCK);
-    let pb = panels.div_ceil(MAX_NP);
+    let (row_block, panel_block) = block;
+    let rb = rows.div_ceil(row_block);
+    let pb = panels.div_ceil(panel_block);
     let task = |t: usize| {
         let (i, j) = (t / pb, t % pb);
-        let r0 = i * ROW_BLOCK;
-        let p0 = j * MAX_NP;
+        let r0 = i * row_block;
+        let p0 = j * panel_block;
         f(
             r0,
-            (r0 + ROW_BLOCK).min(rows),
+            (r0 + row_block).min(rows),
             p0,
-            (p0 + MAX_NP).min(panels),
+            (p0 + panel_block).min(panels),
         );
     };
     if rayon::current_num_threads() > 1 && flops > (1 << 20) {
@@ -568,14 +623,21 @@ pub fn gemm_u8s8_i32(
     let (m, n) = (a.rows, b.n);
     let mut c = vec![0i32; m * n];
     let out = SharedI32(c.as_mut_ptr());
-    for_each_block(m, b.panels, 2 * m * n * b.kp, |r0, r1, p0, p1| {
-        let out = &out;
-        int8_block(kernel, a, b, r0, r1, p0, p1, |r, c0, acc| {
-            // SAFETY: r < m and c0 + acc.len() <= n; blocks are disjoint.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(r * n + c0), acc.len()) };
-            dst.copy_from_slice(acc);
-        });
-    });
+    for_each_block(
+        m,
+        b.panels,
+        kernel.block_shape(),
+        2 * m * n * b.kp,
+        |r0, r1, p0, p1| {
+            let out = &out;
+            int8_block(kernel, a, b, r0, r1, p0, p1, |r, c0, acc| {
+                // SAFETY: r < m and c0 + acc.len() <= n; blocks are disjoint.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(out.0.add(r * n + c0), acc.len()) };
+                dst.copy_from_slice(acc);
+            });
+        },
+    );
     Ok(c)
 }
 
@@ -609,6 +671,40 @@ fn check_int8(kernel: Int8Kernel, a: &QuantRows, b: &PackedI8) -> Result<(), Qua
     Ok(())
 }
 
+/// Walks rows `r0..r1` x panels `p0..p1` in tiles of `shape` (rows, panels): `tile(r, mr, p,
+/// np, buf)` fills `buf` (rows of `MAX_NP * PANEL` lanes), then `emit(row, column, values)`
+/// receives each row's valid columns (`n` columns in all). The one tile walk of every kernel.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn walk_tiles<T: Copy + Default>(
+    shape: (usize, usize),
+    n: usize,
+    (r0, r1): (usize, usize),
+    (p0, p1): (usize, usize),
+    mut tile: impl FnMut(usize, usize, usize, usize, &mut TileBuf<T>),
+    mut emit: impl FnMut(usize, usize, &[T]),
+) {
+    let (mr_max, np_max) = shape;
+    debug_assert!(mr_max <= MAX_MR && np_max <= MAX_NP);
+    let mut buf = [T::default(); MAX_MR * MAX_NP * PANEL];
+    let mut p = p0;
+    while p < p1 {
+        let np = np_max.min(p1 - p);
+        let cols = (np * PANEL).min(n - p * PANEL);
+        let mut r = r0;
+        while r < r1 {
+            let mr = mr_max.min(r1 - r);
+            tile(r, mr, p, np, &mut buf);
+            for i in 0..mr {
+                let t = i * MAX_NP * PANEL;
+                emit(r + i, p * PANEL, &buf[t..t + cols]);
+            }
+            r += mr;
+        }
+        p += np;
+    }
+}
+
 /// Rows `r0..r1`, panels `p0..p1`: calls `emit(row, column, exact i32)` for every valid column.
 /// The caller has checked the sizes (`check_int8`).
 #[allow(clippy::too_many_arguments)]
@@ -621,39 +717,26 @@ fn int8_block(
     r1: usize,
     p0: usize,
     p1: usize,
-    mut emit: impl FnMut(usize, usize, &[i32]),
+    emit: impl FnMut(usize, usize, &[i32]),
 ) {
-    let (mr_max, np_max) = kernel.tile_shape();
-    let mut tile = [0i32; MAX_MR * MAX_NP * PANEL];
-    let mut p = p0;
-    while p < p1 {
-        let np = np_max.min(p1 - p);
-        let mut r = r0;
-        while r < r1 {
-            let mr = mr_max.min(r1 - r);
-            // SAFETY: check_int8 verified that `a` holds rows * kp bytes and `b` panels *
-            // kp * 16; r + mr <= rows and p + np <= panels; the kernel is supported.
-            unsafe {
-                int8_tile(
-                    kernel,
-                    a.a.as_ptr().add(r * a.kp),
-                    a.kp,
-                    mr,
-                    b.data.as_ptr().add(p * b.kp * PANEL),
-                    np,
-                    b.kp,
-                    &mut tile,
-                );
-            }
-            let cols = (np * PANEL).min(b.n - p * PANEL);
-            for i in 0..mr {
-                let t = i * MAX_NP * PANEL;
-                emit(r + i, p * PANEL, &tile[t..t + cols]);
-            }
-            r += mr;
+    let tile = |r: usize, mr: usize, p: usize, np: usize, buf: &mut TileBuf<i32>| {
+        // SAFETY: check_int8 verified that `a` holds rows * kp bytes and `b` panels * kp * 16;
+        // walk_tiles keeps r + mr <= r1 <= rows and p + np <= p1 <= panels, within the
+        // kernel's tile shape; the kernel is supported.
+        unsafe {
+            int8_tile(
+                kernel,
+                a.a.as_ptr().add(r * a.kp),
+                a.kp,
+                mr,
+                b.data.as_ptr().add(p * b.kp * PANEL),
+                np,
+                b.kp,
+                buf,
+            )
         }
-        p += np;
-    }
+    };
+    walk_tiles(kernel.tile_shape(), b.n, (r0, r1), (p0, p1), tile, emit);
 }
 
 /// A dense layer `y = x W^T + b` with int8 weights (symmetric, per output channel) and
@@ -748,41 +831,48 @@ impl Int8Linear {
             ptr: dst.as_mut_ptr(),
             ld,
         };
-        for_each_block(rows, self.w.panels, 2 * rows * n * k, |r0, r1, p0, p1| {
-            int8_block(kernel, &a, &self.w, r0, r1, p0, p1, |r, c0, acc| {
-                let c1 = c0 + acc.len();
-                // SAFETY: r < rows and c1 <= n; check_dst verified (rows - 1) * ld + col + n
-                // <= dst.len(); tasks own disjoint (row, column) blocks.
-                let d = unsafe { out.slice(r * out.ld + col + c0, acc.len()) };
-                #[cfg(target_arch = "x86_64")]
-                if simd_level() == 2 && matches!(act, Activation::None | Activation::Gelu) {
-                    // SAFETY: simd_level 2 means avx512f; the slices are acc.len() long.
-                    unsafe {
-                        epilogue_i8_avx512(
-                            acc,
-                            zero[r],
-                            scale[r],
-                            &self.w.colsum[c0..c1],
-                            &self.wscale[c0..c1],
-                            &self.bias[c0..c1],
-                            act == Activation::Gelu,
-                            d,
-                        )
-                    };
-                    return;
-                }
-                epilogue_i8(
-                    acc,
-                    zero[r],
-                    scale[r],
-                    &self.w.colsum[c0..c1],
-                    &self.wscale[c0..c1],
-                    &self.bias[c0..c1],
-                    act,
-                    d,
-                );
-            });
-        });
+        let block = kernel.block_shape();
+        for_each_block(
+            rows,
+            self.w.panels,
+            block,
+            2 * rows * n * k,
+            |r0, r1, p0, p1| {
+                int8_block(kernel, &a, &self.w, r0, r1, p0, p1, |r, c0, acc| {
+                    let c1 = c0 + acc.len();
+                    // SAFETY: r < rows and c1 <= n; check_dst verified (rows - 1) * ld + col + n
+                    // <= dst.len(); tasks own disjoint (row, column) blocks.
+                    let d = unsafe { out.slice(r * out.ld + col + c0, acc.len()) };
+                    #[cfg(target_arch = "x86_64")]
+                    if simd_level() == 2 && matches!(act, Activation::None | Activation::Gelu) {
+                        // SAFETY: simd_level 2 means avx512f; the slices are acc.len() long.
+                        unsafe {
+                            epilogue_i8_avx512(
+                                acc,
+                                zero[r],
+                                scale[r],
+                                &self.w.colsum[c0..c1],
+                                &self.wscale[c0..c1],
+                                &self.bias[c0..c1],
+                                act == Activation::Gelu,
+                                d,
+                            )
+                        };
+                        return;
+                    }
+                    epilogue_i8(
+                        acc,
+                        zero[r],
+                        scale[r],
+                        &self.w.colsum[c0..c1],
+                        &self.wscale[c0..c1],
+                        &self.bias[c0..c1],
+                        act,
+                        d,
+                    );
+                });
+            },
+        );
         Ok(())
     }
 }
@@ -1091,12 +1181,14 @@ unsafe fn bf16_tile(
     b: *const u16,
     np: usize,
     kp: usize,
-    out: &mut [f32; MAX_MR * MAX_NP * PANEL],
+    out: &mut TileBuf<f32>,
 ) {
     match kernel {
         Bf16Kernel::Portable => portable::bf16_tile(a, lda, mr, b, np, kp, out),
         #[cfg(target_arch = "x86_64")]
         Bf16Kernel::Avx512Bf16 => avx512bf16::bf16_tile(a, lda, mr, b, np, kp, out),
+        #[cfg(target_arch = "x86_64")]
+        Bf16Kernel::Amx => amx::bf16_tile(a, lda, mr, b, np, kp, out),
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("only the portable kernel is supported off x86_64"),
     }
@@ -1164,39 +1256,25 @@ fn bf16_block(
     r1: usize,
     p0: usize,
     p1: usize,
-    mut emit: impl FnMut(usize, usize, &[f32]),
+    emit: impl FnMut(usize, usize, &[f32]),
 ) {
-    let (mr_max, np_max) = kernel.tile_shape();
-    let mut tile = [0f32; MAX_MR * MAX_NP * PANEL];
-    let mut p = p0;
-    while p < p1 {
-        let np = np_max.min(p1 - p);
-        let mut r = r0;
-        while r < r1 {
-            let mr = mr_max.min(r1 - r);
-            // SAFETY: check_bf16 verified the buffer sizes; r + mr <= rows, p + np <= panels;
-            // the kernel is supported.
-            unsafe {
-                bf16_tile(
-                    kernel,
-                    a.a.as_ptr().add(r * a.kp),
-                    a.kp,
-                    mr,
-                    b.data.as_ptr().add(p * b.kp * PANEL),
-                    np,
-                    b.kp,
-                    &mut tile,
-                );
-            }
-            let cols = (np * PANEL).min(b.n - p * PANEL);
-            for i in 0..mr {
-                let t = i * MAX_NP * PANEL;
-                emit(r + i, p * PANEL, &tile[t..t + cols]);
-            }
-            r += mr;
+    let tile = |r: usize, mr: usize, p: usize, np: usize, buf: &mut TileBuf<f32>| {
+        // SAFETY: check_bf16 verified the buffer sizes; walk_tiles keeps r + mr <= rows and
+        // p + np <= panels, within the kernel's tile shape; the kernel is supported.
+        unsafe {
+            bf16_tile(
+                kernel,
+                a.a.as_ptr().add(r * a.kp),
+                a.kp,
+                mr,
+                b.data.as_ptr().add(p * b.kp * PANEL),
+                np,
+                b.kp,
+                buf,
+            )
         }
-        p += np;
-    }
+    };
+    walk_tiles(kernel.tile_shape(), b.n, (r0, r1), (p0, p1), tile, emit);
 }
 
 /// `C[m, n] = A[m, k] x B[n, k]^T` in bf16 with f32 accumulation, row-major (for the tests).
@@ -1212,13 +1290,19 @@ pub fn gemm_bf16_f32(
         ptr: c.as_mut_ptr(),
         ld: n,
     };
-    for_each_block(m, b.panels, 2 * m * n * b.kp, |r0, r1, p0, p1| {
-        bf16_block(kernel, a, b, r0, r1, p0, p1, |r, c0, v| {
-            // SAFETY: r < m, c0 + v.len() <= n; blocks are disjoint.
-            let d = unsafe { out.slice(r * n + c0, v.len()) };
-            d.copy_from_slice(v);
-        });
-    });
+    for_each_block(
+        m,
+        b.panels,
+        kernel.block_shape(),
+        2 * m * n * b.kp,
+        |r0, r1, p0, p1| {
+            bf16_block(kernel, a, b, r0, r1, p0, p1, |r, c0, v| {
+                // SAFETY: r < m, c0 + v.len() <= n; blocks are disjoint.
+                let d = unsafe { out.slice(r * n + c0, v.len()) };
+                d.copy_from_slice(v);
+            });
+        },
+    );
     Ok(c)
 }
 
@@ -1279,13 +1363,20 @@ impl Bf16Linear {
             ptr: dst.as_mut_ptr(),
             ld,
         };
-        for_each_block(rows, self.w.panels, 2 * rows * n * k, |r0, r1, p0, p1| {
-            bf16_block(kernel, &a, &self.w, r0, r1, p0, p1, |r, c0, v| {
-                // SAFETY: as in Int8Linear::forward.
-                let d = unsafe { out.slice(r * out.ld + col + c0, v.len()) };
-                epilogue_bf16(v, &self.bias[c0..c0 + v.len()], act, d);
-            });
-        });
+        let block = kernel.block_shape();
+        for_each_block(
+            rows,
+            self.w.panels,
+            block,
+            2 * rows * n * k,
+            |r0, r1, p0, p1| {
+                bf16_block(kernel, &a, &self.w, r0, r1, p0, p1, |r, c0, v| {
+                    // SAFETY: as in Int8Linear::forward.
+                    let d = unsafe { out.slice(r * out.ld + col + c0, v.len()) };
+                    epilogue_bf16(v, &self.bias[c0..c0 + v.len()], act, d);
+                });
+            },
+        );
         Ok(())
     }
 }

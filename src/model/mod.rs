@@ -13,4 +13,6 @@ pub mod multitask;
 pub mod ops;
 pub mod pooling;
 pub mod quant;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 pub mod weights;

@@ -23,7 +23,7 @@ use std::arch::asm;
 use std::cell::{Cell, RefCell};
 use std::sync::OnceLock;
 
-use super::{MAX_MR, MAX_NP, PANEL};
+use super::{AlignedVec, MAX_MR, MAX_NP, PANEL};
 
 /// Rows of a tile, and bytes of a tile row.
 const TR: usize = 16;
@@ -120,7 +120,7 @@ struct TileConfig {
 thread_local! {
     static CONFIGURED: Cell<bool> = const { Cell::new(false) };
     /// Zero-padded copies of the remainder tiles (rows past `mr`, k past `kp`).
-    static PAD: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static PAD: RefCell<AlignedVec<u8>> = RefCell::new(AlignedVec::default());
 }
 
 /// Loads the tile configuration on this thread, once.
@@ -248,7 +248,7 @@ unsafe fn tile(
         let row_pad = if need_rows { TR * kb.next_multiple_of(TB) } else { 0 };
         let k_pad = if rem_k != 0 { 2 * TR * TB + 2 * TR * TB } else { 0 };
         if pad.len() < row_pad + k_pad {
-            pad.resize(row_pad + k_pad, 0);
+            pad.resize(row_pad + k_pad);
         }
         let (rows_buf, k_buf) = pad.split_at_mut(row_pad);
         let mut rows = [a, a];

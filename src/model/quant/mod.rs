@@ -34,6 +34,9 @@ use std::str::FromStr;
 
 use rayon::prelude::*;
 
+pub use aligned::AlignedVec;
+
+mod aligned;
 #[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]
@@ -395,8 +398,8 @@ impl OutPtr {
 /// Reusable buffers for quantized activations.
 #[derive(Default)]
 pub struct Scratch {
-    a8: Vec<u8>,
-    a16: Vec<u16>,
+    a8: AlignedVec<u8>,
+    a16: AlignedVec<u16>,
     scale: Vec<f32>,
     zero: Vec<i32>,
 }
@@ -428,8 +431,15 @@ const MAGIC_BITS: u32 = 0x4B40_0000;
 /// Quantizes one row of `x` into `a` (length `kp` >= x.len()); returns (scale, zero point).
 #[inline(always)]
 fn quantize_row_imp(x: &[f32], a: &mut [u8]) -> (f32, i32) {
+    let (lo, hi) = row_range(x);
+    quantize_in_range(x, a, lo, hi)
+}
+
+/// The minimum and maximum of `x` and 0 (NaNs skipped). Exact whatever the order.
+#[inline(always)]
+fn row_range(x: &[f32]) -> (f32, f32) {
     // Min and max over 16 lanes (comparisons, so it vectorizes; NaNs are skipped), starting
-    // from 0 so that the range holds 0. Exact whatever the order.
+    // from 0 so that the range holds 0.
     const L: usize = 16;
     let (mut lo, mut hi) = ([0f32; L], [0f32; L]);
     let chunks = x.chunks_exact(L);
@@ -446,6 +456,34 @@ fn quantize_row_imp(x: &[f32], a: &mut [u8]) -> (f32, i32) {
     }
     let lo = lo.iter().fold(0f32, |m, &v| if v < m { v } else { m });
     let hi = hi.iter().fold(0f32, |m, &v| if v > m { v } else { m });
+    (lo, hi)
+}
+
+/// [`row_range`] with AVX-512 minima and maxima: `vminps(v, lo)` keeps `lo` when `v` is NaN
+/// and takes `v` only when `v < lo`, the comparison of the portable loop, so the result is
+/// the same.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_range_avx512(x: &[f32]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut i = 0;
+    while i < n {
+        let m = lane_mask(i, n);
+        // SAFETY: the mask covers elements i..min(i + 16, n) only; masked-off lanes load 0,
+        // which the range holds already.
+        let v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(i)) };
+        lo = _mm512_min_ps(v, lo);
+        hi = _mm512_max_ps(v, hi);
+        i += 16;
+    }
+    (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi))
+}
+
+/// Quantizes `x` into `a` with the range `lo <= 0 <= hi` of [`row_range`].
+#[inline(always)]
+fn quantize_in_range(x: &[f32], a: &mut [u8], lo: f32, hi: f32) -> (f32, i32) {
     let range = hi - lo;
     if !range.is_finite() || range <= 0.0 {
         // All zeros (or non-finite input, which int8 cannot represent): the row becomes 0.
@@ -477,7 +515,9 @@ unsafe fn quantize_row_avx2(x: &[f32], a: &mut [u8]) -> (f32, i32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
 unsafe fn quantize_row_avx512(x: &[f32], a: &mut [u8]) -> (f32, i32) {
-    quantize_row_imp(x, a)
+    // SAFETY: this function's features include avx512f.
+    let (lo, hi) = unsafe { row_range_avx512(x) };
+    quantize_in_range(x, a, lo, hi)
 }
 
 /// Quantizes one row (same result whichever code path runs: only IEEE operations without
@@ -507,7 +547,7 @@ pub struct PackedI8 {
     pub k: usize,
     pub kp: usize,
     pub panels: usize,
-    pub data: Vec<i8>,
+    pub data: AlignedVec<i8>,
     /// Sum over k of each (padded) column's weights, for the zero-point correction.
     pub colsum: Vec<i32>,
 }
@@ -523,7 +563,7 @@ impl PackedI8 {
         }
         let kp = k.div_ceil(4) * 4;
         let panels = n.div_ceil(PANEL);
-        let mut data = vec![0i8; panels * kp * PANEL];
+        let mut data = AlignedVec::<i8>::zeroed(panels * kp * PANEL);
         let mut colsum = vec![0i32; panels * PANEL];
         for c in 0..n {
             let (p, l) = (c / PANEL, c % PANEL);
@@ -686,7 +726,11 @@ fn walk_tiles<T: Copy + Default>(
 ) {
     let (mr_max, np_max) = shape;
     debug_assert!(mr_max <= MAX_MR && np_max <= MAX_NP);
-    let mut buf = [T::default(); MAX_MR * MAX_NP * PANEL];
+    // 64-byte aligned: AMX stores its tiles there.
+    #[repr(C, align(64))]
+    struct Aligned<T>(TileBuf<T>);
+    let mut buf = Aligned([T::default(); MAX_MR * MAX_NP * PANEL]);
+    let buf = &mut buf.0;
     let mut p = p0;
     while p < p1 {
         let np = np_max.min(p1 - p);
@@ -694,7 +738,7 @@ fn walk_tiles<T: Copy + Default>(
         let mut r = r0;
         while r < r1 {
             let mr = mr_max.min(r1 - r);
-            tile(r, mr, p, np, &mut buf);
+            tile(r, mr, p, np, buf);
             for i in 0..mr {
                 let t = i * MAX_NP * PANEL;
                 emit(r + i, p * PANEL, &buf[t..t + cols]);
@@ -806,7 +850,7 @@ impl Int8Linear {
         }
         let s = scratch;
         if s.a8.len() < rows * kp {
-            s.a8.resize(rows * kp, 0);
+            s.a8.resize(rows * kp);
         }
         s.scale.resize(rows.max(s.scale.len()), 0.0);
         s.zero.resize(rows.max(s.zero.len()), 0);
@@ -1138,7 +1182,7 @@ pub struct PackedBf16 {
     pub k: usize,
     pub kp: usize,
     pub panels: usize,
-    pub data: Vec<u16>,
+    pub data: AlignedVec<u16>,
 }
 
 impl PackedBf16 {
@@ -1152,7 +1196,7 @@ impl PackedBf16 {
         }
         let kp = k.div_ceil(2) * 2;
         let panels = n.div_ceil(PANEL);
-        let mut data = vec![0u16; panels * kp * PANEL];
+        let mut data = AlignedVec::<u16>::zeroed(panels * kp * PANEL);
         for c in 0..n {
             let (p, l) = (c / PANEL, c % PANEL);
             let base = p * kp * PANEL;
@@ -1202,10 +1246,10 @@ pub struct Bf16Rows<'a> {
 }
 
 /// Converts `rows` rows of `x` (`k` wide) to bf16 rows of `kp` values.
-pub fn bf16_rows(x: &[f32], rows: usize, k: usize, kp: usize, dst: &mut Vec<u16>) {
+pub fn bf16_rows(x: &[f32], rows: usize, k: usize, kp: usize, dst: &mut AlignedVec<u16>) {
     assert!(x.len() >= rows * k && kp >= k, "bf16_rows: sizes");
     if dst.len() < rows * kp {
-        dst.resize(rows * kp, 0);
+        dst.resize(rows * kp);
     }
     if rows == 0 || k == 0 {
         dst[..rows * kp].iter_mut().for_each(|v| *v = 0);

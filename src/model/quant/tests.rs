@@ -233,7 +233,7 @@ fn bf16_kernels_match_an_f64_reference() {
         let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0)).collect();
         let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.2..0.2)).collect();
         let b = PackedBf16::pack(&w, n, k).unwrap();
-        let mut a16 = Vec::new();
+        let mut a16 = AlignedVec::default();
         bf16_rows(&x, m, k, b.kp, &mut a16);
         let rows = Bf16Rows {
             a: &a16[..m * b.kp],
@@ -504,7 +504,7 @@ fn amx_kernels_are_exact_or_the_fallback_is_used() {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0)).collect();
             let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.2..0.2)).collect();
             let b = PackedBf16::pack(&w, n, k).unwrap();
-            let mut a16 = Vec::new();
+            let mut a16 = AlignedVec::default();
             bf16_rows(&x, m, k, b.kp, &mut a16);
             let all = Bf16Rows {
                 a: &a16[..m * b.kp],

@@ -269,7 +269,11 @@ mod tests {
         for i in 0..64 {
             let want = (summed[i] - mean) / var.sqrt() * w[i] as f64 + b[i] as f64;
             assert!((x[i] as f64 - want).abs() < 1e-5, "{i}: {} vs {want}", x[i]);
-            assert!((portable[i] as f64 - want).abs() < 1e-5, "{i}: {}", portable[i]);
+            assert!(
+                (portable[i] as f64 - want).abs() < 1e-5,
+                "{i}: {}",
+                portable[i]
+            );
         }
         // Odd lengths (the masked tail) and LayerNorm without a residual.
         for n in [1usize, 15, 17, 37, 384] {

@@ -30,17 +30,28 @@ fn lane_mask(i: usize, n: usize) -> u16 {
 unsafe fn exp16(x: __m512) -> __m512 {
     let c = |v: f32| _mm512_set1_ps(v);
     let x = _mm512_min_ps(_mm512_max_ps(x, c(-87.0)), c(88.0));
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(
-        _mm512_fmadd_ps(x, c(std::f32::consts::LOG2_E), c(0.5)),
-    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
+        x,
+        c(std::f32::consts::LOG2_E),
+        c(0.5),
+    ));
     let r = _mm512_fnmadd_ps(n, c(0.693_359_4), x);
     let r = _mm512_fnmadd_ps(n, c(-2.121_944_4e-4), r);
     let mut p = c(1.987_569_1e-4);
-    for k in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+    for k in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
         p = _mm512_fmadd_ps(p, r, c(k));
     }
     let y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, c(1.0)));
-    let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)));
+    let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_cvtps_epi32(n),
+        _mm512_set1_epi32(127),
+    ));
     _mm512_mul_ps(y, _mm512_castsi512_ps(e))
 }
 

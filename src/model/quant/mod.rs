@@ -467,17 +467,22 @@ fn row_range(x: &[f32]) -> (f32, f32) {
 unsafe fn row_range_avx512(x: &[f32]) -> (f32, f32) {
     use std::arch::x86_64::*;
     let n = x.len();
-    let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    // Four accumulators of each, so that the minima do not wait on each other.
+    let mut lo = [_mm512_setzero_ps(); 4];
+    let mut hi = [_mm512_setzero_ps(); 4];
     let mut i = 0;
     while i < n {
         let m = lane_mask(i, n);
+        let j = (i / 16) % 4;
         // SAFETY: the mask covers elements i..min(i + 16, n) only; masked-off lanes load 0,
         // which the range holds already.
         let v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(i)) };
-        lo = _mm512_min_ps(v, lo);
-        hi = _mm512_max_ps(v, hi);
+        lo[j] = _mm512_min_ps(v, lo[j]);
+        hi[j] = _mm512_max_ps(v, hi[j]);
         i += 16;
     }
+    let lo = _mm512_min_ps(_mm512_min_ps(lo[0], lo[1]), _mm512_min_ps(lo[2], lo[3]));
+    let hi = _mm512_max_ps(_mm512_max_ps(hi[0], hi[1]), _mm512_max_ps(hi[2], hi[3]));
     (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi))
 }
 

@@ -675,12 +675,13 @@ pub fn gemm_u8s8_i32(
         2 * m * n * b.kp,
         |r0, r1, p0, p1| {
             let out = &out;
-            int8_block(kernel, a, b, r0, r1, p0, p1, |r, c0, acc| {
+            let emit = per_row(|r, c0, acc: &[i32]| {
                 // SAFETY: r < m and c0 + acc.len() <= n; blocks are disjoint.
                 let dst =
                     unsafe { std::slice::from_raw_parts_mut(out.0.add(r * n + c0), acc.len()) };
                 dst.copy_from_slice(acc);
             });
+            int8_block(kernel, a, b, r0, r1, p0, p1, emit);
         },
     );
     Ok(c)
@@ -717,8 +718,9 @@ fn check_int8(kernel: Int8Kernel, a: &QuantRows, b: &PackedI8) -> Result<(), Qua
 }
 
 /// Walks rows `r0..r1` x panels `p0..p1` in tiles of `shape` (rows, panels): `tile(r, mr, p,
-/// np, buf)` fills `buf` (rows of `MAX_NP * PANEL` lanes), then `emit(row, column, values)`
-/// receives each row's valid columns (`n` columns in all). The one tile walk of every kernel.
+/// np, buf)` fills `buf` (rows of `MAX_NP * PANEL` lanes), then `emit(r, mr, column, cols,
+/// buf)` receives the tile: `mr` rows from `r`, `cols` valid columns from `column` (`n`
+/// columns in all). The one tile walk of every kernel.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn walk_tiles<T: Copy + Default>(
@@ -727,7 +729,7 @@ fn walk_tiles<T: Copy + Default>(
     (r0, r1): (usize, usize),
     (p0, p1): (usize, usize),
     mut tile: impl FnMut(usize, usize, usize, usize, &mut TileBuf<T>),
-    mut emit: impl FnMut(usize, usize, &[T]),
+    mut emit: impl FnMut(usize, usize, usize, usize, &TileBuf<T>),
 ) {
     let (mr_max, np_max) = shape;
     debug_assert!(mr_max <= MAX_MR && np_max <= MAX_NP);
@@ -744,17 +746,27 @@ fn walk_tiles<T: Copy + Default>(
         while r < r1 {
             let mr = mr_max.min(r1 - r);
             tile(r, mr, p, np, buf);
-            for i in 0..mr {
-                let t = i * MAX_NP * PANEL;
-                emit(r + i, p * PANEL, &buf[t..t + cols]);
-            }
+            emit(r, mr, p * PANEL, cols, buf);
             r += mr;
         }
         p += np;
     }
 }
 
-/// Rows `r0..r1`, panels `p0..p1`: calls `emit(row, column, exact i32)` for every valid column.
+/// Adapts a per-row `f(row, column, values)` to the per-tile `emit` of [`walk_tiles`].
+fn per_row<T>(
+    mut f: impl FnMut(usize, usize, &[T]),
+) -> impl FnMut(usize, usize, usize, usize, &TileBuf<T>) {
+    move |r, mr, c0, cols, buf| {
+        for i in 0..mr {
+            let t = i * MAX_NP * PANEL;
+            f(r + i, c0, &buf[t..t + cols]);
+        }
+    }
+}
+
+/// Rows `r0..r1`, panels `p0..p1`: `emit` receives each tile of exact i32 products (as
+/// [`walk_tiles`]).
 /// The caller has checked the sizes (`check_int8`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -766,7 +778,7 @@ fn int8_block(
     r1: usize,
     p0: usize,
     p1: usize,
-    emit: impl FnMut(usize, usize, &[i32]),
+    emit: impl FnMut(usize, usize, usize, usize, &TileBuf<i32>),
 ) {
     let tile = |r: usize, mr: usize, p: usize, np: usize, buf: &mut TileBuf<i32>| {
         // SAFETY: check_int8 verified that `a` holds rows * kp bytes and `b` panels * kp * 16;
@@ -816,7 +828,9 @@ impl Int8Linear {
                 wscale[c] = amax / 127.0;
                 let inv = 127.0 / amax;
                 for (d, &v) in q[c * inp..(c + 1) * inp].iter_mut().zip(row) {
-                    *d = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+                    // round_small is round_ties_even for |v| < 2^22 (here <= 127), without
+                    // the libm call per weight.
+                    *d = round_small(v * inv).clamp(-127.0, 127.0) as i8;
                 }
             }
         }
@@ -887,39 +901,58 @@ impl Int8Linear {
             block,
             2 * rows * n * k,
             |r0, r1, p0, p1| {
-                int8_block(kernel, &a, &self.w, r0, r1, p0, p1, |r, c0, acc| {
-                    let c1 = c0 + acc.len();
-                    // SAFETY: r < rows and c1 <= n; check_dst verified (rows - 1) * ld + col + n
-                    // <= dst.len(); tasks own disjoint (row, column) blocks.
-                    let d = unsafe { out.slice(r * out.ld + col + c0, acc.len()) };
-                    #[cfg(target_arch = "x86_64")]
-                    if simd_level() == 2 && matches!(act, Activation::None | Activation::Gelu) {
-                        // SAFETY: simd_level 2 means avx512f; the slices are acc.len() long.
-                        unsafe {
-                            epilogue_i8_avx512(
+                int8_block(
+                    kernel,
+                    &a,
+                    &self.w,
+                    r0,
+                    r1,
+                    p0,
+                    p1,
+                    |r, mr, c0, cols, buf| {
+                        let c1 = c0 + cols;
+                        #[cfg(target_arch = "x86_64")]
+                        if simd_level() == 2 && matches!(act, Activation::None | Activation::Gelu) {
+                            // SAFETY: simd_level 2 means avx512f; rows r..r + mr <= rows and
+                            // columns col + c0..col + c1 <= col + n <= ld, and check_dst verified
+                            // (rows - 1) * ld + col + n <= dst.len(); tasks own disjoint (row,
+                            // column) blocks.
+                            unsafe {
+                                epilogue_tile_avx512(
+                                    buf,
+                                    mr,
+                                    cols,
+                                    Some((
+                                        &zero[r..r + mr],
+                                        &scale[r..r + mr],
+                                        &self.w.colsum[c0..c1],
+                                        &self.wscale[c0..c1],
+                                    )),
+                                    &self.bias[c0..c1],
+                                    act == Activation::Gelu,
+                                    out.ptr.add(r * out.ld + col + c0),
+                                    out.ld,
+                                )
+                            };
+                            return;
+                        }
+                        for i in 0..mr {
+                            let acc = &buf[i * MAX_NP * PANEL..][..cols];
+                            // SAFETY: as above, row r + i.
+                            let d = unsafe { out.slice((r + i) * out.ld + col + c0, cols) };
+                            epilogue_i8(
                                 acc,
-                                zero[r],
-                                scale[r],
+                                zero[r + i],
+                                scale[r + i],
                                 &self.w.colsum[c0..c1],
                                 &self.wscale[c0..c1],
                                 &self.bias[c0..c1],
-                                act == Activation::Gelu,
+                                act,
                                 d,
-                            )
-                        };
-                        return;
-                    }
-                    epilogue_i8(
-                        acc,
-                        zero[r],
-                        scale[r],
-                        &self.w.colsum[c0..c1],
-                        &self.wscale[c0..c1],
-                        &self.bias[c0..c1],
-                        act,
-                        d,
-                    );
-                });
+                            );
+                        }
+                    },
+                );
             },
         );
         Ok(())
@@ -1088,44 +1121,73 @@ unsafe fn gelu_avx512(x: &mut [f32]) {
     }
 }
 
-/// The int8 epilogue in one pass of 16 lanes: `act(cvt(acc - zero * colsum) * (scale *
-/// wscale) + bias)` (one FMA), the GELU in registers.
+/// The epilogue of a whole tile (`mr` rows of `cols` values of `acc`, rows of `MAX_NP *
+/// PANEL` lanes), 16 lanes at a time, the per-column values loaded once per 16 columns for
+/// all the rows, the GELU in registers. int8 (`q` = per-row zero points and scales,
+/// per-column weight sums and scales): `act(cvt(acc - zero * colsum) * (scale * wscale) +
+/// bias)`, one FMA; bf16 (`q` = None, `acc` holds f32 bits): `act(acc + bias)`.
 ///
 /// # Safety
-/// The CPU has avx512f; every slice is at least `out.len()` long.
+/// The CPU has avx512f; `out` covers `mr` rows of `cols` values at stride `ld`, and no other
+/// thread touches them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn epilogue_i8_avx512(
-    acc: &[i32],
-    zero: i32,
-    scale: f32,
-    colsum: &[i32],
-    wscale: &[f32],
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+unsafe fn epilogue_tile_avx512<T: Copy>(
+    acc: &TileBuf<T>,
+    mr: usize,
+    cols: usize,
+    q: Option<(&[i32], &[f32], &[i32], &[f32])>,
     bias: &[f32],
     gelu: bool,
-    out: &mut [f32],
+    out: *mut f32,
+    ld: usize,
 ) {
     use std::arch::x86_64::*;
-    let n = out.len();
-    assert!(acc.len() >= n && colsum.len() >= n && wscale.len() >= n && bias.len() >= n);
-    let (z, s) = (_mm512_set1_epi32(zero), _mm512_set1_ps(scale));
-    let mut i = 0;
-    while i < n {
-        let m = lane_mask(i, n);
-        // SAFETY: the mask covers elements i..min(i + 16, n), within every slice (asserted).
+    assert!(std::mem::size_of::<T>() == 4);
+    assert!(mr <= MAX_MR && cols <= MAX_NP * PANEL && bias.len() >= cols);
+    if let Some((zero, scale, colsum, wscale)) = q {
+        assert!(zero.len() >= mr && scale.len() >= mr);
+        assert!(colsum.len() >= cols && wscale.len() >= cols);
+    }
+    let accp = acc.as_ptr() as *const u8;
+    let mut j = 0;
+    while j < cols {
+        let m = lane_mask(j, cols);
+        // SAFETY: the mask covers columns j..min(j + 16, cols), within every slice (asserted)
+        // and every row of `acc` (cols <= MAX_NP * PANEL, 4-byte lanes); rows i < mr <=
+        // MAX_MR of `acc`, and of `out` by this function's contract.
         unsafe {
-            let a = _mm512_maskz_loadu_epi32(m, acc.as_ptr().add(i));
-            let cs = _mm512_maskz_loadu_epi32(m, colsum.as_ptr().add(i));
-            let a = _mm512_cvtepi32_ps(_mm512_sub_epi32(a, _mm512_mullo_epi32(z, cs)));
-            let ws = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, wscale.as_ptr().add(i)));
-            let mut v = _mm512_fmadd_ps(a, ws, _mm512_maskz_loadu_ps(m, bias.as_ptr().add(i)));
-            if gelu {
-                v = gelu16(v);
+            let b = _mm512_maskz_loadu_ps(m, bias.as_ptr().add(j));
+            let at = |i: usize| accp.add((i * MAX_NP * PANEL + j) * 4);
+            match q {
+                Some((zero, scale, colsum, wscale)) => {
+                    let cs = _mm512_maskz_loadu_epi32(m, colsum.as_ptr().add(j));
+                    let ws = _mm512_maskz_loadu_ps(m, wscale.as_ptr().add(j));
+                    for i in 0..mr {
+                        let a = _mm512_maskz_loadu_epi32(m, at(i) as *const i32);
+                        let z = _mm512_set1_epi32(zero[i]);
+                        let a = _mm512_cvtepi32_ps(_mm512_sub_epi32(a, _mm512_mullo_epi32(z, cs)));
+                        let w = _mm512_mul_ps(_mm512_set1_ps(scale[i]), ws);
+                        let mut v = _mm512_fmadd_ps(a, w, b);
+                        if gelu {
+                            v = gelu16(v);
+                        }
+                        _mm512_mask_storeu_ps(out.add(i * ld + j), m, v);
+                    }
+                }
+                None => {
+                    for i in 0..mr {
+                        let mut v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, at(i) as *const f32), b);
+                        if gelu {
+                            v = gelu16(v);
+                        }
+                        _mm512_mask_storeu_ps(out.add(i * ld + j), m, v);
+                    }
+                }
             }
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, v);
         }
-        i += 16;
+        j += 16;
     }
 }
 
@@ -1305,7 +1367,7 @@ fn bf16_block(
     r1: usize,
     p0: usize,
     p1: usize,
-    emit: impl FnMut(usize, usize, &[f32]),
+    emit: impl FnMut(usize, usize, usize, usize, &TileBuf<f32>),
 ) {
     let tile = |r: usize, mr: usize, p: usize, np: usize, buf: &mut TileBuf<f32>| {
         // SAFETY: check_bf16 verified the buffer sizes; walk_tiles keeps r + mr <= rows and
@@ -1345,11 +1407,12 @@ pub fn gemm_bf16_f32(
         kernel.block_shape(),
         2 * m * n * b.kp,
         |r0, r1, p0, p1| {
-            bf16_block(kernel, a, b, r0, r1, p0, p1, |r, c0, v| {
+            let emit = per_row(|r, c0, v: &[f32]| {
                 // SAFETY: r < m, c0 + v.len() <= n; blocks are disjoint.
                 let d = unsafe { out.slice(r * n + c0, v.len()) };
                 d.copy_from_slice(v);
             });
+            bf16_block(kernel, a, b, r0, r1, p0, p1, emit);
         },
     );
     Ok(c)
@@ -1419,11 +1482,40 @@ impl Bf16Linear {
             block,
             2 * rows * n * k,
             |r0, r1, p0, p1| {
-                bf16_block(kernel, &a, &self.w, r0, r1, p0, p1, |r, c0, v| {
-                    // SAFETY: as in Int8Linear::forward.
-                    let d = unsafe { out.slice(r * out.ld + col + c0, v.len()) };
-                    epilogue_bf16(v, &self.bias[c0..c0 + v.len()], act, d);
-                });
+                bf16_block(
+                    kernel,
+                    &a,
+                    &self.w,
+                    r0,
+                    r1,
+                    p0,
+                    p1,
+                    |r, mr, c0, cols, buf| {
+                        let bias = &self.bias[c0..c0 + cols];
+                        #[cfg(target_arch = "x86_64")]
+                        if simd_level() == 2 && matches!(act, Activation::None | Activation::Gelu) {
+                            // SAFETY: as in Int8Linear::forward.
+                            unsafe {
+                                epilogue_tile_avx512(
+                                    buf,
+                                    mr,
+                                    cols,
+                                    None,
+                                    bias,
+                                    act == Activation::Gelu,
+                                    out.ptr.add(r * out.ld + col + c0),
+                                    out.ld,
+                                )
+                            };
+                            return;
+                        }
+                        for i in 0..mr {
+                            // SAFETY: as in Int8Linear::forward.
+                            let d = unsafe { out.slice((r + i) * out.ld + col + c0, cols) };
+                            epilogue_bf16(&buf[i * MAX_NP * PANEL..][..cols], bias, act, d);
+                        }
+                    },
+                );
             },
         );
         Ok(())

@@ -171,7 +171,7 @@ pub unsafe fn int8_tile(
     kp: usize,
     out: &mut [i32; MAX_MR * MAX_NP * PANEL],
 ) {
-    debug_assert!(int8_supported() && kp % 4 == 0);
+    debug_assert!(int8_supported() && kp.is_multiple_of(4));
     // SAFETY: forwarded; i32 and the kernel's output are both 4-byte lanes.
     unsafe {
         tile(
@@ -201,7 +201,7 @@ pub unsafe fn bf16_tile(
     kp: usize,
     out: &mut [f32; MAX_MR * MAX_NP * PANEL],
 ) {
-    debug_assert!(bf16_supported() && kp % 2 == 0);
+    debug_assert!(bf16_supported() && kp.is_multiple_of(2));
     // SAFETY: forwarded, in bytes.
     unsafe {
         tile(
@@ -233,8 +233,8 @@ unsafe fn tile(
     kb: usize,
     out: *mut u8,
 ) {
-    assert!((1..=2 * TR).contains(&mr) && (1..=2).contains(&np) && kb % 4 == 0);
-    assert!(2 * TR <= MAX_MR && 2 <= MAX_NP);
+    assert!((1..=2 * TR).contains(&mr) && (1..=2).contains(&np) && kb.is_multiple_of(4));
+    const { assert!(2 * TR <= MAX_MR && 2 <= MAX_NP) };
     // SAFETY: support() granted AMX (the caller's contract).
     unsafe { configure() };
     let mt = mr.div_ceil(TR);
@@ -244,7 +244,7 @@ unsafe fn tile(
     PAD.with_borrow_mut(|pad| {
         // Row tiles: tile `i` reads from `rows[i]` at stride `strides[i]`; a partial row tile
         // (fewer than 16 rows left) is copied into `pad` first, zero rows after the last.
-        let need_rows = mr % TR != 0;
+        let need_rows = !mr.is_multiple_of(TR);
         let row_pad = if need_rows { TR * kb.next_multiple_of(TB) } else { 0 };
         let k_pad = if rem_k != 0 { 2 * TR * TB + 2 * TR * TB } else { 0 };
         if pad.len() < row_pad + k_pad {

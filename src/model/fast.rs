@@ -743,6 +743,9 @@ impl FastEncoder {
     }
 }
 
+/// Rows per FFN chunk of the quantized encoder: 128 x 1536 f32 intermediates are 768 KB.
+const FFN_ROWS: usize = 128;
+
 impl QuantEncoder {
     fn forward_packed<'w>(&self, seqs: &[&Encoded], ws: &'w mut Workspace) -> Result<&'w [f32]> {
         let cfg = &self.config;
@@ -775,12 +778,23 @@ impl QuantEncoder {
                 .attn_out
                 .forward(ctx, t, tmp, h, 0, None, k, scratch)?;
             layer_norm_rows(tmp, Some(x), &layer.attn_norm, h)?;
-            // The attention block's output is now in `tmp`; the FFN writes its result to `x`.
-            layer
-                .ffn_in
-                .forward(tmp, t, mid, inter, 0, Some(layer.act), k, scratch)?;
-            layer.ffn_out.forward(mid, t, x, h, 0, None, k, scratch)?;
-            layer_norm_rows(x, Some(tmp), &layer.out_norm, h)?;
+            // The attention block's output is now in `tmp`; the FFN writes its result to `x`,
+            // FFN_ROWS rows at a time (rows are independent), so that the [rows, inter]
+            // intermediate stays in cache between the two products.
+            let mut r0 = 0;
+            while r0 < t {
+                let n = FFN_ROWS.min(t - r0);
+                let (xin, xout) = (&tmp[r0 * h..(r0 + n) * h], &mut x[r0 * h..(r0 + n) * h]);
+                let mid = &mut mid[..n * inter];
+                layer
+                    .ffn_in
+                    .forward(xin, n, mid, inter, 0, Some(layer.act), k, scratch)?;
+                layer
+                    .ffn_out
+                    .forward(mid, n, xout, h, 0, None, k, scratch)?;
+                layer_norm_rows(xout, Some(xin), &layer.out_norm, h)?;
+                r0 += n;
+            }
         }
         Ok(&ws.x[..t * h])
     }

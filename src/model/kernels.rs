@@ -95,7 +95,7 @@ dispatch!(gelu_grad_inplace, (grad: &mut [f32], x: &[f32]), {
     }
 });
 
-dispatch!(softmax_inplace, (row: &mut [f32]), {
+dispatch!(softmax_portable, (row: &mut [f32]), {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let mut sum = 0.0f32;
     for v in row.iter_mut() {
@@ -116,7 +116,7 @@ dispatch!(softmax_grad_inplace, (grad: &mut [f32], y: &[f32]), {
     }
 });
 
-dispatch!(add_layer_norm_inplace, (x: &mut [f32], residual: &[f32], weight: &[f32], bias: &[f32], eps: f32), {
+dispatch!(add_layer_norm_portable, (x: &mut [f32], residual: &[f32], weight: &[f32], bias: &[f32], eps: f32), {
     // x = LayerNorm(x + residual), one row of `weight.len()` values.
     let n = x.len() as f32;
     let mut sum = 0.0f32;
@@ -136,7 +136,7 @@ dispatch!(add_layer_norm_inplace, (x: &mut [f32], residual: &[f32], weight: &[f3
     }
 });
 
-dispatch!(layer_norm_inplace, (x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32), {
+dispatch!(layer_norm_portable, (x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32), {
     let n = x.len() as f32;
     let mean = x.iter().sum::<f32>() / n;
     let mut var = 0.0f32;
@@ -149,6 +149,43 @@ dispatch!(layer_norm_inplace, (x: &mut [f32], weight: &[f32], bias: &[f32], eps:
         *v = (*v - mean) * inv * *w + *b;
     }
 });
+
+/// Softmax of one row in place (AVX-512 when the CPU has it).
+pub fn softmax_inplace(row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx512() {
+        // SAFETY: the CPU has avx512f.
+        return unsafe { super::simd::softmax(row) };
+    }
+    softmax_portable(row)
+}
+
+/// `x = LayerNorm(x + residual)` on one row of `weight.len()` values (AVX-512 when the CPU
+/// has it).
+pub fn add_layer_norm_inplace(
+    x: &mut [f32],
+    residual: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx512() {
+        // SAFETY: the CPU has avx512f.
+        return unsafe { super::simd::layer_norm(x, Some(residual), weight, bias, eps) };
+    }
+    add_layer_norm_portable(x, residual, weight, bias, eps)
+}
+
+/// LayerNorm of one row in place (AVX-512 when the CPU has it).
+pub fn layer_norm_inplace(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx512() {
+        // SAFETY: the CPU has avx512f.
+        return unsafe { super::simd::layer_norm(x, None, weight, bias, eps) };
+    }
+    layer_norm_portable(x, weight, bias, eps)
+}
 
 #[cfg(test)]
 mod tests {
@@ -212,9 +249,12 @@ mod tests {
             let s: f64 = e.iter().sum();
             e.iter().map(|v| v / s).collect()
         };
+        let mut portable = row.clone();
+        softmax_portable(&mut portable);
         softmax_inplace(&mut row);
-        for (a, b) in row.iter().zip(&want) {
+        for ((a, p), b) in row.iter().zip(&portable).zip(&want) {
             assert!((*a as f64 - b).abs() < 1e-7);
+            assert!((*p as f64 - b).abs() < 1e-7);
         }
         let mut x: Vec<f32> = (0..64).map(|i| i as f32 * 0.1 - 3.0).collect();
         let res: Vec<f32> = (0..64).map(|i| (i as f32).cos()).collect();
@@ -223,10 +263,33 @@ mod tests {
         let summed: Vec<f64> = x.iter().zip(&res).map(|(a, r)| (*a + *r) as f64).collect();
         let mean = summed.iter().sum::<f64>() / 64.0;
         let var = summed.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 64.0;
+        let mut portable = x.clone();
+        add_layer_norm_portable(&mut portable, &res, &w, &b, 1e-12);
         add_layer_norm_inplace(&mut x, &res, &w, &b, 1e-12);
         for i in 0..64 {
             let want = (summed[i] - mean) / var.sqrt() * w[i] as f64 + b[i] as f64;
             assert!((x[i] as f64 - want).abs() < 1e-5, "{i}: {} vs {want}", x[i]);
+            assert!(
+                (portable[i] as f64 - want).abs() < 1e-5,
+                "{i}: {}",
+                portable[i]
+            );
+        }
+        // Odd lengths (the masked tail) and LayerNorm without a residual.
+        for n in [1usize, 15, 17, 37, 384] {
+            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).sin() * 3.0 + 0.5).collect();
+            let w: Vec<f32> = (0..n).map(|i| 1.0 + i as f32 * 0.01).collect();
+            let b: Vec<f32> = (0..n).map(|i| i as f32 * -0.02).collect();
+            let (mut fast, mut slow) = (x.clone(), x.clone());
+            layer_norm_inplace(&mut fast, &w, &b, 1e-5);
+            layer_norm_portable(&mut slow, &w, &b, 1e-5);
+            let (mut sf, mut ss) = (x.clone(), x.clone());
+            softmax_inplace(&mut sf);
+            softmax_portable(&mut ss);
+            for i in 0..n {
+                assert!((fast[i] - slow[i]).abs() < 1e-4, "n={n} layer norm {i}");
+                assert!((sf[i] - ss[i]).abs() < 1e-6, "n={n} softmax {i}");
+            }
         }
     }
 }

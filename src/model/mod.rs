@@ -15,4 +15,6 @@ pub mod names;
 pub mod ops;
 pub mod pooling;
 pub mod quant;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 pub mod weights;

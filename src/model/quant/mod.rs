@@ -22,14 +22,23 @@
 //! emulates `vdpbf16ps` (odd product first, then even, each rounded to f32); it matches the
 //! AVX-512 kernel closely but not necessarily bit for bit (the instruction flushes denormals).
 //!
-//! Kernels: `FETCH_ML_KERNEL=portable|avx2|avxvnni|avx512vnni` (int8) or
-//! `portable|avx512bf16` (bf16) forces one; without it the fastest the CPU has is used.
+//! The same panels are the B tiles of Intel AMX (16 groups x 64 bytes), so the AMX kernels
+//! (`amx.rs`) read them as they are, 32 rows x 32 columns per call.
+//!
+//! Kernels: `FETCH_ML_KERNEL=portable|avx2|avxvnni|avx512vnni|amx` (int8) or
+//! `portable|avx512bf16|amxbf16` (bf16) forces one; without it the fastest the CPU has (and
+//! the operating system allows, for AMX) is used.
 
 use std::fmt;
 use std::str::FromStr;
 
 use rayon::prelude::*;
 
+pub use aligned::AlignedVec;
+
+mod aligned;
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -101,12 +110,12 @@ fn err<T>(msg: impl Into<String>) -> Result<T, QuantError> {
 /// Output columns per packed panel: one 512-bit vector of i32 or f32 lanes.
 pub const PANEL: usize = 16;
 
-/// Rows of a tile, at most (the largest register block of any kernel).
-const MAX_MR: usize = 6;
+/// Rows of a tile, at most (the largest block of any kernel: AMX's 2 x 16 rows).
+const MAX_MR: usize = 32;
 /// Panels of a tile, at most.
 const MAX_NP: usize = 4;
-/// Rows per parallel task.
-const ROW_BLOCK: usize = 48;
+/// A kernel's output tile: `MAX_MR` rows of `MAX_NP * PANEL` lanes.
+type TileBuf<T> = [T; MAX_MR * MAX_NP * PANEL];
 
 /// An int8 kernel: how `dot(u8 row, s8 column)` is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +128,8 @@ pub enum Int8Kernel {
     AvxVnni,
     /// AVX-512 VNNI `vpdpbusd` on 512-bit vectors.
     Avx512Vnni,
+    /// Intel AMX `tdpbusd` on 16 x 64-byte tiles.
+    Amx,
 }
 
 /// A bf16 kernel.
@@ -128,14 +139,17 @@ pub enum Bf16Kernel {
     Portable,
     /// AVX-512 BF16 `vdpbf16ps`.
     Avx512Bf16,
+    /// Intel AMX `tdpbf16ps` on 16 x 64-byte tiles.
+    Amx,
 }
 
 impl Int8Kernel {
-    pub const ALL: [Int8Kernel; 4] = [
+    pub const ALL: [Int8Kernel; 5] = [
         Int8Kernel::Portable,
         Int8Kernel::Avx2,
         Int8Kernel::AvxVnni,
         Int8Kernel::Avx512Vnni,
+        Int8Kernel::Amx,
     ];
 
     pub fn name(self) -> &'static str {
@@ -144,6 +158,7 @@ impl Int8Kernel {
             Int8Kernel::Avx2 => "avx2",
             Int8Kernel::AvxVnni => "avxvnni",
             Int8Kernel::Avx512Vnni => "avx512vnni",
+            Int8Kernel::Amx => "amx",
         }
     }
 
@@ -162,6 +177,7 @@ impl Int8Kernel {
                         && is_x86_feature_detected!("avx512bw")
                         && is_x86_feature_detected!("avx512vnni")
                 }
+                Int8Kernel::Amx => amx::int8_supported(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -173,6 +189,7 @@ impl Int8Kernel {
     /// The fastest supported kernel.
     pub fn best() -> Self {
         [
+            Int8Kernel::Amx,
             Int8Kernel::Avx512Vnni,
             Int8Kernel::AvxVnni,
             Int8Kernel::Avx2,
@@ -187,13 +204,18 @@ impl Int8Kernel {
     pub fn select() -> Result<Self, QuantError> {
         match kernel_override() {
             None => Ok(Self::best()),
-            // A bf16 kernel name leaves the int8 choice to the CPU.
-            Some(name) if name == "avx512bf16" => Ok(Self::best()),
+            // A bf16-only kernel name leaves the int8 choice to the CPU.
+            Some(name)
+                if !Self::ALL.iter().any(|k| k.name() == name)
+                    && Bf16Kernel::ALL.iter().any(|k| k.name() == name) =>
+            {
+                Ok(Self::best())
+            }
             Some(name) => {
                 let Some(k) = Self::ALL.into_iter().find(|k| k.name() == name) else {
                     return err(format!(
                         "FETCH_ML_KERNEL={name} names no int8 kernel; expected one of \
-                         portable, avx2, avxvnni, avx512vnni"
+                         portable, avx2, avxvnni, avx512vnni, amx"
                     ));
                 };
                 if !k.supported() {
@@ -213,17 +235,31 @@ impl Int8Kernel {
             Int8Kernel::Avx2 => (2, 1),
             Int8Kernel::AvxVnni => (6, 1),
             Int8Kernel::Avx512Vnni => (6, 4),
+            Int8Kernel::Amx => (32, 2),
+        }
+    }
+
+    /// (rows, panels) of one parallel task.
+    fn block_shape(self) -> (usize, usize) {
+        match self {
+            Int8Kernel::Amx => AMX_BLOCK,
+            _ => BLOCK,
         }
     }
 }
 
 impl Bf16Kernel {
-    pub const ALL: [Bf16Kernel; 2] = [Bf16Kernel::Portable, Bf16Kernel::Avx512Bf16];
+    pub const ALL: [Bf16Kernel; 3] = [
+        Bf16Kernel::Portable,
+        Bf16Kernel::Avx512Bf16,
+        Bf16Kernel::Amx,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Bf16Kernel::Portable => "portable",
             Bf16Kernel::Avx512Bf16 => "avx512bf16",
+            Bf16Kernel::Amx => "amxbf16",
         }
     }
 
@@ -235,6 +271,7 @@ impl Bf16Kernel {
                 Bf16Kernel::Avx512Bf16 => {
                     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
                 }
+                Bf16Kernel::Amx => amx::bf16_supported(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -244,31 +281,35 @@ impl Bf16Kernel {
     }
 
     pub fn best() -> Self {
-        if Bf16Kernel::Avx512Bf16.supported() {
-            Bf16Kernel::Avx512Bf16
-        } else {
-            Bf16Kernel::Portable
-        }
+        [Bf16Kernel::Amx, Bf16Kernel::Avx512Bf16]
+            .into_iter()
+            .find(|k| k.supported())
+            .unwrap_or(Bf16Kernel::Portable)
     }
 
-    /// The kernel `FETCH_ML_KERNEL` asks for (`portable` or `avx512bf16`; an int8 kernel name
-    /// leaves the choice to the CPU), else the best one.
+    /// The kernel `FETCH_ML_KERNEL` asks for (`portable`, `avx512bf16` or `amxbf16`; an int8
+    /// kernel name leaves the choice to the CPU), else the best one.
     pub fn select() -> Result<Self, QuantError> {
         match kernel_override() {
-            Some(name) if name == "portable" => Ok(Bf16Kernel::Portable),
-            Some(name) if name == "avx512bf16" => {
-                if Bf16Kernel::Avx512Bf16.supported() {
-                    Ok(Bf16Kernel::Avx512Bf16)
-                } else {
-                    err("FETCH_ML_KERNEL=avx512bf16: this CPU lacks avx512_bf16")
-                }
-            }
-            Some(name) if Int8Kernel::ALL.iter().any(|k| k.name() == name) => Ok(Self::best()),
-            Some(name) => err(format!(
-                "FETCH_ML_KERNEL={name} names no kernel; expected one of portable, avx2, \
-                 avxvnni, avx512vnni, avx512bf16"
-            )),
             None => Ok(Self::best()),
+            Some(name) => {
+                if let Some(k) = Self::ALL.into_iter().find(|k| k.name() == name) {
+                    if !k.supported() {
+                        return err(format!(
+                            "FETCH_ML_KERNEL={name}: this CPU lacks the instructions of that \
+                             kernel"
+                        ));
+                    }
+                    return Ok(k);
+                }
+                if Int8Kernel::ALL.iter().any(|k| k.name() == name) {
+                    return Ok(Self::best());
+                }
+                err(format!(
+                    "FETCH_ML_KERNEL={name} names no kernel; expected one of portable, avx2, \
+                     avxvnni, avx512vnni, amx, avx512bf16, amxbf16"
+                ))
+            }
         }
     }
 
@@ -276,6 +317,14 @@ impl Bf16Kernel {
         match self {
             Bf16Kernel::Portable => (4, 1),
             Bf16Kernel::Avx512Bf16 => (6, 4),
+            Bf16Kernel::Amx => (32, 2),
+        }
+    }
+
+    fn block_shape(self) -> (usize, usize) {
+        match self {
+            Bf16Kernel::Amx => AMX_BLOCK,
+            _ => BLOCK,
         }
     }
 }
@@ -349,8 +398,8 @@ impl OutPtr {
 /// Reusable buffers for quantized activations.
 #[derive(Default)]
 pub struct Scratch {
-    a8: Vec<u8>,
-    a16: Vec<u16>,
+    a8: AlignedVec<u8>,
+    a16: AlignedVec<u16>,
     scale: Vec<f32>,
     zero: Vec<i32>,
 }
@@ -382,8 +431,15 @@ const MAGIC_BITS: u32 = 0x4B40_0000;
 /// Quantizes one row of `x` into `a` (length `kp` >= x.len()); returns (scale, zero point).
 #[inline(always)]
 fn quantize_row_imp(x: &[f32], a: &mut [u8]) -> (f32, i32) {
+    let (lo, hi) = row_range(x);
+    quantize_in_range(x, a, lo, hi)
+}
+
+/// The minimum and maximum of `x` and 0 (NaNs skipped). Exact whatever the order.
+#[inline(always)]
+fn row_range(x: &[f32]) -> (f32, f32) {
     // Min and max over 16 lanes (comparisons, so it vectorizes; NaNs are skipped), starting
-    // from 0 so that the range holds 0. Exact whatever the order.
+    // from 0 so that the range holds 0.
     const L: usize = 16;
     let (mut lo, mut hi) = ([0f32; L], [0f32; L]);
     let chunks = x.chunks_exact(L);
@@ -400,6 +456,39 @@ fn quantize_row_imp(x: &[f32], a: &mut [u8]) -> (f32, i32) {
     }
     let lo = lo.iter().fold(0f32, |m, &v| if v < m { v } else { m });
     let hi = hi.iter().fold(0f32, |m, &v| if v > m { v } else { m });
+    (lo, hi)
+}
+
+/// [`row_range`] with AVX-512 minima and maxima: `vminps(v, lo)` keeps `lo` when `v` is NaN
+/// and takes `v` only when `v < lo`, the comparison of the portable loop, so the result is
+/// the same.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_range_avx512(x: &[f32]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    // Four accumulators of each, so that the minima do not wait on each other.
+    let mut lo = [_mm512_setzero_ps(); 4];
+    let mut hi = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i < n {
+        let m = lane_mask(i, n);
+        let j = (i / 16) % 4;
+        // SAFETY: the mask covers elements i..min(i + 16, n) only; masked-off lanes load 0,
+        // which the range holds already.
+        let v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(i)) };
+        lo[j] = _mm512_min_ps(v, lo[j]);
+        hi[j] = _mm512_max_ps(v, hi[j]);
+        i += 16;
+    }
+    let lo = _mm512_min_ps(_mm512_min_ps(lo[0], lo[1]), _mm512_min_ps(lo[2], lo[3]));
+    let hi = _mm512_max_ps(_mm512_max_ps(hi[0], hi[1]), _mm512_max_ps(hi[2], hi[3]));
+    (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi))
+}
+
+/// Quantizes `x` into `a` with the range `lo <= 0 <= hi` of [`row_range`].
+#[inline(always)]
+fn quantize_in_range(x: &[f32], a: &mut [u8], lo: f32, hi: f32) -> (f32, i32) {
     let range = hi - lo;
     if !range.is_finite() || range <= 0.0 {
         // All zeros (or non-finite input, which int8 cannot represent): the row becomes 0.
@@ -431,7 +520,9 @@ unsafe fn quantize_row_avx2(x: &[f32], a: &mut [u8]) -> (f32, i32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
 unsafe fn quantize_row_avx512(x: &[f32], a: &mut [u8]) -> (f32, i32) {
-    quantize_row_imp(x, a)
+    // SAFETY: this function's features include avx512f.
+    let (lo, hi) = unsafe { row_range_avx512(x) };
+    quantize_in_range(x, a, lo, hi)
 }
 
 /// Quantizes one row (same result whichever code path runs: only IEEE operations without
@@ -461,7 +552,7 @@ pub struct PackedI8 {
     pub k: usize,
     pub kp: usize,
     pub panels: usize,
-    pub data: Vec<i8>,
+    pub data: AlignedVec<i8>,
     /// Sum over k of each (padded) column's weights, for the zero-point correction.
     pub colsum: Vec<i32>,
 }
@@ -477,7 +568,7 @@ impl PackedI8 {
         }
         let kp = k.div_ceil(4) * 4;
         let panels = n.div_ceil(PANEL);
-        let mut data = vec![0i8; panels * kp * PANEL];
+        let mut data = AlignedVec::<i8>::zeroed(panels * kp * PANEL);
         let mut colsum = vec![0i32; panels * PANEL];
         for c in 0..n {
             let (p, l) = (c / PANEL, c % PANEL);
@@ -499,8 +590,8 @@ impl PackedI8 {
     }
 }
 
-/// Runs the int8 kernel on one tile: rows `a` (stride `lda`, `mr` <= 6 rows), panels starting
-/// at `b` (`np` <= 4 panels); `out[r * 64 + j]` receives the exact i32 products.
+/// Runs the int8 kernel on one tile: rows `a` (stride `lda`, `mr` rows), panels starting at
+/// `b` (`np` panels); `out[r * 64 + j]` receives the exact i32 products.
 ///
 /// # Safety
 /// `kernel.supported()`; `a` covers `mr` rows of `kp` bytes at stride `lda`; `b` covers `np`
@@ -514,7 +605,7 @@ unsafe fn int8_tile(
     b: *const i8,
     np: usize,
     kp: usize,
-    out: &mut [i32; MAX_MR * MAX_NP * PANEL],
+    out: &mut TileBuf<i32>,
 ) {
     match kernel {
         Int8Kernel::Portable => portable::int8_tile(a, lda, mr, b, np, kp, out),
@@ -524,30 +615,39 @@ unsafe fn int8_tile(
         Int8Kernel::AvxVnni => avxvnni::int8_tile(a, lda, mr, b, np, kp, out),
         #[cfg(target_arch = "x86_64")]
         Int8Kernel::Avx512Vnni => avx512vnni::int8_tile(a, lda, mr, b, np, kp, out),
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Amx => amx::int8_tile(a, lda, mr, b, np, kp, out),
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("only the portable kernel is supported off x86_64"),
     }
 }
 
-/// Splits `rows` x `panels` into tasks (blocks of 48 rows x 4 panels) and runs `f(r0, r1, p0,
-/// p1)` on each, in parallel when the product is large enough.
+/// (rows, panels) of a parallel task for the register-tile kernels, and for AMX (2 x 2 of its
+/// 32 x 32 tiles: the weights of a pair of panels are reused over 64 rows).
+const BLOCK: (usize, usize) = (48, 4);
+const AMX_BLOCK: (usize, usize) = (64, 8);
+
+/// Splits `rows` x `panels` into tasks of `block` (rows, panels) and runs `f(r0, r1, p0, p1)`
+/// on each, in parallel when the product is large enough.
 fn for_each_block(
     rows: usize,
     panels: usize,
+    block: (usize, usize),
     flops: usize,
     f: impl Fn(usize, usize, usize, usize) + Sync,
 ) {
-    let rb = rows.div_ceil(ROW_BLOCK);
-    let pb = panels.div_ceil(MAX_NP);
+    let (row_block, panel_block) = block;
+    let rb = rows.div_ceil(row_block);
+    let pb = panels.div_ceil(panel_block);
     let task = |t: usize| {
         let (i, j) = (t / pb, t % pb);
-        let r0 = i * ROW_BLOCK;
-        let p0 = j * MAX_NP;
+        let r0 = i * row_block;
+        let p0 = j * panel_block;
         f(
             r0,
-            (r0 + ROW_BLOCK).min(rows),
+            (r0 + row_block).min(rows),
             p0,
-            (p0 + MAX_NP).min(panels),
+            (p0 + panel_block).min(panels),
         );
     };
     if rayon::current_num_threads() > 1 && flops > (1 << 20) {
@@ -568,14 +668,22 @@ pub fn gemm_u8s8_i32(
     let (m, n) = (a.rows, b.n);
     let mut c = vec![0i32; m * n];
     let out = SharedI32(c.as_mut_ptr());
-    for_each_block(m, b.panels, 2 * m * n * b.kp, |r0, r1, p0, p1| {
-        let out = &out;
-        int8_block(kernel, a, b, r0, r1, p0, p1, |r, c0, acc| {
-            // SAFETY: r < m and c0 + acc.len() <= n; blocks are disjoint.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(r * n + c0), acc.len()) };
-            dst.copy_from_slice(acc);
-        });
-    });
+    for_each_block(
+        m,
+        b.panels,
+        kernel.block_shape(),
+        2 * m * n * b.kp,
+        |r0, r1, p0, p1| {
+            let out = &out;
+            let emit = per_row(|r, c0, acc: &[i32]| {
+                // SAFETY: r < m and c0 + acc.len() <= n; blocks are disjoint.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(out.0.add(r * n + c0), acc.len()) };
+                dst.copy_from_slice(acc);
+            });
+            int8_block(kernel, a, b, r0, r1, p0, p1, emit);
+        },
+    );
     Ok(c)
 }
 
@@ -609,7 +717,56 @@ fn check_int8(kernel: Int8Kernel, a: &QuantRows, b: &PackedI8) -> Result<(), Qua
     Ok(())
 }
 
-/// Rows `r0..r1`, panels `p0..p1`: calls `emit(row, column, exact i32)` for every valid column.
+/// Walks rows `r0..r1` x panels `p0..p1` in tiles of `shape` (rows, panels): `tile(r, mr, p,
+/// np, buf)` fills `buf` (rows of `MAX_NP * PANEL` lanes), then `emit(r, mr, column, cols,
+/// buf)` receives the tile: `mr` rows from `r`, `cols` valid columns from `column` (`n`
+/// columns in all). The one tile walk of every kernel.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn walk_tiles<T: Copy + Default>(
+    shape: (usize, usize),
+    n: usize,
+    (r0, r1): (usize, usize),
+    (p0, p1): (usize, usize),
+    mut tile: impl FnMut(usize, usize, usize, usize, &mut TileBuf<T>),
+    mut emit: impl FnMut(usize, usize, usize, usize, &TileBuf<T>),
+) {
+    let (mr_max, np_max) = shape;
+    debug_assert!(mr_max <= MAX_MR && np_max <= MAX_NP);
+    // 64-byte aligned: AMX stores its tiles there.
+    #[repr(C, align(64))]
+    struct Aligned<T>(TileBuf<T>);
+    let mut buf = Aligned([T::default(); MAX_MR * MAX_NP * PANEL]);
+    let buf = &mut buf.0;
+    let mut p = p0;
+    while p < p1 {
+        let np = np_max.min(p1 - p);
+        let cols = (np * PANEL).min(n - p * PANEL);
+        let mut r = r0;
+        while r < r1 {
+            let mr = mr_max.min(r1 - r);
+            tile(r, mr, p, np, buf);
+            emit(r, mr, p * PANEL, cols, buf);
+            r += mr;
+        }
+        p += np;
+    }
+}
+
+/// Adapts a per-row `f(row, column, values)` to the per-tile `emit` of [`walk_tiles`].
+fn per_row<T>(
+    mut f: impl FnMut(usize, usize, &[T]),
+) -> impl FnMut(usize, usize, usize, usize, &TileBuf<T>) {
+    move |r, mr, c0, cols, buf| {
+        for i in 0..mr {
+            let t = i * MAX_NP * PANEL;
+            f(r + i, c0, &buf[t..t + cols]);
+        }
+    }
+}
+
+/// Rows `r0..r1`, panels `p0..p1`: `emit` receives each tile of exact i32 products (as
+/// [`walk_tiles`]).
 /// The caller has checked the sizes (`check_int8`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -621,39 +778,26 @@ fn int8_block(
     r1: usize,
     p0: usize,
     p1: usize,
-    mut emit: impl FnMut(usize, usize, &[i32]),
+    emit: impl FnMut(usize, usize, usize, usize, &TileBuf<i32>),
 ) {
-    let (mr_max, np_max) = kernel.tile_shape();
-    let mut tile = [0i32; MAX_MR * MAX_NP * PANEL];
-    let mut p = p0;
-    while p < p1 {
-        let np = np_max.min(p1 - p);
-        let mut r = r0;
-        while r < r1 {
-            let mr = mr_max.min(r1 - r);
-            // SAFETY: check_int8 verified that `a` holds rows * kp bytes and `b` panels *
-            // kp * 16; r + mr <= rows and p + np <= panels; the kernel is supported.
-            unsafe {
-                int8_tile(
-                    kernel,
-                    a.a.as_ptr().add(r * a.kp),
-                    a.kp,
-                    mr,
-                    b.data.as_ptr().add(p * b.kp * PANEL),
-                    np,
-                    b.kp,
-                    &mut tile,
-                );
-            }
-            let cols = (np * PANEL).min(b.n - p * PANEL);
-            for i in 0..mr {
-                let t = i * MAX_NP * PANEL;
-                emit(r + i, p * PANEL, &tile[t..t + cols]);
-            }
-            r += mr;
+    let tile = |r: usize, mr: usize, p: usize, np: usize, buf: &mut TileBuf<i32>| {
+        // SAFETY: check_int8 verified that `a` holds rows * kp bytes and `b` panels * kp * 16;
+        // walk_tiles keeps r + mr <= r1 <= rows and p + np <= p1 <= panels, within the
+        // kernel's tile shape; the kernel is supported.
+        unsafe {
+            int8_tile(
+                kernel,
+                a.a.as_ptr().add(r * a.kp),
+                a.kp,
+                mr,
+                b.data.as_ptr().add(p * b.kp * PANEL),
+                np,
+                b.kp,
+                buf,
+            )
         }
-        p += np;
-    }
+    };
+    walk_tiles(kernel.tile_shape(), b.n, (r0, r1), (p0, p1), tile, emit);
 }
 
 /// A dense layer `y = x W^T + b` with int8 weights (symmetric, per output channel) and
@@ -684,7 +828,9 @@ impl Int8Linear {
                 wscale[c] = amax / 127.0;
                 let inv = 127.0 / amax;
                 for (d, &v) in q[c * inp..(c + 1) * inp].iter_mut().zip(row) {
-                    *d = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+                    // round_small is round_ties_even for |v| < 2^22 (here <= 127), without
+                    // the libm call per weight.
+                    *d = round_small(v * inv).clamp(-127.0, 127.0) as i8;
                 }
             }
         }
@@ -723,7 +869,7 @@ impl Int8Linear {
         }
         let s = scratch;
         if s.a8.len() < rows * kp {
-            s.a8.resize(rows * kp, 0);
+            s.a8.resize(rows * kp);
         }
         s.scale.resize(rows.max(s.scale.len()), 0.0);
         s.zero.resize(rows.max(s.zero.len()), 0);
@@ -748,41 +894,67 @@ impl Int8Linear {
             ptr: dst.as_mut_ptr(),
             ld,
         };
-        for_each_block(rows, self.w.panels, 2 * rows * n * k, |r0, r1, p0, p1| {
-            int8_block(kernel, &a, &self.w, r0, r1, p0, p1, |r, c0, acc| {
-                let c1 = c0 + acc.len();
-                // SAFETY: r < rows and c1 <= n; check_dst verified (rows - 1) * ld + col + n
-                // <= dst.len(); tasks own disjoint (row, column) blocks.
-                let d = unsafe { out.slice(r * out.ld + col + c0, acc.len()) };
-                #[cfg(target_arch = "x86_64")]
-                if simd_level() == 2 && matches!(act, Activation::None | Activation::Gelu) {
-                    // SAFETY: simd_level 2 means avx512f; the slices are acc.len() long.
-                    unsafe {
-                        epilogue_i8_avx512(
-                            acc,
-                            zero[r],
-                            scale[r],
-                            &self.w.colsum[c0..c1],
-                            &self.wscale[c0..c1],
-                            &self.bias[c0..c1],
-                            act == Activation::Gelu,
-                            d,
-                        )
-                    };
-                    return;
-                }
-                epilogue_i8(
-                    acc,
-                    zero[r],
-                    scale[r],
-                    &self.w.colsum[c0..c1],
-                    &self.wscale[c0..c1],
-                    &self.bias[c0..c1],
-                    act,
-                    d,
+        let block = kernel.block_shape();
+        for_each_block(
+            rows,
+            self.w.panels,
+            block,
+            2 * rows * n * k,
+            |r0, r1, p0, p1| {
+                int8_block(
+                    kernel,
+                    &a,
+                    &self.w,
+                    r0,
+                    r1,
+                    p0,
+                    p1,
+                    |r, mr, c0, cols, buf| {
+                        let c1 = c0 + cols;
+                        #[cfg(target_arch = "x86_64")]
+                        if simd_level() == 2 && matches!(act, Activation::None | Activation::Gelu) {
+                            // SAFETY: simd_level 2 means avx512f; rows r..r + mr <= rows and
+                            // columns col + c0..col + c1 <= col + n <= ld, and check_dst verified
+                            // (rows - 1) * ld + col + n <= dst.len(); tasks own disjoint (row,
+                            // column) blocks.
+                            unsafe {
+                                epilogue_tile_avx512(
+                                    buf,
+                                    mr,
+                                    cols,
+                                    Some((
+                                        &zero[r..r + mr],
+                                        &scale[r..r + mr],
+                                        &self.w.colsum[c0..c1],
+                                        &self.wscale[c0..c1],
+                                    )),
+                                    &self.bias[c0..c1],
+                                    act == Activation::Gelu,
+                                    out.ptr.add(r * out.ld + col + c0),
+                                    out.ld,
+                                )
+                            };
+                            return;
+                        }
+                        for i in 0..mr {
+                            let acc = &buf[i * MAX_NP * PANEL..][..cols];
+                            // SAFETY: as above, row r + i.
+                            let d = unsafe { out.slice((r + i) * out.ld + col + c0, cols) };
+                            epilogue_i8(
+                                acc,
+                                zero[r + i],
+                                scale[r + i],
+                                &self.w.colsum[c0..c1],
+                                &self.wscale[c0..c1],
+                                &self.bias[c0..c1],
+                                act,
+                                d,
+                            );
+                        }
+                    },
                 );
-            });
-        });
+            },
+        );
         Ok(())
     }
 }
@@ -949,44 +1121,73 @@ unsafe fn gelu_avx512(x: &mut [f32]) {
     }
 }
 
-/// The int8 epilogue in one pass of 16 lanes: `act(cvt(acc - zero * colsum) * (scale *
-/// wscale) + bias)` (one FMA), the GELU in registers.
+/// The epilogue of a whole tile (`mr` rows of `cols` values of `acc`, rows of `MAX_NP *
+/// PANEL` lanes), 16 lanes at a time, the per-column values loaded once per 16 columns for
+/// all the rows, the GELU in registers. int8 (`q` = per-row zero points and scales,
+/// per-column weight sums and scales): `act(cvt(acc - zero * colsum) * (scale * wscale) +
+/// bias)`, one FMA; bf16 (`q` = None, `acc` holds f32 bits): `act(acc + bias)`.
 ///
 /// # Safety
-/// The CPU has avx512f; every slice is at least `out.len()` long.
+/// The CPU has avx512f; `out` covers `mr` rows of `cols` values at stride `ld`, and no other
+/// thread touches them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn epilogue_i8_avx512(
-    acc: &[i32],
-    zero: i32,
-    scale: f32,
-    colsum: &[i32],
-    wscale: &[f32],
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+unsafe fn epilogue_tile_avx512<T: Copy>(
+    acc: &TileBuf<T>,
+    mr: usize,
+    cols: usize,
+    q: Option<(&[i32], &[f32], &[i32], &[f32])>,
     bias: &[f32],
     gelu: bool,
-    out: &mut [f32],
+    out: *mut f32,
+    ld: usize,
 ) {
     use std::arch::x86_64::*;
-    let n = out.len();
-    assert!(acc.len() >= n && colsum.len() >= n && wscale.len() >= n && bias.len() >= n);
-    let (z, s) = (_mm512_set1_epi32(zero), _mm512_set1_ps(scale));
-    let mut i = 0;
-    while i < n {
-        let m = lane_mask(i, n);
-        // SAFETY: the mask covers elements i..min(i + 16, n), within every slice (asserted).
+    assert!(std::mem::size_of::<T>() == 4);
+    assert!(mr <= MAX_MR && cols <= MAX_NP * PANEL && bias.len() >= cols);
+    if let Some((zero, scale, colsum, wscale)) = q {
+        assert!(zero.len() >= mr && scale.len() >= mr);
+        assert!(colsum.len() >= cols && wscale.len() >= cols);
+    }
+    let accp = acc.as_ptr() as *const u8;
+    let mut j = 0;
+    while j < cols {
+        let m = lane_mask(j, cols);
+        // SAFETY: the mask covers columns j..min(j + 16, cols), within every slice (asserted)
+        // and every row of `acc` (cols <= MAX_NP * PANEL, 4-byte lanes); rows i < mr <=
+        // MAX_MR of `acc`, and of `out` by this function's contract.
         unsafe {
-            let a = _mm512_maskz_loadu_epi32(m, acc.as_ptr().add(i));
-            let cs = _mm512_maskz_loadu_epi32(m, colsum.as_ptr().add(i));
-            let a = _mm512_cvtepi32_ps(_mm512_sub_epi32(a, _mm512_mullo_epi32(z, cs)));
-            let ws = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, wscale.as_ptr().add(i)));
-            let mut v = _mm512_fmadd_ps(a, ws, _mm512_maskz_loadu_ps(m, bias.as_ptr().add(i)));
-            if gelu {
-                v = gelu16(v);
+            let b = _mm512_maskz_loadu_ps(m, bias.as_ptr().add(j));
+            let at = |i: usize| accp.add((i * MAX_NP * PANEL + j) * 4);
+            match q {
+                Some((zero, scale, colsum, wscale)) => {
+                    let cs = _mm512_maskz_loadu_epi32(m, colsum.as_ptr().add(j));
+                    let ws = _mm512_maskz_loadu_ps(m, wscale.as_ptr().add(j));
+                    for i in 0..mr {
+                        let a = _mm512_maskz_loadu_epi32(m, at(i) as *const i32);
+                        let z = _mm512_set1_epi32(zero[i]);
+                        let a = _mm512_cvtepi32_ps(_mm512_sub_epi32(a, _mm512_mullo_epi32(z, cs)));
+                        let w = _mm512_mul_ps(_mm512_set1_ps(scale[i]), ws);
+                        let mut v = _mm512_fmadd_ps(a, w, b);
+                        if gelu {
+                            v = gelu16(v);
+                        }
+                        _mm512_mask_storeu_ps(out.add(i * ld + j), m, v);
+                    }
+                }
+                None => {
+                    for i in 0..mr {
+                        let mut v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, at(i) as *const f32), b);
+                        if gelu {
+                            v = gelu16(v);
+                        }
+                        _mm512_mask_storeu_ps(out.add(i * ld + j), m, v);
+                    }
+                }
             }
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, v);
         }
-        i += 16;
+        j += 16;
     }
 }
 
@@ -1048,7 +1249,7 @@ pub struct PackedBf16 {
     pub k: usize,
     pub kp: usize,
     pub panels: usize,
-    pub data: Vec<u16>,
+    pub data: AlignedVec<u16>,
 }
 
 impl PackedBf16 {
@@ -1062,7 +1263,7 @@ impl PackedBf16 {
         }
         let kp = k.div_ceil(2) * 2;
         let panels = n.div_ceil(PANEL);
-        let mut data = vec![0u16; panels * kp * PANEL];
+        let mut data = AlignedVec::<u16>::zeroed(panels * kp * PANEL);
         for c in 0..n {
             let (p, l) = (c / PANEL, c % PANEL);
             let base = p * kp * PANEL;
@@ -1091,12 +1292,14 @@ unsafe fn bf16_tile(
     b: *const u16,
     np: usize,
     kp: usize,
-    out: &mut [f32; MAX_MR * MAX_NP * PANEL],
+    out: &mut TileBuf<f32>,
 ) {
     match kernel {
         Bf16Kernel::Portable => portable::bf16_tile(a, lda, mr, b, np, kp, out),
         #[cfg(target_arch = "x86_64")]
         Bf16Kernel::Avx512Bf16 => avx512bf16::bf16_tile(a, lda, mr, b, np, kp, out),
+        #[cfg(target_arch = "x86_64")]
+        Bf16Kernel::Amx => amx::bf16_tile(a, lda, mr, b, np, kp, out),
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("only the portable kernel is supported off x86_64"),
     }
@@ -1110,10 +1313,10 @@ pub struct Bf16Rows<'a> {
 }
 
 /// Converts `rows` rows of `x` (`k` wide) to bf16 rows of `kp` values.
-pub fn bf16_rows(x: &[f32], rows: usize, k: usize, kp: usize, dst: &mut Vec<u16>) {
+pub fn bf16_rows(x: &[f32], rows: usize, k: usize, kp: usize, dst: &mut AlignedVec<u16>) {
     assert!(x.len() >= rows * k && kp >= k, "bf16_rows: sizes");
     if dst.len() < rows * kp {
-        dst.resize(rows * kp, 0);
+        dst.resize(rows * kp);
     }
     if rows == 0 || k == 0 {
         dst[..rows * kp].iter_mut().for_each(|v| *v = 0);
@@ -1164,39 +1367,25 @@ fn bf16_block(
     r1: usize,
     p0: usize,
     p1: usize,
-    mut emit: impl FnMut(usize, usize, &[f32]),
+    emit: impl FnMut(usize, usize, usize, usize, &TileBuf<f32>),
 ) {
-    let (mr_max, np_max) = kernel.tile_shape();
-    let mut tile = [0f32; MAX_MR * MAX_NP * PANEL];
-    let mut p = p0;
-    while p < p1 {
-        let np = np_max.min(p1 - p);
-        let mut r = r0;
-        while r < r1 {
-            let mr = mr_max.min(r1 - r);
-            // SAFETY: check_bf16 verified the buffer sizes; r + mr <= rows, p + np <= panels;
-            // the kernel is supported.
-            unsafe {
-                bf16_tile(
-                    kernel,
-                    a.a.as_ptr().add(r * a.kp),
-                    a.kp,
-                    mr,
-                    b.data.as_ptr().add(p * b.kp * PANEL),
-                    np,
-                    b.kp,
-                    &mut tile,
-                );
-            }
-            let cols = (np * PANEL).min(b.n - p * PANEL);
-            for i in 0..mr {
-                let t = i * MAX_NP * PANEL;
-                emit(r + i, p * PANEL, &tile[t..t + cols]);
-            }
-            r += mr;
+    let tile = |r: usize, mr: usize, p: usize, np: usize, buf: &mut TileBuf<f32>| {
+        // SAFETY: check_bf16 verified the buffer sizes; walk_tiles keeps r + mr <= rows and
+        // p + np <= panels, within the kernel's tile shape; the kernel is supported.
+        unsafe {
+            bf16_tile(
+                kernel,
+                a.a.as_ptr().add(r * a.kp),
+                a.kp,
+                mr,
+                b.data.as_ptr().add(p * b.kp * PANEL),
+                np,
+                b.kp,
+                buf,
+            )
         }
-        p += np;
-    }
+    };
+    walk_tiles(kernel.tile_shape(), b.n, (r0, r1), (p0, p1), tile, emit);
 }
 
 /// `C[m, n] = A[m, k] x B[n, k]^T` in bf16 with f32 accumulation, row-major (for the tests).
@@ -1212,13 +1401,20 @@ pub fn gemm_bf16_f32(
         ptr: c.as_mut_ptr(),
         ld: n,
     };
-    for_each_block(m, b.panels, 2 * m * n * b.kp, |r0, r1, p0, p1| {
-        bf16_block(kernel, a, b, r0, r1, p0, p1, |r, c0, v| {
-            // SAFETY: r < m, c0 + v.len() <= n; blocks are disjoint.
-            let d = unsafe { out.slice(r * n + c0, v.len()) };
-            d.copy_from_slice(v);
-        });
-    });
+    for_each_block(
+        m,
+        b.panels,
+        kernel.block_shape(),
+        2 * m * n * b.kp,
+        |r0, r1, p0, p1| {
+            let emit = per_row(|r, c0, v: &[f32]| {
+                // SAFETY: r < m, c0 + v.len() <= n; blocks are disjoint.
+                let d = unsafe { out.slice(r * n + c0, v.len()) };
+                d.copy_from_slice(v);
+            });
+            bf16_block(kernel, a, b, r0, r1, p0, p1, emit);
+        },
+    );
     Ok(c)
 }
 
@@ -1279,13 +1475,49 @@ impl Bf16Linear {
             ptr: dst.as_mut_ptr(),
             ld,
         };
-        for_each_block(rows, self.w.panels, 2 * rows * n * k, |r0, r1, p0, p1| {
-            bf16_block(kernel, &a, &self.w, r0, r1, p0, p1, |r, c0, v| {
-                // SAFETY: as in Int8Linear::forward.
-                let d = unsafe { out.slice(r * out.ld + col + c0, v.len()) };
-                epilogue_bf16(v, &self.bias[c0..c0 + v.len()], act, d);
-            });
-        });
+        let block = kernel.block_shape();
+        for_each_block(
+            rows,
+            self.w.panels,
+            block,
+            2 * rows * n * k,
+            |r0, r1, p0, p1| {
+                bf16_block(
+                    kernel,
+                    &a,
+                    &self.w,
+                    r0,
+                    r1,
+                    p0,
+                    p1,
+                    |r, mr, c0, cols, buf| {
+                        let bias = &self.bias[c0..c0 + cols];
+                        #[cfg(target_arch = "x86_64")]
+                        if simd_level() == 2 && matches!(act, Activation::None | Activation::Gelu) {
+                            // SAFETY: as in Int8Linear::forward.
+                            unsafe {
+                                epilogue_tile_avx512(
+                                    buf,
+                                    mr,
+                                    cols,
+                                    None,
+                                    bias,
+                                    act == Activation::Gelu,
+                                    out.ptr.add(r * out.ld + col + c0),
+                                    out.ld,
+                                )
+                            };
+                            return;
+                        }
+                        for i in 0..mr {
+                            // SAFETY: as in Int8Linear::forward.
+                            let d = unsafe { out.slice((r + i) * out.ld + col + c0, cols) };
+                            epilogue_bf16(&buf[i * MAX_NP * PANEL..][..cols], bias, act, d);
+                        }
+                    },
+                );
+            },
+        );
         Ok(())
     }
 }

@@ -1,0 +1,156 @@
+//! AVX-512 versions of the row kernels of [`super::kernels`] (softmax, LayerNorm): 16 lanes
+//! with lane-wise partial maxima and sums, the tail masked, so every value goes through the
+//! same vector code. The portable kernels reduce serially, which on the short rows of
+//! attention (one row per token and head) left softmax a sixth of an int8 run.
+//!
+//! A row's result depends on that row alone (the reduction order is fixed by its length), so
+//! the kernels keep batch invariance.
+
+use std::arch::x86_64::*;
+
+/// Whether the CPU has AVX-512 F (checked once).
+pub fn has_avx512() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+}
+
+/// The mask of the 16-lane chunk starting at `i` of `n` values.
+#[inline(always)]
+fn lane_mask(i: usize, n: usize) -> u16 {
+    if n - i >= 16 {
+        0xffff
+    } else {
+        (1u16 << (n - i)) - 1
+    }
+}
+
+/// [`super::kernels::exp`] on 16 lanes (the same reduction and polynomial, with FMAs).
+#[inline(always)]
+unsafe fn exp16(x: __m512) -> __m512 {
+    let c = |v: f32| _mm512_set1_ps(v);
+    let x = _mm512_min_ps(_mm512_max_ps(x, c(-87.0)), c(88.0));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
+        x,
+        c(std::f32::consts::LOG2_E),
+        c(0.5),
+    ));
+    let r = _mm512_fnmadd_ps(n, c(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(n, c(-2.121_944_4e-4), r);
+    let mut p = c(1.987_569_1e-4);
+    for k in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        p = _mm512_fmadd_ps(p, r, c(k));
+    }
+    let y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, c(1.0)));
+    let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_cvtps_epi32(n),
+        _mm512_set1_epi32(127),
+    ));
+    _mm512_mul_ps(y, _mm512_castsi512_ps(e))
+}
+
+/// Softmax of one row in place.
+///
+/// # Safety
+/// The CPU has avx512f.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn softmax(row: &mut [f32]) {
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut i = 0;
+    while i < n {
+        let m = lane_mask(i, n);
+        // SAFETY: the mask covers elements i..min(i + 16, n) only.
+        let v = unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), m, p.add(i)) };
+        mx = _mm512_max_ps(mx, v);
+        i += 16;
+    }
+    let max = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    let mut sum = _mm512_setzero_ps();
+    i = 0;
+    while i < n {
+        let m = lane_mask(i, n);
+        // SAFETY: as above.
+        unsafe {
+            let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), max));
+            sum = _mm512_mask_add_ps(sum, m, sum, e);
+            _mm512_mask_storeu_ps(p.add(i), m, e);
+        }
+        i += 16;
+    }
+    let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+    i = 0;
+    while i < n {
+        let m = lane_mask(i, n);
+        // SAFETY: as above.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(m, p.add(i));
+            _mm512_mask_storeu_ps(p.add(i), m, _mm512_mul_ps(v, inv));
+        }
+        i += 16;
+    }
+}
+
+/// `x = LayerNorm(x + residual)` (residual optional) on one row of `weight.len()` values.
+///
+/// # Safety
+/// The CPU has avx512f.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn layer_norm(
+    x: &mut [f32],
+    residual: Option<&[f32]>,
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+) {
+    let n = x.len();
+    assert!(weight.len() >= n && bias.len() >= n && residual.is_none_or(|r| r.len() >= n));
+    let p = x.as_mut_ptr();
+    let mut sum = _mm512_setzero_ps();
+    let mut i = 0;
+    while i < n {
+        let m = lane_mask(i, n);
+        // SAFETY: the mask covers elements i..min(i + 16, n), within every slice (asserted).
+        unsafe {
+            let mut v = _mm512_maskz_loadu_ps(m, p.add(i));
+            if let Some(r) = residual {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, r.as_ptr().add(i)));
+                _mm512_mask_storeu_ps(p.add(i), m, v);
+            }
+            sum = _mm512_add_ps(sum, v);
+        }
+        i += 16;
+    }
+    let mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / n as f32);
+    let mut var = _mm512_setzero_ps();
+    i = 0;
+    while i < n {
+        let m = lane_mask(i, n);
+        // SAFETY: as above.
+        unsafe {
+            let d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, p.add(i)), mean);
+            var = _mm512_fmadd_ps(d, d, var);
+        }
+        i += 16;
+    }
+    let inv = _mm512_set1_ps(1.0 / (_mm512_reduce_add_ps(var) / n as f32 + eps).sqrt());
+    i = 0;
+    while i < n {
+        let m = lane_mask(i, n);
+        // SAFETY: as above.
+        unsafe {
+            let d = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), mean), inv);
+            let w = _mm512_maskz_loadu_ps(m, weight.as_ptr().add(i));
+            let b = _mm512_maskz_loadu_ps(m, bias.as_ptr().add(i));
+            _mm512_mask_storeu_ps(p.add(i), m, _mm512_fmadd_ps(d, w, b));
+        }
+        i += 16;
+    }
+}

@@ -16,8 +16,16 @@
 //!
 //! Linux hands out the tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM,
 //! XFEATURE_XTILEDATA)`), once per process; each thread loads the tile configuration once
-//! (`ldtilecfg` is slow, hundreds of nanoseconds) and keeps it: nothing else in the process
-//! uses AMX, and the kernel saves and restores the configuration with the thread's state.
+//! (`ldtilecfg` is slow, hundreds of nanoseconds) and keeps it; the kernel saves and
+//! restores the configuration with the thread's state. That relies on nothing else in the
+//! process loading another tile configuration on the same threads: candle 0.11 has an AMX
+//! kernel of its own (its Q4K quantized matmul, `repack_x86.rs`) with other tile shapes,
+//! which fetch-ml never calls. Whoever adds a second AMX user must reload the configuration
+//! per call (or compare it with `sttilecfg`).
+//!
+//! The OS check is twofold: the tile permission from Linux, and XCR0 bits 17 and 18 (the OS
+//! saves the tile state), so a sandbox that accepts the request without managing the state
+//! does not get AMX.
 
 use std::arch::asm;
 use std::cell::{Cell, RefCell};
@@ -61,7 +69,7 @@ fn support() -> Support {
                 bf16: false,
             };
         }
-        if !request_permission() {
+        if !os_tile_state() || !request_permission() {
             eprintln!(
                 "note: this CPU has AMX but the operating system refused the tile state \
                  (arch_prctl ARCH_REQ_XCOMP_PERM); the AVX-512 kernels run instead"
@@ -73,6 +81,22 @@ fn support() -> Support {
         }
         Support { int8, bf16 }
     })
+}
+
+/// XCR0 bits 17 (XTILECFG) and 18 (XTILEDATA): the operating system saves the tile state.
+fn os_tile_state() -> bool {
+    // XGETBV needs OSXSAVE (CPUID leaf 1, ECX bit 27).
+    if (std::arch::x86_64::__cpuid(1).ecx >> 27) & 1 == 0 {
+        return false;
+    }
+    let (eax, _edx): (u32, u32);
+    // SAFETY: OSXSAVE is set, so XGETBV with ECX = 0 (XCR0) is a valid instruction here; it
+    // only writes EAX and EDX.
+    unsafe {
+        asm!("xgetbv", in("ecx") 0u32, out("eax") eax, out("edx") _edx,
+             options(nomem, nostack, preserves_flags));
+    }
+    eax & (3 << 17) == 3 << 17
 }
 
 /// Asks Linux for the AMX tile data state for this process (all its threads).
@@ -251,6 +275,8 @@ unsafe fn tile(
             pad.resize(row_pad + k_pad);
         }
         let (rows_buf, k_buf) = pad.split_at_mut(row_pad);
+        // Only this call's share: the buffer keeps the size of the largest earlier call.
+        let k_buf = &mut k_buf[..k_pad];
         let mut rows = [a, a];
         let mut strides = [lda, lda];
         if mt == 2 {

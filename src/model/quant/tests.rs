@@ -1,6 +1,7 @@
 //! Kernel exactness: every int8 kernel against a plain i32 matrix product (exact equality), the
 //! bf16 kernels against an f64 reference, and the layers' batch invariance.
 
+use super::epilogue::apply_act;
 use super::*;
 use rand::{Rng, SeedableRng};
 
@@ -550,4 +551,16 @@ fn amx_kernels_are_exact_or_the_fallback_is_used() {
             shapes.len()
         );
     }
+}
+
+/// Widths whose int8 sums could overflow i32 are refused when the weights are packed.
+#[test]
+fn int8_packing_refuses_widths_beyond_exact_i32() {
+    let k = MAX_INT8_K;
+    assert!(255 * 127 * k as i64 <= i32::MAX as i64);
+    assert!(PackedI8::pack(&vec![1; k], 1, k).is_ok());
+    let e = PackedI8::pack(&vec![1; k + 1], 1, k + 1)
+        .err()
+        .expect("too wide");
+    assert!(e.to_string().contains("exact i32"), "{e}");
 }

@@ -1,0 +1,521 @@
+//! int8 dense layers: activations quantized per row (u8, own scale and zero point), weights
+//! packed per output channel (s8), exact i32 products on the kernel the CPU has, and the
+//! fused epilogue. See the module above for the scheme.
+
+use rayon::prelude::*;
+
+use super::epilogue::*;
+use super::*;
+
+/// Activations quantized per row: `x[r][i] = scale[r] * (a[r][i] - zero[r])`, `a` in [0, 255].
+/// Rows are `kp` bytes (k rounded up to 4); the padding holds `zero[r]`, which the zero weight
+/// padding multiplies away.
+pub struct QuantRows<'a> {
+    pub a: &'a [u8],
+    pub rows: usize,
+    pub kp: usize,
+}
+
+/// Rounds `v` (|v| < 2^22) to the nearest integer, ties to even: adding and subtracting
+/// 1.5 * 2^23 leaves no fraction bits under the current (default) rounding mode. Plain IEEE
+/// additions, so it vectorizes (`round_ties_even` can become a libm call per value).
+#[inline(always)]
+pub(crate) fn round_small(v: f32) -> f32 {
+    (v + MAGIC) - MAGIC
+}
+
+/// 1.5 * 2^23: for 0 <= v < 2^22, `v + MAGIC` is `MAGIC + round(v)` exactly.
+const MAGIC: f32 = 12_582_912.0;
+const MAGIC_BITS: u32 = 0x4B40_0000;
+
+/// Quantizes one row of `x` into `a` (length `kp` >= x.len()); returns (scale, zero point).
+#[inline(always)]
+pub(crate) fn quantize_row_imp(x: &[f32], a: &mut [u8]) -> (f32, i32) {
+    let (lo, hi) = row_range(x);
+    quantize_in_range(x, a, lo, hi)
+}
+
+/// The minimum and maximum of `x` and 0 (NaNs skipped). Exact whatever the order.
+#[inline(always)]
+pub(crate) fn row_range(x: &[f32]) -> (f32, f32) {
+    // Min and max over 16 lanes (comparisons, so it vectorizes; NaNs are skipped), starting
+    // from 0 so that the range holds 0.
+    const L: usize = 16;
+    let (mut lo, mut hi) = ([0f32; L], [0f32; L]);
+    let chunks = x.chunks_exact(L);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..L {
+            lo[i] = if c[i] < lo[i] { c[i] } else { lo[i] };
+            hi[i] = if c[i] > hi[i] { c[i] } else { hi[i] };
+        }
+    }
+    for (i, &v) in rest.iter().enumerate() {
+        lo[i] = if v < lo[i] { v } else { lo[i] };
+        hi[i] = if v > hi[i] { v } else { hi[i] };
+    }
+    let lo = lo.iter().fold(0f32, |m, &v| if v < m { v } else { m });
+    let hi = hi.iter().fold(0f32, |m, &v| if v > m { v } else { m });
+    (lo, hi)
+}
+
+/// [`row_range`] with AVX-512 minima and maxima: `vminps(v, lo)` keeps `lo` when `v` is NaN
+/// and takes `v` only when `v < lo`, the comparison of the portable loop, so the result is
+/// the same.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn row_range_avx512(x: &[f32]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    // Four accumulators of each, so that the minima do not wait on each other.
+    let mut lo = [_mm512_setzero_ps(); 4];
+    let mut hi = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i < n {
+        let m = lane_mask(i, n);
+        let j = (i / 16) % 4;
+        // SAFETY: the mask covers elements i..min(i + 16, n) only; masked-off lanes load 0,
+        // which the range holds already.
+        let v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(i)) };
+        lo[j] = _mm512_min_ps(v, lo[j]);
+        hi[j] = _mm512_max_ps(v, hi[j]);
+        i += 16;
+    }
+    let lo = _mm512_min_ps(_mm512_min_ps(lo[0], lo[1]), _mm512_min_ps(lo[2], lo[3]));
+    let hi = _mm512_max_ps(_mm512_max_ps(hi[0], hi[1]), _mm512_max_ps(hi[2], hi[3]));
+    (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi))
+}
+
+/// Quantizes `x` into `a` with the range `lo <= 0 <= hi` of [`row_range`].
+#[inline(always)]
+pub(crate) fn quantize_in_range(x: &[f32], a: &mut [u8], lo: f32, hi: f32) -> (f32, i32) {
+    let range = hi - lo;
+    if !range.is_finite() || range <= 0.0 {
+        // All zeros (or non-finite input, which int8 cannot represent): the row becomes 0.
+        a.iter_mut().for_each(|v| *v = 0);
+        return (0.0, 0);
+    }
+    let scale = range / 255.0;
+    let inv = 255.0 / range;
+    // lo <= 0 <= hi, so the zero point is in [0, 255].
+    let zero = round_small((-lo * inv).clamp(0.0, 255.0));
+    for (q, &v) in a.iter_mut().zip(x) {
+        // The clamp gives [0, 255] (NaN stays NaN); adding 1.5 * 2^23 rounds to the nearest
+        // integer, ties to even, and leaves it in the low mantissa bits, read as an integer
+        // (no float-to-int conversion, which LLVM does not vectorize when saturating).
+        let bits = ((v * inv + zero).clamp(0.0, 255.0) + MAGIC).to_bits();
+        *q = bits.wrapping_sub(MAGIC_BITS) as u8;
+    }
+    let z = zero as u8;
+    a[x.len()..].iter_mut().for_each(|v| *v = z);
+    (scale, zero as i32)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn quantize_row_avx2(x: &[f32], a: &mut [u8]) -> (f32, i32) {
+    quantize_row_imp(x, a)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+pub(crate) unsafe fn quantize_row_avx512(x: &[f32], a: &mut [u8]) -> (f32, i32) {
+    // SAFETY: this function's features include avx512f.
+    let (lo, hi) = unsafe { row_range_avx512(x) };
+    quantize_in_range(x, a, lo, hi)
+}
+
+/// Quantizes one row (same result whichever code path runs: only IEEE operations without
+/// contraction, and an order-independent min/max).
+pub fn quantize_row(x: &[f32], a: &mut [u8]) -> (f32, i32) {
+    assert!(
+        a.len() >= x.len(),
+        "quantize_row: output shorter than input"
+    );
+    #[cfg(target_arch = "x86_64")]
+    match simd_level() {
+        // SAFETY: the CPU has the features the function is compiled for.
+        2 => return unsafe { quantize_row_avx512(x, a) },
+        // SAFETY: as above.
+        1 => return unsafe { quantize_row_avx2(x, a) },
+        _ => {}
+    }
+    quantize_row_imp(x, a)
+}
+
+/// int8 weights packed for the kernels: panel `p` holds output columns `16p..16p+16`, as
+/// `[k / 4][16 columns][4 values]` signed bytes (k zero-padded to a multiple of 4, columns
+/// zero-padded to a multiple of 16).
+#[derive(Clone)]
+pub struct PackedI8 {
+    pub n: usize,
+    pub k: usize,
+    pub kp: usize,
+    pub panels: usize,
+    pub data: AlignedVec<i8>,
+    /// Sum over k of each (padded) column's weights, for the zero-point correction.
+    pub colsum: Vec<i32>,
+}
+
+impl PackedI8 {
+    /// Packs `q` `[n, k]` row-major (one row per output column).
+    pub fn pack(q: &[i8], n: usize, k: usize) -> Result<Self, QuantError> {
+        if q.len() != n * k {
+            return err(format!(
+                "PackedI8::pack: {} values for a [{n}, {k}] matrix",
+                q.len()
+            ));
+        }
+        // 255 * 127 * k must fit an i32 for the sums (and the zero-point term) to be exact.
+        if k > MAX_INT8_K {
+            return err(format!(
+                "PackedI8::pack: {k} inputs per output exceed the {MAX_INT8_K} that exact i32 \
+                 sums allow"
+            ));
+        }
+        let kp = k.div_ceil(4) * 4;
+        let panels = n.div_ceil(PANEL);
+        let mut data = AlignedVec::<i8>::zeroed(panels * kp * PANEL);
+        let mut colsum = vec![0i32; panels * PANEL];
+        for c in 0..n {
+            let (p, l) = (c / PANEL, c % PANEL);
+            let base = p * kp * PANEL;
+            for i in 0..k {
+                let v = q[c * k + i];
+                data[base + (i / 4) * PANEL * 4 + l * 4 + i % 4] = v;
+                colsum[c] += v as i32;
+            }
+        }
+        Ok(Self {
+            n,
+            k,
+            kp,
+            panels,
+            data,
+            colsum,
+        })
+    }
+}
+
+/// Runs the int8 kernel on one tile: rows `a` (stride `lda`, `mr` rows), panels starting at
+/// `b` (`np` panels); `out[r * 64 + j]` receives the exact i32 products.
+///
+/// # Safety
+/// `kernel.supported()`; `a` covers `mr` rows of `kp` bytes at stride `lda`; `b` covers `np`
+/// panels of `kp * 16` bytes; `mr`, `np` fit the kernel's tile shape.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn int8_tile(
+    kernel: Int8Kernel,
+    a: *const u8,
+    lda: usize,
+    mr: usize,
+    b: *const i8,
+    np: usize,
+    kp: usize,
+    out: &mut TileBuf<i32>,
+) {
+    match kernel {
+        Int8Kernel::Portable => portable::int8_tile(a, lda, mr, b, np, kp, out),
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Avx2 => avx2::int8_tile(a, lda, mr, b, np, kp, out),
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::AvxVnni => avxvnni::int8_tile(a, lda, mr, b, np, kp, out),
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Avx512Vnni => avx512vnni::int8_tile(a, lda, mr, b, np, kp, out),
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Amx => amx::int8_tile(a, lda, mr, b, np, kp, out),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("only the portable kernel is supported off x86_64"),
+    }
+}
+
+/// Splits `rows` x `panels` into tasks of `block` (rows, panels) and runs `f(r0, r1, p0, p1)`
+/// on each, in parallel when the product is large enough.
+pub(crate) fn for_each_block(
+    rows: usize,
+    panels: usize,
+    block: (usize, usize),
+    flops: usize,
+    f: impl Fn(usize, usize, usize, usize) + Sync,
+) {
+    let (row_block, panel_block) = block;
+    let rb = rows.div_ceil(row_block);
+    let pb = panels.div_ceil(panel_block);
+    let task = |t: usize| {
+        let (i, j) = (t / pb, t % pb);
+        let r0 = i * row_block;
+        let p0 = j * panel_block;
+        f(
+            r0,
+            (r0 + row_block).min(rows),
+            p0,
+            (p0 + panel_block).min(panels),
+        );
+    };
+    if rayon::current_num_threads() > 1 && flops > (1 << 20) {
+        (0..rb * pb).into_par_iter().for_each(task);
+    } else {
+        (0..rb * pb).for_each(task);
+    }
+}
+
+/// The exact i32 product `C[m, n] = A[m, k] (u8) x B[n, k]^T (s8)`, row-major, through
+/// `kernel`; the reference the layers build on, used by the tests.
+pub fn gemm_u8s8_i32(
+    kernel: Int8Kernel,
+    a: &QuantRows,
+    b: &PackedI8,
+) -> Result<Vec<i32>, QuantError> {
+    check_int8(kernel, a, b)?;
+    let (m, n) = (a.rows, b.n);
+    let mut c = vec![0i32; m * n];
+    let out = SharedI32(c.as_mut_ptr());
+    for_each_block(
+        m,
+        b.panels,
+        kernel.block_shape(),
+        2 * m * n * b.kp,
+        |r0, r1, p0, p1| {
+            let out = &out;
+            let emit = per_row(|r, c0, acc: &[i32]| {
+                // SAFETY: r < m and c0 + acc.len() <= n; blocks are disjoint.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(out.0.add(r * n + c0), acc.len()) };
+                dst.copy_from_slice(acc);
+            });
+            int8_block(kernel, a, b, r0, r1, p0, p1, emit);
+        },
+    );
+    Ok(c)
+}
+
+/// The largest input width whose int8 sums stay exact in i32: 255 * 127 * k < 2^31.
+pub const MAX_INT8_K: usize = (i32::MAX as usize) / (255 * 127);
+
+pub(crate) struct SharedI32(*mut i32);
+// SAFETY: tasks write disjoint elements.
+unsafe impl Sync for SharedI32 {}
+
+pub(crate) fn check_int8(
+    kernel: Int8Kernel,
+    a: &QuantRows,
+    b: &PackedI8,
+) -> Result<(), QuantError> {
+    if !kernel.supported() {
+        return err(format!(
+            "the {} kernel is not supported by this CPU",
+            kernel.name()
+        ));
+    }
+    if a.kp != b.kp || a.a.len() < a.rows * a.kp {
+        return err(format!(
+            "int8 product: activations hold {} bytes for {} rows of {} (weights want {})",
+            a.a.len(),
+            a.rows,
+            a.kp,
+            b.kp
+        ));
+    }
+    if b.panels != b.n.div_ceil(PANEL)
+        || b.kp != b.k.div_ceil(4) * 4
+        || b.data.len() != b.panels * b.kp * PANEL
+        || b.colsum.len() != b.panels * PANEL
+    {
+        return err("int8 product: packed weights have the wrong size");
+    }
+    Ok(())
+}
+
+/// Rows `r0..r1`, panels `p0..p1`: `emit` receives each tile of exact i32 products (as
+/// [`walk_tiles`]).
+/// The caller has checked the sizes (`check_int8`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn int8_block(
+    kernel: Int8Kernel,
+    a: &QuantRows,
+    b: &PackedI8,
+    r0: usize,
+    r1: usize,
+    p0: usize,
+    p1: usize,
+    emit: impl FnMut(usize, usize, usize, usize, &TileBuf<i32>),
+) {
+    let tile = |r: usize, mr: usize, p: usize, np: usize, buf: &mut TileBuf<i32>| {
+        // SAFETY: check_int8 verified that `a` holds rows * kp bytes and `b` panels * kp * 16;
+        // walk_tiles keeps r + mr <= r1 <= rows and p + np <= p1 <= panels, within the
+        // kernel's tile shape; the kernel is supported.
+        unsafe {
+            int8_tile(
+                kernel,
+                a.a.as_ptr().add(r * a.kp),
+                a.kp,
+                mr,
+                b.data.as_ptr().add(p * b.kp * PANEL),
+                np,
+                b.kp,
+                buf,
+            )
+        }
+    };
+    walk_tiles(kernel.tile_shape(), b.n, (r0, r1), (p0, p1), tile, emit);
+}
+
+/// A dense layer `y = x W^T + b` with int8 weights (symmetric, per output channel) and
+/// activations quantized per row at run time.
+pub struct Int8Linear {
+    w: PackedI8,
+    /// Per output channel: `w[n][i] ~ wscale[n] * q[n][i]`.
+    wscale: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl Int8Linear {
+    /// Quantizes `weight` `[out, in]` (row-major) and keeps `bias` `[out]`.
+    pub fn new(weight: &[f32], bias: &[f32], out: usize, inp: usize) -> Result<Self, QuantError> {
+        if weight.len() != out * inp || bias.len() != out {
+            return err(format!(
+                "Int8Linear: weight of {} values and bias of {} for [{out}, {inp}]",
+                weight.len(),
+                bias.len()
+            ));
+        }
+        let mut q = vec![0i8; out * inp];
+        let mut wscale = vec![0f32; out];
+        for c in 0..out {
+            let row = &weight[c * inp..(c + 1) * inp];
+            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if amax > 0.0 && amax.is_finite() {
+                wscale[c] = amax / 127.0;
+                let inv = 127.0 / amax;
+                for (d, &v) in q[c * inp..(c + 1) * inp].iter_mut().zip(row) {
+                    // round_small is round_ties_even for |v| < 2^22 (here <= 127), without
+                    // the libm call per weight.
+                    *d = round_small(v * inv).clamp(-127.0, 127.0) as i8;
+                }
+            }
+        }
+        Ok(Self {
+            w: PackedI8::pack(&q, out, inp)?,
+            wscale,
+            bias: bias.to_vec(),
+        })
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.w.n
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.w.k
+    }
+
+    /// `dst[r * ld + col + j] = act(x[r] W^T + b)[j]` for `rows` rows of `x` (`in_dim` wide).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        kernel: Int8Kernel,
+        x: &[f32],
+        rows: usize,
+        dst: &mut [f32],
+        ld: usize,
+        col: usize,
+        act: Activation,
+        scratch: &mut Scratch,
+    ) -> Result<(), QuantError> {
+        let (n, k, kp) = (self.w.n, self.w.k, self.w.kp);
+        check_dst(x.len(), rows, k, dst.len(), ld, col, n)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let s = scratch;
+        if s.a8.len() < rows * kp {
+            s.a8.resize(rows * kp);
+        }
+        s.scale.resize(rows.max(s.scale.len()), 0.0);
+        s.zero.resize(rows.max(s.zero.len()), 0);
+        s.a8[..rows * kp]
+            .par_chunks_mut(kp * 16)
+            .zip(x[..rows * k].par_chunks(k * 16))
+            .zip(s.scale[..rows].par_chunks_mut(16))
+            .zip(s.zero[..rows].par_chunks_mut(16))
+            .for_each(|(((a, x), sc), z)| {
+                for (((a, x), sc), z) in a.chunks_mut(kp).zip(x.chunks(k)).zip(sc).zip(z) {
+                    (*sc, *z) = quantize_row(x, a);
+                }
+            });
+        let a = QuantRows {
+            a: &s.a8[..rows * kp],
+            rows,
+            kp,
+        };
+        check_int8(kernel, &a, &self.w)?;
+        let (scale, zero) = (&s.scale[..rows], &s.zero[..rows]);
+        let out = OutPtr {
+            ptr: dst.as_mut_ptr(),
+            ld,
+        };
+        let block = kernel.block_shape();
+        for_each_block(
+            rows,
+            self.w.panels,
+            block,
+            2 * rows * n * k,
+            |r0, r1, p0, p1| {
+                int8_block(
+                    kernel,
+                    &a,
+                    &self.w,
+                    r0,
+                    r1,
+                    p0,
+                    p1,
+                    |r, mr, c0, cols, buf| {
+                        let c1 = c0 + cols;
+                        #[cfg(target_arch = "x86_64")]
+                        if simd_level() == 2 && matches!(act, Activation::None | Activation::Gelu) {
+                            // SAFETY: simd_level 2 means avx512f; rows r..r + mr <= rows and
+                            // columns col + c0..col + c1 <= col + n <= ld, and check_dst verified
+                            // (rows - 1) * ld + col + n <= dst.len(); tasks own disjoint (row,
+                            // column) blocks.
+                            unsafe {
+                                epilogue_tile_avx512(
+                                    buf,
+                                    mr,
+                                    cols,
+                                    Some((
+                                        &zero[r..r + mr],
+                                        &scale[r..r + mr],
+                                        &self.w.colsum[c0..c1],
+                                        &self.wscale[c0..c1],
+                                    )),
+                                    &self.bias[c0..c1],
+                                    act == Activation::Gelu,
+                                    out.ptr.add(r * out.ld + col + c0),
+                                    out.ld,
+                                )
+                            };
+                            return;
+                        }
+                        for i in 0..mr {
+                            let acc = &buf[i * MAX_NP * PANEL..][..cols];
+                            // SAFETY: as above, row r + i.
+                            let d = unsafe { out.slice((r + i) * out.ld + col + c0, cols) };
+                            epilogue_i8(
+                                acc,
+                                zero[r + i],
+                                scale[r + i],
+                                &self.w.colsum[c0..c1],
+                                &self.wscale[c0..c1],
+                                &self.bias[c0..c1],
+                                act,
+                                d,
+                            );
+                        }
+                    },
+                );
+            },
+        );
+        Ok(())
+    }
+}

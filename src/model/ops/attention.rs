@@ -496,6 +496,23 @@ mod tests {
 
     /// The fused attention against candle's composite maths (padding masked): values and the
     /// gradient of the projection.
+    /// `[b, s, 3h]` -> q, k, v as `[b, heads, s, d]`, for the composite reference.
+    fn split_qkv(x: &Tensor, heads: usize, d: usize) -> (Tensor, Tensor, Tensor) {
+        let (b, s, _) = x.dims3().unwrap();
+        let h = heads * d;
+        let part = |i: usize| {
+            x.narrow(2, i * h, h)
+                .unwrap()
+                .reshape((b, s, heads, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        (part(0), part(1), part(2))
+    }
+
     #[test]
     fn attention_matches_composite_and_gradients() {
         let dev = Device::Cpu;
@@ -517,18 +534,8 @@ mod tests {
                 .unwrap()
         };
 
-        let split = |t: Tensor| {
-            let t = t
-                .reshape((b, s, heads, d))
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap();
-            t.contiguous().unwrap()
-        };
         let x = qkv.as_tensor();
-        let q = split(x.narrow(2, 0, h).unwrap());
-        let k = split(x.narrow(2, h, h).unwrap());
-        let v = split(x.narrow(2, 2 * h, h).unwrap());
+        let (q, k, v) = split_qkv(x, heads, d);
         let additive = Tensor::from_vec(real, (b, 1, 1, s), &dev).unwrap();
         let additive = ((additive - 1.0).unwrap() * 1e9).unwrap();
         let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
@@ -568,18 +575,8 @@ mod tests {
             .collect();
         let table = Var::from_vec(table, (mpnet::BUCKETS, heads), &dev).unwrap();
         let lw = weights((b, s, h));
-        let split = |t: Tensor| {
-            let t = t
-                .reshape((b, s, heads, d))
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap();
-            t.contiguous().unwrap()
-        };
         let x = qkv.as_tensor();
-        let q = split(x.narrow(2, 0, h).unwrap());
-        let k = split(x.narrow(2, h, h).unwrap());
-        let v = split(x.narrow(2, 2 * h, h).unwrap());
+        let (q, k, v) = split_qkv(x, heads, d);
         let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
         let bias = mpnet::bias_matrix(table.as_tensor(), s).unwrap();
         let scores = scores.broadcast_add(&bias).unwrap();

@@ -244,26 +244,7 @@ fn bf16_kernels_match_an_f64_reference() {
         let mut results = Vec::new();
         for kernel in bf16_kernels_to_test() {
             let got = gemm_bf16_f32(kernel, &rows, &b).unwrap();
-            for i in 0..m {
-                for j in 0..n {
-                    // The exact product of the bf16-rounded operands, and its error bound:
-                    // k roundings of the f32 accumulator.
-                    let (mut s, mut mag) = (0f64, 0f64);
-                    for t in 0..k {
-                        let p = from_bf16(to_bf16(x[i * k + t])) as f64
-                            * from_bf16(to_bf16(w[j * k + t])) as f64;
-                        s += p;
-                        mag += p.abs();
-                    }
-                    let tol = mag * k as f64 * f32::EPSILON as f64 + 1e-30;
-                    let g = got[i * n + j] as f64;
-                    assert!(
-                        (g - s).abs() <= tol,
-                        "{} m={m} n={n} k={k} ({i},{j}): {g} vs {s}",
-                        kernel.name()
-                    );
-                }
-            }
+            assert_bf16_product(kernel.name(), &x, &w, &got, (m, n, k));
             results.push((kernel, got));
         }
         if let [(_, p), (_, v)] = &results[..] {
@@ -513,23 +494,7 @@ fn amx_kernels_are_exact_or_the_fallback_is_used() {
                 kp: b.kp,
             };
             let got = gemm_bf16_f32(Bf16Kernel::Amx, &all, &b).unwrap();
-            for i in 0..m {
-                for j in 0..n {
-                    let (mut s, mut mag) = (0f64, 0f64);
-                    for t in 0..k {
-                        let p = from_bf16(to_bf16(x[i * k + t])) as f64
-                            * from_bf16(to_bf16(w[j * k + t])) as f64;
-                        s += p;
-                        mag += p.abs();
-                    }
-                    let tol = mag * k as f64 * f32::EPSILON as f64 + 1e-30;
-                    let g = got[i * n + j] as f64;
-                    assert!(
-                        (g - s).abs() <= tol,
-                        "amxbf16 m={m} n={n} k={k}: {g} vs {s}"
-                    );
-                }
-            }
+            assert_bf16_product("amxbf16", &x, &w, &got, (m, n, k));
             // Each row alone gives the same bits as inside the batch.
             for i in [0, m / 2, m - 1] {
                 let one = Bf16Rows {
@@ -550,6 +515,34 @@ fn amx_kernels_are_exact_or_the_fallback_is_used() {
             "amxbf16: within bounds and batch invariant on {} shapes",
             shapes.len()
         );
+    }
+}
+
+/// Checks `got` `[m, n]` against the exact product of the bf16-rounded `x` `[m, k]` and `w`
+/// `[n, k]`, within the error bound of k roundings of the f32 accumulator.
+fn assert_bf16_product(
+    name: &str,
+    x: &[f32],
+    w: &[f32],
+    got: &[f32],
+    (m, n, k): (usize, usize, usize),
+) {
+    for i in 0..m {
+        for j in 0..n {
+            let (mut s, mut mag) = (0f64, 0f64);
+            for t in 0..k {
+                let p = from_bf16(to_bf16(x[i * k + t])) as f64
+                    * from_bf16(to_bf16(w[j * k + t])) as f64;
+                s += p;
+                mag += p.abs();
+            }
+            let tol = mag * k as f64 * f32::EPSILON as f64 + 1e-30;
+            let g = got[i * n + j] as f64;
+            assert!(
+                (g - s).abs() <= tol,
+                "{name} m={m} n={n} k={k} ({i},{j}): {g} vs {s}"
+            );
+        }
     }
 }
 

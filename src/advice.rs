@@ -7,6 +7,7 @@ use crate::model::freeze::FreezeError;
 use crate::model::multitask::TrainableDtype;
 use crate::pipeline::UnknownPrompt;
 use crate::train::checkpoint::CheckpointError;
+use crate::train::session::NoEvalSet;
 use crate::train::trainer::Diverged;
 
 /// One line of advice per typed cause in `e`'s chain that a flag can fix, outermost first.
@@ -25,6 +26,12 @@ pub fn advice(e: &anyhow::Error) -> Vec<String> {
                     "pass --max-seq-length N to override the model's value".into()
                 }
             })
+        } else if cause.downcast_ref::<NoEvalSet>().is_some() {
+            Some(
+                "--eval-every and --keep-best evaluate during training: pass --eval-file with \
+                 --train-file"
+                    .into(),
+            )
         } else if cause.downcast_ref::<Diverged>().is_some() {
             Some("try a lower --lr or --head-lr".into())
         } else if cause.downcast_ref::<TrainableDtype>().is_some() {

@@ -494,14 +494,6 @@ impl Cli {
             );
         };
         let train = self.train_config(model, model_given);
-        let evaluates_during =
-            train.settings.eval_every.is_some() || train.settings.keep_best.is_some();
-        if train.eval_file.is_none() && evaluates_during {
-            bail!(
-                "--eval-every and --keep-best evaluate during training: pass --eval-file with \
-                 --train-file"
-            );
-        }
         if task == 2 {
             return Ok(Command::Multitask(MultitaskConfig {
                 train,

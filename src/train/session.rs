@@ -47,6 +47,12 @@ pub struct TrainConfig {
     pub dtype: Dtype,
 }
 
+/// Evaluation during training (periodic evaluation, keeping the best epoch) was asked for
+/// without an evaluation set.
+#[derive(Debug, thiserror::Error)]
+#[error("evaluating during training needs an evaluation set, and this run has none")]
+pub struct NoEvalSet;
+
 /// A data set, tokenized and labelled.
 pub struct DataPart {
     pub name: String,
@@ -75,7 +81,7 @@ impl Setup {
         let eval = cfg.eval_file.as_ref().map(Dataset::load).transpose()?;
         let s = &cfg.settings;
         if eval.is_none() && (s.eval_every.is_some() || s.keep_best.is_some()) {
-            bail!("evaluating during training needs an evaluation set, and this run has none");
+            return Err(NoEvalSet.into());
         }
         let labels = train.label_sets();
         for t in 0..2 {

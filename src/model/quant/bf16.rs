@@ -86,6 +86,8 @@ pub(crate) unsafe fn bf16_tile(
     match kernel {
         Bf16Kernel::Portable => portable::bf16_tile(a, lda, mr, b, np, kp, out),
         #[cfg(target_arch = "x86_64")]
+        Bf16Kernel::Avx2 => avx2bf16::bf16_tile(a, lda, mr, b, np, kp, out),
+        #[cfg(target_arch = "x86_64")]
         Bf16Kernel::Avx512Bf16 => avx512bf16::bf16_tile(a, lda, mr, b, np, kp, out),
         #[cfg(target_arch = "x86_64")]
         Bf16Kernel::Amx => amx::bf16_tile(a, lda, mr, b, np, kp, out),

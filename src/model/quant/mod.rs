@@ -26,7 +26,7 @@
 //! (`amx.rs`) read them as they are, 32 rows x 32 columns per call.
 //!
 //! Kernels: `FETCH_ML_KERNEL=portable|avx2|avxvnni|avx512vnni|amx` (int8) or
-//! `portable|avx512bf16|amxbf16` (bf16) forces one; without it the fastest the CPU has (and
+//! `portable|avx2bf16|avx512bf16|amxbf16` (bf16) forces one; without it the fastest the CPU has (and
 //! the operating system allows, for AMX) is used.
 //!
 //! Files: this one holds the dtypes, kernel selection and the one tile walk; `int8.rs` and
@@ -43,6 +43,8 @@ mod aligned;
 mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx2bf16;
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16;
 #[cfg(target_arch = "x86_64")]
@@ -139,6 +141,8 @@ pub enum Int8Kernel {
 pub enum Bf16Kernel {
     /// Plain Rust emulation of `vdpbf16ps`, correct on any CPU.
     Portable,
+    /// AVX2 + FMA: bf16 widened to f32, two FMAs per pair in `vdpbf16ps`'s order.
+    Avx2,
     /// AVX-512 BF16 `vdpbf16ps`.
     Avx512Bf16,
     /// Intel AMX `tdpbf16ps` on 16 x 64-byte tiles.
@@ -234,7 +238,7 @@ impl Int8Kernel {
     fn tile_shape(self) -> (usize, usize) {
         match self {
             Int8Kernel::Portable => (4, 1),
-            Int8Kernel::Avx2 => (2, 1),
+            Int8Kernel::Avx2 => (6, 4),
             Int8Kernel::AvxVnni => (6, 1),
             Int8Kernel::Avx512Vnni => (6, 4),
             Int8Kernel::Amx => (32, 2),
@@ -251,8 +255,9 @@ impl Int8Kernel {
 }
 
 impl Bf16Kernel {
-    pub const ALL: [Bf16Kernel; 3] = [
+    pub const ALL: [Bf16Kernel; 4] = [
         Bf16Kernel::Portable,
+        Bf16Kernel::Avx2,
         Bf16Kernel::Avx512Bf16,
         Bf16Kernel::Amx,
     ];
@@ -260,6 +265,7 @@ impl Bf16Kernel {
     pub fn name(self) -> &'static str {
         match self {
             Bf16Kernel::Portable => "portable",
+            Bf16Kernel::Avx2 => "avx2bf16",
             Bf16Kernel::Avx512Bf16 => "avx512bf16",
             Bf16Kernel::Amx => "amxbf16",
         }
@@ -270,6 +276,9 @@ impl Bf16Kernel {
         {
             match self {
                 Bf16Kernel::Portable => true,
+                Bf16Kernel::Avx2 => {
+                    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+                }
                 Bf16Kernel::Avx512Bf16 => {
                     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
                 }
@@ -283,13 +292,13 @@ impl Bf16Kernel {
     }
 
     pub fn best() -> Self {
-        [Bf16Kernel::Amx, Bf16Kernel::Avx512Bf16]
+        [Bf16Kernel::Amx, Bf16Kernel::Avx512Bf16, Bf16Kernel::Avx2]
             .into_iter()
             .find(|k| k.supported())
             .unwrap_or(Bf16Kernel::Portable)
     }
 
-    /// The kernel `FETCH_ML_KERNEL` asks for (`portable`, `avx512bf16` or `amxbf16`; an int8
+    /// The kernel `FETCH_ML_KERNEL` asks for (`portable`, `avx2bf16`, `avx512bf16` or `amxbf16`; an int8
     /// kernel name leaves the choice to the CPU), else the best one.
     pub fn select() -> Result<Self, QuantError> {
         match kernel_override() {
@@ -309,7 +318,7 @@ impl Bf16Kernel {
                 }
                 err(format!(
                     "FETCH_ML_KERNEL={name} names no kernel; expected one of portable, avx2, \
-                     avxvnni, avx512vnni, amx, avx512bf16, amxbf16"
+                     avxvnni, avx512vnni, amx, avx2bf16, avx512bf16, amxbf16"
                 ))
             }
         }
@@ -318,6 +327,7 @@ impl Bf16Kernel {
     fn tile_shape(self) -> (usize, usize) {
         match self {
             Bf16Kernel::Portable => (4, 1),
+            Bf16Kernel::Avx2 => (4, 4),
             Bf16Kernel::Avx512Bf16 => (6, 4),
             Bf16Kernel::Amx => (32, 2),
         }

@@ -7,6 +7,7 @@
 //! 16 columns (8 accumulators); the activation rows are widened to f32 once per chunk of k.
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 use super::{MAX_MR, MAX_NP, PANEL};
 
@@ -32,24 +33,29 @@ pub unsafe fn bf16_tile(
     kp: usize,
     out: &mut [f32; MAX_MR * MAX_NP * PANEL],
 ) {
-    debug_assert!(mr <= ROWS && np <= MAX_NP && kp.is_multiple_of(2));
+    assert!(
+        mr <= ROWS && np <= MAX_NP && kp.is_multiple_of(2),
+        "avx2bf16 tile shape"
+    );
     for r in 0..mr {
         out[r * MAX_NP * PANEL..][..np * PANEL].fill(0.0);
     }
-    let mut wide = Wide([0.0; ROWS * KC]);
+    // Left uninitialised: only the kc values of each chunk row that `widen_row` writes are read.
+    let mut wide = MaybeUninit::<Wide>::uninit();
+    let wp = wide.as_mut_ptr() as *mut f32;
     let mut k0 = 0;
     while k0 < kp {
         // Even, since kp and KC are.
         let kc = KC.min(kp - k0);
         for r in 0..mr {
             // SAFETY: row r holds kp values, k0 + kc <= kp; the chunk row has KC >= kc slots.
-            unsafe { widen_row(a.add(r * lda + k0), kc, wide.0.as_mut_ptr().add(r * KC)) };
+            unsafe { widen_row(a.add(r * lda + k0), kc, wp.add(r * KC)) };
         }
         for p in 0..np {
             // Pair g of panel p starts at p * kp * 16 + g * 32 values.
             // SAFETY: within panel p (kp * 16 values), since k0 + kc <= kp.
             let bp = unsafe { b.add(p * kp * PANEL + k0 * PANEL) };
-            let w = wide.0.as_ptr();
+            let w = wp as *const f32;
             let o = p * PANEL;
             // SAFETY: forwarded from this function's contract; `w` holds mr rows of kc.
             unsafe {

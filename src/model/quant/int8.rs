@@ -173,6 +173,12 @@ impl PackedI8 {
                  sums allow"
             ));
         }
+        // Symmetric weights lie in [-127, 127]; the AVX2 kernel relies on it (|w| <= 127).
+        if let Some(i) = q.iter().position(|&v| v == i8::MIN) {
+            return err(format!(
+                "PackedI8::pack: weight {i} is -128; symmetric int8 weights lie in [-127, 127]"
+            ));
+        }
         let kp = k.div_ceil(4) * 4;
         let panels = n.div_ceil(PANEL);
         let mut data = AlignedVec::<i8>::zeroed(panels * kp * PANEL);
@@ -198,11 +204,13 @@ impl PackedI8 {
 }
 
 /// Runs the int8 kernel on one tile: rows `a` (stride `lda`, `mr` rows), panels starting at
-/// `b` (`np` panels); `out[r * 64 + j]` receives the exact i32 products.
+/// `b` (`np` panels, whose column sums start at `colsum`); `out[r * 64 + j]` receives the
+/// exact i32 products.
 ///
 /// # Safety
 /// `kernel.supported()`; `a` covers `mr` rows of `kp` bytes at stride `lda`; `b` covers `np`
-/// panels of `kp * 16` bytes; `mr`, `np` fit the kernel's tile shape.
+/// panels of `kp * 16` bytes packed by [`PackedI8::pack`] (so no weight is -128) and `colsum`
+/// their `np * 16` column sums; `mr`, `np` fit the kernel's tile shape.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn int8_tile(
     kernel: Int8Kernel,
@@ -212,12 +220,13 @@ pub(crate) unsafe fn int8_tile(
     b: *const i8,
     np: usize,
     kp: usize,
+    colsum: *const i32,
     out: &mut TileBuf<i32>,
 ) {
     match kernel {
         Int8Kernel::Portable => portable::int8_tile(a, lda, mr, b, np, kp, out),
         #[cfg(target_arch = "x86_64")]
-        Int8Kernel::Avx2 => avx2::int8_tile(a, lda, mr, b, np, kp, out),
+        Int8Kernel::Avx2 => avx2::int8_tile(a, lda, mr, b, np, kp, colsum, out),
         #[cfg(target_arch = "x86_64")]
         Int8Kernel::AvxVnni => avxvnni::int8_tile(a, lda, mr, b, np, kp, out),
         #[cfg(target_arch = "x86_64")]
@@ -354,6 +363,7 @@ pub(crate) fn int8_block(
                 b.data.as_ptr().add(p * b.kp * PANEL),
                 np,
                 b.kp,
+                b.colsum.as_ptr().add(p * PANEL),
                 buf,
             )
         }

@@ -126,7 +126,7 @@ type TileBuf<T> = [T; MAX_MR * MAX_NP * PANEL];
 pub enum Int8Kernel {
     /// Plain Rust, correct on any CPU.
     Portable,
-    /// AVX2: widened to i16, `vpmaddwd` (exact, no saturation).
+    /// AVX2: `vpmaddubsw` on rows shifted to signed, with the sign trick (exact, no saturation).
     Avx2,
     /// AVX-VNNI `vpdpbusd` on 256-bit vectors.
     AvxVnni,
@@ -238,7 +238,7 @@ impl Int8Kernel {
     fn tile_shape(self) -> (usize, usize) {
         match self {
             Int8Kernel::Portable => (4, 1),
-            Int8Kernel::Avx2 => (6, 4),
+            Int8Kernel::Avx2 => (4, 4),
             Int8Kernel::AvxVnni => (6, 1),
             Int8Kernel::Avx512Vnni => (6, 4),
             Int8Kernel::Amx => (32, 2),

@@ -78,7 +78,7 @@ fn int8_kernels_are_exact_on_random_inputs() {
     for kernel in kernels_to_test() {
         for &(m, n, k) in &SHAPES {
             let a: Vec<u8> = (0..m * k).map(|_| rng.random()).collect();
-            let q: Vec<i8> = (0..n * k).map(|_| rng.random()).collect();
+            let q: Vec<i8> = (0..n * k).map(|_| rng.random_range(-127..=127)).collect();
             let got = run_int8(kernel, &a, &q, m, n, k);
             assert_eq!(
                 got,
@@ -96,9 +96,9 @@ fn int8_kernels_are_exact_on_adversarial_inputs() {
     // Extreme values where vpmaddubsw would saturate (255 x 127 x 2 > 32767) and long k.
     let cases: [(u8, i8); 6] = [
         (255, 127),
-        (255, -128),
         (255, -127),
-        (0, -128),
+        (0, -127),
+        (127, -127),
         (128, 127),
         (1, 1),
     ];
@@ -122,7 +122,7 @@ fn int8_kernels_are_exact_on_adversarial_inputs() {
             .map(|i| if i % 3 == 0 { 0 } else { 255 })
             .collect();
         let q: Vec<i8> = (0..n * k)
-            .map(|i| if i % 2 == 0 { 127 } else { -128 })
+            .map(|i| if i % 2 == 0 { 127 } else { -127 })
             .collect();
         assert_eq!(
             run_int8(kernel, &a, &q, m, n, k),
@@ -471,15 +471,15 @@ fn amx_kernels_are_exact_or_the_fallback_is_used() {
         assert_eq!(Int8Kernel::best(), Int8Kernel::Amx);
         for &(m, n, k) in &shapes {
             let a: Vec<u8> = (0..m * k).map(|_| rng.random()).collect();
-            let q: Vec<i8> = (0..n * k).map(|_| rng.random()).collect();
+            let q: Vec<i8> = (0..n * k).map(|_| rng.random_range(-127..=127)).collect();
             let want = reference_i32(&a, &q, m, n, k);
             assert_eq!(
                 run_int8(Int8Kernel::Amx, &a, &q, m, n, k),
                 want,
                 "amx m={m} n={n} k={k}"
             );
-            // All-max values: 255 x -128 summed over k, the largest magnitudes u8 x s8 gives.
-            let (a, q) = (vec![255u8; m * k], vec![-128i8; n * k]);
+            // All-max values: 255 x -127 summed over k, the largest magnitudes the packing allows.
+            let (a, q) = (vec![255u8; m * k], vec![-127i8; n * k]);
             let want = reference_i32(&a, &q, m, n, k);
             assert_eq!(
                 run_int8(Int8Kernel::Amx, &a, &q, m, n, k),
@@ -568,4 +568,15 @@ fn int8_packing_refuses_widths_beyond_exact_i32() {
         .err()
         .expect("too wide");
     assert!(e.to_string().contains("exact i32"), "{e}");
+}
+
+/// -128 is outside the symmetric range (and would break the AVX2 kernel's sign trick).
+#[test]
+fn int8_packing_refuses_minus_128() {
+    let mut q = vec![5i8; 3 * 8];
+    q[13] = -128;
+    let e = PackedI8::pack(&q, 3, 8).err().expect("-128 refused");
+    assert!(e.to_string().contains("weight 13 is -128"), "{e}");
+    q[13] = -127;
+    assert!(PackedI8::pack(&q, 3, 8).is_ok());
 }

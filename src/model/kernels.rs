@@ -73,11 +73,7 @@ macro_rules! dispatch {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-}
+use super::simd_avx2::has_avx2_fma;
 
 dispatch!(gelu_inplace, (x: &mut [f32]), {
     for v in x.iter_mut() {
@@ -150,18 +146,23 @@ dispatch!(layer_norm_portable, (x: &mut [f32], weight: &[f32], bias: &[f32], eps
     }
 });
 
-/// Softmax of one row in place (AVX-512 when the CPU has it).
+/// Softmax of one row in place (AVX-512 or AVX2 when the CPU has it).
 pub fn softmax_inplace(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::simd::has_avx512() {
         // SAFETY: the CPU has avx512f.
         return unsafe { super::simd::softmax(row) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has avx2 and fma.
+        return unsafe { super::simd_avx2::softmax(row) };
+    }
     softmax_portable(row)
 }
 
-/// `x = LayerNorm(x + residual)` on one row of `weight.len()` values (AVX-512 when the CPU
-/// has it).
+/// `x = LayerNorm(x + residual)` on one row of `weight.len()` values (AVX-512 or AVX2 when
+/// the CPU has it).
 pub fn add_layer_norm_inplace(
     x: &mut [f32],
     residual: &[f32],
@@ -174,15 +175,25 @@ pub fn add_layer_norm_inplace(
         // SAFETY: the CPU has avx512f.
         return unsafe { super::simd::layer_norm(x, Some(residual), weight, bias, eps) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has avx2 and fma.
+        return unsafe { super::simd_avx2::layer_norm(x, Some(residual), weight, bias, eps) };
+    }
     add_layer_norm_portable(x, residual, weight, bias, eps)
 }
 
-/// LayerNorm of one row in place (AVX-512 when the CPU has it).
+/// LayerNorm of one row in place (AVX-512 or AVX2 when the CPU has it).
 pub fn layer_norm_inplace(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
     #[cfg(target_arch = "x86_64")]
     if super::simd::has_avx512() {
         // SAFETY: the CPU has avx512f.
         return unsafe { super::simd::layer_norm(x, None, weight, bias, eps) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has avx2 and fma.
+        return unsafe { super::simd_avx2::layer_norm(x, None, weight, bias, eps) };
     }
     layer_norm_portable(x, weight, bias, eps)
 }

@@ -17,4 +17,6 @@ pub mod pooling;
 pub mod quant;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+#[cfg(target_arch = "x86_64")]
+mod simd_avx2;
 pub mod weights;

@@ -29,7 +29,9 @@ fn lane_mask(i: usize, n: usize) -> u16 {
 #[inline(always)]
 unsafe fn exp16(x: __m512) -> __m512 {
     let c = |v: f32| _mm512_set1_ps(v);
-    let x = _mm512_min_ps(_mm512_max_ps(x, c(-87.0)), c(88.0));
+    // max/min return their second operand when either is NaN: x last, so NaN propagates
+    // (as the portable `clamp` does) and a NaN or infinite row gives NaN, not a number.
+    let x = _mm512_min_ps(c(88.0), _mm512_max_ps(c(-87.0), x));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
         x,
         c(std::f32::consts::LOG2_E),

@@ -43,7 +43,9 @@ unsafe fn max8(v: __m256) -> f32 {
 #[inline(always)]
 unsafe fn exp8(x: __m256) -> __m256 {
     let c = |v: f32| _mm256_set1_ps(v);
-    let x = _mm256_min_ps(_mm256_max_ps(x, c(-87.0)), c(88.0));
+    // max/min return their second operand when either is NaN: x last, so NaN propagates
+    // (as the portable `clamp` does) and a NaN or infinite row gives NaN, not a number.
+    let x = _mm256_min_ps(c(88.0), _mm256_max_ps(c(-87.0), x));
     let n = _mm256_floor_ps(_mm256_fmadd_ps(x, c(std::f32::consts::LOG2_E), c(0.5)));
     let r = _mm256_fnmadd_ps(n, c(0.693_359_4), x);
     let r = _mm256_fnmadd_ps(n, c(-2.121_944_4e-4), r);
@@ -193,21 +195,49 @@ mod tests {
             let w: Vec<f32> = (0..n).map(|i| 1.0 + i as f32 * 0.01).collect();
             let b: Vec<f32> = (0..n).map(|i| i as f32 * -0.02).collect();
             // Both reduce in f32 in different orders: LayerNorm's outputs (of order 1) agree to
-            // 1e-5, as the f64 check in kernels.rs asks of each; softmax's to 2e-6 relative.
+            // 1e-5 absolute, as the f64 check in kernels.rs asks of each; softmax's (small
+            // probabilities) to 2e-6 relative.
             let close = |a: &[f32], p: &[f32], what: &str| {
-                let tol = if what == "softmax" { 2e-6 } else { 1e-5 };
                 for (i, (a, p)) in a.iter().zip(p).enumerate() {
-                    assert!(
-                        (a - p).abs() <= tol * p.abs().max(1.0),
-                        "{what} n={n} [{i}]: {a} vs {p}"
-                    );
+                    let tol = if what == "softmax" {
+                        2e-6 * p.abs() + 1e-30
+                    } else {
+                        1e-5 * p.abs().max(1.0)
+                    };
+                    assert!((a - p).abs() <= tol, "{what} n={n} [{i}]: {a} vs {p}");
                 }
             };
-            let (mut a, mut p) = (x.clone(), x.clone());
-            // SAFETY: the CPU has avx2 and fma (checked above).
+            // Rows of mixed signs, all negative (max < 0), and of large values.
+            let shifted: Vec<f32> = x.iter().map(|v| v - 20.0).collect();
+            let large: Vec<f32> = x.iter().map(|v| v * 15.0).collect();
+            for row in [&x, &shifted, &large] {
+                let (mut a, mut p) = (row.clone(), row.clone());
+                // SAFETY: the CPU has avx2 and fma (checked above).
+                unsafe { super::softmax(&mut a) };
+                softmax_portable(&mut p);
+                close(&a, &p, "softmax");
+            }
+            // A NaN or infinite value makes the whole row NaN, as in the portable kernel,
+            // wherever it sits.
+            for bad in [f32::NAN, f32::INFINITY] {
+                for at in [0, n / 2, n - 1] {
+                    let mut a = x.clone();
+                    a[at] = bad;
+                    // SAFETY: as above.
+                    unsafe { super::softmax(&mut a) };
+                    assert!(
+                        a.iter().all(|v| v.is_nan()),
+                        "softmax n={n} with {bad} at {at}"
+                    );
+                }
+            }
+            let mut a = vec![f32::NEG_INFINITY; n];
+            // SAFETY: as above.
             unsafe { super::softmax(&mut a) };
-            softmax_portable(&mut p);
-            close(&a, &p, "softmax");
+            assert!(
+                a.iter().all(|v| v.is_nan()),
+                "softmax of an all -inf row, n={n}"
+            );
             let (mut a, mut p) = (x.clone(), x.clone());
             // SAFETY: as above.
             unsafe { super::layer_norm(&mut a, None, &w, &b, 1e-5) };

@@ -43,10 +43,13 @@ pub unsafe fn int8_tile(
         mr <= ROWS && np <= MAX_NP && kp.is_multiple_of(4),
         "avx2 tile shape"
     );
+    if mr == 0 {
+        return;
+    }
     for r in 0..mr {
         for c in 0..np * PANEL {
             // SAFETY: c < np * 16 column sums (contract).
-            out[r * MAX_NP * PANEL + c] = 128 * unsafe { *colsum.add(c) };
+            out[r * MAX_NP * PANEL + c] = unsafe { *colsum.add(c) }.wrapping_mul(128);
         }
     }
     // The shifted rows a' (as s8 bytes) and their absolute values |a'| (as u8). Left

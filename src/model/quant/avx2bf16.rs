@@ -3,7 +3,7 @@
 //! a shift or a mask, and each pair of k runs as two FMAs in `vdpbf16ps`'s order: the odd
 //! product first, then the even one. The product of two bf16 values is exact in f32, so
 //! `fma(a, b, acc)` rounds exactly as the portable kernel's `acc + a * b` does: the results
-//! are the portable kernel's, bit for bit (away from f32 underflow). Register tile: 4 rows x
+//! are the portable kernel's, bit for bit (away from f32 underflow and overflow). Register tile: 4 rows x
 //! 16 columns (8 accumulators); the activation rows are widened to f32 once per chunk of k.
 
 use std::arch::x86_64::*;
@@ -37,6 +37,9 @@ pub unsafe fn bf16_tile(
         mr <= ROWS && np <= MAX_NP && kp.is_multiple_of(2),
         "avx2bf16 tile shape"
     );
+    if mr == 0 {
+        return;
+    }
     for r in 0..mr {
         out[r * MAX_NP * PANEL..][..np * PANEL].fill(0.0);
     }

@@ -152,9 +152,10 @@ pub struct PackedI8 {
     pub k: usize,
     pub kp: usize,
     pub panels: usize,
-    pub data: AlignedVec<i8>,
+    /// Crate-private: the AVX2 kernel relies on `pack`'s guarantee that no weight is -128.
+    pub(crate) data: AlignedVec<i8>,
     /// Sum over k of each (padded) column's weights, for the zero-point correction.
-    pub colsum: Vec<i32>,
+    pub(crate) colsum: Vec<i32>,
 }
 
 impl PackedI8 {
@@ -353,7 +354,9 @@ pub(crate) fn int8_block(
     let tile = |r: usize, mr: usize, p: usize, np: usize, buf: &mut TileBuf<i32>| {
         // SAFETY: check_int8 verified that `a` holds rows * kp bytes and `b` panels * kp * 16;
         // walk_tiles keeps r + mr <= r1 <= rows and p + np <= p1 <= panels, within the
-        // kernel's tile shape; the kernel is supported.
+        // kernel's tile shape; the kernel is supported. `b` was built by `PackedI8::pack`
+        // (its data and column sums are crate-private), so no weight is -128 and
+        // `colsum` holds panels * 16 sums.
         unsafe {
             int8_tile(
                 kernel,

@@ -3,8 +3,9 @@
 //! a shift or a mask, and each pair of k runs as two FMAs in `vdpbf16ps`'s order: the odd
 //! product first, then the even one. The product of two bf16 values is exact in f32, so
 //! `fma(a, b, acc)` rounds exactly as the portable kernel's `acc + a * b` does: the results
-//! are the portable kernel's, bit for bit (away from f32 underflow and overflow). Register tile: 4 rows x
-//! 16 columns (8 accumulators); the activation rows are widened to f32 once per chunk of k.
+//! are the portable kernel's, bit for bit (away from f32 underflow and overflow). Register
+//! tile: 4 rows x 16 columns (8 accumulators); the activation rows are widened to f32 once
+//! per chunk of k.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;

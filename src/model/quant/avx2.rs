@@ -2,12 +2,13 @@
 //! (255 x 127 x 2 > i16::MAX), so the rows are shifted to signed, `a' = a - 128` in
 //! [-128, 127], and multiplied as `vpmaddubsw(|a'|, sign(w, a'))`: |a'| <= 128 and
 //! |w| <= 127 (the packing refuses -128), so a pair sums to at most 32,512 and never
-//! saturates. `vpmaddwd` with ones widens the pairs to i32. That runs the two multiplies on
-//! two pipes (on AMD Zen 2, `vpmaddwd` alone has one): 44 against 35 G multiply-adds/s per
-//! core for widening both operands to i16, in a register-tile microbenchmark on Zen 2
-//! (about 5% of a whole int8 run). The exact `dot(a, w) = dot(a', w) + 128 * colsum(w)` is restored at the
-//! end. Register tile: 4 rows x 16 columns (8 accumulators); the shifted rows and their
-//! absolute values are prepared once per call (per chunk of k).
+//! saturates. `vpmaddwd` with ones widens the pairs to i32, and the exact
+//! `dot(a, w) = dot(a', w) + 128 * colsum(w)` is restored at the end. Measured on AMD Zen 2
+//! in a C register-tile microbenchmark, one core: 44 G multiply-adds/s, against 35 for
+//! widening both operands to i16 and using `vpmaddwd` alone (worth about 5% on a whole int8
+//! run).
+//! Register tile: 4 rows x 16 columns (8 accumulators); the shifted rows and their absolute
+//! values are prepared once per call (per chunk of k).
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;

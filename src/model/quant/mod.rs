@@ -26,8 +26,8 @@
 //! (`amx.rs`) read them as they are, 32 rows x 32 columns per call.
 //!
 //! Kernels: `FETCH_ML_KERNEL=portable|avx2|avxvnni|avx512vnni|amx` (int8) or
-//! `portable|avx2bf16|avx512bf16|amxbf16` (bf16) forces one; without it the fastest the CPU has (and
-//! the operating system allows, for AMX) is used.
+//! `portable|avx2bf16|avx512bf16|amxbf16` (bf16) forces one; without it the fastest the CPU
+//! has (and the operating system allows, for AMX) is used.
 //!
 //! Files: this one holds the dtypes, kernel selection and the one tile walk; `int8.rs` and
 //! `bf16.rs` the packing, products and layers of each; `epilogue.rs` the fused epilogues;
@@ -298,8 +298,8 @@ impl Bf16Kernel {
             .unwrap_or(Bf16Kernel::Portable)
     }
 
-    /// The kernel `FETCH_ML_KERNEL` asks for (`portable`, `avx2bf16`, `avx512bf16` or `amxbf16`; an int8
-    /// kernel name leaves the choice to the CPU), else the best one.
+    /// The kernel `FETCH_ML_KERNEL` asks for (`portable`, `avx2bf16`, `avx512bf16` or
+    /// `amxbf16`; an int8 kernel name leaves the choice to the CPU), else the best one.
     pub fn select() -> Result<Self, QuantError> {
         match kernel_override() {
             None => Ok(Self::best()),

@@ -274,7 +274,7 @@ fn bf16_kernels_match_an_f64_reference() {
                 got.len()
             );
             // FMA rounds `acc + a * b` once, as the portable `acc += a * b` does when the
-            // bf16 product is exact (always, away from f32 underflow): the same bits.
+            // bf16 product is exact (always, away from f32 underflow and overflow): the same bits.
             if *kernel == Bf16Kernel::Avx2 {
                 assert_eq!(
                     same,

@@ -15,7 +15,7 @@ pub fn has_avx2_fma() -> bool {
 
 /// The mask of the 8-lane chunk starting at `i` of `n` values: lanes below `n - i` set.
 #[inline(always)]
-unsafe fn lane_mask(i: usize, n: usize) -> __m256i {
+pub(crate) unsafe fn lane_mask(i: usize, n: usize) -> __m256i {
     let left = (n - i).min(8) as i32;
     _mm256_cmpgt_epi32(
         _mm256_set1_epi32(left),

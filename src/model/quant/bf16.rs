@@ -287,21 +287,20 @@ impl Bf16Linear {
                     p1,
                     |r, mr, c0, cols, buf| {
                         let bias = &self.bias[c0..c0 + cols];
-                        #[cfg(target_arch = "x86_64")]
-                        if simd_level() == 2 && matches!(act, Activation::None | Activation::Gelu) {
-                            // SAFETY: as in Int8Linear::forward.
-                            unsafe {
-                                epilogue_tile_avx512(
-                                    buf,
-                                    mr,
-                                    cols,
-                                    None,
-                                    bias,
-                                    act == Activation::Gelu,
-                                    out.ptr.add(r * out.ld + col + c0),
-                                    out.ld,
-                                )
-                            };
+                        // SAFETY: as in Int8Linear::forward.
+                        let done = unsafe {
+                            epilogue_tile(
+                                buf,
+                                mr,
+                                cols,
+                                None,
+                                bias,
+                                act,
+                                out.ptr.add(r * out.ld + col + c0),
+                                out.ld,
+                            )
+                        };
+                        if done {
                             return;
                         }
                         for i in 0..mr {

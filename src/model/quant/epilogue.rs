@@ -1,5 +1,5 @@
 //! The epilogues of the quantized products: scale, bias and activation per tile, in AVX-512
-//! where the CPU has it, and the check of the destination sizes they rely on.
+//! or AVX2 where the CPU has them, and the check of the destination sizes they rely on.
 
 use super::*;
 
@@ -80,6 +80,11 @@ pub(crate) fn apply_act(act: Activation, out: &mut [f32]) {
         Activation::Gelu if simd_level() == 2 => {
             // SAFETY: simd_level 2 means the CPU has avx512f.
             unsafe { gelu_avx512(out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Activation::Gelu if simd_level() == 1 => {
+            // SAFETY: simd_level 1 means the CPU has avx2 and fma.
+            unsafe { super::epilogue_avx2::gelu_avx2(out) }
         }
         Activation::Gelu => out.iter_mut().for_each(|v| *v = Activation::Gelu.apply(*v)),
         Activation::GeluTanh => out
@@ -233,6 +238,41 @@ pub(crate) unsafe fn epilogue_tile_avx512<T: Copy>(
         }
         j += 16;
     }
+}
+
+/// Runs the vector tile epilogue the CPU has (AVX-512, else AVX2) for `act` None or GELU, and
+/// says whether it did; otherwise the caller runs `epilogue_i8`/`epilogue_bf16` per row.
+/// Arguments as `epilogue_tile_avx512`'s.
+///
+/// # Safety
+/// `out` covers `mr` rows of `cols` values at stride `ld`, and no other thread touches them.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub(crate) unsafe fn epilogue_tile<T: Copy>(
+    acc: &TileBuf<T>,
+    mr: usize,
+    cols: usize,
+    q: Option<(&[i32], &[f32], &[i32], &[f32])>,
+    bias: &[f32],
+    act: Activation,
+    out: *mut f32,
+    ld: usize,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(act, Activation::None | Activation::Gelu) {
+        let gelu = act == Activation::Gelu;
+        match simd_level() {
+            // SAFETY: simd_level 2 means avx512f; `out` as this function's contract says.
+            2 => unsafe { epilogue_tile_avx512(acc, mr, cols, q, bias, gelu, out, ld) },
+            // SAFETY: simd_level 1 means avx2 and fma; `out` as above.
+            1 => unsafe {
+                super::epilogue_avx2::epilogue_tile_avx2(acc, mr, cols, q, bias, gelu, out, ld)
+            },
+            _ => return false,
+        }
+        return true;
+    }
+    let _ = (acc, mr, cols, q, bias, out, ld);
+    false
 }
 
 pub(crate) fn check_dst(

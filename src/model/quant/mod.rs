@@ -30,8 +30,8 @@
 //! has (and the operating system allows, for AMX) is used.
 //!
 //! Files: this one holds the dtypes, kernel selection and the one tile walk; `int8.rs` and
-//! `bf16.rs` the packing, products and layers of each; `epilogue.rs` the fused epilogues;
-//! one file per instruction set for the kernels themselves.
+//! `bf16.rs` the packing, products and layers of each; `epilogue.rs` the fused epilogues
+//! (`epilogue_avx2.rs` their AVX2 versions); one file per instruction set for the kernels.
 
 use std::fmt;
 use std::str::FromStr;
@@ -471,6 +471,8 @@ const AMX_BLOCK: (usize, usize) = (64, 8);
 
 mod bf16;
 mod epilogue;
+#[cfg(target_arch = "x86_64")]
+mod epilogue_avx2;
 mod int8;
 pub use bf16::*;
 pub use int8::*;

@@ -593,3 +593,52 @@ fn int8_packing_refuses_minus_128() {
     q[13] = -127;
     assert!(PackedI8::pack(&q, 3, 8).is_ok());
 }
+
+/// A row's quantization range (min and max of the row and 0, NaNs skipped) is the same on
+/// every code path: the vector paths must give the portable loop's values bit for bit, on
+/// every length around the vector widths and with NaN, infinities and signed zeros.
+#[test]
+fn row_range_is_the_same_on_every_path() {
+    require_avx2_in_ci();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let specials = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        -0.0,
+        0.0,
+        1e-40,
+        -1e-40,
+    ];
+    let mut checked = 0;
+    for n in 0..70 {
+        for trial in 0..6 {
+            let mut x: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0..3.0)).collect();
+            if trial == 1 {
+                x.iter_mut().for_each(|v| *v = -v.abs() - 1.0);
+            }
+            if trial >= 2 && n > 0 {
+                for _ in 0..trial {
+                    x[rng.random_range(0..n)] = specials[rng.random_range(0..specials.len())];
+                }
+            }
+            let want = int8::row_range(&x);
+            let bits = |(a, b): (f32, f32)| (a.to_bits(), b.to_bits());
+            #[cfg(target_arch = "x86_64")]
+            {
+                if Bf16Kernel::Avx2.supported() {
+                    // SAFETY: the CPU has avx2 and fma (what this bf16 kernel needs).
+                    let got = unsafe { int8::row_range_avx2(&x) };
+                    assert_eq!(bits(got), bits(want), "avx2, {x:?}");
+                    checked += 1;
+                }
+                if epilogue::simd_level() == 2 {
+                    // SAFETY: the CPU has avx512f.
+                    let got = unsafe { int8::row_range_avx512(&x) };
+                    assert_eq!(bits(got), bits(want), "avx512, {x:?}");
+                }
+            }
+        }
+    }
+    eprintln!("row_range: {checked} rows checked on the vector paths");
+}

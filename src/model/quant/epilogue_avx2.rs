@@ -5,7 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::{TileBuf, MAX_MR, MAX_NP, PANEL};
-use crate::model::simd_avx2::lane_mask;
+use crate::model::simd_avx2::{load8, load8i, store8};
 
 /// BERT's GELU on 8 lanes: the erf of [`crate::model::kernels::erf`] (same coefficients),
 /// with FMAs, and its division replaced by a reciprocal estimate and one Newton step, as
@@ -58,10 +58,9 @@ pub(crate) unsafe fn gelu_avx2(x: &mut [f32]) {
     let (n, p) = (x.len(), x.as_mut_ptr());
     let mut i = 0;
     while i < n {
-        // SAFETY: the mask covers elements i..min(i + 8, n) only.
+        // SAFETY: load8 and store8 touch elements i..min(i + 8, n) only.
         unsafe {
-            let m = lane_mask(i, n);
-            _mm256_maskstore_ps(p.add(i), m, gelu8(_mm256_maskload_ps(p.add(i), m)));
+            store8(p, i, n, gelu8(load8(p, i, n)));
         }
         i += 8;
     }
@@ -96,19 +95,18 @@ pub(crate) unsafe fn epilogue_tile_avx2<T: Copy>(
     let accp = acc.as_ptr() as *const u8;
     let mut j = 0;
     while j < cols {
-        // SAFETY: the mask covers columns j..min(j + 8, cols), within every slice (asserted)
-        // and every row of `acc` (cols <= MAX_NP * PANEL, 4-byte lanes); rows i < mr <=
-        // MAX_MR of `acc`, and of `out` by this function's contract.
+        // SAFETY: load8 and store8 touch columns j..min(j + 8, cols), within every slice
+        // (asserted) and every row of `acc` (cols <= MAX_NP * PANEL, 4-byte lanes); rows
+        // i < mr <= MAX_MR of `acc`, and of `out` by this function's contract.
         unsafe {
-            let m = lane_mask(j, cols);
-            let b = _mm256_maskload_ps(bias.as_ptr().add(j), m);
-            let at = |i: usize| accp.add((i * MAX_NP * PANEL + j) * 4);
+            let b = load8(bias.as_ptr(), j, cols);
+            let at = |i: usize| accp.add(i * MAX_NP * PANEL * 4);
             match q {
                 Some((zero, scale, colsum, wscale)) => {
-                    let cs = _mm256_maskload_epi32(colsum.as_ptr().add(j), m);
-                    let ws = _mm256_maskload_ps(wscale.as_ptr().add(j), m);
+                    let cs = load8i(colsum.as_ptr(), j, cols);
+                    let ws = load8(wscale.as_ptr(), j, cols);
                     for i in 0..mr {
-                        let a = _mm256_maskload_epi32(at(i) as *const i32, m);
+                        let a = load8i(at(i) as *const i32, j, cols);
                         let z = _mm256_set1_epi32(zero[i]);
                         let a = _mm256_cvtepi32_ps(_mm256_sub_epi32(a, _mm256_mullo_epi32(z, cs)));
                         let w = _mm256_mul_ps(_mm256_set1_ps(scale[i]), ws);
@@ -116,17 +114,17 @@ pub(crate) unsafe fn epilogue_tile_avx2<T: Copy>(
                         if gelu {
                             v = gelu8(v);
                         }
-                        _mm256_maskstore_ps(out.add(i * ld + j), m, v);
+                        store8(out.add(i * ld), j, cols, v);
                     }
                 }
                 None => {
                     for i in 0..mr {
-                        let a = _mm256_maskload_ps(at(i) as *const f32, m);
+                        let a = load8(at(i) as *const f32, j, cols);
                         let mut v = _mm256_add_ps(a, b);
                         if gelu {
                             v = gelu8(v);
                         }
-                        _mm256_maskstore_ps(out.add(i * ld + j), m, v);
+                        store8(out.add(i * ld), j, cols, v);
                     }
                 }
             }

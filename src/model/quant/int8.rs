@@ -91,7 +91,7 @@ pub(crate) unsafe fn row_range_avx512(x: &[f32]) -> (f32, f32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn row_range_avx2(x: &[f32]) -> (f32, f32) {
-    use crate::model::simd_avx2::lane_mask;
+    use crate::model::simd_avx2::load8;
     use std::arch::x86_64::*;
     let n = x.len();
     let mut lo = [_mm256_setzero_ps(); 4];
@@ -99,9 +99,9 @@ pub(crate) unsafe fn row_range_avx2(x: &[f32]) -> (f32, f32) {
     let mut i = 0;
     while i < n {
         let j = (i / 8) % 4;
-        // SAFETY: the mask covers elements i..min(i + 8, n) only; masked-off lanes load 0,
+        // SAFETY: load8 reads elements i..min(i + 8, n) only; lanes past n read 0,
         // which the range holds already.
-        let v = unsafe { _mm256_maskload_ps(x.as_ptr().add(i), lane_mask(i, n)) };
+        let v = unsafe { load8(x.as_ptr(), i, n) };
         lo[j] = _mm256_min_ps(v, lo[j]);
         hi[j] = _mm256_max_ps(v, hi[j]);
         i += 8;

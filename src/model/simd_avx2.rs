@@ -14,6 +14,9 @@ pub fn has_avx2_fma() -> bool {
 }
 
 /// The mask of the 8-lane chunk starting at `i` of `n` values: lanes below `n - i` set.
+///
+/// # Safety
+/// The CPU has avx2 (the caller is compiled with it); `i < n`.
 #[inline(always)]
 pub(crate) unsafe fn lane_mask(i: usize, n: usize) -> __m256i {
     let left = (n - i).min(8) as i32;
@@ -28,7 +31,8 @@ pub(crate) unsafe fn lane_mask(i: usize, n: usize) -> __m256i {
 /// int8 run 2-4% slower there).
 ///
 /// # Safety
-/// `p` points to at least `n` readable values; `i < n`.
+/// The CPU has avx2 (the caller is compiled with it); `p` points to at least `n` readable
+/// values; `i < n`.
 #[inline(always)]
 pub(crate) unsafe fn load8(p: *const f32, i: usize, n: usize) -> __m256 {
     // SAFETY: i + 8 <= n values, or the mask covers elements i..n only (contract).
@@ -61,7 +65,8 @@ pub(crate) unsafe fn load8i(p: *const i32, i: usize, n: usize) -> __m256i {
 /// one for the tail (see [`load8`]).
 ///
 /// # Safety
-/// `p` points to at least `n` writable values; `i < n`.
+/// The CPU has avx2 (the caller is compiled with it); `p` points to at least `n` writable
+/// values; `i < n`.
 #[inline(always)]
 pub(crate) unsafe fn store8(p: *mut f32, i: usize, n: usize, v: __m256) {
     // SAFETY: i + 8 <= n values, or the mask covers elements i..n only (contract).

@@ -23,26 +23,45 @@ pub fn exp(x: f32) -> f32 {
     y * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
 
-/// erf(x) within 3.5e-7: Eigen's rational approximation, clamped at ±3.8325069 where it
-/// reaches the largest f32 below 1.
-#[inline(always)]
+/// The clamp of [`erf`], where its rational approximation reaches the largest f32 below 1.
 #[allow(clippy::excessive_precision)]
+pub(crate) const ERF_CLAMP: f32 = 3.832_506_9;
+/// [`erf`]'s numerator coefficients (a polynomial in x², then times x), highest power first;
+/// shared with the vector GELUs.
+#[allow(clippy::excessive_precision)]
+pub(crate) const ERF_P: [f32; 7] = [
+    -2.72614225801306e-10,
+    2.77068142495902e-08,
+    -2.10102402082508e-06,
+    -5.69250639462346e-05,
+    -7.34990630326855e-04,
+    -2.95459980854025e-03,
+    -1.60960333262415e-02,
+];
+/// [`erf`]'s denominator coefficients (a polynomial in x²), highest power first.
+#[allow(clippy::excessive_precision)]
+pub(crate) const ERF_Q: [f32; 5] = [
+    -1.45660718464996e-05,
+    -2.13374055278905e-04,
+    -1.68282697438203e-03,
+    -7.37332916720468e-03,
+    -1.42647390514189e-02,
+];
+
+/// erf(x) within 3.5e-7: Eigen's rational approximation, clamped at ±[`ERF_CLAMP`].
+#[inline(always)]
 pub fn erf(x: f32) -> f32 {
-    let x = x.clamp(-3.832_506_9, 3.832_506_9);
+    let x = x.clamp(-ERF_CLAMP, ERF_CLAMP);
     let x2 = x * x;
-    let mut p = -2.72614225801306e-10f32;
-    p = p * x2 + 2.77068142495902e-08;
-    p = p * x2 + -2.10102402082508e-06;
-    p = p * x2 + -5.69250639462346e-05;
-    p = p * x2 + -7.34990630326855e-04;
-    p = p * x2 + -2.95459980854025e-03;
-    p = p * x2 + -1.60960333262415e-02;
+    let mut p = ERF_P[0];
+    for c in &ERF_P[1..] {
+        p = p * x2 + c;
+    }
     let p = p * x;
-    let mut q = -1.45660718464996e-05f32;
-    q = q * x2 + -2.13374055278905e-04;
-    q = q * x2 + -1.68282697438203e-03;
-    q = q * x2 + -7.37332916720468e-03;
-    q = q * x2 + -1.42647390514189e-02;
+    let mut q = ERF_Q[0];
+    for c in &ERF_Q[1..] {
+        q = q * x2 + c;
+    }
     p / q
 }
 

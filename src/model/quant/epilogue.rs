@@ -2,6 +2,8 @@
 //! or AVX2 where the CPU has them, and the check of the destination sizes they rely on.
 
 use super::*;
+#[cfg(target_arch = "x86_64")]
+use crate::model::kernels::{ERF_CLAMP, ERF_P, ERF_Q};
 
 /// Runs `$body` compiled for AVX2+FMA when the CPU has them (the same IEEE operations
 /// either way: Rust does not contract `a * b + c` into an FMA, so results are identical).
@@ -100,33 +102,20 @@ pub(crate) fn apply_act(act: Activation, out: &mut [f32]) {
 /// layer).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-#[allow(clippy::excessive_precision)]
 pub(crate) unsafe fn gelu16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     let c = |v: f32| _mm512_set1_ps(v);
-    let lim = c(3.832_506_9);
+    let lim = c(ERF_CLAMP);
     let z = _mm512_mul_ps(v, c(std::f32::consts::FRAC_1_SQRT_2));
-    let z = _mm512_min_ps(_mm512_max_ps(z, c(-3.832_506_9)), lim);
+    let z = _mm512_min_ps(_mm512_max_ps(z, c(-ERF_CLAMP)), lim);
     let z2 = _mm512_mul_ps(z, z);
-    let mut p = c(-2.72614225801306e-10);
-    for k in [
-        2.77068142495902e-08,
-        -2.10102402082508e-06,
-        -5.69250639462346e-05,
-        -7.34990630326855e-04,
-        -2.95459980854025e-03,
-        -1.60960333262415e-02,
-    ] {
+    let mut p = c(ERF_P[0]);
+    for &k in &ERF_P[1..] {
         p = _mm512_fmadd_ps(p, z2, c(k));
     }
     let p = _mm512_mul_ps(p, z);
-    let mut q = c(-1.45660718464996e-05);
-    for k in [
-        -2.13374055278905e-04,
-        -1.68282697438203e-03,
-        -7.37332916720468e-03,
-        -1.42647390514189e-02,
-    ] {
+    let mut q = c(ERF_Q[0]);
+    for &k in &ERF_Q[1..] {
         q = _mm512_fmadd_ps(q, z2, c(k));
     }
     let r = _mm512_rcp14_ps(q);

@@ -5,6 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::{TileBuf, MAX_MR, MAX_NP, PANEL};
+use crate::model::kernels::{ERF_CLAMP, ERF_P, ERF_Q};
 use crate::model::simd_avx2::{load8, load8i, store8};
 
 /// BERT's GELU on 8 lanes: the erf of [`crate::model::kernels::erf`] (same coefficients),
@@ -14,32 +15,19 @@ use crate::model::simd_avx2::{load8, load8i, store8};
 /// no slower over a whole int8 run (340 against 334 sentences/s, side by side). Edge values
 /// as `gelu16`: GELU(-inf) is NaN and GELU(-0) is +0 (the portable GELU gives -inf and -0).
 #[inline(always)]
-#[allow(clippy::excessive_precision)]
 pub(crate) unsafe fn gelu8(v: __m256) -> __m256 {
     let c = |v: f32| _mm256_set1_ps(v);
     let z = _mm256_mul_ps(v, c(std::f32::consts::FRAC_1_SQRT_2));
     // max/min return their second operand when either is NaN: z last, so NaN propagates.
-    let z = _mm256_min_ps(c(3.832_506_9), _mm256_max_ps(c(-3.832_506_9), z));
+    let z = _mm256_min_ps(c(ERF_CLAMP), _mm256_max_ps(c(-ERF_CLAMP), z));
     let z2 = _mm256_mul_ps(z, z);
-    let mut p = c(-2.72614225801306e-10);
-    for k in [
-        2.77068142495902e-08,
-        -2.10102402082508e-06,
-        -5.69250639462346e-05,
-        -7.34990630326855e-04,
-        -2.95459980854025e-03,
-        -1.60960333262415e-02,
-    ] {
+    let mut p = c(ERF_P[0]);
+    for &k in &ERF_P[1..] {
         p = _mm256_fmadd_ps(p, z2, c(k));
     }
     let p = _mm256_mul_ps(p, z);
-    let mut q = c(-1.45660718464996e-05);
-    for k in [
-        -2.13374055278905e-04,
-        -1.68282697438203e-03,
-        -7.37332916720468e-03,
-        -1.42647390514189e-02,
-    ] {
+    let mut q = c(ERF_Q[0]);
+    for &k in &ERF_Q[1..] {
         q = _mm256_fmadd_ps(q, z2, c(k));
     }
     let erf = _mm256_div_ps(p, q);

@@ -4,21 +4,30 @@
 //! compiled twice, once for AVX2+FMA (chosen at run time when the CPU has them) and once for
 //! the baseline target. The approximations are checked against `std` in the tests below.
 
+/// ln 2 split in two for [`exp`]'s range reduction: `r = x - n LN2_HI - n LN2_LO`.
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+/// [`exp`]'s polynomial coefficients, highest power first; shared with the vector kernels.
+pub(crate) const EXP_P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
 /// exp(x) to about 1 ulp (Cephes' expf: range reduction by ln 2, degree-5 polynomial).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.0, 88.0);
     let n = (x * LOG2E + 0.5).floor();
     let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
+    let mut p = EXP_P[0];
+    for c in &EXP_P[1..] {
+        p = p * r + c;
+    }
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }

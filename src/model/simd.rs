@@ -8,6 +8,8 @@
 
 use std::arch::x86_64::*;
 
+use super::kernels::{EXP_P, LN2_HI, LN2_LO};
+
 /// Whether the CPU has AVX-512 F (checked once).
 pub fn has_avx512() -> bool {
     use std::sync::OnceLock;
@@ -37,16 +39,10 @@ unsafe fn exp16(x: __m512) -> __m512 {
         c(std::f32::consts::LOG2_E),
         c(0.5),
     ));
-    let r = _mm512_fnmadd_ps(n, c(0.693_359_4), x);
-    let r = _mm512_fnmadd_ps(n, c(-2.121_944_4e-4), r);
-    let mut p = c(1.987_569_1e-4);
-    for k in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
+    let r = _mm512_fnmadd_ps(n, c(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, c(LN2_LO), r);
+    let mut p = c(EXP_P[0]);
+    for &k in &EXP_P[1..] {
         p = _mm512_fmadd_ps(p, r, c(k));
     }
     let y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, c(1.0)));

@@ -125,29 +125,15 @@ mod tests {
     use super::super::epilogue::{epilogue_bf16, epilogue_i8};
     use super::super::Activation;
     use super::*;
-    use crate::model::simd_avx2::has_avx2_fma;
+    use crate::model::simd_avx2::avx2_or_fail_in_ci;
     use rand::{Rng, SeedableRng};
-
-    /// Called directly, so an AVX-512 machine tests these too. Under `CI` a machine without
-    /// AVX2 fails here instead of skipping.
-    fn have_avx2() -> bool {
-        let ok = has_avx2_fma();
-        assert!(
-            ok || std::env::var_os("CI").is_none(),
-            "CI machines have AVX2 and FMA"
-        );
-        if !ok {
-            eprintln!("SKIPPED: no AVX2+FMA on this CPU");
-        }
-        ok
-    }
 
     /// gelu8 against the portable GELU: a scaled absolute error below 1e-6 everywhere, and a
     /// relative one below 2e-6 for 1e-30 <= |x| <= 1, where the value is about x / 2 (so a
     /// GELU that flushed small values to 0 fails).
     #[test]
     fn gelu8_matches_the_f32_gelu() {
-        if !have_avx2() {
+        if !avx2_or_fail_in_ci() {
             return;
         }
         let mut xs: Vec<f32> = (-12_000..=12_000).map(|i| i as f32 / 1000.0).collect();
@@ -191,7 +177,7 @@ mod tests {
     /// nothing written outside the tile's `cols` columns of each row or past its last row.
     #[test]
     fn tile_epilogue_matches_the_row_epilogue_and_stays_in_its_columns() {
-        if !have_avx2() {
+        if !avx2_or_fail_in_ci() {
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);

@@ -276,9 +276,7 @@ impl Bf16Kernel {
         {
             match self {
                 Bf16Kernel::Portable => true,
-                Bf16Kernel::Avx2 => {
-                    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-                }
+                Bf16Kernel::Avx2 => crate::model::simd_avx2::has_avx2_fma(),
                 Bf16Kernel::Avx512Bf16 => {
                     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
                 }

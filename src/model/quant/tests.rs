@@ -626,8 +626,8 @@ fn row_range_is_the_same_on_every_path() {
             let bits = |(a, b): (f32, f32)| (a.to_bits(), b.to_bits());
             #[cfg(target_arch = "x86_64")]
             {
-                if Bf16Kernel::Avx2.supported() {
-                    // SAFETY: the CPU has avx2 and fma (what this bf16 kernel needs).
+                if crate::model::simd_avx2::has_avx2_fma() {
+                    // SAFETY: the CPU has avx2 and fma.
                     let got = unsafe { int8::row_range_avx2(&x) };
                     assert_eq!(bits(got), bits(want), "avx2, {x:?}");
                     checked += 1;

@@ -30,8 +30,9 @@
 //! has (and the operating system allows, for AMX) is used.
 //!
 //! Files: this one holds the dtypes, kernel selection and the one tile walk; `int8.rs` and
-//! `bf16.rs` the packing, products and layers of each; `epilogue.rs` the fused epilogues
-//! (`epilogue_avx2.rs` their AVX2 versions); one file per instruction set for the kernels.
+//! `bf16.rs` the packing, products and layers of each; `quantize.rs` int8's activation rows;
+//! `epilogue.rs` the fused epilogues (`epilogue_avx2.rs` their AVX2 versions); one file per
+//! instruction set for the kernels.
 
 use std::fmt;
 use std::str::FromStr;
@@ -472,8 +473,10 @@ mod epilogue;
 #[cfg(target_arch = "x86_64")]
 mod epilogue_avx2;
 mod int8;
+mod quantize;
 pub use bf16::*;
 pub use int8::*;
+pub use quantize::{quantize_row, QuantRows};
 
 #[cfg(test)]
 mod tests;

@@ -622,19 +622,19 @@ fn row_range_is_the_same_on_every_path() {
                     x[rng.random_range(0..n)] = specials[rng.random_range(0..specials.len())];
                 }
             }
-            let want = int8::row_range(&x);
+            let want = quantize::row_range(&x);
             let bits = |(a, b): (f32, f32)| (a.to_bits(), b.to_bits());
             #[cfg(target_arch = "x86_64")]
             {
                 if crate::model::simd_avx2::has_avx2_fma() {
                     // SAFETY: the CPU has avx2 and fma.
-                    let got = unsafe { int8::row_range_avx2(&x) };
+                    let got = unsafe { quantize::row_range_avx2(&x) };
                     assert_eq!(bits(got), bits(want), "avx2, {x:?}");
                     checked += 1;
                 }
                 if epilogue::simd_level() == 2 {
                     // SAFETY: the CPU has avx512f.
-                    let got = unsafe { int8::row_range_avx512(&x) };
+                    let got = unsafe { quantize::row_range_avx512(&x) };
                     assert_eq!(bits(got), bits(want), "avx512, {x:?}");
                 }
             }

@@ -1,12 +1,16 @@
 //! Sentence embeddings: prepend the prompt, tokenize, batch by length, encode (fast path),
 //! pool, apply the Dense layers, truncate the dimensions, normalise, and return the vectors in
 //! input order.
-
-use std::sync::Mutex;
+//!
+//! Batches run side by side, one per thread of the pool (each with its own [`Workspace`]), and
+//! each batch's own products are parallel too: a thread that runs out of batches helps with
+//! the products of the batches still running. A sentence's vector does not depend on which
+//! thread computed it.
 
 use anyhow::Result;
+use rayon::prelude::*;
 
-use crate::model::fast::{PackedEncoder, Workspace};
+use crate::model::fast::{PackedEncoder, WorkspacePool};
 use crate::model::pooling::{normalize_l2, Pooling};
 use crate::pipeline::DenseLayer;
 use crate::tokenize::{length_sorted_batches, Encoded, TextTokenizer};
@@ -36,7 +40,7 @@ pub struct Embedder<'a> {
     pub truncate_dim: Option<usize>,
     /// Text prepended to every sentence before tokenization ([`Embedder::embed`]).
     pub prompt: Option<String>,
-    workspace: Mutex<Workspace>,
+    workspaces: WorkspacePool,
 }
 
 impl<'a> Embedder<'a> {
@@ -59,15 +63,16 @@ impl<'a> Embedder<'a> {
             dense: &[],
             truncate_dim: None,
             prompt: None,
-            workspace: Mutex::new(Workspace::default()),
+            workspaces: WorkspacePool::default(),
         }
     }
 
     /// Pooled vectors of one batch, in its order, through the Dense layers, truncated and
     /// normalised as asked.
     pub fn embed_items(&self, items: &[&Encoded]) -> Result<Vec<Vec<f32>>> {
-        let mut ws = self.workspace.lock().expect("workspace lock");
-        let mut vectors = self.encoder.pooled_packed(items, self.pooling, &mut ws)?;
+        let mut vectors = self
+            .workspaces
+            .with(|ws| self.encoder.pooled_packed(items, self.pooling, ws))?;
         for layer in self.dense {
             for v in &mut vectors {
                 *v = layer.forward(v);
@@ -103,14 +108,22 @@ impl<'a> Embedder<'a> {
         self.embed_encoded(&encoded)
     }
 
-    /// Embeds already tokenized sentences, in their order.
+    /// Embeds already tokenized sentences, in their order. Batches run in parallel; the first
+    /// failing batch (in batch order) gives the error.
     pub fn embed_encoded(&self, encoded: &[Encoded]) -> Result<Vec<Embedding>> {
         let lengths: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
+        let batches = length_sorted_batches(&lengths, self.batch_size, self.max_batch_tokens);
+        let pooled: Vec<Result<Vec<Vec<f32>>>> = batches
+            .par_iter()
+            .with_max_len(1)
+            .map(|idx| {
+                let items: Vec<&Encoded> = idx.iter().map(|&i| &encoded[i]).collect();
+                self.embed_items(&items)
+            })
+            .collect();
         let mut out: Vec<Option<Embedding>> = vec![None; encoded.len()];
-        for idx in length_sorted_batches(&lengths, self.batch_size, self.max_batch_tokens) {
-            let items: Vec<&Encoded> = idx.iter().map(|&i| &encoded[i]).collect();
-            let vectors = self.embed_items(&items)?;
-            for (&i, vector) in idx.iter().zip(vectors) {
+        for (idx, vectors) in batches.iter().zip(pooled) {
+            for (&i, vector) in idx.iter().zip(vectors?) {
                 out[i] = Some(Embedding {
                     vector,
                     tokens: encoded[i].ids.len(),

@@ -114,13 +114,15 @@ impl ModelAssets {
     /// [`FastEncoder::load`]): with int8 or bf16, only the converted weights stay resident.
     pub fn inference_encoder(&self, dtype: Dtype, device: &Device) -> Result<FastEncoder> {
         let vb = ParamSource::unrecorded(vec![self.weights.clone()]).into_var_builder(device);
-        FastEncoder::load(vb, &self.config, dtype).with_context(|| {
+        let encoder = FastEncoder::load(vb, &self.config, dtype).with_context(|| {
             format!(
                 "loading the encoder weights of {} from {}",
                 self.files.model.id,
                 self.files.weights.display()
             )
-        })
+        })?;
+        crate::alloc::release_freed();
+        Ok(encoder)
     }
 
     /// Builds the encoder with every weight frozen (inference).

@@ -379,3 +379,39 @@ fn fast_path_rejects_unknown_token_ids() {
         assert!(err.contains(needle), "{err}");
     }
 }
+
+/// Batches run side by side on the thread pool; every vector still lands at its sentence's
+/// place, equal to that sentence embedded alone.
+#[test]
+fn parallel_batches_keep_input_order() {
+    let (_dir, path) = tiny_model(&TinyBert::default());
+    let a = load(&path).unwrap();
+    let enc = a.frozen_encoder(&Device::Cpu).unwrap();
+    let words = [
+        "cat", "mat", "the", "game", "won", "we", "love", "it", "a", "lot",
+    ];
+    // 41 sentences of 1 to 12 words, in no length order, in batches of 3: 14 batches.
+    let texts: Vec<String> = (0..41)
+        .map(|i| {
+            let n = 1 + (i * 7) % 12;
+            (0..n)
+                .map(|j| words[(i + j * 3) % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let e = Embedder::new(&enc, &a.tokenizer, Pooling::Mean, false, 3);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(4)
+        .build()
+        .unwrap();
+    let got = pool.install(|| e.embed(&texts).unwrap());
+    assert_eq!(got.len(), texts.len());
+    let encoded = a.tokenizer.encode(&texts).unwrap();
+    for (i, (g, one)) in got.iter().zip(&encoded).enumerate() {
+        let alone = e.embed_items(&[one]).unwrap().remove(0);
+        assert_eq!(g.tokens, one.ids.len(), "sentence {i}");
+        let (_, max_abs) = common::compare(&g.vector, &alone);
+        assert!(max_abs < 1e-5, "sentence {i} {:?}: {max_abs}", texts[i]);
+    }
+}

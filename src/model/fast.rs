@@ -39,9 +39,32 @@ pub struct Workspace {
     quant: quant::Scratch,
 }
 
+/// Workspaces for batches that run side by side: each batch borrows one (a new one when all
+/// are in use) and gives it back, so there are as many as batches ever ran at once.
+#[derive(Default)]
+pub struct WorkspacePool(std::sync::Mutex<Vec<Workspace>>);
+
+impl WorkspacePool {
+    /// Runs `f` with a workspace no other batch is using.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Workspace) -> R) -> R {
+        let mut ws = self
+            .0
+            .lock()
+            .expect("workspace lock")
+            .pop()
+            .unwrap_or_default();
+        let r = f(&mut ws);
+        self.0.lock().expect("workspace lock").push(ws);
+        r
+    }
+}
+
+/// At least `n` values in `v`; its contents are scratch. The old buffer is freed before the
+/// new one is allocated (no copy, and the freed block can serve the next allocation).
 fn grow(v: &mut Vec<f32>, n: usize) {
     if v.len() < n {
-        v.resize(n, 0.0);
+        *v = Vec::new();
+        *v = vec![0.0; n];
     }
 }
 

@@ -4,7 +4,7 @@
 //! sentiment. Each head is `fc1 -> ReLU -> dropout -> fc2`. Frozen parts run in inference
 //! mode (no dropout, no gradient); the graph is cut after the frozen encoder prefix.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Module, Tensor};
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::batch::PackedBatch;
 use super::bert::{AttentionMask, BertEncoder, Linear, Mode};
 use super::dropout::Dropout;
-use super::fast::{FastEncoder, PackedEncoder, Workspace};
+use super::fast::{FastEncoder, PackedEncoder, WorkspacePool};
 use super::freeze::FreezePlan;
 use super::pooling::Pooling;
 use super::quant::Dtype;
@@ -92,8 +92,8 @@ pub struct MultiTaskModel {
     pub plan: FreezePlan,
     /// Every parameter, with a `Var` for each trainable one.
     pub registry: Arc<ParamRegistry>,
-    /// Buffers of the inference fast path.
-    workspace: Mutex<Workspace>,
+    /// Buffers of the inference fast path, one per batch in flight.
+    workspaces: WorkspacePool,
     /// The frozen encoder in another arithmetic (`--dtype`), for inference.
     fast: Option<FastEncoder>,
 }
@@ -139,7 +139,7 @@ impl MultiTaskModel {
             spec,
             plan,
             registry,
-            workspace: Mutex::new(Workspace::default()),
+            workspaces: WorkspacePool::default(),
             fast: None,
         })
     }
@@ -167,12 +167,13 @@ impl MultiTaskModel {
     /// Pooled sentence vectors `[batch, hidden]` in inference mode, through the encoder's
     /// fast path; equal to `features(batch, None)` to float rounding.
     pub fn features_infer(&self, items: &[&Encoded]) -> Result<Tensor> {
-        let mut ws = self.workspace.lock().expect("workspace lock");
         let encoder: &dyn PackedEncoder = match &self.fast {
             Some(f) => f,
             None => &self.encoder,
         };
-        let rows = encoder.pooled_packed(items, self.pooling, &mut ws)?;
+        let rows = self
+            .workspaces
+            .with(|ws| encoder.pooled_packed(items, self.pooling, ws))?;
         let h = self.encoder.config.hidden_size;
         let flat: Vec<f32> = rows.into_iter().flatten().collect();
         Ok(Tensor::from_vec(

@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 use super::embedding_cache::EmbeddingCache;
 use super::metrics::HeadMetrics;
@@ -10,7 +11,8 @@ use super::prepared::Prepared;
 use crate::model::multitask::MultiTaskModel;
 use crate::tokenize::{length_sorted_batches, Encoded};
 
-/// Sentence vectors `[n, hidden]` of all `encoded`, in their order, without gradients.
+/// Sentence vectors `[n, hidden]` of all `encoded`, in their order, without gradients. Batches
+/// run side by side on the thread pool, as [`crate::embed::Embedder`]'s do.
 pub fn compute_features(
     model: &MultiTaskModel,
     encoded: &[Encoded],
@@ -19,13 +21,15 @@ pub fn compute_features(
     let dev = model.encoder.device().clone();
     let lengths: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
     let batches = length_sorted_batches(&lengths, batch_size, None);
-    let mut parts = Vec::with_capacity(batches.len());
-    let mut order = Vec::with_capacity(encoded.len());
-    for idx in &batches {
-        let items: Vec<&Encoded> = idx.iter().map(|&i| &encoded[i]).collect();
-        parts.push(model.features_infer(&items)?);
-        order.extend_from_slice(idx);
-    }
+    let parts = batches
+        .par_iter()
+        .with_max_len(1)
+        .map(|idx| {
+            let items: Vec<&Encoded> = idx.iter().map(|&i| &encoded[i]).collect();
+            model.features_infer(&items)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let order: Vec<usize> = batches.concat();
     let sorted = Tensor::cat(&parts, 0)?;
     // Row r of `sorted` is example order[r]; invert the permutation.
     let mut inverse = vec![0u32; order.len()];

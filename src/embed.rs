@@ -2,15 +2,13 @@
 //! pool, apply the Dense layers, truncate the dimensions, normalise, and return the vectors in
 //! input order.
 //!
-//! Batches run side by side, one per thread of the pool (each with its own [`Workspace`]), and
-//! each batch's own products are parallel too: a thread that runs out of batches helps with
-//! the products of the batches still running. A sentence's vector does not depend on which
-//! thread computed it.
+//! Batches run side by side on the thread pool ([`map_batches`]), each with its own
+//! workspace, and each batch's own products are parallel too. A sentence's vector does not
+//! depend on which thread computed it.
 
 use anyhow::Result;
-use rayon::prelude::*;
 
-use crate::model::fast::{PackedEncoder, WorkspacePool};
+use crate::model::fast::{map_batches, PackedEncoder, WorkspacePool};
 use crate::model::pooling::{normalize_l2, Pooling};
 use crate::pipeline::DenseLayer;
 use crate::tokenize::{length_sorted_batches, Encoded, TextTokenizer};
@@ -113,14 +111,10 @@ impl<'a> Embedder<'a> {
     pub fn embed_encoded(&self, encoded: &[Encoded]) -> Result<Vec<Embedding>> {
         let lengths: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
         let batches = length_sorted_batches(&lengths, self.batch_size, self.max_batch_tokens);
-        let pooled: Vec<Result<Vec<Vec<f32>>>> = batches
-            .par_iter()
-            .with_max_len(1)
-            .map(|idx| {
-                let items: Vec<&Encoded> = idx.iter().map(|&i| &encoded[i]).collect();
-                self.embed_items(&items)
-            })
-            .collect();
+        let pooled = map_batches(&batches, |idx| {
+            let items: Vec<&Encoded> = idx.iter().map(|&i| &encoded[i]).collect();
+            self.embed_items(&items)
+        });
         let mut out: Vec<Option<Embedding>> = vec![None; encoded.len()];
         for (idx, vectors) in batches.iter().zip(pooled) {
             for (&i, vector) in idx.iter().zip(vectors?) {

@@ -59,6 +59,22 @@ impl WorkspacePool {
     }
 }
 
+/// Batches in flight at once, at most. Each holds a workspace with a whole batch's
+/// activations, so this bounds memory on many-core machines; there, threads share batches.
+pub const MAX_BATCHES_IN_FLIGHT: usize = 4;
+
+/// `f` over `batches`, results in order, with up to [`MAX_BATCHES_IN_FLIGHT`] batches side by
+/// side on the thread pool (no more than it has threads). A thread left without a batch helps
+/// with the parallel parts of those still running.
+pub fn map_batches<B: Sync, T: Send>(batches: &[B], f: impl Fn(&B) -> T + Sync) -> Vec<T> {
+    let in_flight = rayon::current_num_threads().clamp(1, MAX_BATCHES_IN_FLIGHT);
+    let mut out = Vec::with_capacity(batches.len());
+    for group in batches.chunks(in_flight) {
+        out.par_extend(group.par_iter().with_max_len(1).map(&f));
+    }
+    out
+}
+
 /// At least `n` values in `v`; its contents are scratch. The old buffer is freed before the
 /// new one is allocated (no copy, and the freed block can serve the next allocation).
 fn grow(v: &mut Vec<f32>, n: usize) {
@@ -465,5 +481,38 @@ impl PackedEncoder for BertEncoder {
         ws: &mut Workspace,
     ) -> Result<Vec<Vec<f32>>> {
         BertEncoder::pooled_packed(self, seqs, pooling, ws)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Results come back in batch order, and no more than `MAX_BATCHES_IN_FLIGHT` batches run
+    /// at once even on a pool with more threads.
+    #[test]
+    fn map_batches_keeps_order_and_bounds_batches_in_flight() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2 * MAX_BATCHES_IN_FLIGHT)
+            .build()
+            .unwrap();
+        let (now, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let batches: Vec<usize> = (0..40).collect();
+        let out = pool.install(|| {
+            map_batches(&batches, |&b| {
+                let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(n, Ordering::SeqCst);
+                // Long enough for the other threads to start theirs.
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                now.fetch_sub(1, Ordering::SeqCst);
+                b * 10
+            })
+        });
+        assert_eq!(out, (0..40).map(|b| b * 10).collect::<Vec<_>>());
+        let most = most.load(Ordering::SeqCst);
+        assert!(most <= MAX_BATCHES_IN_FLIGHT, "{most} batches ran at once");
+        assert!(most > 1, "batches never ran side by side");
     }
 }

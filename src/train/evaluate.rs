@@ -3,16 +3,16 @@
 
 use anyhow::Result;
 use candle_core::Tensor;
-use rayon::prelude::*;
 
 use super::embedding_cache::EmbeddingCache;
 use super::metrics::HeadMetrics;
 use super::prepared::Prepared;
+use crate::model::fast::map_batches;
 use crate::model::multitask::MultiTaskModel;
 use crate::tokenize::{length_sorted_batches, Encoded};
 
 /// Sentence vectors `[n, hidden]` of all `encoded`, in their order, without gradients. Batches
-/// run side by side on the thread pool, as [`crate::embed::Embedder`]'s do.
+/// run side by side on the thread pool ([`map_batches`]).
 pub fn compute_features(
     model: &MultiTaskModel,
     encoded: &[Encoded],
@@ -21,14 +21,12 @@ pub fn compute_features(
     let dev = model.encoder.device().clone();
     let lengths: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
     let batches = length_sorted_batches(&lengths, batch_size, None);
-    let parts = batches
-        .par_iter()
-        .with_max_len(1)
-        .map(|idx| {
-            let items: Vec<&Encoded> = idx.iter().map(|&i| &encoded[i]).collect();
-            model.features_infer(&items)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let parts = map_batches(&batches, |idx| {
+        let items: Vec<&Encoded> = idx.iter().map(|&i| &encoded[i]).collect();
+        model.features_infer(&items)
+    })
+    .into_iter()
+    .collect::<Result<Vec<_>>>()?;
     let order: Vec<usize> = batches.concat();
     let sorted = Tensor::cat(&parts, 0)?;
     // Row r of `sorted` is example order[r]; invert the permutation.

@@ -60,7 +60,7 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = positive_secs, help_heading = "Model")]
     pub hub_timeout: f64,
 
-    /// Truncate each sentence to this many tokens, [CLS] and [SEP] included.
+    /// Truncate each sentence to this many tokens, `[CLS]` and `[SEP]` included.
     /// [default: the model's own limit: max_seq_length of sentence_bert_config.json, else
     /// max_position_embeddings (less the first position id: pad_token_id + 1 for RoBERTa and
     /// XLM-RoBERTa, 2 for MPNet; 514 positions hold 512 tokens)]

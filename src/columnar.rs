@@ -152,7 +152,7 @@ pub fn npy_sidecar(path: &Path) -> PathBuf {
 /// Bytes of the `.npy` header, magic included: room for any row count, a multiple of 64.
 const NPY_HEADER: usize = 128;
 
-/// The `.npy` v1.0 header of a `rows x dim` float32 C-order matrix, [`NPY_HEADER`] bytes long.
+/// The `.npy` v1.0 header of a `rows x dim` float32 C-order matrix, `NPY_HEADER` bytes long.
 pub fn npy_header(rows: u64, dim: usize) -> Vec<u8> {
     let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}");
     let mut h = b"\x93NUMPY\x01\x00".to_vec();

@@ -27,7 +27,7 @@ pub struct ModelRef {
 pub const DEFAULT_HUB_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a model's files cannot be resolved. The messages say what went wrong where; they name
-/// no flags, so the CLI adds the advice that does ([`crate::cli::advice`]).
+/// no flags, so the CLI adds the advice that does ([`crate::advice::advice`]).
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     #[error("{id}: no such folder")]

@@ -57,7 +57,7 @@ pub(crate) const ERF_Q: [f32; 5] = [
     -1.42647390514189e-02,
 ];
 
-/// erf(x) within 3.5e-7: Eigen's rational approximation, clamped at ±[`ERF_CLAMP`].
+/// erf(x) within 3.5e-7: Eigen's rational approximation, clamped at ±`ERF_CLAMP`.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let x = x.clamp(-ERF_CLAMP, ERF_CLAMP);

@@ -7,7 +7,6 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +17,9 @@ use super::embedding_cache::EmbeddingCache;
 use super::evaluate::{cached_features, evaluate};
 use super::loss::{balanced_weights, weighted_ce_sum, HeadTargets};
 use super::metrics::{HeadMetrics, Metric};
+use super::prefix_cache::PrefixCache;
+pub use super::prefix_cache::PREFIX_CACHE_MAX_BYTES;
+pub use super::schedule::{epoch_batches, lr_factor};
 use super::sparse::{LazyAdamW, SparseGrad};
 use crate::model::batch::PackedBatch;
 use crate::model::dropout::Dropout;
@@ -161,42 +163,6 @@ impl TrainOutcome {
     }
 }
 
-/// Mega-batches hold this many batches; each is sorted by length before it is cut.
-const GROUP: usize = 8;
-
-/// One epoch's batches: a seeded shuffle, cut into batches of `batch_size`. With `lengths`,
-/// the shuffle is cut into groups of [`GROUP`] batches, each group is sorted by length and
-/// cut, and the batch order is shuffled again: batches stay random but pad little
-/// (the `group_by_length` of Hugging Face's Trainer).
-pub fn epoch_batches(
-    n: usize,
-    batch_size: usize,
-    lengths: Option<&[usize]>,
-    rng: &mut StdRng,
-) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..n).collect();
-    order.shuffle(rng);
-    let Some(lengths) = lengths else {
-        return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
-    };
-    let mut batches: Vec<Vec<usize>> = Vec::new();
-    for group in order.chunks_mut(batch_size * GROUP) {
-        group.sort_by_key(|&i| lengths[i]);
-        batches.extend(group.chunks(batch_size).map(<[usize]>::to_vec));
-    }
-    batches.shuffle(rng);
-    batches
-}
-
-/// Linear warm-up over `warmup` steps, then linear decay to 0 at `total`.
-pub fn lr_factor(step: usize, warmup: usize, total: usize) -> f64 {
-    if step < warmup {
-        (step + 1) as f64 / warmup as f64
-    } else {
-        (total - step) as f64 / (total - warmup).max(1) as f64
-    }
-}
-
 /// Splits the trainable variables into encoder and head groups.
 fn var_groups(model: &MultiTaskModel) -> (Vec<Var>, Vec<Var>) {
     let (mut enc, mut heads) = (Vec::new(), Vec::new());
@@ -210,52 +176,6 @@ fn var_groups(model: &MultiTaskModel) -> (Vec<Var>, Vec<Var>) {
         }
     }
     (enc, heads)
-}
-
-/// The output of the frozen layers for every training sentence, computed once: the frozen
-/// prefix runs in inference mode (no dropout), so it is the same every epoch.
-struct PrefixCache {
-    /// `[tokens, hidden]` rows of each sentence, in data order.
-    rows: Vec<Vec<f32>>,
-    hidden: usize,
-}
-
-/// Largest frozen-prefix cache kept in memory; above it the prefix is recomputed per step.
-pub const PREFIX_CACHE_MAX_BYTES: usize = 2 << 30;
-
-impl PrefixCache {
-    /// Bytes the cache would take for `data`: 4 per value, `hidden` values per token.
-    fn bytes(data: &Prepared, hidden: usize) -> usize {
-        data.encoded.iter().map(|e| e.ids.len()).sum::<usize>() * hidden * 4
-    }
-
-    fn build(model: &MultiTaskModel, data: &Prepared, batch_size: usize) -> Result<Self> {
-        let hidden = model.encoder.config.hidden_size;
-        let lengths: Vec<usize> = data.encoded.iter().map(|e| e.ids.len()).collect();
-        let mut rows = vec![Vec::new(); data.encoded.len()];
-        for idx in crate::tokenize::length_sorted_batches(&lengths, batch_size, None) {
-            let items: Vec<&Encoded> = idx.iter().map(|&i| &data.encoded[i]).collect();
-            let batch = PackedBatch::new(&items);
-            let x: Vec<f32> = model
-                .frozen_prefix_packed(&batch)?
-                .flatten_all()?
-                .to_vec1()?;
-            for (k, &i) in idx.iter().enumerate() {
-                rows[i] = x[batch.offsets[k] * hidden..batch.offsets[k + 1] * hidden].to_vec();
-            }
-        }
-        Ok(Self { rows, hidden })
-    }
-
-    /// The cached prefix output of the sentences `idx`, packed in that order: `[T, hidden]`.
-    fn gather(&self, idx: &[usize], dev: &Device) -> Result<Tensor> {
-        let flat: Vec<f32> = idx
-            .iter()
-            .flat_map(|&i| self.rows[i].iter().copied())
-            .collect();
-        let t = flat.len() / self.hidden;
-        Ok(Tensor::from_vec(flat, (t, self.hidden), dev)?)
-    }
 }
 
 /// Where the heads' inputs come from in training.
@@ -759,48 +679,4 @@ pub fn train(
     let mut outcome = trainer.run(on_epoch)?;
     outcome.train_seconds += setup_seconds;
     Ok(outcome)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn epoch_batches_cover_every_example_once_and_grouping_pads_less() {
-        let lengths: Vec<usize> = (0..1000).map(|i| 5 + (i * 7919) % 60).collect();
-        let padded = |batches: &[Vec<usize>]| -> usize {
-            batches
-                .iter()
-                .map(|b| b.len() * b.iter().map(|&i| lengths[i]).max().unwrap())
-                .sum()
-        };
-        let mut rng = StdRng::seed_from_u64(1);
-        let plain = epoch_batches(1000, 32, None, &mut rng);
-        let grouped = epoch_batches(1000, 32, Some(&lengths), &mut rng);
-        for batches in [&plain, &grouped] {
-            let mut all: Vec<usize> = batches.iter().flatten().copied().collect();
-            all.sort();
-            assert_eq!(all, (0..1000).collect::<Vec<_>>());
-            assert!(batches.iter().all(|b| !b.is_empty() && b.len() <= 32));
-        }
-        assert!(
-            padded(&grouped) * 10 < padded(&plain) * 7,
-            "{} vs {}",
-            padded(&grouped),
-            padded(&plain)
-        );
-        let again = epoch_batches(1000, 32, Some(&lengths), &mut StdRng::seed_from_u64(1));
-        let first = epoch_batches(1000, 32, Some(&lengths), &mut StdRng::seed_from_u64(1));
-        assert_eq!(again, first, "the same seed gives the same batches");
-    }
-
-    #[test]
-    fn learning_rate_warms_up_then_decays_to_zero() {
-        let f: Vec<f64> = (0..10).map(|s| lr_factor(s, 2, 10)).collect();
-        assert_eq!(f[0], 0.5);
-        assert_eq!(f[1], 1.0);
-        assert_eq!(f[2], 1.0);
-        assert!((f[9] - 0.125).abs() < 1e-12);
-        assert!(f.windows(2).skip(2).all(|w| w[1] < w[0]));
-    }
 }

@@ -147,8 +147,11 @@ impl MultiTaskModel {
     /// Runs the encoder's inference (sentence vectors for the heads) in `dtype`. Only for an
     /// encoder that does not train: a trainable one changes every step and is evaluated in
     /// float32.
+    /// Loading ends here, so the heap pages it freed go back to the system
+    /// ([`crate::alloc::release_freed`]): the batches that follow allocate on other threads.
     pub fn with_dtype(mut self, dtype: Dtype) -> anyhow::Result<Self> {
         if dtype == Dtype::F32 {
+            crate::alloc::release_freed();
             return Ok(self);
         }
         let layers = self.encoder.layers.len();
@@ -161,6 +164,7 @@ impl MultiTaskModel {
             fast.kernel_name()
         );
         self.fast = Some(fast);
+        crate::alloc::release_freed();
         Ok(self)
     }
 

@@ -69,8 +69,8 @@ pub struct Cli {
 
     /// Threads for matrix products and the inference kernels. [default: the number of cores]
     /// At most 4 per core are used; where a process limit allows fewer, fewer are used (a
-    /// note on stderr says so). Inference runs up to 4 batches at once, one per thread, each
-    /// with its own buffers.
+    /// note on stderr says so). Inference runs up to 4 batches at once (no more than 16,384
+    /// tokens together), each with its own buffers.
     #[arg(long, value_name = "N", value_parser = positive, help_heading = "Model")]
     pub threads: Option<usize>,
 

@@ -106,18 +106,19 @@ impl<'a> Embedder<'a> {
         self.embed_encoded(&encoded)
     }
 
-    /// Embeds already tokenized sentences, in their order. Batches run in parallel; the first
-    /// failing batch (in batch order) gives the error.
+    /// Embeds already tokenized sentences, in their order. Batches run side by side
+    /// ([`map_batches`]); the first failing batch (in batch order) gives the error.
     pub fn embed_encoded(&self, encoded: &[Encoded]) -> Result<Vec<Embedding>> {
         let lengths: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
         let batches = length_sorted_batches(&lengths, self.batch_size, self.max_batch_tokens);
-        let pooled = map_batches(&batches, |idx| {
+        let tokens = |idx: &Vec<usize>| idx.iter().map(|&i| lengths[i]).sum();
+        let pooled = map_batches(&batches, tokens, |idx| {
             let items: Vec<&Encoded> = idx.iter().map(|&i| &encoded[i]).collect();
             self.embed_items(&items)
-        });
+        })?;
         let mut out: Vec<Option<Embedding>> = vec![None; encoded.len()];
         for (idx, vectors) in batches.iter().zip(pooled) {
-            for (&i, vector) in idx.iter().zip(vectors?) {
+            for (&i, vector) in idx.iter().zip(vectors) {
                 out[i] = Some(Embedding {
                     vector,
                     tokens: encoded[i].ids.len(),

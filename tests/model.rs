@@ -415,3 +415,25 @@ fn parallel_batches_keep_input_order() {
         assert!(max_abs < 1e-5, "sentence {i} {:?}: {max_abs}", texts[i]);
     }
 }
+
+/// A batch that fails (a token id past the vocabulary) fails the whole call with its error,
+/// whichever of the side-by-side batches it is, and nothing panics.
+#[test]
+fn a_failing_batch_fails_the_embedding_call() {
+    let (_dir, path) = tiny_model(&TinyBert::default());
+    let a = load(&path).unwrap();
+    let enc = a.frozen_encoder(&Device::Cpu).unwrap();
+    let texts: Vec<String> = (0..30).map(|i| "the cat ".repeat(1 + i % 7)).collect();
+    let mut encoded = a.tokenizer.encode(&texts).unwrap();
+    encoded[17].ids[1] = 1_000_000;
+    let e = Embedder::new(&enc, &a.tokenizer, Pooling::Mean, false, 3);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(4)
+        .build()
+        .unwrap();
+    let err = pool.install(|| e.embed_encoded(&encoded)).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("outside the vocabulary"),
+        "the error says what is wrong: {err:#}"
+    );
+}

@@ -784,3 +784,37 @@ fn word_embeddings_train_row_wise() {
     assert_eq!(changed, seen.len(), "every seen row trained");
     assert!(seen.len() < before.len());
 }
+
+/// The feature pass runs batches side by side; each row still belongs to its sentence: equal
+/// to that sentence's vector computed alone.
+#[test]
+fn parallel_feature_batches_keep_example_order() {
+    use fetch_ml::train::evaluate::compute_features;
+    let t = toy();
+    let cfg = config(&t, quick(), &[], None);
+    let setup = Setup::load(&cfg).unwrap();
+    let layers = setup.assets.config.num_hidden_layers;
+    let plan = FreezePlan::new(&cfg.freeze, cfg.freeze_layers, layers).unwrap();
+    let model = build_model(&setup, &cfg, plan);
+    let encoded = &setup.train.prepared.encoded;
+    assert!(encoded.len() > 20, "{} examples", encoded.len());
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(4)
+        .build()
+        .unwrap();
+    let all = pool
+        .install(|| compute_features(&model, encoded, 3))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(all.len(), encoded.len());
+    for (i, (row, e)) in all.iter().zip(encoded).enumerate() {
+        let alone = model
+            .features_infer(&[e])
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let (_, max_abs) = common::compare(row, &alone[0]);
+        assert!(max_abs < 1e-5, "example {i}: {max_abs}");
+    }
+}

@@ -5,9 +5,9 @@
 //! batch. Dense layers are single `gemm` calls over all tokens, with the bias preloaded into the
 //! output; attention runs per (sentence, head) in parallel, reading Q, K and V in place from
 //! the fused projection buffer; GELU, softmax and LayerNorm are the vectorised kernels of
-//! [`super::kernels`]. Buffers live in a [`Workspace`] that grows once and is reused, so a run
-//! allocates almost nothing per batch. Weights are read in place from the candle tensors.
-//! The training path (candle ops with a backward pass) is in [`super::bert`].
+//! [`super::kernels`]. Buffers live in a [`Workspace`] that grows with the batches and is
+//! reused, so a run allocates almost nothing per batch. Weights are read in place from the
+//! candle tensors. The training path (candle ops with a backward pass) is in [`super::bert`].
 //! [`FastEncoder`], the same encoder with int8 or bf16 dense layers, is in `fast/quantized.rs`.
 
 use candle_core::{bail, CpuStorage, Result, Storage, Tensor};
@@ -24,7 +24,9 @@ use super::pooling::Pooling;
 use super::quant;
 use crate::tokenize::Encoded;
 
+mod in_flight;
 mod quantized;
+pub use in_flight::{map_batches, WorkspacePool, MAX_BATCHES_IN_FLIGHT, MAX_TOKENS_IN_FLIGHT};
 pub use quantized::FastEncoder;
 
 /// Buffers of the fast path, reused across layers and batches.
@@ -39,49 +41,19 @@ pub struct Workspace {
     quant: quant::Scratch,
 }
 
-/// Workspaces for batches that run side by side: each batch borrows one (a new one when all
-/// are in use) and gives it back, so there are as many as batches ever ran at once.
-#[derive(Default)]
-pub struct WorkspacePool(std::sync::Mutex<Vec<Workspace>>);
-
-impl WorkspacePool {
-    /// Runs `f` with a workspace no other batch is using.
-    pub fn with<R>(&self, f: impl FnOnce(&mut Workspace) -> R) -> R {
-        let mut ws = self
-            .0
-            .lock()
-            .expect("workspace lock")
-            .pop()
-            .unwrap_or_default();
-        let r = f(&mut ws);
-        self.0.lock().expect("workspace lock").push(ws);
-        r
-    }
-}
-
-/// Batches in flight at once, at most. Each holds a workspace with a whole batch's
-/// activations, so this bounds memory on many-core machines; there, threads share batches.
-pub const MAX_BATCHES_IN_FLIGHT: usize = 4;
-
-/// `f` over `batches`, results in order, with up to [`MAX_BATCHES_IN_FLIGHT`] batches side by
-/// side on the thread pool (no more than it has threads). A thread left without a batch helps
-/// with the parallel parts of those still running.
-pub fn map_batches<B: Sync, T: Send>(batches: &[B], f: impl Fn(&B) -> T + Sync) -> Vec<T> {
-    let in_flight = rayon::current_num_threads().clamp(1, MAX_BATCHES_IN_FLIGHT);
-    let mut out = Vec::with_capacity(batches.len());
-    for group in batches.chunks(in_flight) {
-        out.par_extend(group.par_iter().with_max_len(1).map(&f));
-    }
-    out
-}
-
-/// At least `n` values in `v`; its contents are scratch. The old buffer is freed before the
-/// new one is allocated (no copy, and the freed block can serve the next allocation).
+/// At least `n` values in `v`; its contents are scratch. A buffer that must grow is freed
+/// before its successor is allocated (nothing is copied), with half as much again of room,
+/// so that the growing batches of a length-sorted run reallocate only now and then.
 fn grow(v: &mut Vec<f32>, n: usize) {
-    if v.len() < n {
-        *v = Vec::new();
-        *v = vec![0.0; n];
+    if v.len() >= n {
+        return;
     }
+    if v.capacity() < n {
+        let room = n.max(v.capacity() + v.capacity() / 2);
+        *v = Vec::new();
+        v.reserve_exact(room);
+    }
+    v.resize(n, 0.0);
 }
 
 /// Runs `f` on the f32 data of a contiguous CPU tensor, without copying it.
@@ -288,13 +260,13 @@ pub fn offsets(seqs: &[&Encoded]) -> Vec<usize> {
     o
 }
 
-/// Grows the workspace for `t` tokens.
-fn grow_all(ws: &mut Workspace, t: usize, h: usize, inter: usize) {
+/// Grows the workspace for `t` tokens, of which the FFN's intermediate holds `inter_rows`.
+fn grow_all(ws: &mut Workspace, t: usize, h: usize, inter: usize, inter_rows: usize) {
     grow(&mut ws.x, t * h);
     grow(&mut ws.tmp, t * h);
     grow(&mut ws.ctx, t * h);
     grow(&mut ws.qkv, t * 3 * h);
-    grow(&mut ws.inter, t * inter);
+    grow(&mut ws.inter, inter_rows * inter);
 }
 
 /// Embeddings of packed `seqs` into `x` `[T, hidden]`: word + position + token type, then
@@ -385,7 +357,7 @@ impl BertEncoder {
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let offs = offsets(seqs);
         let t = *offs.last().expect("offsets");
-        grow_all(ws, t, h, inter);
+        grow_all(ws, t, h, inter, t);
 
         embed_packed(&self.embeddings, cfg, seqs, &offs, &mut ws.x[..t * h])?;
         let bias = BiasTable::new(self.relative_bias.as_ref(), &offs)?;
@@ -481,38 +453,5 @@ impl PackedEncoder for BertEncoder {
         ws: &mut Workspace,
     ) -> Result<Vec<Vec<f32>>> {
         BertEncoder::pooled_packed(self, seqs, pooling, ws)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use super::*;
-
-    /// Results come back in batch order, and no more than `MAX_BATCHES_IN_FLIGHT` batches run
-    /// at once even on a pool with more threads.
-    #[test]
-    fn map_batches_keeps_order_and_bounds_batches_in_flight() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2 * MAX_BATCHES_IN_FLIGHT)
-            .build()
-            .unwrap();
-        let (now, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
-        let batches: Vec<usize> = (0..40).collect();
-        let out = pool.install(|| {
-            map_batches(&batches, |&b| {
-                let n = now.fetch_add(1, Ordering::SeqCst) + 1;
-                most.fetch_max(n, Ordering::SeqCst);
-                // Long enough for the other threads to start theirs.
-                std::thread::sleep(std::time::Duration::from_millis(5));
-                now.fetch_sub(1, Ordering::SeqCst);
-                b * 10
-            })
-        });
-        assert_eq!(out, (0..40).map(|b| b * 10).collect::<Vec<_>>());
-        let most = most.load(Ordering::SeqCst);
-        assert!(most <= MAX_BATCHES_IN_FLIGHT, "{most} batches ran at once");
-        assert!(most > 1, "batches never ran side by side");
     }
 }

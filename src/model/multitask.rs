@@ -147,6 +147,7 @@ impl MultiTaskModel {
     /// Runs the encoder's inference (sentence vectors for the heads) in `dtype`. Only for an
     /// encoder that does not train: a trainable one changes every step and is evaluated in
     /// float32.
+    ///
     /// Loading ends here, so the heap pages it freed go back to the system
     /// ([`crate::alloc::release_freed`]): the batches that follow allocate on other threads.
     pub fn with_dtype(mut self, dtype: Dtype) -> anyhow::Result<Self> {
@@ -166,6 +167,11 @@ impl MultiTaskModel {
         self.fast = Some(fast);
         crate::alloc::release_freed();
         Ok(self)
+    }
+
+    /// Frees the inference workspaces not in use (see [`Self::features_infer`]).
+    pub fn release_workspaces(&self) {
+        self.workspaces.clear();
     }
 
     /// Pooled sentence vectors `[batch, hidden]` in inference mode, through the encoder's

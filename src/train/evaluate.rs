@@ -21,12 +21,14 @@ pub fn compute_features(
     let dev = model.encoder.device().clone();
     let lengths: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
     let batches = length_sorted_batches(&lengths, batch_size, None);
-    let parts = map_batches(&batches, |idx| {
+    let tokens = |idx: &Vec<usize>| idx.iter().map(|&i| lengths[i]).sum();
+    let parts = map_batches(&batches, tokens, |idx| {
         let items: Vec<&Encoded> = idx.iter().map(|&i| &encoded[i]).collect();
         model.features_infer(&items)
-    })
-    .into_iter()
-    .collect::<Result<Vec<_>>>()?;
+    });
+    // The workspaces hold whole batches' activations: free them for what follows (training).
+    model.release_workspaces();
+    let parts = parts?;
     let order: Vec<usize> = batches.concat();
     let sorted = Tensor::cat(&parts, 0)?;
     // Row r of `sorted` is example order[r]; invert the permutation.

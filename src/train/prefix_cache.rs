@@ -26,6 +26,7 @@ impl PrefixCache {
         data.encoded.iter().map(|e| e.ids.len()).sum::<usize>() * hidden * 4
     }
 
+    /// Runs the frozen prefix over every sentence of `data`, in length-sorted batches.
     pub(super) fn build(
         model: &MultiTaskModel,
         data: &Prepared,

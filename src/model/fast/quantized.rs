@@ -316,7 +316,9 @@ impl QuantEncoder {
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let offs = offsets(seqs);
         let t = *offs.last().expect("offsets");
-        grow_all(ws, t, h, inter);
+        // The FFN runs FFN_ROWS rows at a time: its intermediate needs no more.
+        let inter_rows = t.min(FFN_ROWS);
+        grow_all(ws, t, h, inter, inter_rows);
         embed_packed(&self.embeddings, cfg, seqs, &offs, &mut ws.x[..t * h])?;
         let bias = BiasTable::new(self.relative_bias.as_ref(), &offs)?;
         let k = self.kernels;
@@ -333,7 +335,7 @@ impl QuantEncoder {
             let (qkv, ctx, mid) = (
                 &mut qkv[..t * 3 * h],
                 &mut ctx[..t * h],
-                &mut mid[..t * inter],
+                &mut mid[..inter_rows * inter],
             );
             layer.qkv.forward(x, t, qkv, 3 * h, 0, None, k, scratch)?;
             let (heads, d) = (layer.heads, layer.head_dim);

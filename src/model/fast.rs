@@ -345,6 +345,9 @@ fn embed_packed(
     layer_norm_rows(x, None, &e.layer_norm, h)
 }
 
+/// Rows per FFN chunk of the float32 fast path.
+const FFN_ROWS_F32: usize = 512;
+
 impl BertEncoder {
     /// Last hidden states of `seqs`, packed: `[T, hidden]` with `T` the total token count, in
     /// `ws`; rows of sequence `i` are `offsets(seqs)[i]..offsets(seqs)[i + 1]`.
@@ -357,7 +360,7 @@ impl BertEncoder {
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let offs = offsets(seqs);
         let t = *offs.last().expect("offsets");
-        grow_all(ws, t, h, inter, t);
+        grow_all(ws, t, h, inter, t.min(FFN_ROWS_F32));
 
         embed_packed(&self.embeddings, cfg, seqs, &offs, &mut ws.x[..t * h])?;
         let bias = BiasTable::new(self.relative_bias.as_ref(), &offs)?;
@@ -380,29 +383,23 @@ impl BertEncoder {
             layer_norm_rows(&mut ws.tmp[..t * h], Some(&ws.x[..t * h]), &a.layer_norm, h)?;
             std::mem::swap(&mut ws.x, &mut ws.tmp);
 
-            linear(
-                &ws.x[..t * h],
-                t,
-                &layer.intermediate,
-                &mut ws.inter[..t * inter],
-                inter,
-                0,
-            )?;
-            activation(&mut ws.inter[..t * inter], layer.act());
-            linear(
-                &ws.inter[..t * inter],
-                t,
-                &layer.output,
-                &mut ws.tmp[..t * h],
-                h,
-                0,
-            )?;
-            layer_norm_rows(
-                &mut ws.tmp[..t * h],
-                Some(&ws.x[..t * h]),
-                &layer.layer_norm,
-                h,
-            )?;
+            // FFN_ROWS_F32 rows at a time (rows are independent): the intermediate holds no
+            // more, which bounds the workspace of each batch in flight.
+            let mut r0 = 0;
+            while r0 < t {
+                let n = FFN_ROWS_F32.min(t - r0);
+                let (rows, mid) = (r0 * h..(r0 + n) * h, &mut ws.inter[..n * inter]);
+                linear(&ws.x[rows.clone()], n, &layer.intermediate, mid, inter, 0)?;
+                activation(mid, layer.act());
+                linear(mid, n, &layer.output, &mut ws.tmp[rows.clone()], h, 0)?;
+                layer_norm_rows(
+                    &mut ws.tmp[rows.clone()],
+                    Some(&ws.x[rows]),
+                    &layer.layer_norm,
+                    h,
+                )?;
+                r0 += n;
+            }
             std::mem::swap(&mut ws.x, &mut ws.tmp);
         }
         Ok(&ws.x[..t * h])

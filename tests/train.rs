@@ -74,11 +74,17 @@ fn quick() -> TrainSettings {
     }
 }
 
-fn train_model(cfg: &TrainConfig) -> (Setup, MultiTaskModel, RunResult) {
+/// The run's data and model, untrained, as `cfg` asks.
+fn setup_and_model(cfg: &TrainConfig) -> (Setup, MultiTaskModel) {
     let setup = Setup::load(cfg).unwrap();
     let layers = setup.assets.config.num_hidden_layers;
     let plan = FreezePlan::new(&cfg.freeze, cfg.freeze_layers, layers).unwrap();
     let model = build_model(&setup, cfg, plan);
+    (setup, model)
+}
+
+fn train_model(cfg: &TrainConfig) -> (Setup, MultiTaskModel, RunResult) {
+    let (setup, model) = setup_and_model(cfg);
     let result = fit(&model, &setup, &cfg.settings, &mut |_| {}).unwrap();
     (setup, model, result)
 }
@@ -461,10 +467,7 @@ fn packed_training_matches_the_padded_path() {
     let t = toy();
     for freeze_layers in [None, Some(1)] {
         let cfg = config(&t, quick(), &[], freeze_layers);
-        let setup = Setup::load(&cfg).unwrap();
-        let layers = setup.assets.config.num_hidden_layers;
-        let plan = FreezePlan::new(&cfg.freeze, cfg.freeze_layers, layers).unwrap();
-        let model = build_model(&setup, &cfg, plan);
+        let (setup, model) = setup_and_model(&cfg);
         let texts = [
             "i love my phone and the app is great today",
             "bad",
@@ -751,10 +754,7 @@ fn trainer_flags_are_reported_and_saved() {
 fn word_embeddings_train_row_wise() {
     let t = toy();
     let cfg = config(&t, quick(), &[], None);
-    let setup = Setup::load(&cfg).unwrap();
-    let layers = setup.assets.config.num_hidden_layers;
-    let plan = FreezePlan::new(&cfg.freeze, cfg.freeze_layers, layers).unwrap();
-    let model = build_model(&setup, &cfg, plan);
+    let (setup, model) = setup_and_model(&cfg);
     let word = |m: &MultiTaskModel| {
         m.encoder
             .embeddings
@@ -792,10 +792,7 @@ fn parallel_feature_batches_keep_example_order() {
     use fetch_ml::train::evaluate::compute_features;
     let t = toy();
     let cfg = config(&t, quick(), &[], None);
-    let setup = Setup::load(&cfg).unwrap();
-    let layers = setup.assets.config.num_hidden_layers;
-    let plan = FreezePlan::new(&cfg.freeze, cfg.freeze_layers, layers).unwrap();
-    let model = build_model(&setup, &cfg, plan);
+    let (setup, model) = setup_and_model(&cfg);
     let encoded = &setup.train.prepared.encoded;
     assert!(encoded.len() > 20, "{} examples", encoded.len());
     let pool = rayon::ThreadPoolBuilder::new()

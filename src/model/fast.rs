@@ -2,9 +2,11 @@
 //!
 //! The sentences of a batch are concatenated without padding (`offsets` marks where each
 //! starts), so no work is spent on padding and a sentence's result does not depend on its
-//! batch. Dense layers are single `gemm` calls over all tokens, with the bias preloaded into the
-//! output; attention runs per (sentence, head) in parallel, reading Q, K and V in place from
-//! the fused projection buffer; GELU, softmax and LayerNorm are the vectorised kernels of
+//! batch (in float32, up to the gemm crate's rounding, which varies a little with the row
+//! count). Dense layers are `gemm` calls over all tokens (the FFN over chunks of rows, which
+//! bounds its intermediate), with the bias preloaded into the output; attention runs per
+//! (sentence, head) in parallel, reading Q, K and V in place from the fused projection
+//! buffer; GELU, softmax and LayerNorm are the vectorised kernels of
 //! [`super::kernels`]. Buffers live in a [`Workspace`] that grows with the batches and is
 //! reused, so a run allocates almost nothing per batch. Weights are read in place from the
 //! candle tensors. The training path (candle ops with a backward pass) is in [`super::bert`].
@@ -26,7 +28,7 @@ use crate::tokenize::Encoded;
 
 mod in_flight;
 mod quantized;
-pub use in_flight::{map_batches, WorkspacePool, MAX_BATCHES_IN_FLIGHT, MAX_TOKENS_IN_FLIGHT};
+pub use in_flight::{map_batches, WorkspacePool};
 pub use quantized::FastEncoder;
 
 /// Buffers of the fast path, reused across layers and batches.

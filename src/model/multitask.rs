@@ -151,20 +151,18 @@ impl MultiTaskModel {
     /// Loading ends here, so the heap pages it freed go back to the system
     /// ([`crate::alloc::release_freed`]): the batches that follow allocate on other threads.
     pub fn with_dtype(mut self, dtype: Dtype) -> anyhow::Result<Self> {
-        if dtype == Dtype::F32 {
-            crate::alloc::release_freed();
-            return Ok(self);
+        if dtype != Dtype::F32 {
+            let layers = self.encoder.layers.len();
+            if !self.plan.encoder_frozen(layers) {
+                return Err(TrainableDtype(dtype).into());
+            }
+            let fast = FastEncoder::from_encoder(&self.encoder, dtype)?;
+            eprintln!(
+                "encoder in {dtype}: dense layers on the {} kernel",
+                fast.kernel_name()
+            );
+            self.fast = Some(fast);
         }
-        let layers = self.encoder.layers.len();
-        if !self.plan.encoder_frozen(layers) {
-            return Err(TrainableDtype(dtype).into());
-        }
-        let fast = FastEncoder::from_encoder(&self.encoder, dtype)?;
-        eprintln!(
-            "encoder in {dtype}: dense layers on the {} kernel",
-            fast.kernel_name()
-        );
-        self.fast = Some(fast);
         crate::alloc::release_freed();
         Ok(self)
     }

@@ -4,18 +4,7 @@
 //! compiled twice, once for AVX2+FMA (chosen at run time when the CPU has them) and once for
 //! the baseline target. The approximations are checked against `std` in the tests below.
 
-/// ln 2 split in two for [`exp`]'s range reduction: `r = x - n LN2_HI - n LN2_LO`.
-pub(crate) const LN2_HI: f32 = 0.693_359_4;
-pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
-/// [`exp`]'s polynomial coefficients, highest power first; shared with the vector kernels.
-pub(crate) const EXP_P: [f32; 6] = [
-    1.987_569_1e-4,
-    1.398_199_9e-3,
-    8.333_452e-3,
-    4.166_579_6e-2,
-    0.166_666_65,
-    0.5,
-];
+pub(crate) use kernels::consts::{ERF_CLAMP, ERF_P, ERF_Q, EXP_P, LN2_HI, LN2_LO};
 
 /// exp(x) to about 1 ulp (Cephes' expf: range reduction by ln 2, degree-5 polynomial).
 #[inline(always)]
@@ -31,31 +20,6 @@ pub fn exp(x: f32) -> f32 {
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
-
-/// The clamp of [`erf`], where its rational approximation reaches the largest f32 below 1.
-#[allow(clippy::excessive_precision)]
-pub(crate) const ERF_CLAMP: f32 = 3.832_506_9;
-/// [`erf`]'s numerator coefficients (a polynomial in x², then times x), highest power first;
-/// shared with the vector GELUs.
-#[allow(clippy::excessive_precision)]
-pub(crate) const ERF_P: [f32; 7] = [
-    -2.72614225801306e-10,
-    2.77068142495902e-08,
-    -2.10102402082508e-06,
-    -5.69250639462346e-05,
-    -7.34990630326855e-04,
-    -2.95459980854025e-03,
-    -1.60960333262415e-02,
-];
-/// [`erf`]'s denominator coefficients (a polynomial in x²), highest power first.
-#[allow(clippy::excessive_precision)]
-pub(crate) const ERF_Q: [f32; 5] = [
-    -1.45660718464996e-05,
-    -2.13374055278905e-04,
-    -1.68282697438203e-03,
-    -7.37332916720468e-03,
-    -1.42647390514189e-02,
-];
 
 /// erf(x) within 3.5e-7: Eigen's rational approximation, clamped at ±`ERF_CLAMP`.
 #[inline(always)]
@@ -101,7 +65,7 @@ macro_rules! dispatch {
 }
 
 #[cfg(target_arch = "x86_64")]
-use super::simd_avx2::has_avx2_fma;
+use kernels::cpu::has_avx2_fma;
 
 dispatch!(gelu_inplace, (x: &mut [f32]), {
     for v in x.iter_mut() {
@@ -177,7 +141,7 @@ dispatch!(layer_norm_portable, (x: &mut [f32], weight: &[f32], bias: &[f32], eps
 /// Softmax of one row in place (AVX-512 or AVX2 when the CPU has it).
 pub fn softmax_inplace(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::simd::has_avx512() {
+    if kernels::cpu::has_avx512f() {
         // SAFETY: the CPU has avx512f.
         return unsafe { super::simd::softmax(row) };
     }
@@ -199,7 +163,7 @@ pub fn add_layer_norm_inplace(
     eps: f32,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if super::simd::has_avx512() {
+    if kernels::cpu::has_avx512f() {
         // SAFETY: the CPU has avx512f.
         return unsafe { super::simd::layer_norm(x, Some(residual), weight, bias, eps) };
     }
@@ -214,7 +178,7 @@ pub fn add_layer_norm_inplace(
 /// LayerNorm of one row in place (AVX-512 or AVX2 when the CPU has it).
 pub fn layer_norm_inplace(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
     #[cfg(target_arch = "x86_64")]
-    if super::simd::has_avx512() {
+    if kernels::cpu::has_avx512f() {
         // SAFETY: the CPU has avx512f.
         return unsafe { super::simd::layer_norm(x, None, weight, bias, eps) };
     }

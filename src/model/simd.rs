@@ -8,14 +8,7 @@
 
 use std::arch::x86_64::*;
 
-use super::kernels::{EXP_P, LN2_HI, LN2_LO};
-
-/// Whether the CPU has AVX-512 F (checked once).
-pub fn has_avx512() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
-}
+use kernels::consts::{EXP_P, LN2_HI, LN2_LO};
 
 /// The mask of the 16-lane chunk starting at `i` of `n` values.
 #[inline(always)]

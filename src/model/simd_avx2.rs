@@ -6,14 +6,8 @@
 
 use std::arch::x86_64::*;
 
-use super::kernels::{EXP_P, LN2_HI, LN2_LO};
-
-/// Whether the CPU has AVX2 and FMA (checked once).
-pub fn has_avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-}
+use kernels::consts::{EXP_P, LN2_HI, LN2_LO};
+pub use kernels::cpu::has_avx2_fma;
 
 /// For tests that call the AVX2 kernels directly (so an AVX-512 machine tests them too):
 /// whether this CPU can run them. Under `CI` a machine without AVX2 and FMA fails instead of

@@ -37,88 +37,20 @@ use super::{AlignedVec, MAX_MR, MAX_NP, PANEL};
 const TR: usize = 16;
 const TB: usize = 64;
 
-/// What the CPU and the operating system allow.
-#[derive(Debug, Clone, Copy)]
-struct Support {
-    int8: bool,
-    bf16: bool,
-}
-
-/// CPUID leaf 7 (EDX bits 24 amx-tile, 25 amx-int8, 22 amx-bf16), then the tile permission
-/// from Linux; the first call decides, and says on stderr when the CPU has AMX but the
-/// permission was refused.
-fn support() -> Support {
-    static S: OnceLock<Support> = OnceLock::new();
+/// What the CPU and the operating system allow ([`kernels::cpu::amx`]); the first call says
+/// on stderr when the CPU has AMX but the permission was refused.
+fn support() -> kernels::cpu::Amx {
+    static S: OnceLock<kernels::cpu::Amx> = OnceLock::new();
     *S.get_or_init(|| {
-        // Leaf 7 only where the CPU reports it (max leaf >= 7).
-        if std::arch::x86_64::__cpuid(0).eax < 7 {
-            return Support {
-                int8: false,
-                bf16: false,
-            };
-        }
-        let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
-        let (tile, int8, bf16) = (
-            (edx >> 24) & 1 == 1,
-            (edx >> 25) & 1 == 1,
-            (edx >> 22) & 1 == 1,
-        );
-        if !tile || !(int8 || bf16) {
-            return Support {
-                int8: false,
-                bf16: false,
-            };
-        }
-        if !os_tile_state() || !request_permission() {
+        let amx = kernels::cpu::amx();
+        if amx.refused {
             eprintln!(
                 "note: this CPU has AMX but the operating system refused the tile state \
                  (arch_prctl ARCH_REQ_XCOMP_PERM); the AVX-512 kernels run instead"
             );
-            return Support {
-                int8: false,
-                bf16: false,
-            };
         }
-        Support { int8, bf16 }
+        amx
     })
-}
-
-/// XCR0 bits 17 (XTILECFG) and 18 (XTILEDATA): the operating system saves the tile state.
-fn os_tile_state() -> bool {
-    // XGETBV needs OSXSAVE (CPUID leaf 1, ECX bit 27).
-    if (std::arch::x86_64::__cpuid(1).ecx >> 27) & 1 == 0 {
-        return false;
-    }
-    let (eax, _edx): (u32, u32);
-    // SAFETY: OSXSAVE is set, so XGETBV with ECX = 0 (XCR0) is a valid instruction here; it
-    // only writes EAX and EDX.
-    unsafe {
-        asm!("xgetbv", in("ecx") 0u32, out("eax") eax, out("edx") _edx,
-             options(nomem, nostack, preserves_flags));
-    }
-    eax & (3 << 17) == 3 << 17
-}
-
-/// Asks Linux for the AMX tile data state for this process (all its threads).
-#[cfg(target_os = "linux")]
-fn request_permission() -> bool {
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // SAFETY: arch_prctl with this code only changes the process's permitted xstate
-    // features; it reads no memory of ours.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_arch_prctl,
-            ARCH_REQ_XCOMP_PERM,
-            XFEATURE_XTILEDATA,
-        )
-    };
-    r == 0
-}
-
-#[cfg(not(target_os = "linux"))]
-fn request_permission() -> bool {
-    false
 }
 
 /// Whether the AMX int8 kernel can run here (CPU and OS).

@@ -3,7 +3,7 @@
 
 use super::*;
 #[cfg(target_arch = "x86_64")]
-use crate::model::kernels::{ERF_CLAMP, ERF_P, ERF_Q};
+use kernels::consts::{ERF_CLAMP, ERF_P, ERF_Q};
 
 /// Runs `$body` compiled for AVX2+FMA when the CPU has them (the same IEEE operations
 /// either way: Rust does not contract `a * b + c` into an FMA, so results are identical).
@@ -38,20 +38,7 @@ macro_rules! multiversion {
 /// 2: AVX-512 (F, BW, DQ, VL) and AVX2+FMA; 1: AVX2+FMA only; 0: neither.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn simd_level() -> u8 {
-    use std::sync::OnceLock;
-    static LEVEL: OnceLock<u8> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-        let avx512 = is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512dq")
-            && is_x86_feature_detected!("avx512vl");
-        match (avx2, avx512) {
-            (true, true) => 2,
-            (true, false) => 1,
-            _ => 0,
-        }
-    })
+    kernels::cpu::level() as u8
 }
 
 multiversion!(epilogue_i8, (acc: &[i32], zero: i32, scale: f32, colsum: &[i32], wscale: &[f32], bias: &[f32], act: Activation, out: &mut [f32]), {

@@ -5,8 +5,8 @@
 use std::arch::x86_64::*;
 
 use super::{TileBuf, MAX_MR, MAX_NP, PANEL};
-use crate::model::kernels::{ERF_CLAMP, ERF_P, ERF_Q};
 use crate::model::simd_avx2::{load8, load8i, store8};
+use kernels::consts::{ERF_CLAMP, ERF_P, ERF_Q};
 
 /// BERT's GELU on 8 lanes: the erf of [`crate::model::kernels::erf`] (same coefficients),
 /// with FMAs and an IEEE division. Unlike `gelu16`, no reciprocal estimate: `vrcpps` is only

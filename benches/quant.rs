@@ -15,12 +15,12 @@ use candle_core::Device;
 use fetch_ml::hub::ModelRef;
 use fetch_ml::loader::ModelAssets;
 use fetch_ml::model::fast::{FastEncoder, Workspace};
-use fetch_ml::model::gemm::{matmul, parallelism, Mat, MatMut};
 use fetch_ml::model::pooling::Pooling;
 use fetch_ml::model::quant::{
     Activation, Bf16Kernel, Bf16Linear, Dtype, Int8Kernel, Int8Linear, Scratch,
 };
 use fetch_ml::tokenize::{length_sorted_batches, Encoded};
+use kernels::matmul::{matmul, parallelism, MatMut, MatRef};
 
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
@@ -280,8 +280,8 @@ fn main() -> anyhow::Result<()> {
     )];
     // The portable kernels take minutes on the whole set: only with QUANT_BENCH_PORTABLE=1.
     let portable = std::env::var_os("QUANT_BENCH_PORTABLE").is_some();
-    for k in Bf16Kernel::ALL.into_iter().rev().filter(|k| k.supported()) {
-        if k != Bf16Kernel::Portable || portable {
+    for k in Bf16Kernel::all().rev().filter(|k| k.supported()) {
+        if k != Bf16Kernel::portable() || portable {
             runs.push((
                 format!("bf16 {}", k.name()),
                 Dtype::Bf16,
@@ -290,8 +290,8 @@ fn main() -> anyhow::Result<()> {
             ));
         }
     }
-    for k in Int8Kernel::ALL.into_iter().rev().filter(|k| k.supported()) {
-        if k != Int8Kernel::Portable || portable {
+    for k in Int8Kernel::all().rev().filter(|k| k.supported()) {
+        if k != Int8Kernel::portable() || portable {
             runs.push((
                 format!("int8 {}", k.name()),
                 Dtype::Int8,
@@ -315,8 +315,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         };
         pass()?; // warm-up
-        let slow = matches!(k8, Int8Kernel::Portable) && *dtype == Dtype::Int8
-            || matches!(k16, Bf16Kernel::Portable) && *dtype == Dtype::Bf16;
+        let slow = *k8 == Int8Kernel::portable() && *dtype == Dtype::Int8
+            || *k16 == Bf16Kernel::portable() && *dtype == Dtype::Bf16;
         let reps = if slow { 1 } else { 3 };
         let (mut wall, mut cpu) = (f64::MAX, f64::MAX);
         for _ in 0..reps {
@@ -355,23 +355,10 @@ fn main() -> anyhow::Result<()> {
         let mut dst = vec![0f32; m * n];
         let flops = 2.0 * (m * n * k) as f64;
         let f32s = best(5, || {
-            // SAFETY: x is m x k, w is n x k, dst is m x n; no overlap.
-            unsafe {
-                matmul(
-                    m,
-                    n,
-                    k,
-                    MatMut {
-                        ptr: dst.as_mut_ptr(),
-                        ld: n,
-                    },
-                    false,
-                    Mat::rows(x.as_ptr(), k),
-                    Mat::transposed(w.as_ptr(), k),
-                    1.0,
-                    parallelism(m * n * k),
-                )
-            }
+            // x is m x k, w is n x k, dst is m x n.
+            let (lhs, rhs) = (MatRef::rows(&x, m, k, k), MatRef::transposed(&w, k, n, k));
+            let mut out = MatMut::rows(&mut dst, m, n, n);
+            matmul(&mut out, false, lhs, rhs, 1.0, parallelism(m * n * k))
         });
         let mut s = Scratch::default();
         let b16 = Bf16Linear::new(&w, &bias, n, k)?;

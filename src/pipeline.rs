@@ -89,7 +89,7 @@ impl DenseActivation {
             DenseActivation::Relu => v.max(0.0),
             DenseActivation::Sigmoid => 1.0 / (1.0 + (-v).exp()),
             DenseActivation::Gelu => {
-                0.5 * v * (1.0 + crate::model::kernels::erf(v / std::f32::consts::SQRT_2))
+                0.5 * v * (1.0 + kernels::math::erf(v / std::f32::consts::SQRT_2))
             }
         }
     }

@@ -34,22 +34,22 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// Every (dtype, kernel) pair this CPU can run, int8 and bf16.
 fn quantized_encoders(a: &ModelAssets) -> Vec<(String, FastEncoder)> {
     let mut out = Vec::new();
-    for k in Int8Kernel::ALL {
+    for k in Int8Kernel::all() {
         if !k.supported() {
             eprintln!("SKIPPED: int8 kernel {} (this CPU lacks it)", k.name());
             continue;
         }
         let enc = a.frozen_encoder(&Device::Cpu).unwrap();
-        let fast = FastEncoder::with_kernels(enc, Dtype::Int8, k, Bf16Kernel::Portable).unwrap();
+        let fast = FastEncoder::with_kernels(enc, Dtype::Int8, k, Bf16Kernel::portable()).unwrap();
         out.push((format!("int8/{}", k.name()), fast));
     }
-    for k in Bf16Kernel::ALL {
+    for k in Bf16Kernel::all() {
         if !k.supported() {
             eprintln!("SKIPPED: bf16 kernel {} (this CPU lacks it)", k.name());
             continue;
         }
         let enc = a.frozen_encoder(&Device::Cpu).unwrap();
-        let fast = FastEncoder::with_kernels(enc, Dtype::Bf16, Int8Kernel::Portable, k).unwrap();
+        let fast = FastEncoder::with_kernels(enc, Dtype::Bf16, Int8Kernel::portable(), k).unwrap();
         out.push((format!("bf16/{}", k.name()), fast));
     }
     out

@@ -6,8 +6,8 @@
 //! count). Dense layers are `gemm` calls over all tokens (the FFN over chunks of rows, which
 //! bounds its intermediate), with the bias preloaded into the output; attention runs per
 //! (sentence, head) in parallel, reading Q, K and V in place from the fused projection
-//! buffer; GELU, softmax and LayerNorm are the vectorised kernels of
-//! [`super::kernels`]. Buffers live in a [`Workspace`] that grows with the batches and is
+//! buffer; GELU, softmax and LayerNorm are the vectorised kernels of the kernel crate
+//! (`kernels::math`). Buffers live in a [`Workspace`] that grows with the batches and is
 //! reused, so a run allocates almost nothing per batch. Weights are read in place from the
 //! candle tensors. The training path (candle ops with a backward pass) is in [`super::bert`].
 //! [`FastEncoder`], the same encoder with int8 or bf16 dense layers, is in `fast/quantized.rs`.
@@ -18,10 +18,11 @@ use candle_transformers::models::bert::HiddenAct;
 use rayon::prelude::*;
 
 use super::bert::{BertConfig, BertEmbeddings, BertEncoder, BertLayer, LayerNorm, Linear};
-use super::gemm::{matmul, parallelism, Mat, MatMut};
-use super::kernels;
+use kernels::attention::{attend_head, for_each_head, head_views, HeadSplit};
+use kernels::math;
+use kernels::matmul::{matmul, parallelism, MatMut, MatRef};
+
 use super::mpnet::{self, RelativeBias};
-use super::ops::attend_head;
 use super::pooling::Pooling;
 use super::quant;
 use crate::tokenize::Encoded;
@@ -89,28 +90,11 @@ fn linear(
         }
     })?;
     view(&lin.weight, |w| {
-        let out_view = MatMut {
-            ptr: dst[col..].as_mut_ptr(),
-            ld,
-        };
-        let (lhs, rhs) = (
-            Mat::rows(x.as_ptr(), in_dim),
-            Mat::transposed(w.as_ptr(), in_dim),
-        );
-        // SAFETY: the bounds are checked above.
-        unsafe {
-            matmul(
-                rows,
-                out,
-                in_dim,
-                out_view,
-                true,
-                lhs,
-                rhs,
-                1.0,
-                parallelism(rows * out * in_dim),
-            )
-        }
+        let mut out_view = MatMut::rows(&mut dst[col..], rows, out, ld);
+        let lhs = MatRef::rows(x, rows, in_dim, in_dim);
+        let rhs = MatRef::transposed(w, in_dim, out, in_dim);
+        let par = parallelism(rows * out * in_dim);
+        matmul(&mut out_view, true, lhs, rhs, 1.0, par)
     })
 }
 
@@ -157,14 +141,6 @@ fn attention(
             ctx.len()
         );
     }
-    let tasks: Vec<(usize, usize)> = (0..offsets.len() - 1)
-        .flat_map(|s| (0..heads).map(move |h| (s, h)))
-        .collect();
-    let out = MatMut {
-        ptr: ctx.as_mut_ptr(),
-        ld: hidden,
-    };
-    let src = Mat::rows(qkv.as_ptr(), ld);
     if let Some(b) = bias {
         if b.table.len() < mpnet::BUCKETS * heads {
             bail!(
@@ -173,37 +149,31 @@ fn attention(
             );
         }
     }
-    tasks
-        .par_iter()
-        .for_each_init(Default::default, |(probs, rel), &(s, h)| {
-            let (out, src) = (out, src);
-            let start = offsets[s];
-            let m = offsets[s + 1] - start;
+    let lengths: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
+    let split = HeadSplit {
+        ld: hidden,
+        starts: &offsets[..offsets.len() - 1],
+        lengths: &lengths,
+        heads,
+        width: head_dim,
+        groups: &[0],
+    };
+    let ctx = &mut ctx[..t * hidden];
+    let init = || (Vec::new(), Vec::new());
+    for_each_head(
+        ctx,
+        split,
+        init,
+        |(probs, rel): &mut (Vec<f32>, Vec<f32>), task| {
+            let (h, m) = (task.head, task.len);
             if let Some(b) = bias {
                 mpnet::head_bias(&b.table, heads, h, &b.buckets, m, rel);
             }
-            // SAFETY: offsets are within the [T, 3H] and [T, H] buffers; each task writes rows
-            // start..start+m, columns h*d..(h+1)*d of ctx only.
-            unsafe {
-                let q = src.ptr.add(start * ld + h * head_dim);
-                let o = MatMut {
-                    ptr: out.ptr.add(start * hidden + h * head_dim),
-                    ld: hidden,
-                };
-                attend_head(
-                    m,
-                    head_dim,
-                    q,
-                    q.add(hidden),
-                    q.add(2 * hidden),
-                    ld,
-                    o,
-                    probs,
-                    bias.map(|_| &rel[..]),
-                    None,
-                );
-            }
-        });
+            let [q, k, v] = head_views(qkv, ld, (task.start, m), h * head_dim, head_dim, hidden);
+            let rel = bias.map(|_| &rel[..]);
+            attend_head(q, k, v, &mut task.block(0), probs, rel, None);
+        },
+    );
     Ok(())
 }
 
@@ -224,12 +194,12 @@ fn layer_norm_rows(
                     .zip(res.par_chunks(width * ROWS))
                     .for_each(|(xs, rs)| {
                         for (row, r) in xs.chunks_mut(width).zip(rs.chunks(width)) {
-                            kernels::add_layer_norm_inplace(row, r, w, b, eps);
+                            math::add_layer_norm_inplace(row, r, w, b, eps);
                         }
                     }),
                 None => x.par_chunks_mut(width * ROWS).for_each(|xs| {
                     for row in xs.chunks_mut(width) {
-                        kernels::layer_norm_inplace(row, w, b, eps);
+                        math::layer_norm_inplace(row, w, b, eps);
                     }
                 }),
             }
@@ -239,7 +209,7 @@ fn layer_norm_rows(
 
 fn activation(x: &mut [f32], act: HiddenAct) {
     match act {
-        HiddenAct::Gelu => x.par_chunks_mut(1 << 14).for_each(kernels::gelu_inplace),
+        HiddenAct::Gelu => x.par_chunks_mut(1 << 14).for_each(math::gelu_inplace),
         HiddenAct::GeluApproximate => x.par_chunks_mut(1 << 14).for_each(|c| {
             for v in c {
                 let y = 0.797_884_6 * (*v + 0.044_715 * *v * *v * *v);

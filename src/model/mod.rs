@@ -7,16 +7,10 @@ pub mod bert;
 pub mod dropout;
 pub mod fast;
 pub mod freeze;
-pub mod gemm;
-pub mod kernels;
 pub mod mpnet;
 pub mod multitask;
 pub mod names;
 pub mod ops;
 pub mod pooling;
 pub mod quant;
-#[cfg(target_arch = "x86_64")]
-mod simd;
-#[cfg(target_arch = "x86_64")]
-mod simd_avx2;
 pub mod weights;

@@ -170,7 +170,6 @@ pub fn cpuinfo_lists(flags: &[&str]) -> bool {
 /// `target_feature` list), else as plain Rust. The same IEEE operations either way: Rust
 /// does not contract `a * b + c` into an FMA or reorder float sums, so every version gives
 /// the same bits.
-#[allow(unused_macros)]
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?)
      for [$($level:ident => $features:literal),*] $body:block) => {
@@ -182,23 +181,27 @@ macro_rules! multiversion {
             fn imp($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
-                $(
-                    if $crate::cpu::level() >= $crate::cpu::Level::$level {
-                        #[target_feature(enable = $features)]
-                        #[allow(clippy::too_many_arguments)]
-                        unsafe fn fast($($arg: $ty),*) {
-                            imp($($arg),*)
-                        }
-                        // SAFETY: the CPU reaches this level, which has these features.
-                        return unsafe { fast($($arg),*) };
-                    }
-                )*
+                $crate::cpu::multiversion!(@levels ($($arg: $ty),*) [$($level => $features),*]);
             }
             imp($($arg),*)
         }
     };
+    // One `if` per level, best first: the first the CPU reaches runs and returns.
+    (@levels ($($arg:ident : $ty:ty),*)
+     [$level:ident => $features:literal $(, $more:ident => $more_features:literal)*]) => {
+        if $crate::cpu::level() >= $crate::cpu::Level::$level {
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn fast($($arg: $ty),*) {
+                imp($($arg),*)
+            }
+            // SAFETY: the CPU reaches this level, which has these features.
+            return unsafe { fast($($arg),*) };
+        }
+        $crate::cpu::multiversion!(@levels ($($arg: $ty),*) [$($more => $more_features),*]);
+    };
+    (@levels ($($arg:ident : $ty:ty),*) []) => {};
 }
-#[allow(unused_imports)]
 pub(crate) use multiversion;
 
 /// For tests that call AVX2 code directly (so that an AVX-512 machine tests it too): whether

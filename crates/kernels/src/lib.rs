@@ -5,8 +5,16 @@
 //!
 //! - [`cpu`]: the feature probe (vector level, AMX and its permission).
 //! - [`consts`]: the constants of the `exp`, `erf` and GELU approximations.
+//! - [`math`]: row kernels on slices: exp, erf, GELU, softmax, LayerNorm (AVX-512, AVX2,
+//!   portable).
+//! - [`matmul`]: f32 products (the `gemm` crate) on checked strided views.
+//! - [`attention`]: one attention head, and the per-(sequence, head) parallel driver.
+//! - [`quant`]: int8 and bf16 dense layers: packing, one tile walker for both precisions,
+//!   one kernel file per instruction set listed in one table per precision, the epilogues.
 
-#![deny(unsafe_op_in_unsafe_fn)]
-
+pub mod attention;
 pub mod consts;
 pub mod cpu;
+pub mod math;
+pub mod matmul;
+pub mod quant;

@@ -175,6 +175,9 @@ impl FastEncoder {
     /// tensors are reference counted: see [`FastEncoder::from_encoder`]). Fails when
     /// `FETCH_ML_KERNEL` asks for a kernel this CPU lacks.
     pub fn new(encoder: BertEncoder, dtype: quant::Dtype) -> Result<Self> {
+        if dtype != quant::Dtype::F32 {
+            note_amx_refused();
+        }
         let int8 = match dtype {
             quant::Dtype::Int8 => quant::Int8Kernel::select().map_err(quant_err)?,
             _ => quant::Int8Kernel::best(),
@@ -304,6 +307,19 @@ impl FastEncoder {
     ) -> Result<Vec<Vec<f32>>> {
         let x = self.forward_packed(seqs, ws)?;
         Ok(pool_packed(x, seqs, self.config().hidden_size, pooling))
+    }
+}
+
+/// Says once on stderr when the CPU has AMX but the operating system refused the tile state.
+fn note_amx_refused() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if kernels::cpu::amx().refused {
+        ONCE.call_once(|| {
+            eprintln!(
+                "note: this CPU has AMX but the operating system refused the tile state \
+                 (arch_prctl ARCH_REQ_XCOMP_PERM); the AVX-512 kernels run instead"
+            )
+        });
     }
 }
 

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::norm::add_into;
 use super::{last_dim, slice, ROWS};
-use crate::model::gemm::{matmul, parallelism, Mat, MatMut};
+use kernels::matmul::{matmul, parallelism, MatMut, MatRef};
 
 struct LinearOp;
 
@@ -44,25 +44,11 @@ impl CustomOp3 for LinearOp {
         for _ in 0..rows {
             y.extend_from_slice(b);
         }
-        let dst = MatMut {
-            ptr: y.as_mut_ptr(),
-            ld: out,
-        };
-        // SAFETY: x is [rows, in], w is [out, in], y is [rows, out].
-        unsafe {
-            let (lhs, rhs) = (Mat::rows(x.as_ptr(), inp), Mat::transposed(w.as_ptr(), inp));
-            matmul(
-                rows,
-                out,
-                inp,
-                dst,
-                true,
-                lhs,
-                rhs,
-                1.0,
-                parallelism(rows * out * inp),
-            );
-        }
+        // x is [rows, in], w is [out, in], y is [rows, out].
+        let mut dst = MatMut::rows(&mut y, rows, out, out);
+        let lhs = MatRef::rows(x, rows, inp, inp);
+        let rhs = MatRef::transposed(w, inp, out, inp);
+        matmul(&mut dst, true, lhs, rhs, 1.0, parallelism(rows * out * inp));
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("non-empty") = out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -102,25 +88,20 @@ impl CustomOp2 for GradInput {
         let (out, inp) = l2.shape().dims2()?;
         let rows = dy.len() / out;
         let mut dx = vec![0f32; rows * inp];
-        let dst = MatMut {
-            ptr: dx.as_mut_ptr(),
-            ld: inp,
-        };
-        // SAFETY: dy is [rows, out], w is [out, in], dx is [rows, in].
-        unsafe {
-            let (lhs, rhs) = (Mat::rows(dy.as_ptr(), out), Mat::rows(w.as_ptr(), inp));
-            matmul(
-                rows,
-                inp,
-                out,
-                dst,
-                false,
-                lhs,
-                rhs,
-                1.0,
-                parallelism(rows * out * inp),
-            );
-        }
+        // dy is [rows, out], w is [out, in], dx is [rows, in].
+        let mut dst = MatMut::rows(&mut dx, rows, inp, inp);
+        let (lhs, rhs) = (
+            MatRef::rows(dy, rows, out, out),
+            MatRef::rows(w, out, inp, inp),
+        );
+        matmul(
+            &mut dst,
+            false,
+            lhs,
+            rhs,
+            1.0,
+            parallelism(rows * out * inp),
+        );
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("non-empty") = inp;
         Ok((CpuStorage::F32(dx), Shape::from(dims)))
@@ -146,28 +127,20 @@ impl CustomOp2 for GradWeight {
         let (out, inp) = (last_dim(l1), last_dim(l2));
         let rows = dy.len() / out;
         let mut dw = vec![0f32; out * inp];
-        let dst = MatMut {
-            ptr: dw.as_mut_ptr(),
-            ld: inp,
-        };
-        // SAFETY: dy is [rows, out], x is [rows, in], dw is [out, in].
-        unsafe {
-            let (lhs, rhs) = (
-                Mat::transposed(dy.as_ptr(), out),
-                Mat::rows(x.as_ptr(), inp),
-            );
-            matmul(
-                out,
-                inp,
-                rows,
-                dst,
-                false,
-                lhs,
-                rhs,
-                1.0,
-                parallelism(rows * out * inp),
-            );
-        }
+        // dy is [rows, out], x is [rows, in], dw is [out, in].
+        let mut dst = MatMut::rows(&mut dw, out, inp, inp);
+        let (lhs, rhs) = (
+            MatRef::transposed(dy, out, rows, out),
+            MatRef::rows(x, rows, inp, inp),
+        );
+        matmul(
+            &mut dst,
+            false,
+            lhs,
+            rhs,
+            1.0,
+            parallelism(rows * out * inp),
+        );
         Ok((CpuStorage::F32(dw), Shape::from((out, inp))))
     }
 }

@@ -1,5 +1,5 @@
 //! Fused, differentiable ops for the training path, as candle custom ops: one pass forward and
-//! one backward each, with the vectorised kernels of [`super::kernels`] and `gemm`. candle's
+//! one backward each, with the vectorised kernels of `kernels::math` and `gemm`. candle's
 //! own fused softmax and LayerNorm have no backward pass, and its composite versions make a
 //! new tensor for every step (about ten for a LayerNorm, as many again backward). Each op is
 //! tested against candle's composite maths and its gradients.
@@ -9,7 +9,7 @@ mod linear;
 mod norm;
 mod pointwise;
 
-pub use attention::{attend_head, attention, attention_packed};
+pub use attention::{attention, attention_packed};
 pub use linear::linear;
 pub use norm::layer_norm;
 pub use pointwise::{dropout, gelu, softmax_last_dim};

@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::{last_dim, slice, ROWS};
-use crate::model::kernels;
+use kernels::math;
 
 /// Mean and 1/std of one row.
 #[inline]
@@ -38,7 +38,7 @@ impl CustomOp3 for LayerNormOp {
         let mut out = slice(s1, l1, "layer norm x")?.to_vec();
         out.par_chunks_mut(n * ROWS).for_each(|rows| {
             rows.chunks_mut(n)
-                .for_each(|r| kernels::layer_norm_inplace(r, w, b, self.eps))
+                .for_each(|r| math::layer_norm_inplace(r, w, b, self.eps))
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }

@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::{last_dim, slice, ROWS};
-use crate::model::kernels;
+use kernels::math;
 
 /// Elements per parallel chunk.
 const CHUNK: usize = 1 << 14;
@@ -17,7 +17,7 @@ impl CustomOp1 for Gelu {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let mut out = slice(s, l, "gelu")?.to_vec();
-        out.par_chunks_mut(CHUNK).for_each(kernels::gelu_inplace);
+        out.par_chunks_mut(CHUNK).for_each(math::gelu_inplace);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -43,7 +43,7 @@ impl CustomOp2 for GeluGrad {
         let mut out = slice(s2, l2, "gelu grad")?.to_vec();
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, x)| kernels::gelu_grad_inplace(o, x));
+            .for_each(|(o, x)| math::gelu_grad_inplace(o, x));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -63,7 +63,7 @@ impl CustomOp1 for Softmax {
         let n = last_dim(l);
         let mut out = slice(s, l, "softmax")?.to_vec();
         out.par_chunks_mut(n * ROWS)
-            .for_each(|rows| rows.chunks_mut(n).for_each(kernels::softmax_inplace));
+            .for_each(|rows| rows.chunks_mut(n).for_each(math::softmax_inplace));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -94,7 +94,7 @@ impl CustomOp2 for SoftmaxGrad {
             .zip(y.par_chunks(n * ROWS))
             .for_each(|(gs, ys)| {
                 for (g, y) in gs.chunks_mut(n).zip(ys.chunks(n)) {
-                    kernels::softmax_grad_inplace(g, y);
+                    math::softmax_grad_inplace(g, y);
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))

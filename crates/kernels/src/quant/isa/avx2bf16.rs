@@ -10,7 +10,8 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-use super::{MAX_MR, MAX_NP, PANEL};
+use super::{tile_shapes, Entry, Tile, BLOCK};
+use crate::quant::{Bf16, TileBuf, LANES, MAX_NP, PANEL};
 
 /// Rows of the register tile.
 const ROWS: usize = 4;
@@ -20,19 +21,38 @@ const KC: usize = 512;
 #[repr(C, align(32))]
 struct Wide([f32; ROWS * KC]);
 
+pub(crate) const BF16: Entry<Bf16> = Entry {
+    name: "avx2bf16",
+    cpuinfo: &["avx2", "fma"],
+    supported: crate::cpu::has_avx2_fma,
+    tile: (ROWS, MAX_NP),
+    block: BLOCK,
+    run,
+};
+
+/// bf16 products with f32 accumulation for the tile's rows and panels.
+///
+/// # Safety
+/// The CPU has avx2 and fma.
+unsafe fn run(t: &Tile<'_, Bf16>, out: &mut TileBuf<f32>) {
+    t.check(BF16.tile);
+    // SAFETY: forwarded: `check` verified the operands' sizes and the tile shape.
+    unsafe { bf16_tile(t.a.as_ptr(), t.kp, t.mr, t.b.as_ptr(), t.np, t.kp, out) }
+}
+
 /// bf16 products with f32 accumulation for `mr` rows and `np` panels.
 ///
 /// # Safety
 /// The CPU has avx2 and fma; `a` covers `mr` rows of `kp` values at stride `lda`; `b` covers
 /// `np` panels of `kp * 16` values; `mr <= 4`, `np <= 4`, `kp % 2 == 0`.
-pub unsafe fn bf16_tile(
+unsafe fn bf16_tile(
     a: *const u16,
     lda: usize,
     mr: usize,
     b: *const u16,
     np: usize,
     kp: usize,
-    out: &mut [f32; MAX_MR * MAX_NP * PANEL],
+    out: &mut TileBuf<f32>,
 ) {
     assert!(
         mr <= ROWS && np <= MAX_NP && kp.is_multiple_of(2),
@@ -42,7 +62,7 @@ pub unsafe fn bf16_tile(
         return;
     }
     for r in 0..mr {
-        out[r * MAX_NP * PANEL..][..np * PANEL].fill(0.0);
+        out[r * LANES..][..np * PANEL].fill(0.0);
     }
     // Left uninitialised: only the kc values of each chunk row that `widen_row` writes are read.
     let mut wide = MaybeUninit::<Wide>::uninit();
@@ -62,15 +82,7 @@ pub unsafe fn bf16_tile(
             let w = wp as *const f32;
             let o = p * PANEL;
             // SAFETY: forwarded from this function's contract; `w` holds mr rows of kc.
-            unsafe {
-                match mr {
-                    1 => panel::<1>(w, bp, kc / 2, out, o),
-                    2 => panel::<2>(w, bp, kc / 2, out, o),
-                    3 => panel::<3>(w, bp, kc / 2, out, o),
-                    4 => panel::<4>(w, bp, kc / 2, out, o),
-                    _ => unreachable!("tile rows"),
-                }
-            }
+            unsafe { tile_shapes!(mr; [1 2 3 4]; panel(w, bp, kc / 2, out, o)) }
         }
         k0 += kc;
     }
@@ -102,14 +114,14 @@ unsafe fn panel<const MR: usize>(
     w: *const f32,
     bp: *const u16,
     pairs: usize,
-    out: &mut [f32; MAX_MR * MAX_NP * PANEL],
+    out: &mut TileBuf<f32>,
     o: usize,
 ) {
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     for (r, acc) in acc.iter_mut().enumerate() {
         // SAFETY: o + r * 64 + 16 stays within `out` (r < 4, o <= 48).
         unsafe {
-            let d = out.as_ptr().add(o + r * MAX_NP * PANEL);
+            let d = out.as_ptr().add(o + r * LANES);
             acc[0] = _mm256_loadu_ps(d);
             acc[1] = _mm256_loadu_ps(d.add(8));
         }
@@ -149,7 +161,7 @@ unsafe fn panel<const MR: usize>(
     for (r, acc) in acc.iter().enumerate() {
         // SAFETY: as above.
         unsafe {
-            let d = out.as_mut_ptr().add(o + r * MAX_NP * PANEL);
+            let d = out.as_mut_ptr().add(o + r * LANES);
             _mm256_storeu_ps(d, acc[0]);
             _mm256_storeu_ps(d.add(8), acc[1]);
         }

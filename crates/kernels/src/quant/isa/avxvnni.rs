@@ -3,37 +3,30 @@
 
 use std::arch::x86_64::*;
 
-use super::{MAX_MR, MAX_NP, PANEL};
+use super::{tile_shapes, Entry, Tile, BLOCK};
+use crate::quant::{Int8, TileBuf, LANES, PANEL};
 
-/// Exact `dot(u8 row, s8 column)` for `mr` rows and `np` panels (one at a time).
+pub(crate) const INT8: Entry<Int8> = Entry {
+    name: "avxvnni",
+    cpuinfo: &["avx2", "avx_vnni"],
+    supported: || is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avxvnni"),
+    tile: (6, 1),
+    block: BLOCK,
+    run,
+};
+
+/// Exact `dot(u8 row, s8 column)` for the tile's rows and panels (one panel at a time).
 ///
 /// # Safety
-/// The CPU has avx2 and avxvnni; `a` covers `mr` rows of `kp` bytes at stride `lda`; `b` covers
-/// `np` panels of `kp * 16` bytes; `mr <= 6`, `np <= 4`, `kp % 4 == 0`.
-pub unsafe fn int8_tile(
-    a: *const u8,
-    lda: usize,
-    mr: usize,
-    b: *const i8,
-    np: usize,
-    kp: usize,
-    out: &mut [i32; MAX_MR * MAX_NP * PANEL],
-) {
-    for p in 0..np {
-        let bp = b.add(p * kp * PANEL);
-        let o = p * PANEL;
-        // SAFETY: forwarded from this function's contract, for panel p.
-        unsafe {
-            match mr {
-                1 => tile::<1>(a, lda, bp, kp, out, o),
-                2 => tile::<2>(a, lda, bp, kp, out, o),
-                3 => tile::<3>(a, lda, bp, kp, out, o),
-                4 => tile::<4>(a, lda, bp, kp, out, o),
-                5 => tile::<5>(a, lda, bp, kp, out, o),
-                6 => tile::<6>(a, lda, bp, kp, out, o),
-                _ => unreachable!("tile rows"),
-            }
-        }
+/// The CPU has avx2 and avxvnni.
+unsafe fn run(t: &Tile<'_, Int8>, out: &mut TileBuf<i32>) {
+    t.check(INT8.tile);
+    let (a, kp) = (t.a.as_ptr(), t.kp);
+    for p in 0..t.np {
+        let (bp, o) = (t.b[p * kp * PANEL..].as_ptr(), p * PANEL);
+        // SAFETY: the CPU has the features (this function's contract); `check` verified
+        // mr <= 6 and that `a` holds mr rows of kp bytes and panel p kp * 16 bytes.
+        unsafe { tile_shapes!(t.mr; [1 2 3 4 5 6]; tile(a, kp, bp, kp, out, o)) }
     }
 }
 
@@ -43,7 +36,7 @@ unsafe fn tile<const MR: usize>(
     lda: usize,
     b: *const i8,
     kp: usize,
-    out: &mut [i32; MAX_MR * MAX_NP * PANEL],
+    out: &mut TileBuf<i32>,
     o: usize,
 ) {
     let mut acc = [[_mm256_setzero_si256(); 2]; MR];
@@ -65,7 +58,7 @@ unsafe fn tile<const MR: usize>(
         }
     }
     for (r, acc) in acc.iter().enumerate() {
-        let d = out.as_mut_ptr().add(r * MAX_NP * PANEL + o);
+        let d = out.as_mut_ptr().add(r * LANES + o);
         // SAFETY: r < 6 and o + 16 <= 64: within `out`.
         unsafe {
             _mm256_storeu_si256(d as *mut _, acc[0]);

@@ -3,41 +3,32 @@
 
 use std::arch::x86_64::*;
 
-use super::{MAX_MR, MAX_NP, PANEL};
+use super::{tile_shapes, Entry, Tile, BLOCK};
+use crate::quant::{Int8, TileBuf, LANES, PANEL};
 
-/// Exact `dot(u8 row, s8 column)` for `mr` rows and `np` panels.
+pub(crate) const INT8: Entry<Int8> = Entry {
+    name: "avx512vnni",
+    cpuinfo: &["avx512f", "avx512bw", "avx512_vnni"],
+    supported: || {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    },
+    tile: (6, 4),
+    block: BLOCK,
+    run,
+};
+
+/// Exact `dot(u8 row, s8 column)` for the tile's rows and panels.
 ///
 /// # Safety
-/// The CPU has avx512f, avx512bw and avx512vnni; `a` covers `mr` rows of `kp` bytes at stride
-/// `lda`; `b` covers `np` panels of `kp * 16` bytes; `mr <= 6`, `np <= 4`, `kp % 4 == 0`.
-pub unsafe fn int8_tile(
-    a: *const u8,
-    lda: usize,
-    mr: usize,
-    b: *const i8,
-    np: usize,
-    kp: usize,
-    out: &mut [i32; MAX_MR * MAX_NP * PANEL],
-) {
-    macro_rules! go {
-        ($($mr:literal)*; $($np:literal)*) => {
-            go!(@rows [$($mr)*] [$($np)*])
-        };
-        (@rows [$($mr:literal)*] $nps:tt) => {
-            match mr {
-                $($mr => go!(@cols $mr $nps),)*
-                _ => unreachable!("tile rows"),
-            }
-        };
-        (@cols $mr:literal [$($np:literal)*]) => {
-            match np {
-                // SAFETY: forwarded from this function's contract.
-                $($np => unsafe { tile::<$mr, $np>(a, lda, b, kp, out) },)*
-                _ => unreachable!("tile panels"),
-            }
-        };
-    }
-    go!(1 2 3 4 5 6; 1 2 3 4)
+/// The CPU has avx512f, avx512bw and avx512vnni.
+unsafe fn run(t: &Tile<'_, Int8>, out: &mut TileBuf<i32>) {
+    t.check(INT8.tile);
+    let (a, b, kp) = (t.a.as_ptr(), t.b.as_ptr(), t.kp);
+    // SAFETY: the CPU has the features (this function's contract); `check` verified mr <= 6,
+    // np <= 4 and that `a` holds mr rows of kp bytes and `b` np panels of kp * 16.
+    unsafe { tile_shapes!(t.mr, t.np; [1 2 3 4 5 6] x [1 2 3 4]; tile(a, kp, b, kp, out)) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -46,7 +37,7 @@ unsafe fn tile<const MR: usize, const NP: usize>(
     lda: usize,
     b: *const i8,
     kp: usize,
-    out: &mut [i32; MAX_MR * MAX_NP * PANEL],
+    out: &mut TileBuf<i32>,
 ) {
     let mut acc = [[_mm512_setzero_si512(); NP]; MR];
     let pstride = kp * PANEL;
@@ -70,10 +61,7 @@ unsafe fn tile<const MR: usize, const NP: usize>(
         for (p, v) in acc.iter().enumerate() {
             // SAFETY: r < 6, p < 4: within `out`.
             unsafe {
-                _mm512_storeu_si512(
-                    out.as_mut_ptr().add(r * MAX_NP * PANEL + p * PANEL) as *mut _,
-                    *v,
-                )
+                _mm512_storeu_si512(out.as_mut_ptr().add(r * LANES + p * PANEL) as *mut _, *v)
             };
         }
     }

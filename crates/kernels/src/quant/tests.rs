@@ -1,8 +1,11 @@
 //! Kernel exactness: every int8 kernel against a plain i32 matrix product (exact equality), the
 //! bf16 kernels against an f64 reference, and the layers' batch invariance.
 
+use super::bf16::bf16_rows;
 use super::epilogue::apply_act;
+use super::quantize;
 use super::*;
+use crate::cpu::{self, Level};
 use rand::{Rng, SeedableRng};
 
 mod amx;
@@ -35,12 +38,12 @@ fn run_int8(kernel: Int8Kernel, a: &[u8], q: &[i8], m: usize, n: usize, k: usize
     // Padding bytes are arbitrary (here 255): the zero weight padding must cancel them.
     let (ap, kp) = pad_rows(a, m, k, 255);
     let b = PackedI8::pack(q, n, k).unwrap();
-    let rows = QuantRows {
+    let rows = Rows {
         a: &ap,
         rows: m,
         kp,
     };
-    gemm_u8s8_i32(kernel, &rows, &b).unwrap()
+    product(kernel, &rows, &b).unwrap()
 }
 
 /// (m, n, k): m = 1, odd sizes, k and n not multiples of the vector widths, several tiles and
@@ -65,25 +68,35 @@ const SHAPES: [(usize, usize, usize); 13] = [
 /// (the fallback of every CPU without VNNI or BF16) must not go untested.
 fn require_avx2_in_ci() {
     if cfg!(target_arch = "x86_64") && std::env::var_os("CI").is_some() {
-        assert!(
-            Int8Kernel::Avx2.supported() && Bf16Kernel::Avx2.supported(),
-            "CI machines have AVX2 and FMA"
-        );
+        let int8 = Int8Kernel::named("avx2").is_some_and(|k| k.supported());
+        let bf16 = Bf16Kernel::named("avx2bf16").is_some_and(|k| k.supported());
+        assert!(int8 && bf16, "CI machines have AVX2 and FMA");
     }
 }
 
-fn kernels_to_test() -> Vec<Int8Kernel> {
+/// The kernels of a precision this CPU runs, each one whose instructions /proc/cpuinfo lists
+/// among them: a kernel the CPU has that its probe refused would otherwise go untested.
+fn supported<P: Precision>() -> Vec<Kernel<P>> {
     require_avx2_in_ci();
-    Int8Kernel::ALL
-        .into_iter()
+    Kernel::<P>::all()
         .filter(|k| {
             let ok = k.supported();
+            assert!(
+                ok || !k.listed_in_cpuinfo(),
+                "/proc/cpuinfo lists what the {} kernel needs, but it is not usable here: it \
+                 would go untested",
+                k.name()
+            );
             if !ok {
                 eprintln!("SKIPPED: the {} kernel (this CPU lacks it)", k.name());
             }
             ok
         })
         .collect()
+}
+
+fn kernels_to_test() -> Vec<Int8Kernel> {
+    supported::<Int8>()
 }
 
 #[test]
@@ -153,7 +166,7 @@ fn all_int8_kernels_agree_with_the_portable_one() {
     let (m, n, k) = (37, 1152, 384);
     let a: Vec<u8> = (0..m * k).map(|_| rng.random()).collect();
     let q: Vec<i8> = (0..n * k).map(|_| rng.random_range(-127..=127)).collect();
-    let want = run_int8(Int8Kernel::Portable, &a, &q, m, n, k);
+    let want = run_int8(Int8Kernel::portable(), &a, &q, m, n, k);
     for kernel in kernels_to_test() {
         assert_eq!(run_int8(kernel, &a, &q, m, n, k), want, "{}", kernel.name());
     }
@@ -163,34 +176,34 @@ fn all_int8_kernels_agree_with_the_portable_one() {
 fn mismatched_buffers_are_errors_not_panics() {
     let b = PackedI8::pack(&[1i8; 8 * 12], 8, 12).unwrap();
     let short = vec![0u8; 11];
-    let rows = QuantRows {
+    let rows = Rows {
         a: &short,
         rows: 1,
         kp: 12,
     };
-    assert!(gemm_u8s8_i32(Int8Kernel::Portable, &rows, &b).is_err());
-    let rows = QuantRows {
+    assert!(product(Int8Kernel::portable(), &rows, &b).is_err());
+    let rows = Rows {
         a: &[0u8; 16],
         rows: 1,
         kp: 16,
     };
-    assert!(gemm_u8s8_i32(Int8Kernel::Portable, &rows, &b).is_err());
+    assert!(product(Int8Kernel::portable(), &rows, &b).is_err());
     assert!(PackedI8::pack(&[1i8; 5], 2, 3).is_err());
     // Public fields edited into an inconsistent shape are caught too.
     let mut bad = PackedI8::pack(&[1i8; 40 * 12], 40, 12).unwrap();
     bad.n = 3;
-    let rows = QuantRows {
+    let rows = Rows {
         a: &[0u8; 12],
         rows: 1,
         kp: 12,
     };
-    assert!(gemm_u8s8_i32(Int8Kernel::Portable, &rows, &bad).is_err());
+    assert!(product(Int8Kernel::portable(), &rows, &bad).is_err());
     let lin = Int8Linear::new(&[0.5f32; 12], &[0.0; 3], 3, 4).unwrap();
     let mut s = Scratch::default();
     let mut dst = vec![0f32; 5];
     // 2 rows of 3 outputs need 6 values.
     let e = lin.forward(
-        Int8Kernel::Portable,
+        Int8Kernel::portable(),
         &[1.0; 8],
         2,
         &mut dst,
@@ -203,7 +216,7 @@ fn mismatched_buffers_are_errors_not_panics() {
     // Column offset past the stride.
     let mut dst = vec![0f32; 12];
     let e = lin.forward(
-        Int8Kernel::Portable,
+        Int8Kernel::portable(),
         &[1.0; 8],
         2,
         &mut dst,
@@ -215,7 +228,7 @@ fn mismatched_buffers_are_errors_not_panics() {
     assert!(e.is_err());
     // Input too short.
     let e = lin.forward(
-        Int8Kernel::Portable,
+        Int8Kernel::portable(),
         &[1.0; 7],
         2,
         &mut dst,
@@ -230,17 +243,7 @@ fn mismatched_buffers_are_errors_not_panics() {
 }
 
 fn bf16_kernels_to_test() -> Vec<Bf16Kernel> {
-    require_avx2_in_ci();
-    Bf16Kernel::ALL
-        .into_iter()
-        .filter(|k| {
-            let ok = k.supported();
-            if !ok {
-                eprintln!("SKIPPED: the {} kernel (this CPU lacks it)", k.name());
-            }
-            ok
-        })
-        .collect()
+    supported::<Bf16>()
 }
 
 #[test]
@@ -252,14 +255,14 @@ fn bf16_kernels_match_an_f64_reference() {
         let b = PackedBf16::pack(&w, n, k).unwrap();
         let mut a16 = AlignedVec::default();
         bf16_rows(&x, m, k, b.kp, &mut a16);
-        let rows = Bf16Rows {
+        let rows = Rows {
             a: &a16[..m * b.kp],
             rows: m,
             kp: b.kp,
         };
         let mut results = Vec::new();
         for kernel in bf16_kernels_to_test() {
-            let got = gemm_bf16_f32(kernel, &rows, &b).unwrap();
+            let got = product(kernel, &rows, &b).unwrap();
             assert_bf16_product(kernel.name(), &x, &w, &got, (m, n, k));
             results.push((kernel, got));
         }
@@ -277,7 +280,7 @@ fn bf16_kernels_match_an_f64_reference() {
             );
             // FMA rounds `acc + a * b` once, as the portable `acc += a * b` does when the
             // bf16 product is exact (always, away from f32 underflow and overflow): the same bits.
-            if *kernel == Bf16Kernel::Avx2 {
+            if kernel.name() == "avx2bf16" {
                 assert_eq!(
                     same,
                     got.len(),
@@ -348,7 +351,7 @@ fn linear_layers_are_accurate_and_batch_invariant() {
             0.02,
         ));
     }
-    let gelu = super::super::kernels::gelu;
+    let gelu = crate::math::gelu;
     for (name, run, tol) in &runs {
         let mut all = vec![f32::NAN; rows * ld];
         run(&x, rows, &mut all, &mut s);
@@ -394,17 +397,6 @@ fn linear_layers_are_accurate_and_batch_invariant() {
 }
 
 #[test]
-fn dtype_names_round_trip() {
-    for d in [Dtype::F32, Dtype::Bf16, Dtype::Int8] {
-        assert_eq!(d.to_string().parse::<Dtype>().unwrap(), d);
-    }
-    assert_eq!("INT8".parse::<Dtype>().unwrap(), Dtype::Int8);
-    assert!("fp8".parse::<Dtype>().is_err());
-    assert_eq!(Dtype::default(), Dtype::F32);
-    assert_eq!(kernel_name(Dtype::F32), "gemm-f32");
-}
-
-#[test]
 fn epilogue_gelu_matches_the_f32_gelu() {
     let xs: Vec<f32> = (-12_000..=12_000).map(|i| i as f32 / 1000.0).collect();
     let mut got = xs.clone();
@@ -412,7 +404,7 @@ fn epilogue_gelu_matches_the_f32_gelu() {
     apply_act(Activation::Gelu, &mut got[24_000..]);
     let mut worst = 0f32;
     for (x, g) in xs.iter().zip(&got) {
-        let want = super::super::kernels::gelu(*x);
+        let want = crate::math::gelu(*x);
         worst = worst.max((g - want).abs() / x.abs().max(1.0));
     }
     assert!(worst < 1e-6, "epilogue GELU: max scaled error {worst}");
@@ -501,13 +493,13 @@ fn row_range_is_the_same_on_every_path() {
             let bits = |(a, b): (f32, f32)| (a.to_bits(), b.to_bits());
             #[cfg(target_arch = "x86_64")]
             {
-                if crate::model::simd_avx2::has_avx2_fma() {
+                if cpu::has_avx2_fma() {
                     // SAFETY: the CPU has avx2 and fma.
                     let got = unsafe { quantize::row_range_avx2(&x) };
                     assert_eq!(bits(got), bits(want), "avx2, {x:?}");
                     checked += 1;
                 }
-                if epilogue::simd_level() == 2 {
+                if cpu::level() == Level::Avx512 {
                     // SAFETY: the CPU has avx512f.
                     let got = unsafe { quantize::row_range_avx512(&x) };
                     assert_eq!(bits(got), bits(want), "avx512, {x:?}");

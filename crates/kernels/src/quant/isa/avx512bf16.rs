@@ -4,41 +4,28 @@
 
 use std::arch::x86_64::*;
 
-use super::{MAX_MR, MAX_NP, PANEL};
+use super::{tile_shapes, Entry, Tile, BLOCK};
+use crate::quant::{Bf16, TileBuf, LANES, PANEL};
 
-/// bf16 products with f32 accumulation for `mr` rows and `np` panels.
+pub(crate) const BF16: Entry<Bf16> = Entry {
+    name: "avx512bf16",
+    cpuinfo: &["avx512f", "avx512_bf16"],
+    supported: || is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16"),
+    tile: (6, 4),
+    block: BLOCK,
+    run,
+};
+
+/// bf16 products with f32 accumulation for the tile's rows and panels.
 ///
 /// # Safety
-/// The CPU has avx512f and avx512bf16; `a` covers `mr` rows of `kp` values at stride `lda`;
-/// `b` covers `np` panels of `kp * 16` values; `mr <= 6`, `np <= 4`, `kp % 2 == 0`.
-pub unsafe fn bf16_tile(
-    a: *const u16,
-    lda: usize,
-    mr: usize,
-    b: *const u16,
-    np: usize,
-    kp: usize,
-    out: &mut [f32; MAX_MR * MAX_NP * PANEL],
-) {
-    macro_rules! go {
-        ($($mr:literal)*; $($np:literal)*) => {
-            go!(@rows [$($mr)*] [$($np)*])
-        };
-        (@rows [$($mr:literal)*] $nps:tt) => {
-            match mr {
-                $($mr => go!(@cols $mr $nps),)*
-                _ => unreachable!("tile rows"),
-            }
-        };
-        (@cols $mr:literal [$($np:literal)*]) => {
-            match np {
-                // SAFETY: forwarded from this function's contract.
-                $($np => unsafe { tile::<$mr, $np>(a, lda, b, kp, out) },)*
-                _ => unreachable!("tile panels"),
-            }
-        };
-    }
-    go!(1 2 3 4 5 6; 1 2 3 4)
+/// The CPU has avx512f and avx512bf16.
+unsafe fn run(t: &Tile<'_, Bf16>, out: &mut TileBuf<f32>) {
+    t.check(BF16.tile);
+    let (a, b, kp) = (t.a.as_ptr(), t.b.as_ptr(), t.kp);
+    // SAFETY: the CPU has the features (this function's contract); `check` verified mr <= 6,
+    // np <= 4 and that `a` holds mr rows of kp values and `b` np panels of kp * 16.
+    unsafe { tile_shapes!(t.mr, t.np; [1 2 3 4 5 6] x [1 2 3 4]; tile(a, kp, b, kp, out)) }
 }
 
 #[target_feature(enable = "avx512f,avx512bf16")]
@@ -47,7 +34,7 @@ unsafe fn tile<const MR: usize, const NP: usize>(
     lda: usize,
     b: *const u16,
     kp: usize,
-    out: &mut [f32; MAX_MR * MAX_NP * PANEL],
+    out: &mut TileBuf<f32>,
 ) {
     let mut acc = [[_mm512_setzero_ps(); NP]; MR];
     let pstride = kp * PANEL;
@@ -72,7 +59,7 @@ unsafe fn tile<const MR: usize, const NP: usize>(
     for (r, acc) in acc.iter().enumerate() {
         for (p, v) in acc.iter().enumerate() {
             // SAFETY: r < 6, p < 4: within `out`.
-            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * MAX_NP * PANEL + p * PANEL), *v) };
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * LANES + p * PANEL), *v) };
         }
     }
 }

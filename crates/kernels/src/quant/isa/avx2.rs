@@ -13,7 +13,8 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-use super::{MAX_MR, MAX_NP, PANEL};
+use super::{tile_shapes, Entry, Tile, BLOCK};
+use crate::quant::{Int8, TileBuf, LANES, MAX_NP, PANEL};
 
 /// Rows of the register tile.
 const ROWS: usize = 4;
@@ -23,6 +24,26 @@ const KC: usize = 1024;
 #[repr(C, align(32))]
 struct Rows([u8; ROWS * KC]);
 
+pub(crate) const INT8: Entry<Int8> = Entry {
+    name: "avx2",
+    cpuinfo: &["avx2"],
+    supported: || is_x86_feature_detected!("avx2"),
+    tile: (ROWS, MAX_NP),
+    block: BLOCK,
+    run,
+};
+
+/// Exact `dot(u8 row, s8 column)` for the tile's rows and panels.
+///
+/// # Safety
+/// The CPU has avx2; the panels were packed by `Packed::<Int8>::pack`, so no weight is -128.
+unsafe fn run(t: &Tile<'_, Int8>, out: &mut TileBuf<i32>) {
+    t.check(INT8.tile);
+    let (a, b, colsum) = (t.a.as_ptr(), t.b.as_ptr(), t.colsum.as_ptr());
+    // SAFETY: forwarded: `check` verified the operands' sizes and the tile shape.
+    unsafe { int8_tile(a, t.kp, t.mr, b, t.np, t.kp, colsum, out) }
+}
+
 /// Exact `dot(u8 row, s8 column)` for `mr` rows and `np` panels; `colsum` holds the column
 /// sums of the `np` panels' weights.
 ///
@@ -31,7 +52,7 @@ struct Rows([u8; ROWS * KC]);
 /// panels of `kp * 16` bytes, none of them -128; `colsum` covers `np * 16` values;
 /// `mr <= 4`, `np <= 4`, `kp % 4 == 0`.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn int8_tile(
+unsafe fn int8_tile(
     a: *const u8,
     lda: usize,
     mr: usize,
@@ -39,7 +60,7 @@ pub unsafe fn int8_tile(
     np: usize,
     kp: usize,
     colsum: *const i32,
-    out: &mut [i32; MAX_MR * MAX_NP * PANEL],
+    out: &mut TileBuf<i32>,
 ) {
     assert!(
         mr <= ROWS && np <= MAX_NP && kp.is_multiple_of(4),
@@ -51,7 +72,7 @@ pub unsafe fn int8_tile(
     for r in 0..mr {
         for c in 0..np * PANEL {
             // SAFETY: c < np * 16 column sums (contract).
-            out[r * MAX_NP * PANEL + c] = unsafe { *colsum.add(c) }.wrapping_mul(128);
+            out[r * LANES + c] = unsafe { *colsum.add(c) }.wrapping_mul(128);
         }
     }
     // The shifted rows a' (as s8 bytes) and their absolute values |a'| (as u8). Left
@@ -75,15 +96,7 @@ pub unsafe fn int8_tile(
             let bp = unsafe { b.add(p * kp * PANEL + k0 * PANEL) };
             let (o, groups) = (p * PANEL, kc / 4);
             // SAFETY: forwarded from this function's contract; the chunk rows hold kc values.
-            unsafe {
-                match mr {
-                    1 => panel::<1>(s, u, bp, groups, out, o),
-                    2 => panel::<2>(s, u, bp, groups, out, o),
-                    3 => panel::<3>(s, u, bp, groups, out, o),
-                    4 => panel::<4>(s, u, bp, groups, out, o),
-                    _ => unreachable!("tile rows"),
-                }
-            }
+            unsafe { tile_shapes!(mr; [1 2 3 4]; panel(s, u, bp, groups, out, o)) }
         }
         k0 += kc;
     }
@@ -123,7 +136,7 @@ unsafe fn panel<const MR: usize>(
     u: *const u8,
     bp: *const i8,
     groups: usize,
-    out: &mut [i32; MAX_MR * MAX_NP * PANEL],
+    out: &mut TileBuf<i32>,
     o: usize,
 ) {
     let ones = _mm256_set1_epi16(1);
@@ -156,7 +169,7 @@ unsafe fn panel<const MR: usize>(
     for (r, acc) in acc.iter().enumerate() {
         // SAFETY: o + r * 64 + 16 stays within `out` (r < 4, o <= 48).
         unsafe {
-            let d = out.as_mut_ptr().add(o + r * MAX_NP * PANEL);
+            let d = out.as_mut_ptr().add(o + r * LANES);
             for (h, v) in acc.iter().enumerate() {
                 let d = d.add(8 * h) as *mut __m256i;
                 _mm256_storeu_si256(d, _mm256_add_epi32(_mm256_loadu_si256(d), *v));

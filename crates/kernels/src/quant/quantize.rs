@@ -2,16 +2,7 @@
 //! (so a row's result never depends on its batch-mates), with the row's range found by AVX-512,
 //! AVX2 or portable code that all give the same bits.
 
-use super::epilogue::*;
-
-/// Activations quantized per row: `x[r][i] = scale[r] * (a[r][i] - zero[r])`, `a` in [0, 255].
-/// Rows are `kp` bytes (k rounded up to 4); the padding holds `zero[r]`, which the zero weight
-/// padding multiplies away.
-pub struct QuantRows<'a> {
-    pub a: &'a [u8],
-    pub rows: usize,
-    pub kp: usize,
-}
+use crate::cpu::{level, Level};
 
 /// Rounds `v` (|v| < 2^22) to the nearest integer, ties to even: adding and subtracting
 /// 1.5 * 2^23 leaves no fraction bits under the current (default) rounding mode. Plain IEEE
@@ -62,6 +53,7 @@ pub(crate) fn row_range(x: &[f32]) -> (f32, f32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn row_range_avx512(x: &[f32]) -> (f32, f32) {
+    use crate::math::avx512::lane_mask;
     use std::arch::x86_64::*;
     let n = x.len();
     // Four accumulators of each, so that the minima do not wait on each other.
@@ -88,7 +80,7 @@ pub(crate) unsafe fn row_range_avx512(x: &[f32]) -> (f32, f32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn row_range_avx2(x: &[f32]) -> (f32, f32) {
-    use crate::model::simd_avx2::load8;
+    use crate::math::avx2::load8;
     use std::arch::x86_64::*;
     let n = x.len();
     let mut lo = [_mm256_setzero_ps(); 4];
@@ -161,20 +153,22 @@ pub(crate) unsafe fn quantize_row_avx512(x: &[f32], a: &mut [u8]) -> (f32, i32) 
     quantize_in_range(x, a, lo, hi)
 }
 
-/// Quantizes one row (same result whichever code path runs: only IEEE operations without
-/// contraction, and an order-independent min/max).
+/// Quantizes one row of `x` into `a` (at least as long; the rest of `a` gets the zero point)
+/// and returns its (scale, zero point): `x[i] ~ scale * (a[i] - zero)`. The same result
+/// whichever code path runs: only IEEE operations without contraction, and an
+/// order-independent min/max.
 pub fn quantize_row(x: &[f32], a: &mut [u8]) -> (f32, i32) {
     assert!(
         a.len() >= x.len(),
         "quantize_row: output shorter than input"
     );
     #[cfg(target_arch = "x86_64")]
-    match simd_level() {
+    match level() {
         // SAFETY: the CPU has the features the function is compiled for.
-        2 => return unsafe { quantize_row_avx512(x, a) },
+        Level::Avx512 => return unsafe { quantize_row_avx512(x, a) },
         // SAFETY: as above.
-        1 => return unsafe { quantize_row_avx2(x, a) },
-        _ => {}
+        Level::Avx2 => return unsafe { quantize_row_avx2(x, a) },
+        Level::Portable => {}
     }
     quantize_row_imp(x, a)
 }

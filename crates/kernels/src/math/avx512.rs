@@ -1,4 +1,4 @@
-//! AVX-512 versions of the row kernels of [`super::kernels`] (softmax, LayerNorm): 16 lanes
+//! AVX-512 versions of the row kernels of [`super`] (softmax, LayerNorm, GELU): 16 lanes
 //! with lane-wise partial maxima and sums, the tail masked, so every value goes through the
 //! same vector code. The portable kernels reduce serially, which on the short rows of
 //! attention (one row per token and head) left softmax a sixth of an int8 run.
@@ -8,11 +8,11 @@
 
 use std::arch::x86_64::*;
 
-use kernels::consts::{EXP_P, LN2_HI, LN2_LO};
+use crate::consts::{ERF_CLAMP, ERF_P, ERF_Q, EXP_MAX, EXP_MIN, EXP_P, LN2_HI, LN2_LO};
 
 /// The mask of the 16-lane chunk starting at `i` of `n` values.
 #[inline(always)]
-fn lane_mask(i: usize, n: usize) -> u16 {
+pub(crate) fn lane_mask(i: usize, n: usize) -> u16 {
     if n - i >= 16 {
         0xffff
     } else {
@@ -20,30 +20,31 @@ fn lane_mask(i: usize, n: usize) -> u16 {
     }
 }
 
-/// [`super::kernels::exp`] on 16 lanes (the same reduction and polynomial, with FMAs).
+/// [`super::exp`] on 16 lanes (the same reduction and polynomial, with FMAs).
 #[inline(always)]
 unsafe fn exp16(x: __m512) -> __m512 {
-    let c = |v: f32| _mm512_set1_ps(v);
-    // max/min return their second operand when either is NaN: x last, so NaN propagates
-    // (as the portable `clamp` does) and a NaN or infinite row gives NaN, not a number.
-    let x = _mm512_min_ps(c(88.0), _mm512_max_ps(c(-87.0), x));
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
-        x,
-        c(std::f32::consts::LOG2_E),
-        c(0.5),
-    ));
-    let r = _mm512_fnmadd_ps(n, c(LN2_HI), x);
-    let r = _mm512_fnmadd_ps(n, c(LN2_LO), r);
-    let mut p = c(EXP_P[0]);
-    for &k in &EXP_P[1..] {
-        p = _mm512_fmadd_ps(p, r, c(k));
+    // SAFETY: the caller runs with avx512f (this function's contract).
+    unsafe {
+        let c = |v: f32| _mm512_set1_ps(v);
+        // max/min return their second operand when either is NaN: x last, so NaN propagates
+        // (as the portable `clamp` does) and a NaN or infinite row gives NaN, not a number.
+        let x = _mm512_min_ps(c(EXP_MAX), _mm512_max_ps(c(EXP_MIN), x));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(
+            _mm512_fmadd_ps(x, c(std::f32::consts::LOG2_E), c(0.5)),
+        );
+        let r = _mm512_fnmadd_ps(n, c(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, c(LN2_LO), r);
+        let mut p = c(EXP_P[0]);
+        for &k in &EXP_P[1..] {
+            p = _mm512_fmadd_ps(p, r, c(k));
+        }
+        let y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, c(1.0)));
+        let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        _mm512_mul_ps(y, _mm512_castsi512_ps(e))
     }
-    let y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, c(1.0)));
-    let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-        _mm512_cvtps_epi32(n),
-        _mm512_set1_epi32(127),
-    ));
-    _mm512_mul_ps(y, _mm512_castsi512_ps(e))
 }
 
 /// Softmax of one row in place.
@@ -51,7 +52,7 @@ unsafe fn exp16(x: __m512) -> __m512 {
 /// # Safety
 /// The CPU has avx512f.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn softmax(row: &mut [f32]) {
+pub(crate) unsafe fn softmax(row: &mut [f32]) {
     let n = row.len();
     let p = row.as_mut_ptr();
     let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -94,7 +95,7 @@ pub unsafe fn softmax(row: &mut [f32]) {
 /// # Safety
 /// The CPU has avx512f.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn layer_norm(
+pub(crate) unsafe fn layer_norm(
     x: &mut [f32],
     residual: Option<&[f32]>,
     weight: &[f32],
@@ -141,6 +142,57 @@ pub unsafe fn layer_norm(
             let w = _mm512_maskz_loadu_ps(m, weight.as_ptr().add(i));
             let b = _mm512_maskz_loadu_ps(m, bias.as_ptr().add(i));
             _mm512_mask_storeu_ps(p.add(i), m, _mm512_fmadd_ps(d, w, b));
+        }
+        i += 16;
+    }
+}
+
+/// BERT's GELU on 16 lanes: the erf of [`super::erf`] (same coefficients), with
+/// FMAs and its division replaced by a reciprocal estimate and one Newton step (within an ulp
+/// or two of the division, which alone cost more than the int8 product of the FFN's first
+/// layer).
+#[inline(always)]
+pub(crate) unsafe fn gelu16(v: __m512) -> __m512 {
+    // SAFETY: the caller runs with avx512f (this function's contract).
+    unsafe {
+        let c = |v: f32| _mm512_set1_ps(v);
+        let lim = c(ERF_CLAMP);
+        let z = _mm512_mul_ps(v, c(std::f32::consts::FRAC_1_SQRT_2));
+        let z = _mm512_min_ps(_mm512_max_ps(z, c(-ERF_CLAMP)), lim);
+        let z2 = _mm512_mul_ps(z, z);
+        let mut p = c(ERF_P[0]);
+        for &k in &ERF_P[1..] {
+            p = _mm512_fmadd_ps(p, z2, c(k));
+        }
+        let p = _mm512_mul_ps(p, z);
+        let mut q = c(ERF_Q[0]);
+        for &k in &ERF_Q[1..] {
+            q = _mm512_fmadd_ps(q, z2, c(k));
+        }
+        let r = _mm512_rcp14_ps(q);
+        // One Newton step: r (2 - q r).
+        let r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, c(2.0)));
+        let erf = _mm512_mul_ps(p, r);
+        let half_x = _mm512_mul_ps(v, c(0.5));
+        _mm512_fmadd_ps(half_x, erf, half_x)
+    }
+}
+
+/// GELU in place, 16 lanes at a time; every value, the tail included, goes through the same
+/// vector code.
+///
+/// # Safety
+/// The CPU has avx512f.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn gelu_avx512(x: &mut [f32]) {
+    let n = x.len();
+    let mut i = 0;
+    while i < n {
+        let m = lane_mask(i, n);
+        // SAFETY: the mask covers elements i..min(i + 16, n) only.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+            _mm512_mask_storeu_ps(x.as_mut_ptr().add(i), m, gelu16(v));
         }
         i += 16;
     }

@@ -1,6 +1,13 @@
 //! fetch-ml: sentence embeddings and a multitask model on a BERT encoder written on candle.
 //!
 //! The binary is thin: [`cli`] turns flags into a [`config::Command`], and [`run`] does it.
+//!
+//! No `unsafe` here: the CPU kernels, with their `unsafe` blocks, are the kernel crate's
+//! (`crates/kernels`), behind a safe interface. The two exceptions are system calls, named
+//! below: [`sys`] (allocator, file locks, umask, page size, process liveness) and
+//! [`interrupt`] (a signal handler that removes temporary files).
+
+#![deny(unsafe_code)]
 
 pub mod advice;
 pub mod alloc;
@@ -12,6 +19,9 @@ pub mod embed;
 pub mod export;
 pub mod hub;
 pub mod input;
+// Exception: a signal handler, which may only make async-signal-safe libc calls on raw C
+// strings.
+#[allow(unsafe_code)]
 pub mod interrupt;
 pub mod loader;
 pub mod model;
@@ -21,6 +31,10 @@ pub mod pipeline;
 pub mod plot;
 pub mod shard;
 pub mod st_modules;
+// Exception: libc system calls (mallopt, malloc_trim, flock, umask, sysconf, kill), each
+// behind a safe function.
+#[allow(unsafe_code)]
+pub mod sys;
 pub mod tasks;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testutil;

@@ -1,5 +1,7 @@
 //! The `fetch-ml` binary: parse the flags, build the config, run, report errors.
 
+#![deny(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -133,10 +133,7 @@ pub fn remove_stale_temporaries(dir: &Path) {
         if pid <= 0 || !e.file_type().is_ok_and(|t| t.is_file()) {
             continue;
         }
-        // SAFETY: signal 0 only checks whether the process exists.
-        let gone = unsafe { libc::kill(pid, 0) } != 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone {
+        if crate::sys::process_gone(pid) {
             let _ = std::fs::remove_file(e.path());
         }
     }

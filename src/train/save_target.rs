@@ -10,7 +10,6 @@
 
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -313,19 +312,10 @@ fn lock(parent: &Path, name: &str, wait: bool) -> Result<Option<Lock>> {
             .write(true)
             .open(&path)
             .with_context(|| format!("creating the lock file {}", path.display()))?;
-        let op = if wait {
-            libc::LOCK_EX
-        } else {
-            libc::LOCK_EX | libc::LOCK_NB
-        };
-        // SAFETY: flock on a file descriptor this function owns; no memory is passed.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::WouldBlock {
-                return Ok(None);
-            }
-            return Err(err).with_context(|| format!("locking {}", path.display()));
+        let locked = crate::sys::lock_exclusive(&file, wait)
+            .with_context(|| format!("locking {}", path.display()))?;
+        if !locked {
+            return Ok(None);
         }
         // The holder before us may have removed the file: then lock the new one.
         let same = match (file.metadata(), std::fs::metadata(&path)) {
@@ -362,13 +352,7 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// The process's umask.
+/// The process's umask (no other thread creates files while a checkpoint is being saved).
 fn umask() -> u32 {
-    // SAFETY: umask only swaps the process's mask; it is set back at once. No other thread
-    // creates files while a checkpoint is being saved.
-    unsafe {
-        let m = libc::umask(0o022);
-        libc::umask(m);
-        m as u32
-    }
+    crate::sys::umask()
 }

@@ -644,8 +644,7 @@ fn trace_rss(phase: &str) {
         .nth(1)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    // SAFETY: sysconf only reads a system constant.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    let page = crate::sys::page_size();
     eprintln!("rss {phase}: {} MB", (pages * page) >> 20);
 }
 

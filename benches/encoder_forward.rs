@@ -15,7 +15,7 @@ use candle_nn::VarBuilder;
 use fetch_ml::hub::ModelRef;
 use fetch_ml::loader::ModelAssets;
 use fetch_ml::model::bert::Mode;
-use fetch_ml::model::fast::Workspace;
+use fetch_ml::model::fast::{PackedEncoder, Workspace};
 use fetch_ml::model::pooling::Pooling;
 use fetch_ml::tokenize::{length_sorted_batches, Encoded};
 

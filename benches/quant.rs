@@ -14,7 +14,7 @@ use std::time::Instant;
 use candle_core::Device;
 use fetch_ml::hub::ModelRef;
 use fetch_ml::loader::ModelAssets;
-use fetch_ml::model::fast::{FastEncoder, Workspace};
+use fetch_ml::model::fast::{FastEncoder, PackedEncoder, Workspace};
 use fetch_ml::model::pooling::Pooling;
 use fetch_ml::model::quant::{
     Activation, Bf16Kernel, Bf16Linear, Dtype, Int8Kernel, Int8Linear, Scratch,

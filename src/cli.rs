@@ -1,21 +1,21 @@
 //! The command line as clap sees it, and its conversion into [`crate::config`] structs.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Result};
 use clap::Parser;
 
-use crate::config::{
-    defaults, Command, EmbedConfig, MultitaskConfig, OutputFormat, ScenariosConfig, TrainConfig,
-};
-use crate::data::DataSource;
-use crate::hub::{offline_from_env, ModelRef};
-use crate::input::InputSource;
+use crate::config::{defaults, OutputFormat};
 use crate::model::freeze::{FreezePart, Scenario};
 use crate::model::quant::Dtype;
-use crate::shard::{Shard, ShardSpec};
+use crate::shard::Shard;
 use crate::train::metrics::Metric;
-use crate::train::trainer::TrainSettings;
+
+mod convert;
+mod values;
+use values::{
+    dtype, fraction, freeze_part, loss_weights, metric, non_negative, positive, positive_secs,
+    scenario,
+};
 
 /// The model used when `--model` is not given.
 pub const DEFAULT_MODEL: &str = defaults::MODEL;
@@ -43,35 +43,35 @@ pub struct Cli {
     /// A Hugging Face model id, or a path to a local model folder (config.json,
     /// model.safetensors, tokenizer.json or vocab.txt).
     /// [default: bert-base-uncased; with --checkpoint, the checkpoint's base model]
-    #[arg(long, value_name = "ID_OR_DIR", help_heading = "Model")]
+    #[arg(long, value_name = "ID_OR_DIR", help_heading = heading::MODEL)]
     pub model: Option<String>,
 
     /// Hub revision of --model: a branch, tag or commit.
-    #[arg(long, default_value = "main", help_heading = "Model")]
+    #[arg(long, default_value = "main", help_heading = heading::MODEL)]
     pub revision: String,
 
     /// Resolve the model from the local Hugging Face cache only ($HF_HOME/hub, default
     /// ~/.cache/huggingface/hub), never the network. HF_HUB_OFFLINE=1 does the same.
-    #[arg(long, help_heading = "Model")]
+    #[arg(long, help_heading = heading::MODEL)]
     pub offline: bool,
 
     /// Seconds a Hugging Face hub request may go without an answer (or a download without a
     /// byte) before fetch-ml gives up and suggests --offline or a local folder.
-    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = positive_secs, help_heading = "Model")]
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = positive_secs, help_heading = heading::MODEL)]
     pub hub_timeout: f64,
 
     /// Truncate each sentence to this many tokens, `[CLS]` and `[SEP]` included.
     /// [default: the model's own limit: max_seq_length of sentence_bert_config.json, else
     /// max_position_embeddings (less the first position id: pad_token_id + 1 for RoBERTa and
     /// XLM-RoBERTa, 2 for MPNet; 514 positions hold 512 tokens)]
-    #[arg(long, value_name = "N", help_heading = "Model")]
+    #[arg(long, value_name = "N", help_heading = heading::MODEL)]
     pub max_seq_length: Option<usize>,
 
     /// Threads for matrix products and the inference kernels. [default: the number of cores]
     /// At most 4 per core are used; where a process limit allows fewer, fewer are used (a
     /// note on stderr says so). Inference runs up to 4 batches at once (no more than 16,384
     /// tokens together), each with its own buffers.
-    #[arg(long, value_name = "N", value_parser = positive, help_heading = "Model")]
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = heading::MODEL)]
     pub threads: Option<usize>,
 
     /// A sentence to process. Repeat the flag for several.
@@ -80,21 +80,26 @@ pub struct Cli {
         short = 's',
         value_name = "TEXT",
         conflicts_with = "input",
-        help_heading = "Input"
+        help_heading = heading::INPUT
     )]
     pub sentences: Vec<String>,
 
     /// A UTF-8 file with one sentence per line (blank lines are skipped); `-` reads standard
     /// input. [default: the built-in data/sentences.txt]
-    #[arg(long, short = 'i', value_name = "FILE", help_heading = "Input")]
+    #[arg(long, short = 'i', value_name = "FILE", help_heading = heading::INPUT)]
     pub input: Option<PathBuf>,
 
     /// Write results to FILE instead of standard output. The file appears only once complete.
     /// In a sharded run, {shard} in FILE becomes the shard's tag (00002-of-00008), {i} its
     /// index and {n} the count; without them the tag goes before the extension
     /// (emb.parquet -> emb-00002-of-00008.parquet).
-    #[arg(long, short = 'o', value_name = "FILE", help_heading = "Output")]
+    #[arg(long, short = 'o', value_name = "FILE", help_heading = heading::OUTPUT)]
     pub output: Option<PathBuf>,
+
+    /// Print nothing on stderr but errors: no notes, warnings, progress bars or reports.
+    /// Standard output and --output files are the same either way.
+    #[arg(long, short = 'q', help_heading = heading::OUTPUT)]
+    pub quiet: bool,
 
     /// Output format. text: a summary per sentence and, for up to 20 sentences, their cosine
     /// similarity matrix. jsonl: one object per sentence (index = the sentence's 0-based line
@@ -105,7 +110,7 @@ pub struct Cli {
     /// 4096 sentences. npy (--task=1, needs --output): a float32 matrix, one row per
     /// sentence, and a JSONL sidecar FILE.meta.jsonl with index, text, tokens, truncated of
     /// each row.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text, help_heading = "Output")]
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text, help_heading = heading::OUTPUT)]
     pub format: OutputFormat,
 
     /// Embed only shard I of N (0-based, I < N) of the input. A file is cut into N byte
@@ -114,23 +119,23 @@ pub struct Cli {
     /// [default: from JOB_COMPLETION_INDEX (Kubernetes Indexed Job, with --shards) or
     /// SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT (Slurm job array);
     /// else no sharding. --shard 0/1 turns the environment off]
-    #[arg(long, value_name = "I/N", value_parser = Shard::parse, help_heading = "Corpus (--task=1)")]
+    #[arg(long, value_name = "I/N", value_parser = Shard::parse, help_heading = heading::CORPUS)]
     pub shard: Option<Shard>,
 
     /// The number of shards N when the shard index comes from the environment
     /// (JOB_COMPLETION_INDEX, which carries no count; for Slurm it overrides
     /// SLURM_ARRAY_TASK_COUNT). FETCH_ML_SHARDS=N does the same.
-    #[arg(long, value_name = "N", value_parser = positive, conflicts_with = "shard", help_heading = "Corpus (--task=1)")]
+    #[arg(long, value_name = "N", value_parser = positive, conflicts_with = "shard", help_heading = heading::CORPUS)]
     pub shards: Option<usize>,
 
     /// Redo work whose output already exists: a shard's complete output (which is otherwise
     /// skipped, so that retried shards are cheap), or an earlier --export folder.
-    #[arg(long, help_heading = "Corpus (--task=1)")]
+    #[arg(long, help_heading = heading::EXISTING)]
     pub overwrite: bool,
 
     /// Sentences per forward pass; in training, examples per optimizer step. Inference
     /// batches group sentences of similar length.
-    #[arg(long, default_value_t = 32, value_parser = positive, help_heading = "Output")]
+    #[arg(long, default_value_t = 32, value_parser = positive, help_heading = heading::OUTPUT)]
     pub batch_size: usize,
 
     /// Arithmetic of the encoder where it does not train (--task=1, a frozen encoder's
@@ -140,16 +145,16 @@ pub struct Cli {
     /// its batch. The kernel is chosen for this CPU and named on stderr. For speed, int8 pays
     /// off with VNNI or AMX and bf16 with AMX; with AVX2 alone f32 is as fast as int8 and
     /// faster than bf16 (both still use less memory). [default: f32]
-    #[arg(long, value_name = "f32|bf16|int8", value_parser = dtype, help_heading = "Model")]
+    #[arg(long, value_name = "f32|bf16|int8", value_parser = dtype, help_heading = heading::MODEL)]
     pub dtype: Option<Dtype>,
 
     /// Also cap each inference batch at N tokens (padding-free: the sum of its sentences'
     /// lengths); a longer sentence gets a batch of its own. [default: no token cap]
-    #[arg(long, value_name = "N", value_parser = positive, help_heading = "Output")]
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = heading::OUTPUT)]
     pub max_batch_tokens: Option<usize>,
 
     /// L2-normalise the embeddings, whatever the model's folder says.
-    #[arg(long, conflicts_with = "no_normalize", help_heading = "Output")]
+    #[arg(long, conflicts_with = "no_normalize", help_heading = heading::EMBEDDINGS)]
     pub normalize: bool,
 
     /// Text prepended to every sentence before tokenization, as sentence-transformers'
@@ -159,26 +164,26 @@ pub struct Cli {
         long,
         value_name = "TEXT",
         conflicts_with = "prompt_name",
-        help_heading = "Output"
+        help_heading = heading::EMBEDDINGS
     )]
     pub prompt: Option<String>,
 
     /// A named prompt of the model's config_sentence_transformers.json (such as query or
     /// passage), prepended to every sentence. [default: the model's default_prompt_name, if
     /// it names one; else no prompt]
-    #[arg(long, value_name = "NAME", help_heading = "Output")]
+    #[arg(long, value_name = "NAME", help_heading = heading::EMBEDDINGS)]
     pub prompt_name: Option<String>,
 
     /// Keep only the first N dimensions of each vector (Matryoshka models), after the Dense
     /// layers and before normalisation: a model that normalises gives unit vectors of N
     /// dimensions (text-embeddings-inference's `dimensions`). N larger than the model's
     /// dimension is an error. [default: all dimensions]
-    #[arg(long, value_name = "N", value_parser = positive, help_heading = "Output")]
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = heading::EMBEDDINGS)]
     pub truncate_dim: Option<usize>,
 
     /// Do not normalise the embeddings, whatever the model's folder says.
     /// [default: normalise only when the model's modules.json lists a Normalize step]
-    #[arg(long, help_heading = "Output")]
+    #[arg(long, help_heading = heading::EMBEDDINGS)]
     pub no_normalize: bool,
 
     /// Labelled training data: .jsonl ({"text", "class", "sentiment"} per line) or .csv with a
@@ -187,7 +192,7 @@ pub struct Cli {
     #[arg(
         long,
         value_name = "FILE",
-        help_heading = "Training (--task=2, --task=3)"
+        help_heading = heading::TRAINING
     )]
     pub train_file: Option<PathBuf>,
 
@@ -197,95 +202,95 @@ pub struct Cli {
     #[arg(
         long,
         value_name = "FILE",
-        help_heading = "Training (--task=2, --task=3)"
+        help_heading = heading::TRAINING
     )]
     pub eval_file: Option<PathBuf>,
 
     /// Passes over the training data. [default: 3 for --task=2, 2 for --task=3]
-    #[arg(long, value_name = "N", value_parser = positive, help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = heading::TRAINING)]
     pub epochs: Option<usize>,
 
     /// Peak learning rate of the encoder (AdamW). [default: 2e-5]
-    #[arg(long, value_name = "RATE", value_parser = non_negative, help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "RATE", value_parser = non_negative, help_heading = heading::TRAINING)]
     pub lr: Option<f64>,
 
     /// Peak learning rate of the two heads (AdamW). [default: 1e-3]
-    #[arg(long, value_name = "RATE", value_parser = non_negative, help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "RATE", value_parser = non_negative, help_heading = heading::TRAINING)]
     pub head_lr: Option<f64>,
 
     /// Fraction of the steps over which the learning rates warm up linearly from 0; they then
     /// decay linearly to 0. [default: 0.1]
-    #[arg(long, value_name = "FRACTION", value_parser = fraction, help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "FRACTION", value_parser = fraction, help_heading = heading::TRAINING)]
     pub warmup: Option<f64>,
 
     /// AdamW's decoupled weight decay. [default: 0.01]
-    #[arg(long, value_name = "W", value_parser = non_negative, help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "W", value_parser = non_negative, help_heading = heading::TRAINING)]
     pub weight_decay: Option<f64>,
 
     /// Weights A,B of the combined loss A * CE(class) + B * CE(sentiment). [default: 1,1]
-    #[arg(long, value_name = "A,B", value_parser = loss_weights, help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "A,B", value_parser = loss_weights, help_heading = heading::TRAINING)]
     pub loss_weights: Option<[f64; 2]>,
 
     /// Seed of head initialisation, dropout and shuffling: the same seed on the same data gives
     /// the same losses and weights. [default: 42]
-    #[arg(long, value_name = "N", help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "N", help_heading = heading::TRAINING)]
     pub seed: Option<u64>,
 
     /// Width of each head's hidden layer. [default: 256]
-    #[arg(long, value_name = "N", value_parser = positive, help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = heading::TRAINING)]
     pub head_hidden: Option<usize>,
 
     /// Dropout between each head's two layers, in training. [default: 0.1]
-    #[arg(long, value_name = "P", value_parser = fraction, help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "P", value_parser = fraction, help_heading = heading::TRAINING)]
     pub head_dropout: Option<f64>,
 
     /// Parts that do not train: none, all, encoder (alias backbone), class-head (alias
     /// head-a), sentiment-head (alias head-b). Repeat or separate with commas, e.g.
     /// --freeze encoder,class-head. Frozen parts run without dropout or gradients. [default:
     /// none]
-    #[arg(long, value_name = "PART", value_delimiter = ',', value_parser = freeze_part, help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "PART", value_delimiter = ',', value_parser = freeze_part, help_heading = heading::MULTITASK)]
     pub freeze: Vec<FreezePart>,
 
     /// Freeze the embeddings and the first N encoder layers; the later layers train. With
     /// --task=3 it sets N of the "layers" scenario [default there: half the layers].
-    #[arg(long, value_name = "N", help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "N", help_heading = heading::TRAINING)]
     pub freeze_layers: Option<usize>,
 
     /// Train on at most the first N rows of the training data. [default: all for --task=2,
     /// 256 for --task=3]
-    #[arg(long, value_name = "N", value_parser = positive, help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = heading::TRAINING)]
     pub max_train_examples: Option<usize>,
 
     /// Batch examples in a random order only, instead of grouping examples of similar length
     /// into each batch (fewer padding tokens, the same examples per epoch). [default: grouped]
-    #[arg(long, help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, help_heading = heading::TRAINING)]
     pub no_length_grouping: bool,
 
     /// Micro-batches of --batch-size per optimizer step: the step sees N x --batch-size rows,
     /// as one batch of that size would (up to float rounding), in the memory of one
     /// --batch-size. [default: 1]
-    #[arg(long, value_name = "N", value_parser = positive, help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = heading::TRAINING)]
     pub grad_accum: Option<usize>,
 
     /// Also evaluate every N optimizer steps, with a line on stderr (needs an evaluation
     /// set). [default: at the end of each epoch only]
-    #[arg(long, value_name = "STEPS", value_parser = positive, help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "STEPS", value_parser = positive, help_heading = heading::TRAINING)]
     pub eval_every: Option<usize>,
 
     /// Keep the weights of the best evaluation by METRIC instead of the last ones:
     /// class.accuracy, class.macro_f1, sentiment.accuracy, sentiment.macro_f1, mean.accuracy
     /// or mean.macro_f1 (needs an evaluation set). [default: the last weights]
-    #[arg(long, value_name = "METRIC", value_parser = metric, help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "METRIC", value_parser = metric, help_heading = heading::TRAINING)]
     pub keep_best: Option<Metric>,
 
     /// Stop when --keep-best's metric has not improved for PATIENCE evaluations in a row.
     /// [default: train every epoch]
-    #[arg(long, value_name = "PATIENCE", value_parser = positive, requires = "keep_best", help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "PATIENCE", value_parser = positive, requires = "keep_best", help_heading = heading::TRAINING)]
     pub early_stop: Option<usize>,
 
     /// Weight each head's loss by inverse label frequency (n / (labels x count), as
     /// scikit-learn's "balanced"): `auto`, or `none`. [default: none]
-    #[arg(long, value_name = "auto|none", value_parser = ["auto", "none"], help_heading = "Training (--task=2, --task=3)")]
+    #[arg(long, value_name = "auto|none", value_parser = ["auto", "none"], help_heading = heading::TRAINING)]
     pub class_weights: Option<String>,
 
     /// Keep the sentence vectors of a frozen encoder in DIR, keyed by model, revision, max
@@ -293,7 +298,7 @@ pub struct Cli {
     #[arg(
         long,
         value_name = "DIR",
-        help_heading = "Training (--task=2, --task=3)"
+        help_heading = heading::TRAINING
     )]
     pub embedding_cache: Option<PathBuf>,
 
@@ -303,7 +308,7 @@ pub struct Cli {
         long,
         value_name = "DIR",
         conflicts_with = "checkpoint",
-        help_heading = "Multitask model (--task=2)"
+        help_heading = heading::MULTITASK
     )]
     pub save: Option<PathBuf>,
 
@@ -312,7 +317,7 @@ pub struct Cli {
         long,
         value_name = "DIR",
         conflicts_with = "train_file",
-        help_heading = "Multitask model (--task=2)"
+        help_heading = heading::MULTITASK
     )]
     pub checkpoint: Option<PathBuf>,
 
@@ -320,338 +325,47 @@ pub struct Cli {
     /// folder: the encoder (config.json, tokenizer files, model.safetensors, modules.json,
     /// 1_Pooling, sentence_bert_config.json) plus heads.safetensors and heads.json. Written
     /// whole, then renamed into place; an existing DIR is replaced only with --overwrite.
-    #[arg(long, value_name = "DIR", help_heading = "Multitask model (--task=2)")]
+    #[arg(long, value_name = "DIR", help_heading = heading::MULTITASK)]
     pub export: Option<PathBuf>,
 
     /// Scenarios to compare, comma-separated: none, encoder, class-head, sentiment-head,
     /// layers, all. [default: all six]
-    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = scenario, help_heading = "Scenarios (--task=3)")]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = scenario, help_heading = heading::SCENARIOS)]
     pub scenarios: Vec<Scenario>,
 
     /// Draw eval accuracy per head per scenario as a PNG chart.
-    #[arg(long, value_name = "FILE.png", help_heading = "Scenarios (--task=3)")]
+    #[arg(long, value_name = "FILE.png", help_heading = heading::SCENARIOS)]
     pub plot: Option<PathBuf>,
+
+    /// The flags given on the command line or by an environment variable, with their help
+    /// headings (filled by [`Cli::parse_args`]).
+    #[arg(skip)]
+    given: Option<Vec<(String, Option<String>)>>,
 }
 
-fn dtype(s: &str) -> Result<Dtype, String> {
-    s.parse::<Dtype>().map_err(|e| e.to_string())
-}
+/// The help headings of the flags. A heading names the tasks its flags apply to, as
+/// `(--task=N, ...)`; a heading that names none applies to every task. This is the one
+/// place that says which task takes which flag: [`Cli::into_command`] reads it off the
+/// headings of the flags given, and `--help` shows it.
+mod heading {
+    pub const MODEL: &str = "Model";
+    pub const INPUT: &str = "Input (--task=1, --task=2)";
+    pub const OUTPUT: &str = "Output";
+    pub const EXISTING: &str = "Existing output (--task=1, --task=2)";
+    pub const EMBEDDINGS: &str = "Embeddings (--task=1)";
+    pub const CORPUS: &str = "Corpus (--task=1)";
+    pub const TRAINING: &str = "Training (--task=2, --task=3)";
+    pub const MULTITASK: &str = "Multitask model (--task=2)";
+    pub const SCENARIOS: &str = "Scenarios (--task=3)";
 
-fn metric(s: &str) -> Result<Metric, String> {
-    Metric::parse(s).ok_or_else(|| {
-        let names: Vec<&str> = Metric::ALL.iter().map(|m| m.name()).collect();
-        format!("expected one of {}, got '{s}'", names.join(", "))
-    })
-}
-
-fn non_negative(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
-        _ => Err(format!("expected a number of 0 or more, got '{s}'")),
-    }
-}
-
-fn fraction(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(x) if (0.0..1.0).contains(&x) => Ok(x),
-        _ => Err(format!(
-            "expected a number from 0 up to (not including) 1, got '{s}'"
-        )),
-    }
-}
-
-fn loss_weights(s: &str) -> Result<[f64; 2], String> {
-    let parts: Vec<&str> = s.split(',').collect();
-    let parsed: Vec<f64> = parts
-        .iter()
-        .filter_map(|p| non_negative(p.trim()).ok())
-        .collect();
-    match parsed.as_slice() {
-        [a, b] if parts.len() == 2 && a + b > 0.0 => Ok([*a, *b]),
-        _ => Err(format!(
-            "expected two non-negative weights A,B, not both 0 (e.g. 1,0.5), got '{s}'"
-        )),
-    }
-}
-
-fn freeze_part(s: &str) -> Result<FreezePart, String> {
-    FreezePart::parse(s).map_err(|e| e.to_string())
-}
-
-fn scenario(s: &str) -> Result<Scenario, String> {
-    Scenario::parse(s).map_err(|e| e.to_string())
-}
-
-fn positive_secs(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() && v <= 1e9 => Ok(v),
-        _ => Err(format!("{s} is not a positive number of seconds")),
-    }
-}
-
-/// The name of a `--format` value as typed.
-fn format_name(f: OutputFormat) -> String {
-    use clap::ValueEnum;
-    f.to_possible_value()
-        .map(|v| v.get_name().to_string())
-        .unwrap_or_default()
-}
-
-fn positive(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(format!("expected a whole number above 0, got '{s}'")),
-    }
-}
-
-impl Cli {
-    /// Flags given that `task` does not use, by name.
-    fn unused_flags(&self, task: u8) -> Vec<&'static str> {
-        let train = [
-            ("--train-file", self.train_file.is_some()),
-            ("--eval-file", self.eval_file.is_some()),
-            ("--epochs", self.epochs.is_some()),
-            ("--lr", self.lr.is_some()),
-            ("--head-lr", self.head_lr.is_some()),
-            ("--warmup", self.warmup.is_some()),
-            ("--weight-decay", self.weight_decay.is_some()),
-            ("--loss-weights", self.loss_weights.is_some()),
-            ("--seed", self.seed.is_some()),
-            ("--head-hidden", self.head_hidden.is_some()),
-            ("--head-dropout", self.head_dropout.is_some()),
-            ("--freeze-layers", self.freeze_layers.is_some()),
-            ("--max-train-examples", self.max_train_examples.is_some()),
-            ("--embedding-cache", self.embedding_cache.is_some()),
-            ("--no-length-grouping", self.no_length_grouping),
-            ("--grad-accum", self.grad_accum.is_some()),
-            ("--eval-every", self.eval_every.is_some()),
-            ("--keep-best", self.keep_best.is_some()),
-            ("--early-stop", self.early_stop.is_some()),
-            ("--class-weights", self.class_weights.is_some()),
-        ];
-        let embed_only = [
-            ("--normalize", self.normalize),
-            ("--no-normalize", self.no_normalize),
-            ("--prompt", self.prompt.is_some()),
-            ("--prompt-name", self.prompt_name.is_some()),
-            ("--truncate-dim", self.truncate_dim.is_some()),
-        ];
-        let task2 = [
-            ("--save", self.save.is_some()),
-            ("--checkpoint", self.checkpoint.is_some()),
-            ("--freeze", !self.freeze.is_empty()),
-            ("--export", self.export.is_some()),
-        ];
-        let shards = [
-            ("--shard", self.shard.is_some()),
-            ("--shards", self.shards.is_some()),
-        ];
-        let overwrite = [("--overwrite", self.overwrite)];
-        let task3 = [
-            ("--scenarios", !self.scenarios.is_empty()),
-            ("--plot", self.plot.is_some()),
-        ];
-        let input = [
-            ("--sentence", !self.sentences.is_empty()),
-            ("--input", self.input.is_some()),
-        ];
-        let unused: Vec<(&'static str, bool)> = match task {
-            1 => train.iter().chain(&task2).chain(&task3).copied().collect(),
-            2 => embed_only
+    /// Whether a flag under `heading` applies to `task`: the heading names it, or names no
+    /// task at all.
+    pub fn applies(heading: Option<&str>, task: u8) -> bool {
+        let Some(h) = heading else { return true };
+        let named: Vec<&str> = h.split("--task=").skip(1).collect();
+        named.is_empty()
+            || named
                 .iter()
-                .chain(&task3)
-                .chain(&shards)
-                .copied()
-                .collect(),
-            _ => embed_only
-                .iter()
-                .chain(&task2)
-                .chain(&input)
-                .chain(&shards)
-                .chain(&overwrite)
-                .copied()
-                .collect(),
-        };
-        unused
-            .into_iter()
-            .filter(|(_, given)| *given)
-            .map(|(n, _)| n)
-            .collect()
-    }
-
-    /// Validates the flags and builds the task's config.
-    pub fn into_command(mut self) -> Result<Command> {
-        let task = self.task;
-        if let Some(flag) = self.unused_flags(task).first() {
-            bail!("{flag} does not apply to --task={task}; see --help for the flags of each task");
-        }
-        let (model, model_given) = self.model_ref();
-        let input = self.input_source();
-        if task == 1 {
-            return Ok(Command::Embed(self.embed_config(model, input)?));
-        }
-        let Some(format) = self.format.text_format() else {
-            bail!(
-                "--format {} applies to --task=1 only; use text, json or jsonl",
-                format_name(self.format)
-            );
-        };
-        let train = self.train_config(model, model_given);
-        if task == 2 {
-            return Ok(Command::Multitask(MultitaskConfig {
-                train,
-                save: self
-                    .save
-                    .unwrap_or_else(|| PathBuf::from(defaults::SAVE_DIR)),
-                checkpoint: self.checkpoint,
-                export: self.export,
-                overwrite: self.overwrite,
-                input,
-                output: self.output,
-                format,
-            }));
-        }
-        let mut scenarios = self.scenarios;
-        if scenarios.is_empty() {
-            scenarios = Scenario::ALL.to_vec();
-        }
-        scenarios.dedup();
-        Ok(Command::Scenarios(ScenariosConfig {
-            layers_n: train.freeze_layers,
-            train,
-            scenarios,
-            plot: self.plot,
-            output: self.output,
-            format,
-        }))
-    }
-
-    /// The model to load, and whether `--model` was given.
-    fn model_ref(&mut self) -> (ModelRef, bool) {
-        let given = self.model.is_some();
-        let model = ModelRef {
-            id: self
-                .model
-                .take()
-                .unwrap_or_else(|| DEFAULT_MODEL.to_string()),
-            revision: std::mem::take(&mut self.revision),
-            offline: self.offline || offline_from_env(),
-            hub_timeout: std::time::Duration::from_secs_f64(self.hub_timeout),
-        };
-        (model, given)
-    }
-
-    /// Where the sentences come from.
-    fn input_source(&mut self) -> InputSource {
-        if !self.sentences.is_empty() {
-            return InputSource::Sentences(std::mem::take(&mut self.sentences));
-        }
-        match self.input.take() {
-            Some(p) if p.as_os_str() == "-" => InputSource::Stdin,
-            Some(p) => InputSource::File(p),
-            None => InputSource::Default,
-        }
-    }
-
-    /// `--task=1`'s settings.
-    fn embed_config(self, model: ModelRef, input: InputSource) -> Result<EmbedConfig> {
-        let to_stdout = self.output.as_deref().is_none_or(|p| p == Path::new("-"));
-        if self.format.is_columnar() && to_stdout {
-            bail!(
-                "--format {0} writes a file: give --output FILE (e.g. -o embeddings.{0})",
-                format_name(self.format)
-            );
-        }
-        let normalize = match (self.normalize, self.no_normalize) {
-            (true, _) => Some(true),
-            (_, true) => Some(false),
-            _ => None,
-        };
-        let shard = match self.shard {
-            Some(shard) => Some(ShardSpec {
-                shard,
-                source: format!("--shard {shard}"),
-            }),
-            None => crate::shard::from_env(self.shards, &|k| std::env::var(k).ok())?,
-        };
-        let output = match (&shard, self.output) {
-            (Some(s), Some(p)) if p != Path::new("-") => Some(s.shard.output_path(&p)),
-            (None, Some(p)) if crate::shard::has_placeholder(&p) => bail!(
-                "--output {}: {{shard}}, {{i}} and {{n}} are filled in for a sharded run \
-                 only; pass --shard I/N, or remove them from the name",
-                p.display()
-            ),
-            (_, p) => p,
-        };
-        Ok(EmbedConfig {
-            model,
-            input,
-            output,
-            format: self.format,
-            shard,
-            overwrite: self.overwrite,
-            batch_size: self.batch_size,
-            max_batch_tokens: self.max_batch_tokens,
-            dtype: self.dtype.unwrap_or_default(),
-            max_seq_length: self.max_seq_length,
-            normalize,
-            prompt: self.prompt,
-            prompt_name: self.prompt_name,
-            truncate_dim: self.truncate_dim,
-        })
-    }
-
-    /// The training settings of `--task=2` and `--task=3`.
-    fn train_config(&mut self, model: ModelRef, model_given: bool) -> TrainConfig {
-        let defaults = TrainSettings::default();
-        let (default_epochs, default_max_examples) = if self.task == 2 {
-            (defaults.epochs, None)
-        } else {
-            (
-                defaults::SCENARIO_EPOCHS,
-                Some(defaults::SCENARIO_MAX_EXAMPLES),
-            )
-        };
-        let predicting = self.checkpoint.is_some();
-        let own_train_file = self.train_file.is_some();
-        TrainConfig {
-            model,
-            model_given,
-            max_seq_length: self.max_seq_length,
-            train_file: self
-                .train_file
-                .take()
-                .map_or_else(DataSource::default_train, DataSource::File),
-            // The shipped evaluation set goes with the shipped training set only.
-            eval_file: match (self.eval_file.take(), predicting || own_train_file) {
-                (Some(f), _) => Some(DataSource::File(f)),
-                (None, false) => Some(DataSource::default_eval()),
-                (None, true) => None,
-            },
-            settings: TrainSettings {
-                epochs: self.epochs.unwrap_or(default_epochs),
-                batch_size: self.batch_size,
-                lr: self.lr.unwrap_or(defaults.lr),
-                head_lr: self.head_lr.unwrap_or(defaults.head_lr),
-                warmup: self.warmup.unwrap_or(defaults.warmup),
-                weight_decay: self.weight_decay.unwrap_or(defaults.weight_decay),
-                loss_weights: self.loss_weights.unwrap_or(defaults.loss_weights),
-                seed: self.seed.unwrap_or(defaults.seed),
-                group_by_length: !self.no_length_grouping,
-                grad_accum: self.grad_accum.unwrap_or(defaults.grad_accum),
-                eval_every: self.eval_every,
-                keep_best: self.keep_best,
-                early_stop: self.early_stop,
-                class_weights: self.class_weights.as_deref() == Some("auto"),
-                ..defaults
-            },
-            head_hidden: self.head_hidden.unwrap_or(defaults::HEAD_HIDDEN),
-            head_dropout: self.head_dropout.unwrap_or(defaults::HEAD_DROPOUT),
-            freeze: std::mem::take(&mut self.freeze),
-            freeze_layers: self.freeze_layers,
-            max_train_examples: self.max_train_examples.or(default_max_examples),
-            embedding_cache: self.embedding_cache.take(),
-            dtype: self.dtype.unwrap_or_default(),
-        }
+                .any(|n| n.trim_start().starts_with(char::from(b'0' + task)))
     }
 }

@@ -184,6 +184,25 @@ fn write_folder(
     normalize: bool,
     provenance: &Provenance,
 ) -> Result<()> {
+    copy_model_files(out, assets)?;
+    write_weights(out, assets, model)?;
+    write_pipeline(out, assets, normalize)?;
+    let hidden = assets.config.hidden_size;
+    write_json(
+        &out.join(HEADS_FILE),
+        &heads_json(model, hidden, provenance),
+    )?;
+    for f in ["model.safetensors", HEADS_WEIGHTS] {
+        std::fs::File::open(out.join(f))
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("writing {f}"))?;
+    }
+    Ok(())
+}
+
+/// The base model's files that the export keeps as they are: config, tokenizer, and
+/// sentence-transformers' prompts.
+fn copy_model_files(out: &Path, assets: &ModelAssets) -> Result<()> {
     let files = &assets.files;
     let copy = |from: &Path, name: &str| -> Result<()> {
         std::fs::copy(from, out.join(name))
@@ -201,11 +220,14 @@ fn write_folder(
     if st_config.is_file() {
         copy(&st_config, "config_sentence_transformers.json")?;
     }
+    Ok(())
+}
 
-    // The encoder: every tensor the model computes with, then the base model's other
-    // encoder tensors (pooler, position ids) as they are.
-    // Encoder tensors go under the architecture's own names (MPNet's `attention.attn.q`,
-    // DistilBERT's `transformer.layer`), so that transformers loads the folder.
+/// `model.safetensors` (the encoder) and the heads' weights file. The encoder: every tensor
+/// the model computes with, then the base model's other encoder tensors (pooler, position
+/// ids) as they are, under the architecture's own names (MPNet's `attention.attn.q`,
+/// DistilBERT's `transformer.layer`), so that transformers loads the folder.
+fn write_weights(out: &Path, assets: &ModelAssets, model: &MultiTaskModel) -> Result<()> {
     let arch = assets.config.arch;
     let mut encoder: BTreeMap<String, Owned> = BTreeMap::new();
     let mut heads: BTreeMap<String, Owned> = BTreeMap::new();
@@ -222,7 +244,7 @@ fn write_folder(
             encoder.insert(arch.rename(&p.name), t);
         }
     }
-    for (name, t) in base_extras(&files.weights, arch, &encoder)? {
+    for (name, t) in base_extras(&assets.files.weights, arch, &encoder)? {
         encoder.insert(name, t);
     }
     let format = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
@@ -233,8 +255,13 @@ fn write_folder(
     )
     .context("writing model.safetensors")?;
     safetensors::serialize_to_file(views(&heads)?, format, &out.join(HEADS_WEIGHTS))
-        .context("writing heads.safetensors")?;
+        .context("writing heads.safetensors")
+}
 
+/// sentence-transformers' pipeline files: `modules.json` (Transformer, mean Pooling, and
+/// Normalize when the model normalises), `1_Pooling/config.json` and
+/// `sentence_bert_config.json`.
+fn write_pipeline(out: &Path, assets: &ModelAssets, normalize: bool) -> Result<()> {
     let hidden = assets.config.hidden_size;
     let mut modules = vec![
         json!({"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}),
@@ -265,17 +292,7 @@ fn write_folder(
             "max_seq_length": assets.tokenizer.max_len(),
             "do_lower_case": assets.pipeline.lowercase_input
         }),
-    )?;
-    write_json(
-        &out.join(HEADS_FILE),
-        &heads_json(model, hidden, provenance),
-    )?;
-    for f in ["model.safetensors", HEADS_WEIGHTS] {
-        std::fs::File::open(out.join(f))
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("writing {f}"))?;
-    }
-    Ok(())
+    )
 }
 
 /// `heads.json`: how to run the heads on top of the exported encoder.

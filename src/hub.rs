@@ -2,13 +2,14 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hf_hub::api::sync::{Api, ApiBuilder};
+use anyhow::{Context, Result};
+use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
+
+mod fetch;
+use fetch::{endpoint, watched, Fetch, LocalFolder, OfflineCache, Online};
 
 /// Where to find a model.
 #[derive(Debug, Clone)]
@@ -148,258 +149,6 @@ pub struct DenseFiles {
     pub weights: PathBuf,
 }
 
-/// Gets a file of the model by name: `Ok(None)` when the model does not have it.
-trait Fetch {
-    fn fetch(&self, name: &str) -> Result<Option<PathBuf>>;
-    /// Whether the model has the file, without downloading it.
-    fn has(&self, name: &str) -> bool;
-    /// Explains, for an error message, where a missing file was looked for.
-    fn searched(&self) -> String;
-    /// The kind of place searched, for the advice on a missing file.
-    fn place(&self) -> Place;
-}
-
-struct LocalFolder(PathBuf);
-
-impl Fetch for LocalFolder {
-    fn fetch(&self, name: &str) -> Result<Option<PathBuf>> {
-        let p = self.0.join(name);
-        Ok(p.is_file().then_some(p))
-    }
-    fn has(&self, name: &str) -> bool {
-        self.0.join(name).is_file()
-    }
-    fn searched(&self) -> String {
-        format!("folder {}", self.0.display())
-    }
-    fn place(&self) -> Place {
-        Place::Folder
-    }
-}
-
-/// The hub cache only (`--offline` or `HF_HUB_OFFLINE=1`).
-struct OfflineCache {
-    cache: Cache,
-    model: ModelRef,
-}
-
-impl OfflineCache {
-    fn repo_folder(&self) -> PathBuf {
-        let repo = Repo::with_revision(
-            self.model.id.clone(),
-            RepoType::Model,
-            self.model.revision.clone(),
-        );
-        self.cache.path().join(repo.folder_name())
-    }
-}
-
-impl Fetch for OfflineCache {
-    fn has(&self, name: &str) -> bool {
-        matches!(self.fetch(name), Ok(Some(_)))
-    }
-    fn fetch(&self, name: &str) -> Result<Option<PathBuf>> {
-        let repo = Repo::with_revision(
-            self.model.id.clone(),
-            RepoType::Model,
-            self.model.revision.clone(),
-        );
-        if let Some(p) = self.cache.repo(repo).get(name) {
-            return Ok(Some(p));
-        }
-        // A revision given as a commit hash has a snapshot folder but no ref file.
-        let snapshot = self
-            .repo_folder()
-            .join("snapshots")
-            .join(&self.model.revision)
-            .join(name);
-        Ok(snapshot.is_file().then_some(snapshot))
-    }
-    fn searched(&self) -> String {
-        let folder = self.repo_folder();
-        let refs = folder.join("refs").join(&self.model.revision);
-        match std::fs::read_to_string(&refs) {
-            Ok(commit) => format!(
-                "hub cache folder {}",
-                folder.join("snapshots").join(commit.trim()).display()
-            ),
-            Err(_) => format!(
-                "hub cache folder {} (no revision '{}' there: {} is missing)",
-                folder.display(),
-                self.model.revision,
-                refs.display()
-            ),
-        }
-    }
-    fn place(&self) -> Place {
-        Place::Cache(self.cache.path().clone())
-    }
-}
-
-/// The hub, through hf-hub: cached files are reused, others are downloaded with a progress bar.
-/// hf-hub sets no timeouts, so every request runs under a watchdog ([`watched`]).
-struct Online {
-    api: Api,
-    /// The cache the API writes to (`ApiBuilder::from_env` uses the same).
-    cache: Cache,
-    files: Vec<String>,
-    model: ModelRef,
-}
-
-impl Online {
-    fn repo(&self) -> Repo {
-        Repo::with_revision(
-            self.model.id.clone(),
-            RepoType::Model,
-            self.model.revision.clone(),
-        )
-    }
-}
-
-impl Fetch for Online {
-    fn has(&self, name: &str) -> bool {
-        self.files.iter().any(|f| f == name)
-    }
-    fn fetch(&self, name: &str) -> Result<Option<PathBuf>> {
-        if !self.has(name) {
-            return Ok(None);
-        }
-        if let Some(p) = self.cache.repo(self.repo()).get(name) {
-            return Ok(Some(p));
-        }
-        eprintln!(
-            "downloading {name} of {} from {}",
-            self.model.id,
-            endpoint()
-        );
-        let repo = self.api.repo(self.repo());
-        let file = name.to_string();
-        let what = format!("downloading {name} of {}", self.model.id);
-        let path = watched(&self.model, &what, move |activity| {
-            repo.download_with_progress(&file, WatchedBar::new(activity))
-                .map_err(anyhow::Error::from)
-        })
-        .map_err(|source| HubError::Download {
-            model: self.model.id.clone(),
-            file: name.to_string(),
-            source,
-        })?;
-        Ok(Some(path))
-    }
-    fn searched(&self) -> String {
-        format!(
-            "hub repository {} at revision {}",
-            self.model.id, self.model.revision
-        )
-    }
-    fn place(&self) -> Place {
-        Place::Hub
-    }
-}
-
-/// The hub's address: `HF_ENDPOINT`, or huggingface.co.
-fn endpoint() -> String {
-    std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into())
-}
-
-/// The last sign of life of a request: milliseconds since the watchdog's start.
-#[derive(Clone)]
-struct Activity {
-    start: Instant,
-    last_ms: Arc<AtomicU64>,
-}
-
-impl Activity {
-    fn touch(&self) {
-        self.last_ms.store(now_ms(self.start), Ordering::Relaxed);
-    }
-}
-
-fn now_ms(start: Instant) -> u64 {
-    start.elapsed().as_millis() as u64
-}
-
-/// Runs the hub request `f` on a thread of its own and gives up when it shows no sign of life
-/// (an answer, or downloaded bytes through the [`Activity`] it is given) for the model's
-/// `hub_timeout`: a firewall that swallows packets or a stuck proxy otherwise hangs forever.
-/// The abandoned thread ends with the process.
-fn watched<T: Send + 'static>(
-    model: &ModelRef,
-    what: &str,
-    f: impl FnOnce(Activity) -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let start = Instant::now();
-    let activity = Activity {
-        start,
-        last_ms: Arc::new(AtomicU64::new(0)),
-    };
-    let (tx, rx) = mpsc::channel();
-    let act = activity.clone();
-    std::thread::Builder::new()
-        .name("hub".into())
-        .spawn(move || {
-            let _ = tx.send(f(act));
-        })
-        .context("starting the hub request")?;
-    let limit = model.hub_timeout;
-    loop {
-        let last = activity.last_ms.load(Ordering::Relaxed);
-        let idle = Duration::from_millis(now_ms(start).saturating_sub(last));
-        if idle >= limit {
-            return Err(HubError::Timeout {
-                what: what.to_string(),
-                endpoint: endpoint(),
-                secs: limit.as_secs_f64(),
-            }
-            .into());
-        }
-        match rx.recv_timeout(limit - idle) {
-            Ok(result) => return result,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(HubError::Stopped {
-                    what: what.to_string(),
-                }
-                .into())
-            }
-        }
-    }
-}
-
-/// A download progress bar that also reports activity to the watchdog.
-struct WatchedBar {
-    activity: Activity,
-    bar: Option<indicatif::ProgressBar>,
-}
-
-impl WatchedBar {
-    fn new(activity: Activity) -> Self {
-        Self {
-            activity,
-            bar: None,
-        }
-    }
-}
-
-impl hf_hub::api::Progress for WatchedBar {
-    fn init(&mut self, size: usize, filename: &str) {
-        self.activity.touch();
-        let bar = crate::output::progress_bar(Some(size as u64), filename);
-        self.bar = Some(bar);
-    }
-    fn update(&mut self, size: usize) {
-        self.activity.touch();
-        if let Some(b) = &self.bar {
-            b.inc(size as u64);
-        }
-    }
-    fn finish(&mut self) {
-        if let Some(b) = self.bar.take() {
-            b.finish_and_clear();
-        }
-    }
-}
-
 /// True when `HF_HUB_OFFLINE` asks for offline mode.
 pub fn offline_from_env() -> bool {
     std::env::var("HF_HUB_OFFLINE")
@@ -434,7 +183,7 @@ pub fn resolve(model: &ModelRef) -> Result<ModelFiles> {
         .with_progress(false)
         .build()
         .context("setting up the Hugging Face hub client")?;
-    eprintln!(
+    crate::note!(
         "asking {} for the files of {} (revision {})",
         endpoint(),
         model.id,
@@ -475,47 +224,9 @@ fn looks_like_path(id: &str) -> bool {
 }
 
 fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
-    let required = |name: &str| -> Result<PathBuf> {
-        fetch.fetch(name)?.ok_or_else(|| {
-            HubError::MissingFile {
-                model: model.id.clone(),
-                file: name.to_string(),
-                searched: fetch.searched(),
-                place: fetch.place(),
-            }
-            .into()
-        })
-    };
-    let config = required("config.json")?;
-    let weights = match fetch.fetch("model.safetensors")? {
-        Some(p) => p,
-        None if fetch.has("pytorch_model.bin") => {
-            return Err(HubError::PytorchOnly {
-                model: model.id.clone(),
-                searched: fetch.searched(),
-                module: None,
-            }
-            .into())
-        }
-        None => required("model.safetensors")?,
-    };
-    let tokenizer = match fetch.fetch("tokenizer.json")? {
-        Some(p) => TokenizerFiles::Json(p),
-        None => match fetch.fetch("vocab.txt")? {
-            Some(vocab) => TokenizerFiles::Vocab {
-                vocab,
-                tokenizer_config: fetch.fetch("tokenizer_config.json")?,
-            },
-            None => {
-                return Err(HubError::NoTokenizer {
-                    model: model.id.clone(),
-                    searched: fetch.searched(),
-                    place: fetch.place(),
-                }
-                .into())
-            }
-        },
-    };
+    let config = required(model, fetch, "config.json")?;
+    let weights = weights_file(model, fetch, None)?;
+    let tokenizer = tokenizer_files(model, fetch)?;
     let modules = fetch.fetch("modules.json")?;
     let pooling_config = match &modules {
         Some(m) => match crate::st_modules::pooling_module_path(m)? {
@@ -528,19 +239,8 @@ fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
     let mut dense = Vec::new();
     if let Some(m) = &modules {
         for dir in crate::st_modules::dense_module_paths(m)? {
-            let config = required(&format!("{dir}/config.json"))?;
-            let weights = match fetch.fetch(&format!("{dir}/model.safetensors"))? {
-                Some(p) => p,
-                None if fetch.has(&format!("{dir}/pytorch_model.bin")) => {
-                    return Err(HubError::PytorchOnly {
-                        model: model.id.clone(),
-                        searched: fetch.searched(),
-                        module: Some(dir),
-                    }
-                    .into())
-                }
-                None => required(&format!("{dir}/model.safetensors"))?,
-            };
+            let config = required(model, fetch, &format!("{dir}/config.json"))?;
+            let weights = weights_file(model, fetch, Some(dir))?;
             dense.push(DenseFiles { config, weights });
         }
     }
@@ -561,4 +261,55 @@ fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
         dense,
         st_config,
     })
+}
+
+/// The file `name` of the model, or an error naming it and where it was looked for.
+fn required(model: &ModelRef, fetch: &dyn Fetch, name: &str) -> Result<PathBuf> {
+    fetch.fetch(name)?.ok_or_else(|| {
+        HubError::MissingFile {
+            model: model.id.clone(),
+            file: name.to_string(),
+            searched: fetch.searched(),
+            place: fetch.place(),
+        }
+        .into()
+    })
+}
+
+/// `model.safetensors` of the model, or of its module folder `dir`; a model that has only
+/// `pytorch_model.bin` is an error of its own.
+fn weights_file(model: &ModelRef, fetch: &dyn Fetch, dir: Option<String>) -> Result<PathBuf> {
+    let path = |file: &str| match &dir {
+        Some(d) => format!("{d}/{file}"),
+        None => file.to_string(),
+    };
+    match fetch.fetch(&path("model.safetensors"))? {
+        Some(p) => Ok(p),
+        None if fetch.has(&path("pytorch_model.bin")) => Err(HubError::PytorchOnly {
+            model: model.id.clone(),
+            searched: fetch.searched(),
+            module: dir,
+        }
+        .into()),
+        None => required(model, fetch, &path("model.safetensors")),
+    }
+}
+
+/// `tokenizer.json`, else `vocab.txt` with its `tokenizer_config.json`.
+fn tokenizer_files(model: &ModelRef, fetch: &dyn Fetch) -> Result<TokenizerFiles> {
+    if let Some(p) = fetch.fetch("tokenizer.json")? {
+        return Ok(TokenizerFiles::Json(p));
+    }
+    match fetch.fetch("vocab.txt")? {
+        Some(vocab) => Ok(TokenizerFiles::Vocab {
+            vocab,
+            tokenizer_config: fetch.fetch("tokenizer_config.json")?,
+        }),
+        None => Err(HubError::NoTokenizer {
+            model: model.id.clone(),
+            searched: fetch.searched(),
+            place: fetch.place(),
+        }
+        .into()),
+    }
 }

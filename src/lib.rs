@@ -25,6 +25,7 @@ pub mod input;
 pub mod interrupt;
 pub mod loader;
 pub mod model;
+pub mod notes;
 pub mod output;
 pub mod panics;
 pub mod pipeline;

@@ -6,7 +6,6 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 
 use crate::hub::{self, ModelFiles, ModelRef};
-use crate::model::arch::Architecture;
 use crate::model::bert::{BertConfig, BertEncoder};
 use crate::model::fast::FastEncoder;
 use crate::model::freeze::FreezePlan;
@@ -60,7 +59,7 @@ impl ModelAssets {
     pub fn from_files(files: ModelFiles, max_seq_length: Option<usize>) -> Result<Self> {
         let text = std::fs::read_to_string(&files.config)
             .with_context(|| format!("reading {}", files.config.display()))?;
-        let config = Architecture::parse_config(&text)
+        let config = BertConfig::parse(&text)
             .with_context(|| format!("parsing {}", files.config.display()))?;
         config
             .validate()
@@ -146,8 +145,7 @@ impl ModelAssets {
         device: &Device,
     ) -> Result<MultiTaskModel> {
         let registry = ParamRegistry::new();
-        let trainable: TrainablePredicate = Arc::new(move |name: &str| plan.is_trainable(name));
-        let encoder = self.encoder(encoder_files, trainable, registry.clone(), device)?;
+        let encoder = self.encoder(encoder_files, plan.trainable(), registry.clone(), device)?;
         MultiTaskModel::build(encoder, registry, spec, plan, init, device)
     }
 

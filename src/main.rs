@@ -4,7 +4,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use fetch_ml::cli::Cli;
 
 fn main() -> ExitCode {
@@ -16,7 +15,8 @@ fn main() -> ExitCode {
         std::env::remove_var("RUST_BACKTRACE");
         std::env::remove_var("RUST_LIB_BACKTRACE");
     }
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
+    fetch_ml::notes::set_quiet(cli.quiet);
     let result = fetch_ml::threads::configure(cli.threads)
         .and_then(|_| cli.into_command())
         .and_then(|cmd| fetch_ml::run(&cmd));

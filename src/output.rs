@@ -184,13 +184,14 @@ pub fn check_target(what: &str, path: &Path, ext: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// A progress bar on stderr; invisible when stderr is not a terminal.
+/// A progress bar on stderr; invisible when stderr is not a terminal, or with `--quiet`.
 pub fn progress_bar(total: Option<u64>, message: &str) -> indicatif::ProgressBar {
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-    let bar = match total {
-        Some(n) => ProgressBar::with_draw_target(Some(n), ProgressDrawTarget::stderr()),
-        None => ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()),
+    let target = || match crate::notes::quiet() {
+        true => ProgressDrawTarget::hidden(),
+        false => ProgressDrawTarget::stderr(),
     };
+    let bar = ProgressBar::with_draw_target(total, target());
     let template = if total.is_some() {
         "{msg} [{bar:30}] {percent:>3}% {elapsed_precise} eta {eta}"
     } else {

@@ -108,88 +108,21 @@ pub fn from_env(
     shards: Option<usize>,
     var: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<ShardSpec>> {
-    let number = |name: &str, v: &str| -> Result<usize> {
-        v.trim().parse::<usize>().map_err(|_| {
-            anyhow::anyhow!(
-                "{name}={v:?} is not a whole number of 0 or more; it is set by the batch \
-                 engine (or by you), or pass --shard I/N"
-            )
-        })
-    };
     let count: Option<(usize, &str)> = match (shards, var("FETCH_ML_SHARDS")) {
         (Some(n), _) => Some((n, "--shards")),
-        (None, Some(v)) => match number("FETCH_ML_SHARDS", &v)? {
+        (None, Some(v)) => match env_number("FETCH_ML_SHARDS", &v)? {
             0 => bail!("FETCH_ML_SHARDS=0: the number of shards must be 1 or more"),
             n => Some((n, "FETCH_ML_SHARDS")),
         },
         (None, None) => None,
     };
-    let k8s = var("JOB_COMPLETION_INDEX");
-    let slurm = var("SLURM_ARRAY_TASK_ID");
-    match (k8s, slurm) {
+    match (var("JOB_COMPLETION_INDEX"), var("SLURM_ARRAY_TASK_ID")) {
         (Some(_), Some(_)) => bail!(
             "both JOB_COMPLETION_INDEX (Kubernetes) and SLURM_ARRAY_TASK_ID (Slurm) are set, so \
              the shard is ambiguous; pass --shard I/N"
         ),
-        (Some(i), None) => {
-            let index = number("JOB_COMPLETION_INDEX", &i)?;
-            let Some((n, n_source)) = count else {
-                bail!(
-                    "JOB_COMPLETION_INDEX={index} is set (a Kubernetes Indexed Job) but the number \
-                     of shards is not: pass --shards N or set FETCH_ML_SHARDS=N (the Job's \
-                     completions), or pass --shard 0/1 to embed the whole input"
-                );
-            };
-            if index >= n {
-                bail!(
-                    "JOB_COMPLETION_INDEX={index} is not below the number of shards {n} \
-                     ({n_source}); the Job's completions and the shard count must agree"
-                );
-            }
-            Ok(Some(ShardSpec {
-                shard: Shard { index, count: n },
-                source: format!(
-                    "Kubernetes Indexed Job (JOB_COMPLETION_INDEX={index}, {n_source}={n})"
-                ),
-            }))
-        }
-        (None, Some(id)) => {
-            let id = number("SLURM_ARRAY_TASK_ID", &id)?;
-            let min = match var("SLURM_ARRAY_TASK_MIN") {
-                Some(v) => number("SLURM_ARRAY_TASK_MIN", &v)?,
-                None => bail!(
-                    "SLURM_ARRAY_TASK_ID={id} is set but SLURM_ARRAY_TASK_MIN is not; run under \
-                     a Slurm job array (sbatch --array=0-N), or pass --shard I/N"
-                ),
-            };
-            let (n, n_source) = match (count, var("SLURM_ARRAY_TASK_COUNT")) {
-                (Some((n, src)), _) => (n, src.to_string()),
-                (None, Some(v)) => (
-                    number("SLURM_ARRAY_TASK_COUNT", &v)?,
-                    "SLURM_ARRAY_TASK_COUNT".to_string(),
-                ),
-                (None, None) => bail!(
-                    "SLURM_ARRAY_TASK_ID={id} is set but SLURM_ARRAY_TASK_COUNT is not; pass \
-                     --shards N, or --shard I/N"
-                ),
-            };
-            if id < min || id - min >= n || n == 0 {
-                bail!(
-                    "SLURM_ARRAY_TASK_ID={id} minus SLURM_ARRAY_TASK_MIN={min} is not below the \
-                     number of shards {n} ({n_source}); use a contiguous array without a step \
-                     (sbatch --array=0-{}), or pass --shard I/N",
-                    n.saturating_sub(1)
-                );
-            }
-            let index = id - min;
-            Ok(Some(ShardSpec {
-                shard: Shard { index, count: n },
-                source: format!(
-                    "Slurm job array (SLURM_ARRAY_TASK_ID={id} - SLURM_ARRAY_TASK_MIN={min}, \
-                     {n_source}={n})"
-                ),
-            }))
-        }
+        (Some(i), None) => kubernetes_shard(&i, count).map(Some),
+        (None, Some(id)) => slurm_shard(&id, count, var).map(Some),
         (None, None) => match count {
             Some((n, src)) => bail!(
                 "{src} gives {n} shards but not which one this run is: pass --shard I/N, or run \
@@ -198,6 +131,83 @@ pub fn from_env(
             None => Ok(None),
         },
     }
+}
+
+/// The value `v` of the environment variable `name` as a count or index.
+fn env_number(name: &str, v: &str) -> Result<usize> {
+    v.trim().parse::<usize>().map_err(|_| {
+        anyhow::anyhow!(
+            "{name}={v:?} is not a whole number of 0 or more; it is set by the batch \
+             engine (or by you), or pass --shard I/N"
+        )
+    })
+}
+
+/// A Kubernetes Indexed Job's shard: `JOB_COMPLETION_INDEX` of `count` (which it does not
+/// carry).
+fn kubernetes_shard(index: &str, count: Option<(usize, &str)>) -> Result<ShardSpec> {
+    let index = env_number("JOB_COMPLETION_INDEX", index)?;
+    let Some((n, n_source)) = count else {
+        bail!(
+            "JOB_COMPLETION_INDEX={index} is set (a Kubernetes Indexed Job) but the number \
+             of shards is not: pass --shards N or set FETCH_ML_SHARDS=N (the Job's \
+             completions), or pass --shard 0/1 to embed the whole input"
+        );
+    };
+    if index >= n {
+        bail!(
+            "JOB_COMPLETION_INDEX={index} is not below the number of shards {n} \
+             ({n_source}); the Job's completions and the shard count must agree"
+        );
+    }
+    Ok(ShardSpec {
+        shard: Shard { index, count: n },
+        source: format!("Kubernetes Indexed Job (JOB_COMPLETION_INDEX={index}, {n_source}={n})"),
+    })
+}
+
+/// A Slurm job array's shard: `SLURM_ARRAY_TASK_ID` less `SLURM_ARRAY_TASK_MIN`, of `count`
+/// or else `SLURM_ARRAY_TASK_COUNT`.
+fn slurm_shard(
+    id: &str,
+    count: Option<(usize, &str)>,
+    var: &dyn Fn(&str) -> Option<String>,
+) -> Result<ShardSpec> {
+    let id = env_number("SLURM_ARRAY_TASK_ID", id)?;
+    let min = match var("SLURM_ARRAY_TASK_MIN") {
+        Some(v) => env_number("SLURM_ARRAY_TASK_MIN", &v)?,
+        None => bail!(
+            "SLURM_ARRAY_TASK_ID={id} is set but SLURM_ARRAY_TASK_MIN is not; run under \
+             a Slurm job array (sbatch --array=0-N), or pass --shard I/N"
+        ),
+    };
+    let (n, n_source) = match (count, var("SLURM_ARRAY_TASK_COUNT")) {
+        (Some((n, src)), _) => (n, src.to_string()),
+        (None, Some(v)) => (
+            env_number("SLURM_ARRAY_TASK_COUNT", &v)?,
+            "SLURM_ARRAY_TASK_COUNT".to_string(),
+        ),
+        (None, None) => bail!(
+            "SLURM_ARRAY_TASK_ID={id} is set but SLURM_ARRAY_TASK_COUNT is not; pass \
+             --shards N, or --shard I/N"
+        ),
+    };
+    if id < min || id - min >= n || n == 0 {
+        bail!(
+            "SLURM_ARRAY_TASK_ID={id} minus SLURM_ARRAY_TASK_MIN={min} is not below the \
+             number of shards {n} ({n_source}); use a contiguous array without a step \
+             (sbatch --array=0-{}), or pass --shard I/N",
+            n.saturating_sub(1)
+        );
+    }
+    let index = id - min;
+    Ok(ShardSpec {
+        shard: Shard { index, count: n },
+        source: format!(
+            "Slurm job array (SLURM_ARRAY_TASK_ID={id} - SLURM_ARRAY_TASK_MIN={min}, \
+             {n_source}={n})"
+        ),
+    })
 }
 
 /// The byte range `[start, end)` of a regular file that shard `shard` reads, and the number of

@@ -113,133 +113,80 @@ impl TinyBert {
     pub fn weights(&self) -> Result<HashMap<String, Tensor>> {
         let mut rng = StdRng::seed_from_u64(self.seed);
         let dev = Device::Cpu;
-        let mut w = HashMap::new();
-        let mut put = |name: String, dims: &[usize], mean: f64, std: f64, rng: &mut StdRng| {
-            let n: usize = dims.iter().product();
-            let v: Vec<f32> = (0..n)
-                .map(|_| (mean + std * standard_normal(rng)) as f32)
-                .collect();
-            w.insert(name, Tensor::from_vec(v, dims, &dev));
-        };
+        self.weight_specs()
+            .into_iter()
+            .map(|(name, dims, mean, std)| {
+                let n: usize = dims.iter().product();
+                let v: Vec<f32> = (0..n)
+                    .map(|_| (mean + std * standard_normal(&mut rng)) as f32)
+                    .collect();
+                Ok((name, Tensor::from_vec(v, dims, &dev)?))
+            })
+            .collect()
+    }
+
+    /// Every weight as (name, shape, mean, standard deviation), in the order they are drawn.
+    fn weight_specs(&self) -> Vec<(String, Vec<usize>, f64, f64)> {
         let (h, i) = (self.hidden, self.intermediate);
         // Larger than BERT's 0.02 so that a tiny model's outputs differ visibly per token.
         let s = 0.2;
-        put(
-            "embeddings.word_embeddings.weight".into(),
-            &[self.vocab_len(), h],
-            0.0,
-            1.0,
-            &mut rng,
-        );
-        put(
-            "embeddings.position_embeddings.weight".into(),
-            &[self.max_positions, h],
-            0.0,
-            0.5,
-            &mut rng,
-        );
-        put(
-            "embeddings.token_type_embeddings.weight".into(),
-            &[2, h],
-            0.0,
-            0.5,
-            &mut rng,
-        );
-        put(
-            "embeddings.LayerNorm.weight".into(),
-            &[h],
-            1.0,
-            0.1,
-            &mut rng,
-        );
-        put("embeddings.LayerNorm.bias".into(), &[h], 0.0, 0.1, &mut rng);
+        let mut specs: Vec<(String, Vec<usize>, f64, f64)> = vec![
+            (
+                "embeddings.word_embeddings.weight".into(),
+                vec![self.vocab_len(), h],
+                0.0,
+                1.0,
+            ),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                vec![self.max_positions, h],
+                0.0,
+                0.5,
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".into(),
+                vec![2, h],
+                0.0,
+                0.5,
+            ),
+            ("embeddings.LayerNorm.weight".into(), vec![h], 1.0, 0.1),
+            ("embeddings.LayerNorm.bias".into(), vec![h], 0.0, 0.1),
+        ];
         for l in 0..self.layers {
             let p = format!("encoder.layer.{l}");
             for m in ["query", "key", "value"] {
-                put(
-                    format!("{p}.attention.self.{m}.weight"),
-                    &[h, h],
-                    0.0,
-                    s,
-                    &mut rng,
-                );
-                put(
-                    format!("{p}.attention.self.{m}.bias"),
-                    &[h],
-                    0.0,
-                    s,
-                    &mut rng,
-                );
+                specs.push((format!("{p}.attention.self.{m}.weight"), vec![h, h], 0.0, s));
+                specs.push((format!("{p}.attention.self.{m}.bias"), vec![h], 0.0, s));
             }
-            put(
-                format!("{p}.attention.output.dense.weight"),
-                &[h, h],
-                0.0,
-                s,
-                &mut rng,
-            );
-            put(
-                format!("{p}.attention.output.dense.bias"),
-                &[h],
-                0.0,
-                s,
-                &mut rng,
-            );
-            put(
-                format!("{p}.attention.output.LayerNorm.weight"),
-                &[h],
-                1.0,
-                0.1,
-                &mut rng,
-            );
-            put(
-                format!("{p}.attention.output.LayerNorm.bias"),
-                &[h],
-                0.0,
-                0.1,
-                &mut rng,
-            );
-            put(
-                format!("{p}.intermediate.dense.weight"),
-                &[i, h],
-                0.0,
-                s,
-                &mut rng,
-            );
-            put(
-                format!("{p}.intermediate.dense.bias"),
-                &[i],
-                0.0,
-                s,
-                &mut rng,
-            );
-            put(
-                format!("{p}.output.dense.weight"),
-                &[h, i],
-                0.0,
-                s,
-                &mut rng,
-            );
-            put(format!("{p}.output.dense.bias"), &[h], 0.0, s, &mut rng);
-            put(
-                format!("{p}.output.LayerNorm.weight"),
-                &[h],
-                1.0,
-                0.1,
-                &mut rng,
-            );
-            put(
-                format!("{p}.output.LayerNorm.bias"),
-                &[h],
-                0.0,
-                0.1,
-                &mut rng,
-            );
+            specs.extend([
+                (
+                    format!("{p}.attention.output.dense.weight"),
+                    vec![h, h],
+                    0.0,
+                    s,
+                ),
+                (format!("{p}.attention.output.dense.bias"), vec![h], 0.0, s),
+                (
+                    format!("{p}.attention.output.LayerNorm.weight"),
+                    vec![h],
+                    1.0,
+                    0.1,
+                ),
+                (
+                    format!("{p}.attention.output.LayerNorm.bias"),
+                    vec![h],
+                    0.0,
+                    0.1,
+                ),
+                (format!("{p}.intermediate.dense.weight"), vec![i, h], 0.0, s),
+                (format!("{p}.intermediate.dense.bias"), vec![i], 0.0, s),
+                (format!("{p}.output.dense.weight"), vec![h, i], 0.0, s),
+                (format!("{p}.output.dense.bias"), vec![h], 0.0, s),
+                (format!("{p}.output.LayerNorm.weight"), vec![h], 1.0, 0.1),
+                (format!("{p}.output.LayerNorm.bias"), vec![h], 0.0, 0.1),
+            ]);
         }
-        w.into_iter()
-            .map(|(k, v)| Ok((k, v?)))
-            .collect::<candle_core::Result<_>>()
-            .map_err(Into::into)
+        specs
     }
 
     /// Writes the model folder into `dir` (created if needed).

@@ -34,7 +34,7 @@ pub fn configure(threads: Option<usize>) -> Result<usize> {
     let mut n = asked;
     if n > OVERSUBSCRIBE * cores {
         n = OVERSUBSCRIBE * cores;
-        eprintln!(
+        crate::note!(
             "note: {source} {asked} is far above this machine's {cores} core(s); using {n} \
              threads (more only slow the run down)"
         );
@@ -47,7 +47,7 @@ pub fn configure(threads: Option<usize>) -> Result<usize> {
         );
     }
     if startable < n {
-        eprintln!(
+        crate::note!(
             "note: only {startable} of the {n} threads asked for could be started (a process \
              or memory limit); using {startable}"
         );

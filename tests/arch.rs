@@ -22,7 +22,7 @@ use fetch_ml::model::arch::Architecture;
 use fetch_ml::model::batch::PackedBatch;
 use fetch_ml::model::bert::{AttentionMask, Mode};
 use fetch_ml::model::dropout::Dropout;
-use fetch_ml::model::fast::{offsets, Workspace};
+use fetch_ml::model::fast::{offsets, PackedEncoder, Workspace};
 use fetch_ml::model::freeze::FreezePlan;
 use fetch_ml::model::mpnet;
 use fetch_ml::model::pooling::Pooling;

@@ -553,3 +553,43 @@ fn token_budget_batches_give_the_same_vectors() {
         }
     }
 }
+
+/// `-q/--quiet` silences every note on stderr (here the truncation count and the kernel
+/// line) and leaves stdout byte for byte as it was; an error is still printed, with its
+/// advice.
+#[test]
+fn quiet_silences_notes_but_not_output_or_errors() {
+    let (_d, model) = tiny_model(&TinyBert::default());
+    let embed = |quiet: bool| {
+        let mut cmd = fetch_ml();
+        cmd.args(["--task=1", "--format=jsonl", "--max-seq-length", "4"])
+            .args([
+                "--dtype",
+                "int8",
+                "-s",
+                "a sentence longer than four tokens",
+            ])
+            .arg("--model")
+            .arg(&model);
+        if quiet {
+            cmd.arg("-q");
+        }
+        run(&mut cmd)
+    };
+    let (loud, quiet) = (embed(false), embed(true));
+    let notes = stderr(&loud);
+    assert!(
+        notes.contains("truncated") && notes.contains("int8"),
+        "{notes}"
+    );
+    assert_eq!(ok(&quiet), ok(&loud), "stdout changes with --quiet");
+    assert_eq!(stderr(&quiet), "", "--quiet printed notes");
+    let o = run(fetch_ml().args([
+        "--task=1",
+        "--quiet",
+        "--offline",
+        "--model",
+        "no-such/model",
+    ]));
+    fails_with(&o, &["error:", "to fix:"]);
+}

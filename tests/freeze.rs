@@ -316,5 +316,12 @@ fn task3_end_to_end_json_table_and_plot() {
     assert!(text.contains("Best class accuracy"), "{text}");
 
     let o = run(base().args(["--freeze-layers", "9"]));
-    fails_with(&o, &["--freeze-layers 9", "only 3 encoder layers"]);
+    fails_with(
+        &o,
+        &[
+            "9 frozen layers",
+            "only 3 encoder layers",
+            "to fix: pass --freeze-layers between 0 and 3",
+        ],
+    );
 }

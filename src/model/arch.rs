@@ -16,8 +16,6 @@
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::bert::BertConfig;
-
 /// An encoder family, from `config.json`'s `model_type` (or its `architectures`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Architecture {
@@ -185,8 +183,10 @@ impl Architecture {
         canonical.to_string()
     }
 
-    /// `config.json` as our BERT config: the architecture chosen, DistilBERT's keys mapped.
-    pub fn parse_config(text: &str) -> Result<BertConfig> {
+    /// `config.json` with the architecture chosen and its keys mapped onto BERT's
+    /// (DistilBERT's renamed, MPNet's missing token types added); `BertConfig::parse` reads
+    /// the result.
+    pub fn config_as_bert(text: &str) -> Result<(Self, Value)> {
         let value: Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
         let arch = Self::from_config(&value)?;
         let value = match arch {
@@ -194,10 +194,7 @@ impl Architecture {
             Architecture::Mpnet => mpnet_as_bert(value),
             _ => value,
         };
-        let mut config: BertConfig = serde_json::from_value(value)
-            .with_context(|| format!("reading config.json as a {} config", arch.name()))?;
-        config.arch = arch;
-        Ok(config)
+        Ok((arch, value))
     }
 }
 
@@ -222,7 +219,9 @@ fn distilbert_as_bert(v: &Value) -> Result<Value> {
     let or = |key: &str, default: Value| v.get(key).cloned().unwrap_or(default);
     if v.get("sinusoidal_pos_embds").and_then(Value::as_bool) == Some(true) {
         // The table is still stored in the weights (filled with sinusoids), so it loads as is.
-        eprintln!("note: sinusoidal_pos_embds is true; the stored position table is used as it is");
+        crate::note!(
+            "note: sinusoidal_pos_embds is true; the stored position table is used as it is"
+        );
     }
     Ok(json!({
         "vocab_size": get("vocab_size")?,
@@ -340,52 +339,5 @@ mod tests {
                 "bert.embeddings.LayerNorm.gamma"
             ]
         );
-    }
-
-    #[test]
-    fn mpnet_config_has_no_token_types_and_positions_from_2() {
-        let text = |buckets: usize| {
-            format!(
-                r#"{{"model_type": "mpnet", "vocab_size": 50, "hidden_size": 32,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-                "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
-                "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 66,
-                "initializer_range": 0.02, "layer_norm_eps": 1e-5, "pad_token_id": 1,
-                "relative_attention_num_buckets": {buckets}}}"#
-            )
-        };
-        let c = Architecture::parse_config(&text(32)).unwrap();
-        assert_eq!(c.arch, Architecture::Mpnet);
-        assert_eq!(
-            (c.type_vocab_size, c.relative_attention_num_buckets),
-            (0, 32)
-        );
-        assert_eq!((c.position_offset(), c.max_tokens()), (2, 64));
-        c.validate().unwrap();
-        let e = Architecture::parse_config(&text(16))
-            .unwrap()
-            .validate()
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("relative_attention_num_buckets is 16"), "{e}");
-    }
-
-    #[test]
-    fn distilbert_config_maps_to_bert() {
-        let c = Architecture::parse_config(
-            r#"{"model_type": "distilbert", "vocab_size": 50, "dim": 32, "n_layers": 2,
-                "n_heads": 4, "hidden_dim": 64, "activation": "gelu",
-                "max_position_embeddings": 40, "pad_token_id": 0, "dropout": 0.1,
-                "attention_dropout": 0.1, "initializer_range": 0.02,
-                "sinusoidal_pos_embds": false}"#,
-        )
-        .unwrap();
-        assert_eq!(c.arch, Architecture::DistilBert);
-        assert_eq!(
-            (c.hidden_size, c.num_hidden_layers, c.num_attention_heads),
-            (32, 2, 4)
-        );
-        assert_eq!((c.intermediate_size, c.type_vocab_size), (64, 0));
-        assert_eq!(c.position_offset(), 0);
     }
 }

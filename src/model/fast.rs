@@ -376,25 +376,6 @@ impl BertEncoder {
         }
         Ok(&ws.x[..t * h])
     }
-
-    /// One pooled vector per sequence, through the fast path.
-    pub fn pooled_packed(
-        &self,
-        seqs: &[&Encoded],
-        pooling: Pooling,
-        ws: &mut Workspace,
-    ) -> Result<Vec<Vec<f32>>> {
-        let x = self.forward_packed(seqs, ws)?;
-        Ok(pool_packed(x, seqs, self.config.hidden_size, pooling))
-    }
-}
-
-/// Pools the packed states `x` of `seqs`, one vector per sequence.
-fn pool_packed(x: &[f32], seqs: &[&Encoded], h: usize, pooling: Pooling) -> Vec<Vec<f32>> {
-    let offs = offsets(seqs);
-    (0..seqs.len())
-        .map(|s| pooling.pool_rows(&x[offs[s] * h..offs[s + 1] * h], h))
-        .collect()
 }
 
 /// An encoder that turns packed sequences into pooled sentence vectors for inference: the
@@ -402,25 +383,32 @@ fn pool_packed(x: &[f32], seqs: &[&Encoded], h: usize, pooling: Pooling) -> Vec<
 pub trait PackedEncoder: Sync {
     /// Width of the vectors.
     fn hidden_size(&self) -> usize;
+
+    /// Last hidden states of `seqs`, packed: `[T, hidden]` in `ws`, the rows of sequence `i`
+    /// at `offsets(seqs)[i]..offsets(seqs)[i + 1]`.
+    fn forward_packed<'w>(&self, seqs: &[&Encoded], ws: &'w mut Workspace) -> Result<&'w [f32]>;
+
     /// One pooled vector per sequence of `seqs`, in order.
     fn pooled_packed(
         &self,
         seqs: &[&Encoded],
         pooling: Pooling,
         ws: &mut Workspace,
-    ) -> Result<Vec<Vec<f32>>>;
+    ) -> Result<Vec<Vec<f32>>> {
+        let h = self.hidden_size();
+        let x = self.forward_packed(seqs, ws)?;
+        let offs = offsets(seqs);
+        Ok((0..seqs.len())
+            .map(|s| pooling.pool_rows(&x[offs[s] * h..offs[s + 1] * h], h))
+            .collect())
+    }
 }
 
 impl PackedEncoder for BertEncoder {
     fn hidden_size(&self) -> usize {
         self.config.hidden_size
     }
-    fn pooled_packed(
-        &self,
-        seqs: &[&Encoded],
-        pooling: Pooling,
-        ws: &mut Workspace,
-    ) -> Result<Vec<Vec<f32>>> {
-        BertEncoder::pooled_packed(self, seqs, pooling, ws)
+    fn forward_packed<'w>(&self, seqs: &[&Encoded], ws: &'w mut Workspace) -> Result<&'w [f32]> {
+        BertEncoder::forward_packed(self, seqs, ws)
     }
 }

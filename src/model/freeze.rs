@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::names::Part;
+use super::weights::TrainablePredicate;
 
 /// A freeze request that cannot be met. The messages name no flags; the CLI adds them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,6 +27,18 @@ pub enum FreezeError {
 }
 
 type Result<T, E = FreezeError> = std::result::Result<T, E>;
+
+/// Checks a count of frozen leading layers against an encoder of `num_layers` layers: the
+/// one bound of `--freeze-layers`, for `--task=2` and `--task=3` alike.
+pub fn check_frozen_layers(n: usize, num_layers: usize) -> Result<()> {
+    if n > num_layers {
+        return Err(FreezeError::TooManyLayers {
+            asked: n,
+            layers: num_layers,
+        });
+    }
+    Ok(())
+}
 
 /// A part named by `--freeze`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,12 +86,7 @@ impl FreezePlan {
     ) -> Result<Self> {
         let mut plan = FreezePlan::default();
         if let Some(n) = freeze_layers {
-            if n > num_layers {
-                return Err(FreezeError::TooManyLayers {
-                    asked: n,
-                    layers: num_layers,
-                });
-            }
+            check_frozen_layers(n, num_layers)?;
             plan.encoder_prefix = Some(n);
         }
         for part in parts {
@@ -113,6 +121,11 @@ impl FreezePlan {
     /// True when nothing at all trains.
     pub fn all_frozen(&self, num_layers: usize) -> bool {
         self.encoder_frozen(num_layers) && self.class_head && self.sentiment_head
+    }
+
+    /// The plan as the predicate the weight loader asks of each parameter's name.
+    pub fn trainable(self) -> TrainablePredicate {
+        std::sync::Arc::new(move |name: &str| self.is_trainable(name))
     }
 
     /// Whether the parameter called `name` trains under this plan.

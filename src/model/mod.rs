@@ -4,9 +4,12 @@
 pub mod arch;
 pub mod batch;
 pub mod bert;
+pub mod config;
 pub mod dropout;
+pub mod embeddings;
 pub mod fast;
 pub mod freeze;
+pub mod layers;
 pub mod mpnet;
 pub mod multitask;
 pub mod names;

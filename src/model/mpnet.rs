@@ -12,11 +12,10 @@
 use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::bert::BertConfig;
+use super::config::BertConfig;
 
-/// The buckets Hugging Face's `compute_position_bias` uses: its default `num_buckets=32`,
-/// whatever the config says (the config's count is only the table's size).
-pub const BUCKETS: usize = 32;
+pub use super::config::MPNET_BUCKETS as BUCKETS;
+
 /// Distances from this one on share the last bucket of their direction.
 pub const MAX_DISTANCE: usize = 128;
 

@@ -18,7 +18,7 @@ use super::fast::{FastEncoder, PackedEncoder, WorkspacePool};
 use super::freeze::FreezePlan;
 use super::pooling::Pooling;
 use super::quant::Dtype;
-use super::weights::{ParamRegistry, ParamSource, TrainablePredicate, WeightFile};
+use super::weights::{ParamRegistry, ParamSource, WeightFile};
 use crate::tokenize::{Batch, Encoded};
 
 /// An inference arithmetic other than f32 asked of an encoder that trains.
@@ -110,7 +110,6 @@ impl MultiTaskModel {
         init: HeadInit,
         device: &Device,
     ) -> Result<Self> {
-        let trainable: TrainablePredicate = Arc::new(move |name: &str| plan.is_trainable(name));
         let source = match &init {
             HeadInit::Seed(seed) => {
                 ParamSource::from_files(vec![], registry.clone()).with_init_seed(*seed)
@@ -119,7 +118,9 @@ impl MultiTaskModel {
                 ParamSource::from_files(vec![file.clone()], registry.clone())
             }
         };
-        let vb = source.with_trainable(trainable).into_var_builder(device);
+        let vb = source
+            .with_trainable(plan.trainable())
+            .into_var_builder(device);
         let hidden = encoder.config.hidden_size;
         let head = |t: usize| {
             Head::load(
@@ -157,7 +158,7 @@ impl MultiTaskModel {
                 return Err(TrainableDtype(dtype).into());
             }
             let fast = FastEncoder::from_encoder(&self.encoder, dtype)?;
-            eprintln!(
+            crate::note!(
                 "encoder in {dtype}: dense layers on the {} kernel",
                 fast.kernel_name()
             );

@@ -12,8 +12,10 @@ use crate::config::{EmbedConfig, Format, OutputFormat};
 use crate::embed::{Embedder, Embedding};
 use crate::input::{SentenceReader, MAX_LINE_BYTES};
 use crate::loader::ModelAssets;
+use crate::model::fast::FastEncoder;
 use crate::model::quant::Dtype;
 use crate::output::{progress_bar, Output};
+use crate::shard::Shard;
 use crate::tokenize::name_sentence;
 
 /// Sentences read and embedded per step (and per Parquet row group); bounds memory whatever
@@ -54,76 +56,26 @@ fn output_files(cfg: &EmbedConfig) -> Vec<PathBuf> {
 pub fn run(cfg: &EmbedConfig) -> Result<()> {
     let files = output_files(cfg);
     let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
-    if let Some(spec) = &cfg.shard {
-        eprintln!("shard {} (from {})", spec.shard, spec.source);
-        if crate::shard::outputs_exist(&files) {
-            if !cfg.overwrite {
-                eprintln!(
-                    "shard {}: skipped, its output {} already exists (outputs appear only once \
-                     complete); pass --overwrite to redo it",
-                    spec.shard,
-                    names.join(" + ")
-                );
-                return Ok(());
-            }
-            eprintln!(
-                "shard {}: {} exists; redoing it (--overwrite)",
-                spec.shard,
-                names.join(" + ")
-            );
-        }
+    if skip_finished_shard(cfg, &files, &names) {
+        return Ok(());
     }
     let assets = ModelAssets::load(&cfg.model, cfg.max_seq_length)?;
     let device = Device::Cpu;
     // The float32 dense weights are dropped once converted: only one copy stays resident.
     let encoder = assets.inference_encoder(cfg.dtype, &device)?;
     if cfg.dtype != Dtype::F32 {
-        eprintln!(
+        crate::note!(
             "encoder in {}: dense layers on the {} kernel",
             cfg.dtype,
             encoder.kernel_name()
         );
     }
-    let mut embedder = Embedder::new(
-        &encoder,
-        &assets.tokenizer,
-        assets.pipeline.pooling,
-        cfg.normalize.unwrap_or(assets.pipeline.normalize),
-        cfg.batch_size,
-    );
-    embedder.max_batch_tokens = cfg.max_batch_tokens;
-    embedder.dense = &assets.pipeline.dense;
-    let mut dimension = assets.pipeline.dimension(assets.config.hidden_size);
-    if let Some(n) = cfg.truncate_dim {
-        if n > dimension {
-            bail!("--truncate-dim {n} is larger than the model's {dimension} dimensions");
-        }
-        embedder.truncate_dim = Some(n);
-        dimension = n;
-    }
-    embedder.prompt = assets
-        .pipeline
-        .resolve_prompt(cfg.prompt.as_deref(), cfg.prompt_name.as_deref())?;
-    if let (Some(p), None, None) = (&embedder.prompt, &cfg.prompt, &cfg.prompt_name) {
-        eprintln!("note: the model's default prompt {p:?} is prepended to every sentence");
-    }
-    let meta = Meta {
-        model: cfg.model.id.clone(),
-        revision: (!cfg.model.is_local()).then(|| cfg.model.revision.clone()),
-        dimension,
-        normalized: embedder.normalize,
-        pooling: embedder.pooling.name(),
-        max_seq_length: assets.tokenizer.max_len(),
-        dtype: cfg.dtype.name(),
-        shard: cfg.shard.as_ref().map(|s| s.shard.to_string()),
-        prompt: embedder.prompt.clone(),
-    };
+    let (embedder, meta) = embedder(cfg, &assets, &encoder)?;
     let max_seq_length = meta.max_seq_length;
-
     let shard = cfg.shard.as_ref().map(|s| s.shard);
     let (mut reader, share) = SentenceReader::open_shard(&cfg.input, shard)?;
     if let Some(s) = shard {
-        eprintln!("shard {s}: {share}");
+        crate::note!("shard {s}: {share}");
     }
     let mut sink = Sink::create(cfg, meta)?;
     let mut written = false;
@@ -146,24 +98,10 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
     }
     sink.finish(count)?;
     if let Some(s) = shard {
-        let (first, last) = reader.lines_read();
-        let lines = if first > last {
-            "no lines".to_string()
-        } else {
-            format!("lines {first}-{last}")
-        };
-        let to = if names.is_empty() {
-            "standard output".to_string()
-        } else {
-            names.join(" + ")
-        };
-        eprintln!(
-            "shard {s}: {lines} of {}: {count} sentence(s) written to {to}",
-            reader.name()
-        );
+        note_shard_done(s, &reader, &names, count);
     }
     if reader.clipped_lines() > 0 {
-        eprintln!(
+        crate::note!(
             "note: {} line(s) were longer than {} MiB; only their first {} MiB was read",
             reader.clipped_lines(),
             MAX_LINE_BYTES >> 20,
@@ -171,13 +109,103 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
         );
     }
     if truncated > 0 {
-        eprintln!(
+        crate::note!(
             "note: {truncated} of {count} sentence(s) were longer than {max_seq_length} tokens and \
              were truncated; --max-seq-length sets the limit (at most {})",
             assets.config.max_tokens()
         );
     }
     Ok(())
+}
+
+/// In a sharded run, says which shard runs, and whether to skip it: its outputs exist and
+/// `--overwrite` was not given.
+fn skip_finished_shard(cfg: &EmbedConfig, files: &[PathBuf], names: &[String]) -> bool {
+    let Some(spec) = &cfg.shard else {
+        return false;
+    };
+    crate::note!("shard {} (from {})", spec.shard, spec.source);
+    if !crate::shard::outputs_exist(files) {
+        return false;
+    }
+    if !cfg.overwrite {
+        crate::note!(
+            "shard {}: skipped, its output {} already exists (outputs appear only once \
+             complete); pass --overwrite to redo it",
+            spec.shard,
+            names.join(" + ")
+        );
+        return true;
+    }
+    crate::note!(
+        "shard {}: {} exists; redoing it (--overwrite)",
+        spec.shard,
+        names.join(" + ")
+    );
+    false
+}
+
+/// The embedder the flags and the model's pipeline ask for, and the description of the
+/// output it makes.
+fn embedder<'a>(
+    cfg: &EmbedConfig,
+    assets: &'a ModelAssets,
+    encoder: &'a FastEncoder,
+) -> Result<(Embedder<'a>, Meta)> {
+    let mut embedder = Embedder::new(
+        encoder,
+        &assets.tokenizer,
+        assets.pipeline.pooling,
+        cfg.normalize.unwrap_or(assets.pipeline.normalize),
+        cfg.batch_size,
+    );
+    embedder.max_batch_tokens = cfg.max_batch_tokens;
+    embedder.dense = &assets.pipeline.dense;
+    let mut dimension = assets.pipeline.dimension(assets.config.hidden_size);
+    if let Some(n) = cfg.truncate_dim {
+        if n > dimension {
+            bail!("--truncate-dim {n} is larger than the model's {dimension} dimensions");
+        }
+        embedder.truncate_dim = Some(n);
+        dimension = n;
+    }
+    embedder.prompt = assets
+        .pipeline
+        .resolve_prompt(cfg.prompt.as_deref(), cfg.prompt_name.as_deref())?;
+    if let (Some(p), None, None) = (&embedder.prompt, &cfg.prompt, &cfg.prompt_name) {
+        crate::note!("note: the model's default prompt {p:?} is prepended to every sentence");
+    }
+    let meta = Meta {
+        model: cfg.model.id.clone(),
+        revision: (!cfg.model.is_local()).then(|| cfg.model.revision.clone()),
+        dimension,
+        normalized: embedder.normalize,
+        pooling: embedder.pooling.name(),
+        max_seq_length: assets.tokenizer.max_len(),
+        dtype: cfg.dtype.name(),
+        shard: cfg.shard.as_ref().map(|s| s.shard.to_string()),
+        prompt: embedder.prompt.clone(),
+    };
+    Ok((embedder, meta))
+}
+
+/// The closing line of a shard: the input lines it covered and where its sentences went.
+fn note_shard_done(s: Shard, reader: &SentenceReader, names: &[String], count: usize) {
+    let (first, last) = reader.lines_read();
+    let lines = if first > last {
+        "no lines".to_string()
+    } else {
+        format!("lines {first}-{last}")
+    };
+    let to = if names.is_empty() {
+        "standard output".to_string()
+    } else {
+        names.join(" + ")
+    };
+    crate::note!(
+        "shard {s}: {lines} of {}: {count} sentence(s) written to {to}",
+        reader.name()
+    );
 }
 
 /// Embeds and writes every sentence of `reader`; returns the count and how many were

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::report::{epoch_line, head_table};
-use crate::config::{Format, MultitaskConfig};
+use crate::config::{Format, MultitaskConfig, TrainConfig};
 use crate::data::Dataset;
 use crate::export::Provenance;
 use crate::hub::ModelRef;
@@ -23,7 +23,7 @@ use crate::train::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::train::evaluate::{evaluate, predict_probs};
 use crate::train::metrics::HeadMetrics;
 use crate::train::save_target::SaveTarget;
-use crate::train::session::{fit, Setup};
+use crate::train::session::{fit, RunResult, Setup};
 use crate::train::trainer::Prepared;
 
 /// One head's answer for one sentence.
@@ -46,15 +46,7 @@ pub fn run(cfg: &MultitaskConfig) -> Result<()> {
         return run_checkpoint(cfg, dir);
     }
     let t = &cfg.train;
-    if let Some(p) = &cfg.output {
-        crate::output::check_target("--output", p, None)?;
-    }
-    if let Some(dir) = &cfg.export {
-        crate::export::check_target(dir, cfg.overwrite)?;
-    }
-    // Checked and locked before training, so a bad or busy target fails in seconds.
-    let target =
-        SaveTarget::prepare(&cfg.save).with_context(|| format!("--save {}", cfg.save.display()))?;
+    let target = check_targets(cfg)?;
     let setup = Setup::load(t)?;
     let dev = Device::Cpu;
     let layers = setup.assets.config.num_hidden_layers;
@@ -70,7 +62,7 @@ pub fn run(cfg: &MultitaskConfig) -> Result<()> {
         )?
         .with_dtype(t.dtype)?;
     let counts = crate::train::verify::ParamCounts::of(&model);
-    eprintln!(
+    crate::note!(
         "model {} ({} layers, hidden {}); training on {} ({} rows); frozen: {}",
         t.model.id,
         layers,
@@ -79,16 +71,62 @@ pub fn run(cfg: &MultitaskConfig) -> Result<()> {
         setup.train.prepared.encoded.len(),
         plan.describe(layers)
     );
-    eprint!("{}", counts.table());
+    crate::notes::write(&counts.table());
     if plan.all_frozen(layers) {
-        eprintln!("nothing to train (--freeze all): skipping the optimizer; evaluating the untrained heads");
+        crate::note!("nothing to train (--freeze all): skipping the optimizer; evaluating the untrained heads");
     }
     let epochs = t.settings.epochs;
     let result = fit(&model, &setup, &t.settings, &mut |e| {
-        eprintln!("{}", epoch_line(e, epochs))
+        crate::note!("{}", epoch_line(e, epochs))
     })?;
-    eprintln!("{}", result.freeze_check.summary());
+    crate::note!("{}", result.freeze_check.summary());
 
+    let report = training_report(t, &setup, &plan, &result);
+    let meta = CheckpointMeta::new(
+        checkpoint::base_model(&setup.assets)?,
+        &model,
+        report["training"].clone(),
+        report.clone(),
+    );
+    checkpoint::save(&target, &model, &meta)
+        .with_context(|| format!("--save {}", cfg.save.display()))?;
+    crate::note!("checkpoint saved to {}", cfg.save.display());
+    if let Some(dir) = &cfg.export {
+        let from = Provenance {
+            checkpoint: Some(cfg.save.clone()),
+            base_model: t.model.id.clone(),
+        };
+        export_model(dir, cfg.overwrite, &setup.assets, &model, &from)?;
+    }
+
+    let text_report = report_text(
+        &setup.labels,
+        setup.eval.as_ref().map(|e| e.name.as_str()),
+        &result.eval,
+    );
+    finish(cfg, &setup.assets, &model, report, text_report)
+}
+
+/// Checks the outputs before any long work, so that a bad or busy target fails in seconds:
+/// `--output`, `--export`, and `--save` (also locked).
+fn check_targets(cfg: &MultitaskConfig) -> Result<SaveTarget> {
+    if let Some(p) = &cfg.output {
+        crate::output::check_target("--output", p, None)?;
+    }
+    if let Some(dir) = &cfg.export {
+        crate::export::check_target(dir, cfg.overwrite)?;
+    }
+    SaveTarget::prepare(&cfg.save).with_context(|| format!("--save {}", cfg.save.display()))
+}
+
+/// The report of a training run, as printed and saved with the checkpoint.
+fn training_report(
+    t: &TrainConfig,
+    setup: &Setup,
+    plan: &FreezePlan,
+    result: &RunResult,
+) -> serde_json::Value {
+    let layers = setup.assets.config.num_hidden_layers;
     let eval_json = eval_json(
         setup
             .eval
@@ -96,7 +134,7 @@ pub fn run(cfg: &MultitaskConfig) -> Result<()> {
             .map(|e| (e.name.as_str(), e.prepared.encoded.len())),
         &result.eval,
     );
-    let report = json!({
+    json!({
         "model": t.model.id,
         "revision": t.model.revision,
         "labels": {"class": setup.labels[0], "sentiment": setup.labels[1]},
@@ -120,30 +158,7 @@ pub fn run(cfg: &MultitaskConfig) -> Result<()> {
         },
         "eval": eval_json,
         "freeze_check": result.freeze_check,
-    });
-    let meta = CheckpointMeta::new(
-        checkpoint::base_model(&setup.assets)?,
-        &model,
-        report["training"].clone(),
-        report.clone(),
-    );
-    checkpoint::save(&target, &model, &meta)
-        .with_context(|| format!("--save {}", cfg.save.display()))?;
-    eprintln!("checkpoint saved to {}", cfg.save.display());
-    if let Some(dir) = &cfg.export {
-        let from = Provenance {
-            checkpoint: Some(cfg.save.clone()),
-            base_model: t.model.id.clone(),
-        };
-        export_model(dir, cfg.overwrite, &setup.assets, &model, &from)?;
-    }
-
-    let text_report = report_text(
-        &setup.labels,
-        setup.eval.as_ref().map(|e| e.name.as_str()),
-        &result.eval,
-    );
-    finish(cfg, &setup.assets, &model, report, text_report)
+    })
 }
 
 /// `--checkpoint DIR`: rebuild the saved model, evaluate if asked, predict.
@@ -176,7 +191,7 @@ fn run_checkpoint(cfg: &MultitaskConfig, dir: &std::path::Path) -> Result<()> {
         .model(&assets, &Device::Cpu)?
         .with_dtype(cfg.train.dtype)?;
     let labels = model.spec.labels.clone();
-    eprintln!(
+    crate::note!(
         "loaded checkpoint {} (base model {})",
         dir.display(),
         model_ref.id
@@ -192,15 +207,7 @@ fn run_checkpoint(cfg: &MultitaskConfig, dir: &std::path::Path) -> Result<()> {
     let mut eval_name = None;
     if let Some(src) = &cfg.train.eval_file {
         let d = Dataset::load(src)?;
-        let ids = d.label_ids(&labels)?;
-        let texts: Vec<&str> = d.examples.iter().map(|e| e.text.as_str()).collect();
-        let prepared = Prepared {
-            texts: texts.iter().map(|t| t.to_string()).collect(),
-            encoded: assets.tokenizer.encode(&texts).map_err(|e| {
-                name_sentence(e, |i| format!("{}, line {}", d.name, d.examples[i].line))
-            })?,
-            labels: ids,
-        };
+        let prepared = Prepared::tokenize(&d, d.label_ids(&labels)?, &assets.tokenizer)?;
         eval = Some(evaluate(
             &model,
             &prepared,
@@ -236,7 +243,7 @@ fn export_model(
         assets.pipeline.normalize,
         from,
     )?;
-    eprintln!(
+    crate::note!(
         "exported the model to {} (sentence-transformers folder + {} and {})",
         dir.display(),
         crate::export::HEADS_WEIGHTS,
@@ -280,7 +287,7 @@ fn finish(
     let mut out = Output::create(cfg.output.as_deref())?;
     match cfg.format {
         Format::Text => write!(out, "{text_report}")?,
-        Format::Jsonl => eprint!("{text_report}"),
+        Format::Jsonl => crate::notes::write(&text_report),
         Format::Json => {}
     }
     if cfg.format == Format::Text {

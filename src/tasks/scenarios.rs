@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::report::epoch_line;
 use crate::config::{Format, ScenariosConfig};
-use crate::model::freeze::Scenario;
+use crate::model::freeze::{check_frozen_layers, Scenario};
 use crate::model::multitask::HeadInit;
 use crate::output::Output;
 use crate::plot::{grouped_bars, Series};
@@ -54,7 +54,7 @@ pub fn run(cfg: &ScenariosConfig) -> Result<()> {
     let n = cfg.layers_n.unwrap_or(layers / 2);
     check_scenarios(cfg, layers, n)?;
     let s = &t.settings;
-    eprintln!(
+    crate::note!(
         "comparing {} scenario(s) on {} ({} rows), evaluated on {}: {} epoch(s), batch {}, seed {}, model {}",
         cfg.scenarios.len(),
         setup.train.name,
@@ -67,7 +67,7 @@ pub fn run(cfg: &ScenariosConfig) -> Result<()> {
     );
     let mut rows = Vec::new();
     for (i, sc) in cfg.scenarios.iter().enumerate() {
-        eprintln!("[{}/{}] {}", i + 1, cfg.scenarios.len(), sc.label(n));
+        crate::note!("[{}/{}] {}", i + 1, cfg.scenarios.len(), sc.label(n));
         rows.push(run_scenario(cfg, &setup, *sc, layers, n)?);
     }
     write_report(cfg, &rows, &setup.labels)?;
@@ -97,11 +97,7 @@ fn check_targets(cfg: &ScenariosConfig) -> Result<()> {
 /// Checks the scenarios against the model: N of `layers` within its depth, and a `--dtype`
 /// other than f32 only for scenarios that freeze the whole encoder.
 fn check_scenarios(cfg: &ScenariosConfig, layers: usize, n: usize) -> Result<()> {
-    if n > layers {
-        bail!(
-            "--freeze-layers {n}: the model has only {layers} encoder layers (use 0 to {layers})"
-        );
-    }
+    check_frozen_layers(n, layers)?;
     let dtype = cfg.train.dtype;
     if dtype == crate::model::quant::Dtype::F32 {
         return Ok(());
@@ -148,13 +144,13 @@ fn run_scenario(
         .with_dtype(t.dtype)?;
     let counts = crate::train::verify::ParamCounts::of(&model);
     for line in counts.table().lines() {
-        eprintln!("  {line}");
+        crate::note!("  {line}");
     }
     let epochs = s.epochs;
     let r = fit(&model, setup, s, &mut |e| {
-        eprintln!("  {}", epoch_line(e, epochs))
+        crate::note!("  {}", epoch_line(e, epochs))
     })?;
-    eprintln!("  {}", r.freeze_check.summary());
+    crate::note!("  {}", r.freeze_check.summary());
     let eval = r
         .eval
         .as_ref()
@@ -229,7 +225,7 @@ fn write_plot(cfg: &ScenariosConfig, rows: &[ScenarioRow], path: &std::path::Pat
         t.settings.epochs
     );
     grouped_bars(path, &title, "accuracy", &groups, &series)?;
-    eprintln!("chart written to {}", path.display());
+    crate::note!("chart written to {}", path.display());
     Ok(())
 }
 

@@ -244,7 +244,7 @@ impl Checkpoint {
         let got_fingerprint = if want.fingerprint.starts_with(FINGERPRINT_PREFIX) {
             got.fingerprint.clone()
         } else {
-            eprintln!(
+            crate::note!(
                 "note: the checkpoint in {} comes from an older fetch-ml whose base-model \
                  fingerprint covers only the first 2 MiB of the weights; save it again for a full check",
                 self.dir.display()

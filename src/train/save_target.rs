@@ -148,7 +148,7 @@ fn recover_locked(dir: &Path, parent: &Path, name: &str) -> Result<()> {
         if let Some((p, _)) = found.iter().find(|(p, _)| is_complete(p)) {
             std::fs::rename(p, dir)
                 .with_context(|| format!("restoring {} from {}", dir.display(), p.display()))?;
-            eprintln!(
+            crate::note!(
                 "note: {} was missing after an interrupted save; restored it from {}",
                 dir.display(),
                 p.display()

@@ -93,10 +93,12 @@ impl Setup {
                 );
             }
             if labels[t].len() == 1 {
-                eprintln!(
+                crate::note!(
                     "warning: every {} label in {} is {:?}: that head can only ever predict it \
                      (its loss is 0 from the start)",
-                    TASKS[t], train.name, labels[t][0]
+                    TASKS[t],
+                    train.name,
+                    labels[t][0]
                 );
             }
         }
@@ -104,18 +106,9 @@ impl Setup {
         let eval_ids = eval.as_ref().map(|e| e.label_ids(&labels)).transpose()?;
         let assets = ModelAssets::load(&cfg.model, cfg.max_seq_length)?;
         let prepare = |d: &Dataset, ids: Vec<[Option<u32>; 2]>| -> Result<DataPart> {
-            let texts: Vec<&str> = d.examples.iter().map(|e| e.text.as_str()).collect();
             Ok(DataPart {
                 name: d.name.clone(),
-                prepared: Prepared {
-                    texts: texts.iter().map(|t| t.to_string()).collect(),
-                    encoded: assets.tokenizer.encode(&texts).map_err(|e| {
-                        crate::tokenize::name_sentence(e, |i| {
-                            format!("{}, line {}", d.name, d.examples[i].line)
-                        })
-                    })?,
-                    labels: ids,
-                },
+                prepared: Prepared::tokenize(d, ids, &assets.tokenizer)?,
             })
         };
         let train_part = prepare(&train, train_ids)?;
@@ -136,7 +129,7 @@ impl Setup {
                 };
                 let cache = EmbeddingCache::open(dir, key)?;
                 if let Some(note) = &cache.note {
-                    eprintln!("embedding cache: {note}");
+                    crate::note!("embedding cache: {note}");
                 }
                 Some(cache)
             }

@@ -144,6 +144,13 @@ impl HeadTask<'_> {
 /// A pointer the tasks share; each writes only its own blocks.
 #[derive(Clone, Copy)]
 struct Base(*mut f32);
+
+impl Base {
+    /// The pointer (a method, so that closures capture the whole `Base`, which is `Sync`).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 // SAFETY: the blocks of different tasks are disjoint (checked by `HeadSplit::check`).
 unsafe impl Send for Base {}
 // SAFETY: as for Send.
@@ -165,13 +172,12 @@ pub fn for_each_head<S, R: Send>(
     tasks
         .par_iter()
         .map_init(init, |state, &(seq, head)| {
-            let base = base;
             let mut task = HeadTask {
                 seq,
                 head,
                 start: split.starts[seq],
                 len: split.lengths[seq],
-                base: base.0,
+                base: base.get(),
                 split,
             };
             f(state, &mut task)

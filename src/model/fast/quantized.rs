@@ -9,13 +9,8 @@ impl PackedEncoder for FastEncoder {
     fn hidden_size(&self) -> usize {
         self.config().hidden_size
     }
-    fn pooled_packed(
-        &self,
-        seqs: &[&Encoded],
-        pooling: Pooling,
-        ws: &mut Workspace,
-    ) -> Result<Vec<Vec<f32>>> {
-        FastEncoder::pooled_packed(self, seqs, pooling, ws)
+    fn forward_packed<'w>(&self, seqs: &[&Encoded], ws: &'w mut Workspace) -> Result<&'w [f32]> {
+        FastEncoder::forward_packed(self, seqs, ws)
     }
 }
 
@@ -149,7 +144,7 @@ struct QuantEncoder {
 ///
 /// ```no_run
 /// # fn demo(encoder: fetch_ml::model::bert::BertEncoder, seqs: &[&fetch_ml::tokenize::Encoded]) -> candle_core::Result<()> {
-/// use fetch_ml::model::fast::{FastEncoder, Workspace};
+/// use fetch_ml::model::fast::{FastEncoder, PackedEncoder, Workspace};
 /// use fetch_ml::model::quant::Dtype;
 /// let fast = FastEncoder::new(encoder, Dtype::Int8)?;
 /// eprintln!("dense layers: {}", fast.kernel_name());
@@ -297,17 +292,6 @@ impl FastEncoder {
             Inner::Quant(q) => q.forward_packed(seqs, ws),
         }
     }
-
-    /// One pooled vector per sequence.
-    pub fn pooled_packed(
-        &self,
-        seqs: &[&Encoded],
-        pooling: Pooling,
-        ws: &mut Workspace,
-    ) -> Result<Vec<Vec<f32>>> {
-        let x = self.forward_packed(seqs, ws)?;
-        Ok(pool_packed(x, seqs, self.config().hidden_size, pooling))
-    }
 }
 
 /// Says once on stderr when the CPU has AMX but the operating system refused the tile state.
@@ -315,7 +299,7 @@ fn note_amx_refused() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     if kernels::cpu::amx().refused {
         ONCE.call_once(|| {
-            eprintln!(
+            crate::note!(
                 "note: this CPU has AMX but the operating system refused the tile state \
                  (arch_prctl ARCH_REQ_XCOMP_PERM); the AVX-512 kernels run instead"
             )

@@ -1,6 +1,7 @@
 //! The AMX kernels' tests: exact (int8) and batch invariant (bf16) where the CPU and the
 //! operating system allow AMX, and a loud, checked fallback where they do not.
 
+use super::bf16::assert_bf16_product;
 use super::*;
 
 /// The AMX kernels on shapes around their 32 x 32 tile and 64-byte k block (partial row

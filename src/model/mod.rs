@@ -2,6 +2,7 @@
 //! [`arch`]), pooling, the multitask heads, freezing, and where parameters come from.
 
 pub mod arch;
+pub mod attention_tiled;
 pub mod batch;
 pub mod bert;
 pub mod dropout;
@@ -15,6 +16,7 @@ pub mod names;
 pub mod ops;
 pub mod pooling;
 pub mod quant;
+pub mod rotary;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 #[cfg(target_arch = "x86_64")]

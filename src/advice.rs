@@ -3,6 +3,7 @@
 
 use crate::hub::{HubError, Place};
 use crate::loader::LoadError;
+use crate::model::encoder::UnsupportedDtype;
 use crate::model::freeze::FreezeError;
 use crate::model::multitask::TrainableDtype;
 use crate::pipeline::UnknownPrompt;
@@ -34,6 +35,8 @@ pub fn advice(e: &anyhow::Error) -> Vec<String> {
             )
         } else if cause.downcast_ref::<Diverged>().is_some() {
             Some("try a lower --lr or --head-lr".into())
+        } else if cause.downcast_ref::<UnsupportedDtype>().is_some() {
+            Some("drop --dtype (or pass --dtype f32) for this model".into())
         } else if cause.downcast_ref::<TrainableDtype>().is_some() {
             Some("drop --dtype, or freeze the encoder (--freeze encoder)".into())
         } else if let Some(p) = cause.downcast_ref::<UnknownPrompt>() {

@@ -3,13 +3,23 @@
 //!
 //! BERT, RoBERTa, XLM-RoBERTa, DistilBERT and MPNet share one block structure
 //! (post-LayerNorm attention and feed-forward layers), so they all run through
-//! [`super::bert`] and the fast path. What differs is said here:
+//! [`super::bert`] and the fast path. ModernBERT, NomicBERT and JinaBERT (long-context
+//! encoders with rotary positions or ALiBi and gated feed-forward layers) have their own
+//! files ([`super::modernbert`], [`super::nomic_bert`], [`super::jina_bert`]) behind the same
+//! seam ([`super::encoder`]). What differs is said here:
 //! - the config: DistilBERT's keys (`dim`, `n_layers`, ...) become a BERT config;
 //! - positions: RoBERTa and XLM-RoBERTa number tokens from `pad_token_id + 1`, MPNet from 2;
 //! - token types: DistilBERT and MPNet have none (`type_vocab_size` 0);
 //! - MPNet adds a relative position bias to the attention scores ([`super::mpnet`]);
 //! - tensor names: every canonical name (`encoder.layer.0.attention.self.query.weight`) has
 //!   its file names per architecture, with and without the model prefix (`roberta.`, ...).
+//!   The long-context encoders keep their own names inside a layer, under the canonical
+//!   `encoder.layer.{i}.` (ModernBERT's `layers.{i}.`, NomicBERT's `encoder.layers.{i}.`),
+//!   with the word embeddings at `embeddings.word_embeddings` (ModernBERT's
+//!   `embeddings.tok_embeddings`), NomicBERT's `emb_ln` at `embeddings.LayerNorm`, and
+//!   ModernBERT's `final_norm` with its last layer (`encoder.layer.{L-1}.final_norm`);
+//! - a JinaBERT config says `"model_type": "bert"`; its `"position_embedding_type": "alibi"`
+//!   tells it apart.
 //!
 //! Freezing, checkpoints and the freeze check only ever see canonical names.
 
@@ -17,6 +27,10 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::bert::BertConfig;
+use super::encoder::LongConfig;
+use super::jina_bert::JinaBertConfig;
+use super::modernbert::ModernBertConfig;
+use super::nomic_bert::NomicBertConfig;
 
 /// An encoder family, from `config.json`'s `model_type` (or its `architectures`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,16 +41,22 @@ pub enum Architecture {
     XlmRoberta,
     DistilBert,
     Mpnet,
+    ModernBert,
+    NomicBert,
+    JinaBert,
 }
 
 impl Architecture {
     /// Every supported architecture, by its `model_type`.
-    pub const ALL: [Architecture; 5] = [
+    pub const ALL: [Architecture; 8] = [
         Architecture::Bert,
         Architecture::Roberta,
         Architecture::XlmRoberta,
         Architecture::DistilBert,
         Architecture::Mpnet,
+        Architecture::ModernBert,
+        Architecture::NomicBert,
+        Architecture::JinaBert,
     ];
 
     /// The `model_type` of `config.json`.
@@ -47,20 +67,36 @@ impl Architecture {
             Architecture::XlmRoberta => "xlm-roberta",
             Architecture::DistilBert => "distilbert",
             Architecture::Mpnet => "mpnet",
+            Architecture::ModernBert => "modernbert",
+            Architecture::NomicBert => "nomic_bert",
+            Architecture::JinaBert => "jina_bert",
         }
     }
 
+    /// True for the long-context architectures, which have their own encoders (not the fast
+    /// path's BERT blocks).
+    pub fn is_long(self) -> bool {
+        matches!(
+            self,
+            Architecture::ModernBert | Architecture::NomicBert | Architecture::JinaBert
+        )
+    }
+
     /// The supported `model_type`s, for messages: "bert, roberta, xlm-roberta, distilbert,
-    /// mpnet".
+    /// mpnet, modernbert, nomic_bert, jina_bert".
     pub fn supported() -> String {
         Self::ALL.map(Self::name).join(", ")
     }
 
     /// The prefix of the architecture's tensors in checkpoints of task models
-    /// (`BertForMaskedLM`, ...): `bert.`, `roberta.`, `distilbert.`, `mpnet.`.
+    /// (`BertForMaskedLM`, ...): `bert.`, `roberta.`, `distilbert.`, `mpnet.`, and `model.`
+    /// for ModernBERT (`ModernBertForMaskedLM`). NomicBERT's and JinaBERT's pre-training
+    /// models hold theirs as `bert.` too (from memory of nomic's and Jina's code; their
+    /// published embedding checkpoints have no prefix).
     pub fn prefix(self) -> &'static str {
         match self {
-            Architecture::Bert => "bert.",
+            Architecture::Bert | Architecture::NomicBert | Architecture::JinaBert => "bert.",
+            Architecture::ModernBert => "model.",
             Architecture::Roberta | Architecture::XlmRoberta => "roberta.",
             Architecture::DistilBert => "distilbert.",
             Architecture::Mpnet => "mpnet.",
@@ -68,12 +104,29 @@ impl Architecture {
     }
 
     /// The architecture `config.json` names: its `model_type`, else the first of its
-    /// `architectures` (`XLMRobertaModel`, ...), else BERT (old configs name neither). Any
-    /// other model type is an error that names it and lists the supported ones.
+    /// `architectures` (`XLMRobertaModel`, ...), else BERT (old configs name neither). A
+    /// BERT config with `"position_embedding_type": "alibi"` is JinaBERT. Any other model
+    /// type is an error that names it and lists the supported ones.
     pub fn from_config(config: &Value) -> Result<Self> {
+        let alibi = config
+            .get("position_embedding_type")
+            .and_then(Value::as_str)
+            == Some("alibi");
+        let arch = Self::named_by(config)?;
+        Ok(match arch {
+            Architecture::Bert if alibi => Architecture::JinaBert,
+            other => other,
+        })
+    }
+
+    /// The architecture `model_type` or `architectures` names.
+    fn named_by(config: &Value) -> Result<Self> {
         if let Some(t) = config.get("model_type").and_then(Value::as_str) {
             return match t.to_ascii_lowercase().replace('_', "-").as_str() {
                 "bert" => Ok(Architecture::Bert),
+                "modernbert" => Ok(Architecture::ModernBert),
+                "nomic-bert" => Ok(Architecture::NomicBert),
+                "jina-bert" => Ok(Architecture::JinaBert),
                 "roberta" => Ok(Architecture::Roberta),
                 "xlm-roberta" => Ok(Architecture::XlmRoberta),
                 "distilbert" => Ok(Architecture::DistilBert),
@@ -94,6 +147,9 @@ impl Architecture {
         };
         // Longest family names first: "XLMRoberta" before "Roberta", "DistilBert" before "Bert".
         let families = [
+            ("ModernBert", Architecture::ModernBert),
+            ("NomicBert", Architecture::NomicBert),
+            ("JinaBert", Architecture::JinaBert),
             ("XLMRoberta", Architecture::XlmRoberta),
             ("DistilBert", Architecture::DistilBert),
             ("MPNet", Architecture::Mpnet),
@@ -117,7 +173,11 @@ impl Architecture {
         match self {
             Architecture::Roberta | Architecture::XlmRoberta => pad_token_id + 1,
             Architecture::Mpnet => MPNET_PADDING_IDX + 1,
-            Architecture::Bert | Architecture::DistilBert => 0,
+            Architecture::Bert
+            | Architecture::DistilBert
+            | Architecture::ModernBert
+            | Architecture::NomicBert
+            | Architecture::JinaBert => 0,
         }
     }
 
@@ -145,6 +205,12 @@ impl Architecture {
     /// The architecture's own name of the canonical parameter `canonical` (no prefix): the
     /// name a Hugging Face model of this architecture stores it under.
     pub fn rename(self, canonical: &str) -> String {
+        match self {
+            Architecture::ModernBert | Architecture::NomicBert => {
+                return long_rename(self, canonical)
+            }
+            _ => {}
+        }
         let (layers, blocks): (&str, &[(&str, &str)]) = match self {
             Architecture::DistilBert => (
                 "transformer.layer.",
@@ -185,20 +251,63 @@ impl Architecture {
         canonical.to_string()
     }
 
-    /// `config.json` as our BERT config: the architecture chosen, DistilBERT's keys mapped.
+    /// `config.json` as our BERT config: the architecture chosen, DistilBERT's keys mapped,
+    /// and a long-context architecture's own config read and checked.
     pub fn parse_config(text: &str) -> Result<BertConfig> {
         let value: Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
         let arch = Self::from_config(&value)?;
-        let value = match arch {
-            Architecture::DistilBert => distilbert_as_bert(&value)?,
-            Architecture::Mpnet => mpnet_as_bert(value),
-            _ => value,
+        let (value, long) = match arch {
+            Architecture::DistilBert => (distilbert_as_bert(&value)?, None),
+            Architecture::Mpnet => (mpnet_as_bert(value), None),
+            Architecture::ModernBert => {
+                let c = ModernBertConfig::parse(&value)?;
+                (c.as_bert(), Some(LongConfig::ModernBert(c)))
+            }
+            Architecture::NomicBert => {
+                let c = NomicBertConfig::parse(&value)?;
+                (c.as_bert(), Some(LongConfig::NomicBert(c)))
+            }
+            Architecture::JinaBert => {
+                let c = JinaBertConfig::parse(&value)?;
+                (JinaBertConfig::strip(&value), Some(LongConfig::JinaBert(c)))
+            }
+            _ => (value, None),
         };
         let mut config: BertConfig = serde_json::from_value(value)
             .with_context(|| format!("reading config.json as a {} config", arch.name()))?;
         config.arch = arch;
+        config.long = long;
         Ok(config)
     }
+}
+
+/// ModernBERT's and NomicBERT's file names of canonical names (see the module doc).
+fn long_rename(arch: Architecture, canonical: &str) -> String {
+    let (layers, word, emb_norm) = match arch {
+        Architecture::ModernBert => ("layers.", "embeddings.tok_embeddings.", None),
+        _ => (
+            "encoder.layers.",
+            "embeddings.word_embeddings.",
+            Some("emb_ln."),
+        ),
+    };
+    if let Some(p) = canonical.strip_prefix("embeddings.word_embeddings.") {
+        return format!("{word}{p}");
+    }
+    if let (Some(p), Some(n)) = (canonical.strip_prefix("embeddings.LayerNorm."), emb_norm) {
+        return format!("{n}{p}");
+    }
+    let Some((_, tail)) = canonical
+        .strip_prefix("encoder.layer.")
+        .and_then(|rest| rest.split_once('.'))
+    else {
+        return canonical.to_string();
+    };
+    if arch == Architecture::ModernBert && tail.starts_with("final_norm.") {
+        return tail.to_string();
+    }
+    let i = &canonical["encoder.layer.".len()..canonical.len() - tail.len() - 1];
+    format!("{layers}{i}.{tail}")
 }
 
 /// MPNet's `padding_idx`, fixed in Hugging Face's `MPNetEmbeddings`.
@@ -368,6 +477,98 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("relative_attention_num_buckets is 16"), "{e}");
+    }
+
+    #[test]
+    fn long_context_architectures_are_recognised() {
+        let arch = |v: Value| Architecture::from_config(&v).unwrap();
+        assert_eq!(
+            arch(json!({"model_type": "modernbert"})),
+            Architecture::ModernBert
+        );
+        assert_eq!(
+            arch(json!({"model_type": "nomic_bert"})),
+            Architecture::NomicBert
+        );
+        assert_eq!(
+            arch(json!({"model_type": "jina_bert"})),
+            Architecture::JinaBert
+        );
+        // jina-embeddings-v2: a BERT config with ALiBi.
+        let jina = json!({"model_type": "bert", "position_embedding_type": "alibi"});
+        assert_eq!(arch(jina), Architecture::JinaBert);
+        let bert = json!({"model_type": "bert", "position_embedding_type": "absolute"});
+        assert_eq!(arch(bert), Architecture::Bert);
+        assert_eq!(
+            arch(json!({"architectures": ["NomicBertModel"]})),
+            Architecture::NomicBert
+        );
+        assert_eq!(
+            arch(json!({"architectures": ["ModernBertModel"]})),
+            Architecture::ModernBert
+        );
+        assert_eq!(
+            arch(json!({"architectures": ["JinaBertForMaskedLM"]})),
+            Architecture::JinaBert
+        );
+        let e = Architecture::from_config(&json!({"model_type": "t5"})).unwrap_err();
+        assert!(
+            e.to_string().contains("modernbert, nomic_bert, jina_bert"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn long_context_tensor_names() {
+        let m = Architecture::ModernBert;
+        assert_eq!(
+            m.hf_names("embeddings.word_embeddings.weight"),
+            vec![
+                "embeddings.tok_embeddings.weight",
+                "model.embeddings.tok_embeddings.weight"
+            ]
+        );
+        assert_eq!(m.rename("embeddings.norm.weight"), "embeddings.norm.weight");
+        assert_eq!(
+            m.rename("encoder.layer.12.attn.Wqkv.weight"),
+            "layers.12.attn.Wqkv.weight"
+        );
+        assert_eq!(
+            m.rename("encoder.layer.3.final_norm.weight"),
+            "final_norm.weight"
+        );
+        let n = Architecture::NomicBert;
+        assert_eq!(n.rename("embeddings.LayerNorm.bias"), "emb_ln.bias");
+        assert_eq!(
+            n.rename("embeddings.token_type_embeddings.weight"),
+            "embeddings.token_type_embeddings.weight"
+        );
+        assert_eq!(
+            n.rename("encoder.layer.0.mlp.fc11.weight"),
+            "encoder.layers.0.mlp.fc11.weight"
+        );
+        let j = Architecture::JinaBert;
+        assert_eq!(
+            j.rename("encoder.layer.1.mlp.gated_layers.weight"),
+            "encoder.layer.1.mlp.gated_layers.weight"
+        );
+    }
+
+    #[test]
+    fn jina_config_reads_as_bert_shape_plus_alibi() {
+        let c = Architecture::parse_config(
+            r#"{"model_type": "bert", "position_embedding_type": "alibi",
+                "feed_forward_type": "geglu", "vocab_size": 50, "hidden_size": 32,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+                "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "max_position_embeddings": 8192,
+                "type_vocab_size": 2, "initializer_range": 0.02, "layer_norm_eps": 1e-12,
+                "pad_token_id": 0, "emb_pooler": "mean"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.arch, Architecture::JinaBert);
+        assert!(matches!(c.long, Some(LongConfig::JinaBert(_))));
+        assert_eq!((c.max_tokens(), c.hidden_size), (8192, 32));
+        c.validate().unwrap();
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub struct BertConfig {
     /// The architecture `config.json` names (set by [`Architecture::parse_config`]).
     #[serde(skip)]
     pub arch: Architecture,
+    /// What a long-context architecture (ModernBERT, NomicBERT, JinaBERT) adds; `None` for
+    /// the BERT family (set by [`Architecture::parse_config`]).
+    #[serde(skip)]
+    pub long: Option<super::encoder::LongConfig>,
 }
 
 fn default_dropout() -> f64 {
@@ -84,10 +88,17 @@ impl BertConfig {
                 o => format!(" (a {} model's positions start at {o})", self.arch.name()),
             }
         );
-        // DistilBERT and MPNet have no token types; every other architecture has one at least.
+        // DistilBERT, MPNet and ModernBERT have no token types (NomicBERT may have none); every
+        // other architecture has one at least.
         anyhow::ensure!(
             self.type_vocab_size > 0
-                || matches!(self.arch, Architecture::DistilBert | Architecture::Mpnet),
+                || matches!(
+                    self.arch,
+                    Architecture::DistilBert
+                        | Architecture::Mpnet
+                        | Architecture::ModernBert
+                        | Architecture::NomicBert
+                ),
             "type_vocab_size is 0"
         );
         anyhow::ensure!(
@@ -209,6 +220,19 @@ impl SparseTap {
     /// The leaves recorded since the last call, with the token ids of their rows.
     pub fn take(&self) -> Vec<(candle_core::Var, Vec<u32>)> {
         std::mem::take(&mut *self.leaves.lock().expect("sparse tap lock"))
+    }
+
+    /// Rows `ids` (`raw` as values) of the embedding `table` in training: when the tap is on,
+    /// a leaf of their own, recorded; else a plain lookup.
+    pub fn lookup(&self, table: &Tensor, ids: &Tensor, raw: &[u32]) -> Result<Tensor> {
+        if !self.enabled() {
+            return table.index_select(ids, 0);
+        }
+        let leaf = candle_core::Var::from_tensor(&table.detach().index_select(ids, 0)?)?;
+        let t = leaf.as_tensor().clone();
+        let mut leaves = self.leaves.lock().expect("sparse tap lock");
+        leaves.push((leaf, raw.to_vec()));
+        Ok(t)
     }
 }
 

@@ -255,7 +255,7 @@ impl<'a> Trainer<'a> {
             }
             Ok(Some(AdamW::new(vars, lr, s.weight_decay)?))
         };
-        let num_layers = model.encoder.layers.len();
+        let num_layers = model.encoder.num_layers();
         let (inputs, eval_features) = if s.cache_features && model.plan.encoder_frozen(num_layers) {
             let mut cache = cache;
             let train = cached_features(model, data, s.batch_size, cache.as_deref_mut())?;
@@ -266,7 +266,7 @@ impl<'a> Trainer<'a> {
             };
             (Inputs::Features(train), eval)
         } else if s.cache_features && model.plan.encoder_prefix.is_some() {
-            let hidden = model.encoder.config.hidden_size;
+            let hidden = model.encoder.config().hidden_size;
             let bytes = PrefixCache::bytes(data, hidden);
             if bytes <= PREFIX_CACHE_MAX_BYTES {
                 (
@@ -295,7 +295,7 @@ impl<'a> Trainer<'a> {
         let opt_words = match word_var {
             Some(var) if s.sparse_embeddings && matches!(inputs, Inputs::Encoder) => {
                 enc_vars.retain(|v| v.as_tensor().id() != var.as_tensor().id());
-                model.encoder.embeddings.sparse.enable(true);
+                model.encoder.sparse().enable(true);
                 Some(LazyAdamW::new(var, s.lr, s.weight_decay)?)
             }
             _ => None,
@@ -381,7 +381,7 @@ impl<'a> Trainer<'a> {
         }
         let mut out = StepLoss::default();
         let mut grads: Option<GradStore> = None;
-        let width = self.model.encoder.config.hidden_size;
+        let width = self.model.encoder.config().hidden_size;
         let mut sparse = self.opt_words.as_ref().map(|_| SparseGrad::new(width));
         for micro in idx.chunks(s.batch_size) {
             trace_rss("step start");
@@ -403,7 +403,7 @@ impl<'a> Trainer<'a> {
             out.total += loss.to_scalar::<f32>()? as f64;
             let g = loss.backward()?;
             trace_rss("after backward");
-            for (leaf, ids) in self.model.encoder.embeddings.sparse.take() {
+            for (leaf, ids) in self.model.encoder.sparse().take() {
                 if let (Some(s), Some(rows)) = (sparse.as_mut(), g.get(leaf.as_tensor())) {
                     s.add(&ids, &rows.flatten_all()?.to_vec1::<f32>()?)?;
                 }
@@ -604,7 +604,7 @@ impl<'a> Trainer<'a> {
             });
         }
         outcome.evaluations = std::mem::take(&mut self.evaluations);
-        self.model.encoder.embeddings.sparse.enable(false);
+        self.model.encoder.sparse().enable(false);
         Ok(outcome)
     }
 

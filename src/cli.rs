@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use clap::Parser;
 
+use crate::chunk::{ChunkMode, ChunkSpec};
 use crate::config::{
     defaults, Command, EmbedConfig, MultitaskConfig, OutputFormat, ScenariosConfig, TrainConfig,
 };
@@ -14,6 +15,7 @@ use crate::input::InputSource;
 use crate::model::freeze::{FreezePart, Scenario};
 use crate::model::quant::Dtype;
 use crate::shard::{Shard, ShardSpec};
+use crate::tokenize::TruncateSide;
 use crate::train::metrics::Metric;
 use crate::train::trainer::TrainSettings;
 
@@ -175,6 +177,48 @@ pub struct Cli {
     /// dimension is an error. [default: all dimensions]
     #[arg(long, value_name = "N", value_parser = positive, help_heading = "Output")]
     pub truncate_dim: Option<usize>,
+
+    /// Which end of an input longer than the max length is cut: right keeps its first
+    /// tokens, left its last ones (text-embeddings-inference's truncation_direction). The
+    /// special tokens stay; a prompt is part of the input's start, as in
+    /// text-embeddings-inference. [default: right]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "right|left",
+        conflicts_with = "chunk_tokens",
+        help_heading = "Long inputs (--task=1)"
+    )]
+    pub truncate_side: Option<TruncateSide>,
+
+    /// Instead of cutting an input longer than N tokens, split it into windows of N tokens
+    /// (special tokens and prompt included: every window carries the prompt), embed each, and
+    /// write one vector per input, the token-weighted mean of its windows' vectors (normalised
+    /// again when the model normalises), or with --chunks rows one row per window. An input
+    /// of N tokens or fewer is one window. N is at most the max length (--max-seq-length).
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = "Long inputs (--task=1)")]
+    pub chunk_tokens: Option<usize>,
+
+    /// Tokens each window shares with the one before it. [default: 0]
+    #[arg(
+        long,
+        value_name = "K",
+        requires = "chunk_tokens",
+        help_heading = "Long inputs (--task=1)"
+    )]
+    pub chunk_overlap: Option<usize>,
+
+    /// mean: one vector per input. rows: one output row per window, carrying the input's
+    /// index, the window's number (window, from 0) and its characters in the input
+    /// (char_start, char_end; text is the window's text), in every format. [default: mean]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "mean|rows",
+        requires = "chunk_tokens",
+        help_heading = "Long inputs (--task=1)"
+    )]
+    pub chunks: Option<ChunkMode>,
 
     /// Do not normalise the embeddings, whatever the model's folder says.
     /// [default: normalise only when the model's modules.json lists a Normalize step]
@@ -435,6 +479,10 @@ impl Cli {
             ("--prompt", self.prompt.is_some()),
             ("--prompt-name", self.prompt_name.is_some()),
             ("--truncate-dim", self.truncate_dim.is_some()),
+            ("--truncate-side", self.truncate_side.is_some()),
+            ("--chunk-tokens", self.chunk_tokens.is_some()),
+            ("--chunk-overlap", self.chunk_overlap.is_some()),
+            ("--chunks", self.chunks.is_some()),
         ];
         let task2 = [
             ("--save", self.save.is_some()),
@@ -598,6 +646,12 @@ impl Cli {
             prompt: self.prompt,
             prompt_name: self.prompt_name,
             truncate_dim: self.truncate_dim,
+            truncate_side: self.truncate_side.unwrap_or_default(),
+            chunking: self.chunk_tokens.map(|tokens| ChunkSpec {
+                tokens,
+                overlap: self.chunk_overlap.unwrap_or(0),
+                mode: self.chunks.unwrap_or_default(),
+            }),
         })
     }
 

@@ -8,6 +8,10 @@
 //! the model's dimension). One row group per chunk, Snappy-compressed, no dictionaries. The
 //! file's key-value metadata `fetch-ml` holds the run's model description as JSON.
 //!
+//! With `--chunks rows`, each row is one window of an input: Parquet adds the columns
+//! `window` (int32, its number), `char_start` and `char_end` (int64, its characters in the
+//! input) after `index`, and the `.npy` sidecar the same keys.
+//!
 //! `.npy`: format version 1.0, `<f4` (float32 little-endian), C order, shape `(rows, dim)`.
 //! Row k is the sentence on line k of the sidecar `PATH.meta.jsonl` (`index`, `text`,
 //! `tokens`, `truncated`). The header is written first with room for any row count and
@@ -41,6 +45,18 @@ pub struct Row<'a> {
     pub tokens: usize,
     pub truncated: bool,
     pub embedding: &'a [f32],
+    /// The window this row is (`--chunks rows`).
+    pub window: Option<RowWindow>,
+}
+
+/// Which window of its input a row is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RowWindow {
+    /// 0-based number among the input's windows.
+    pub window: u32,
+    /// Its characters in the input, `char_start..char_end`.
+    pub char_start: u64,
+    pub char_end: u64,
 }
 
 /// Streams rows into a Parquet file, one row group per [`ParquetSink::end_chunk`].
@@ -53,25 +69,41 @@ pub struct ParquetSink {
     tokens: Vec<i32>,
     truncated: Vec<bool>,
     values: Vec<f32>,
+    /// `Some` when the rows are windows: the window columns.
+    windows: Option<Vec<RowWindow>>,
     path: PathBuf,
 }
 
 impl ParquetSink {
     /// Starts `path` (written to a temporary file until [`ParquetSink::finish`]) for vectors of
     /// `dim` numbers; `meta` (JSON) goes into the file metadata under [`PARQUET_META_KEY`].
-    pub fn create(path: &Path, dim: usize, meta: String) -> Result<Self> {
+    /// With `windows`, the rows are windows and carry the window columns.
+    pub fn create(path: &Path, dim: usize, meta: String, windows: bool) -> Result<Self> {
         let item = Field::new("item", DataType::Float32, false);
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("index", DataType::Int64, false),
-            Field::new("text", DataType::Utf8, false),
-            Field::new("tokens", DataType::Int32, false),
-            Field::new("truncated", DataType::Boolean, false),
-            Field::new(
-                "embedding",
-                DataType::FixedSizeList(Arc::new(item), dim as i32),
-                false,
-            ),
-        ]));
+        let mut fields = vec![Field::new("index", DataType::Int64, false)];
+        if windows {
+            fields.extend([
+                Field::new("window", DataType::Int32, false),
+                Field::new("char_start", DataType::Int64, false),
+                Field::new("char_end", DataType::Int64, false),
+            ]);
+        }
+        let schema = Arc::new(Schema::new(
+            [
+                fields,
+                vec![
+                    Field::new("text", DataType::Utf8, false),
+                    Field::new("tokens", DataType::Int32, false),
+                    Field::new("truncated", DataType::Boolean, false),
+                    Field::new(
+                        "embedding",
+                        DataType::FixedSizeList(Arc::new(item), dim as i32),
+                        false,
+                    ),
+                ],
+            ]
+            .concat(),
+        ));
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             // Sentences are mostly distinct and vectors never repeat: dictionaries only cost.
@@ -93,6 +125,7 @@ impl ParquetSink {
             tokens: Vec::new(),
             truncated: Vec::new(),
             values: Vec::new(),
+            windows: windows.then(Vec::new),
             path: path.to_path_buf(),
         })
     }
@@ -100,6 +133,12 @@ impl ParquetSink {
     /// Buffers one row until the end of the chunk.
     pub fn row(&mut self, r: &Row) -> Result<()> {
         anyhow::ensure!(r.embedding.len() == self.dim, "vector of the wrong size");
+        if let Some(w) = &mut self.windows {
+            w.push(
+                r.window
+                    .context("a row without its window in a file of windows")?,
+            );
+        }
         self.index.push(r.index as i64);
         self.text.push(r.text.to_string());
         self.tokens.push(r.tokens as i32);
@@ -116,13 +155,26 @@ impl ParquetSink {
         let item = Arc::new(Field::new("item", DataType::Float32, false));
         let values = Float32Array::from(std::mem::take(&mut self.values));
         let embedding = FixedSizeListArray::try_new(item, self.dim as i32, Arc::new(values), None)?;
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(Int64Array::from(std::mem::take(&mut self.index))),
+        let mut columns: Vec<ArrayRef> =
+            vec![Arc::new(Int64Array::from(std::mem::take(&mut self.index)))];
+        if let Some(w) = &mut self.windows {
+            let w = std::mem::take(w);
+            columns.push(Arc::new(Int32Array::from_iter_values(
+                w.iter().map(|w| w.window as i32),
+            )));
+            columns.push(Arc::new(Int64Array::from_iter_values(
+                w.iter().map(|w| w.char_start as i64),
+            )));
+            columns.push(Arc::new(Int64Array::from_iter_values(
+                w.iter().map(|w| w.char_end as i64),
+            )));
+        }
+        columns.extend::<[ArrayRef; 4]>([
             Arc::new(StringArray::from(std::mem::take(&mut self.text))),
             Arc::new(Int32Array::from(std::mem::take(&mut self.tokens))),
             Arc::new(BooleanArray::from(std::mem::take(&mut self.truncated))),
             Arc::new(embedding),
-        ];
+        ]);
         let batch = RecordBatch::try_new(self.schema.clone(), columns)?;
         let fail = || format!("writing {}", self.path.display());
         self.writer.write(&batch).with_context(fail)?;
@@ -177,6 +229,8 @@ pub struct NpySink {
 #[derive(serde::Serialize)]
 struct SidecarRow<'a> {
     index: u64,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    window: Option<RowWindow>,
     text: &'a str,
     tokens: usize,
     truncated: bool,
@@ -208,6 +262,7 @@ impl NpySink {
         self.matrix.write_all(&self.buf)?;
         let meta = SidecarRow {
             index: r.index,
+            window: r.window,
             text: r.text,
             tokens: r.tokens,
             truncated: r.truncated,

@@ -4,6 +4,7 @@
 
 pub mod advice;
 pub mod alloc;
+pub mod chunk;
 pub mod cli;
 pub mod columnar;
 pub mod config;

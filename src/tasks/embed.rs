@@ -1,5 +1,6 @@
 //! `--task=1`: embed sentences (all of the input, or one shard of it) and write them as text,
-//! JSONL, JSON, Parquet or NumPy.
+//! JSONL, JSON, Parquet or NumPy; long inputs truncated at either end, or split into windows
+//! (merged, or one row per window).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -7,9 +8,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use candle_core::Device;
 
-use crate::columnar::{npy_sidecar, NpySink, ParquetSink, Row};
+use crate::chunk::{ChunkMode, Chunker};
+use crate::columnar::{npy_sidecar, NpySink, ParquetSink, Row, RowWindow};
 use crate::config::{EmbedConfig, Format, OutputFormat};
-use crate::embed::{Embedder, Embedding};
+use crate::embed::{Embedded, Embedder, Embedding};
 use crate::input::{SentenceReader, MAX_LINE_BYTES};
 use crate::loader::ModelAssets;
 use crate::model::quant::Dtype;
@@ -38,6 +40,17 @@ struct Meta {
     /// `I/N` in a sharded run.
     #[serde(skip_serializing_if = "Option::is_none")]
     shard: Option<String>,
+    /// `left` when long inputs keep their last tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    truncate_side: Option<&'static str>,
+    /// Long inputs split into windows of this many tokens (`--chunk-tokens`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunk_tokens: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunk_overlap: Option<usize>,
+    /// `mean` (one vector per input) or `rows` (one row per window).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunks: Option<&'static str>,
 }
 
 /// The files a run writes: none for standard output; the matrix and its sidecar for npy.
@@ -73,7 +86,8 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
             );
         }
     }
-    let assets = ModelAssets::load(&cfg.model, cfg.max_seq_length)?;
+    let mut assets = ModelAssets::load(&cfg.model, cfg.max_seq_length)?;
+    assets.tokenizer.set_truncate_side(cfg.truncate_side)?;
     let device = Device::Cpu;
     // The float32 dense weights are dropped once converted: only one copy stays resident.
     let encoder = assets.inference_encoder(cfg.dtype, &device)?;
@@ -107,6 +121,13 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
     if let (Some(p), None, None) = (&embedder.prompt, &cfg.prompt, &cfg.prompt_name) {
         eprintln!("note: the model's default prompt {p:?} is prepended to every sentence");
     }
+    if let Some(spec) = cfg.chunking {
+        embedder.chunker = Some(Chunker::new(
+            &assets.tokenizer,
+            spec,
+            embedder.prompt.clone(),
+        )?);
+    }
     let meta = Meta {
         model: cfg.model.id.clone(),
         revision: (!cfg.model.is_local()).then(|| cfg.model.revision.clone()),
@@ -117,6 +138,10 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
         dtype: cfg.dtype.name(),
         shard: cfg.shard.as_ref().map(|s| s.shard.to_string()),
         prompt: embedder.prompt.clone(),
+        truncate_side: (cfg.truncate_side == crate::tokenize::TruncateSide::Left).then_some("left"),
+        chunk_tokens: cfg.chunking.map(|c| c.tokens),
+        chunk_overlap: cfg.chunking.map(|c| c.overlap),
+        chunks: cfg.chunking.map(|c| c.mode.name()),
     };
     let max_seq_length = meta.max_seq_length;
 
@@ -197,20 +222,39 @@ fn stream(
             break;
         }
         let embeddings = embedder
-            .embed(&chunk)
+            .embed_inputs(&chunk)
             .map_err(|e| name_sentence(e, |i| reader.locate(i)))?;
         if count == 0 {
             *written = true;
             sink.begin()?;
         }
         for (i, (text, e)) in chunk.iter().zip(embeddings).enumerate() {
-            let mut e = e;
-            e.truncated |= reader.clipped(i);
             // The sentence's 0-based line number (its position, for --sentence).
             let index = reader.line_of(i) as u64 - 1;
-            sink.item(count, index, text, &e)?;
-            count += 1;
-            truncated += e.truncated as usize;
+            let clipped = reader.clipped(i);
+            match e {
+                Embedded::One(mut e) => {
+                    e.truncated |= clipped;
+                    sink.item(count, index, text, &e, None)?;
+                    count += 1;
+                    truncated += e.truncated as usize;
+                }
+                Embedded::Windows(rows) => {
+                    let chars = CharSlicer::new(text);
+                    for mut r in rows {
+                        r.embedding.truncated |= clipped;
+                        let window = RowWindow {
+                            window: r.number as u32,
+                            char_start: r.chars.start as u64,
+                            char_end: r.chars.end as u64,
+                        };
+                        let part = chars.slice(r.chars.clone());
+                        sink.item(count, index, part, &r.embedding, Some(window))?;
+                        count += 1;
+                    }
+                    truncated += clipped as usize;
+                }
+            }
         }
         sink.end_chunk()?;
         bar.set_position(reader.progress().0);
@@ -245,7 +289,8 @@ impl Sink {
             },
             None if cfg.format == OutputFormat::Parquet => {
                 let meta = serde_json::to_string(&meta)?;
-                Sink::Parquet(Box::new(ParquetSink::create(file()?, dim, meta)?))
+                let windows = cfg.chunking.is_some_and(|c| c.mode == ChunkMode::Rows);
+                Sink::Parquet(Box::new(ParquetSink::create(file()?, dim, meta, windows)?))
             }
             None => Sink::Npy(NpySink::create(file()?, dim)?),
         })
@@ -262,17 +307,26 @@ impl Sink {
         }
     }
 
-    /// Sentence number `n` of this run, on line `index` (0-based) of the input.
-    fn item(&mut self, n: usize, index: u64, text: &str, e: &Embedding) -> Result<()> {
+    /// Row number `n` of this run, from line `index` (0-based) of the input; `window` when
+    /// the row is one window of it.
+    fn item(
+        &mut self,
+        n: usize,
+        index: u64,
+        text: &str,
+        e: &Embedding,
+        window: Option<RowWindow>,
+    ) -> Result<()> {
         let row = || Row {
             index,
             text,
             tokens: e.tokens,
             truncated: e.truncated,
             embedding: &e.vector,
+            window,
         };
         match self {
-            Sink::Stream { printer, out } => printer.item(out, n, index, text, e),
+            Sink::Stream { printer, out } => printer.item(out, n, index, text, e, window),
             Sink::Parquet(p) => p.row(&row()),
             Sink::Npy(p) => p.row(&row()),
         }
@@ -302,6 +356,8 @@ impl Sink {
 struct Record<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     index: Option<u64>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    window: Option<RowWindow>,
     text: &'a str,
     tokens: usize,
     truncated: bool,
@@ -351,7 +407,7 @@ impl Printer {
         Ok(())
     }
 
-    /// Sentence number `n` of the run, on line `index` (0-based) of the input.
+    /// Row number `n` of the run, from line `index` (0-based) of the input.
     fn item(
         &mut self,
         out: &mut dyn Write,
@@ -359,6 +415,7 @@ impl Printer {
         index: u64,
         text: &str,
         e: &Embedding,
+        window: Option<RowWindow>,
     ) -> Result<()> {
         match self.format {
             Format::Text => {
@@ -369,7 +426,19 @@ impl Printer {
                     .take(8)
                     .map(|v| format!("{v:+.4}"))
                     .collect();
-                writeln!(out, "[{}] {}", n + 1, clip(text, 100))?;
+                match window {
+                    Some(w) => writeln!(
+                        out,
+                        "[{}] window {} of input {}, characters {}-{}: {}",
+                        n + 1,
+                        w.window,
+                        index,
+                        w.char_start,
+                        w.char_end,
+                        clip(text, 100)
+                    )?,
+                    None => writeln!(out, "[{}] {}", n + 1, clip(text, 100))?,
+                }
                 writeln!(
                     out,
                     "    {} tokens{}  norm {norm:.4}  [{}, ...]",
@@ -384,6 +453,7 @@ impl Printer {
             Format::Jsonl => {
                 let obj = Record {
                     index: Some(index),
+                    window,
                     text,
                     tokens: e.tokens,
                     truncated: e.truncated,
@@ -393,7 +463,8 @@ impl Printer {
             }
             Format::Json => {
                 let obj = Record {
-                    index: None,
+                    index: window.map(|_| index),
+                    window,
                     text,
                     tokens: e.tokens,
                     truncated: e.truncated,
@@ -439,6 +510,28 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
         0.0
     } else {
         dot / (na * nb)
+    }
+}
+
+/// Slices a text by character positions (the windows' spans).
+struct CharSlicer<'t> {
+    text: &'t str,
+    /// Byte offset of each character, then the text's length.
+    starts: Vec<usize>,
+}
+
+impl<'t> CharSlicer<'t> {
+    fn new(text: &'t str) -> Self {
+        let mut starts: Vec<usize> = text.char_indices().map(|(b, _)| b).collect();
+        starts.push(text.len());
+        Self { text, starts }
+    }
+
+    /// Characters `r` of the text (clamped to it).
+    fn slice(&self, r: std::ops::Range<usize>) -> &'t str {
+        let last = self.starts.len() - 1;
+        let (a, b) = (r.start.min(last), r.end.min(last));
+        &self.text[self.starts[a]..self.starts[b.max(a)]]
     }
 }
 

@@ -277,6 +277,28 @@ impl CharMap {
     }
 }
 
+/// Slices a text by character positions (the windows' spans).
+pub struct CharSlicer<'t> {
+    text: &'t str,
+    /// Byte offset of each character, then the text's length.
+    starts: Vec<usize>,
+}
+
+impl<'t> CharSlicer<'t> {
+    pub fn new(text: &'t str) -> Self {
+        let mut starts: Vec<usize> = text.char_indices().map(|(b, _)| b).collect();
+        starts.push(text.len());
+        Self { text, starts }
+    }
+
+    /// Characters `r` of the text (clamped to it).
+    pub fn slice(&self, r: std::ops::Range<usize>) -> &'t str {
+        let last = self.starts.len() - 1;
+        let (a, b) = (r.start.min(last), r.end.min(last));
+        &self.text[self.starts[a]..self.starts[b.max(a)]]
+    }
+}
+
 /// The token-weighted mean of windows' vectors (`(vector, tokens)`), normalised when
 /// `normalize`.
 pub fn merge(windows: &[(Vec<f32>, usize)], normalize: bool) -> Vec<f32> {

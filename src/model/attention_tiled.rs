@@ -22,6 +22,8 @@
 
 use rayon::prelude::*;
 
+use super::kernels::exp;
+
 /// Query rows per task.
 pub const QUERY_TILE: usize = 64;
 /// Keys per block of scores.
@@ -197,12 +199,14 @@ fn attend_tile(
         for i in 0..rows {
             let qi = tile.q0 + i;
             let s = &mut sc.s[i * KEY_TILE..i * KEY_TILE + nk];
-            for (j, v) in s.iter_mut().enumerate() {
-                let dist = qi.abs_diff(k0 + j);
-                if spec.window.is_some_and(|w| dist > w) {
-                    *v = f32::NEG_INFINITY;
-                } else if let Some(slope) = slope {
-                    *v += -slope * dist as f32;
+            if spec.window.is_some() || slope.is_some() {
+                for (j, v) in s.iter_mut().enumerate() {
+                    let dist = qi.abs_diff(k0 + j);
+                    if spec.window.is_some_and(|w| dist > w) {
+                        *v = f32::NEG_INFINITY;
+                    } else if let Some(slope) = slope {
+                        *v += -slope * dist as f32;
+                    }
                 }
             }
             let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -216,7 +220,11 @@ fn attend_tile(
             sc.max[i] = new_max;
             let mut sum = 0.0;
             for v in s.iter_mut() {
-                *v = (*v - new_max).exp();
+                // Keys outside the window weigh exactly 0 (`exp` clamps its argument).
+                *v = match *v == f32::NEG_INFINITY {
+                    true => 0.0,
+                    false => exp(*v - new_max),
+                };
                 sum += *v;
             }
             sc.sum[i] = sc.sum[i] * rescale + sum;

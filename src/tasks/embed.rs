@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use candle_core::Device;
 
-use crate::chunk::{ChunkMode, Chunker};
+use crate::chunk::{CharSlicer, ChunkMode, Chunker};
 use crate::columnar::{npy_sidecar, NpySink, ParquetSink, Row, RowWindow};
 use crate::config::{EmbedConfig, Format, OutputFormat};
 use crate::embed::{Embedded, Embedder, Embedding};
@@ -510,28 +510,6 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
         0.0
     } else {
         dot / (na * nb)
-    }
-}
-
-/// Slices a text by character positions (the windows' spans).
-struct CharSlicer<'t> {
-    text: &'t str,
-    /// Byte offset of each character, then the text's length.
-    starts: Vec<usize>,
-}
-
-impl<'t> CharSlicer<'t> {
-    fn new(text: &'t str) -> Self {
-        let mut starts: Vec<usize> = text.char_indices().map(|(b, _)| b).collect();
-        starts.push(text.len());
-        Self { text, starts }
-    }
-
-    /// Characters `r` of the text (clamped to it).
-    fn slice(&self, r: std::ops::Range<usize>) -> &'t str {
-        let last = self.starts.len() - 1;
-        let (a, b) = (r.start.min(last), r.end.min(last));
-        &self.text[self.starts[a]..self.starts[b.max(a)]]
     }
 }
 

@@ -27,6 +27,7 @@ Examples:
   fetch-ml --task=1 --sentence \"Hello world!\"
   fetch-ml --task=1 --model ./all-MiniLM-L6-v2 --input sentences.txt --format jsonl -o out.jsonl
   fetch-ml --task=1 --input corpus.txt --shard 2/8 --format parquet -o out/emb-{shard}.parquet
+  fetch-ml --task=1 --model ./nomic-embed-text-v1.5 --prompt-name search_document --input docs.txt --chunk-tokens 2048 --chunk-overlap 128
   HF_HUB_OFFLINE=1 fetch-ml --task=1 --model sentence-transformers/all-MiniLM-L6-v2
   fetch-ml --task=2 --freeze encoder --epochs 10 --save checkpoints/heads
   fetch-ml --task=2 --checkpoint checkpoints/heads --input new.txt --format jsonl

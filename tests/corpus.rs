@@ -852,6 +852,7 @@ fn help_documents_the_corpus_flags() {
         "SLURM_ARRAY_TASK_ID",
         "FETCH_ML_SHARDS",
         "{shard}",
+        "{i} its index and {n} the count",
     ] {
         assert!(out.contains(needle), "--help lacks {needle}");
     }

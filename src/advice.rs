@@ -2,6 +2,7 @@
 //! say what went wrong where and name no flags; [`advice`] reads their typed causes.
 
 use crate::hub::{HubError, Place};
+use crate::job::OtherJob;
 use crate::loader::LoadError;
 use crate::model::freeze::FreezeError;
 use crate::model::multitask::TrainableDtype;
@@ -30,6 +31,12 @@ pub fn advice(e: &anyhow::Error) -> Vec<String> {
             Some(
                 "--eval-every and --keep-best evaluate during training: pass --eval-file with \
                  --train-file"
+                    .into(),
+            )
+        } else if cause.downcast_ref::<OtherJob>().is_some() {
+            Some(
+                "pass --overwrite to replace it with this run's output (the shard is embedded \
+                 again), or choose another --output"
                     .into(),
             )
         } else if cause.downcast_ref::<Diverged>().is_some() {

@@ -571,11 +571,15 @@ impl Cli {
             Some(shard) => Some(ShardSpec {
                 shard,
                 source: format!("--shard {shard}"),
+                note: None,
             }),
             None => crate::shard::from_env(self.shards, &|k| std::env::var(k).ok())?,
         };
         let output = match (&shard, self.output) {
-            (Some(s), Some(p)) if p != Path::new("-") => Some(s.shard.output_path(&p)),
+            (Some(s), Some(p)) if p != Path::new("-") => {
+                crate::shard::check_template(&p).map_err(|e| anyhow::anyhow!("--output {e}"))?;
+                Some(s.shard.output_path(&p))
+            }
             (None, Some(p)) if crate::shard::has_placeholder(&p) => bail!(
                 "--output {}: {{shard}}, {{i}} and {{n}} are filled in for a sharded run \
                  only; pass --shard I/N, or remove them from the name",

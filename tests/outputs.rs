@@ -23,7 +23,11 @@ fn c_path(p: &Path) -> CString {
 
 fn mkfifo(p: &Path) {
     // SAFETY: a NUL-terminated path; mkfifo only creates the node.
-    assert_eq!(unsafe { libc::mkfifo(c_path(p).as_ptr(), 0o644) }, 0, "mkfifo");
+    assert_eq!(
+        unsafe { libc::mkfifo(c_path(p).as_ptr(), 0o644) },
+        0,
+        "mkfifo"
+    );
 }
 
 fn is_root() -> bool {
@@ -355,9 +359,15 @@ fn temporary_files_of_live_writers_are_kept_and_stale_ones_removed() {
     std::fs::create_dir(dir.join(".fetch-ml-notes")).unwrap();
 
     ok(&run(&mut embed(&model, "jsonl", &dir.join("emb.jsonl"))));
-    assert!(live.exists(), "the live writer's temporary file was deleted");
+    assert!(
+        live.exists(),
+        "the live writer's temporary file was deleted"
+    );
     assert_eq!(std::fs::read_to_string(&live).unwrap(), "being written");
-    assert!(!stale_pid1.exists(), "a stale file named for PID 1 is removed");
+    assert!(
+        !stale_pid1.exists(),
+        "a stale file named for PID 1 is removed"
+    );
     assert!(!stale.exists(), "a stale temporary file is removed");
     assert!(dir.join(".fetch-ml-notes").is_dir());
     assert_eq!(
@@ -400,14 +410,23 @@ fn a_running_writer_holds_the_lock_on_its_temporary_file() {
     let f = std::fs::OpenOptions::new().write(true).open(&tmp).unwrap();
     // SAFETY: flock on a descriptor this test owns.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    assert_ne!(rc, 0, "the writer does not hold a lock on {}", tmp.display());
+    assert_ne!(
+        rc,
+        0,
+        "the writer does not hold a lock on {}",
+        tmp.display()
+    );
     drop(f);
     // A second run in the same folder keeps the first run's file.
     ok(&run(&mut embed(&model, "jsonl", &dir.join("b.jsonl"))));
     assert!(tmp.exists(), "the second run deleted the first run's file");
     drop(stdin);
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         std::fs::read_to_string(dir.join("a.jsonl"))
             .unwrap()
@@ -457,8 +476,17 @@ fn export_overwrite_never_deletes_files_it_did_not_write() {
         assert_eq!(mode(p), want, "{}", p.display());
     }
     let card = std::fs::read_to_string(ex.join("README.md")).expect("a model card");
-    for needle in ["heads.json", "mean-pooled", "before", "Normalize", "SentenceTransformer"] {
-        assert!(card.contains(needle), "the model card lacks {needle:?}:\n{card}");
+    for needle in [
+        "heads.json",
+        "mean-pooled",
+        "before",
+        "Normalize",
+        "SentenceTransformer",
+    ] {
+        assert!(
+            card.contains(needle),
+            "the model card lacks {needle:?}:\n{card}"
+        );
     }
 
     // The user keeps notes and a git repository in the export folder.
@@ -473,7 +501,10 @@ fn export_overwrite_never_deletes_files_it_did_not_write() {
         "precious"
     );
     assert!(ex.join(".git/HEAD").is_file());
-    assert!(ex.join("heads.json").is_file(), "the export is left as it was");
+    assert!(
+        ex.join("heads.json").is_file(),
+        "the export is left as it was"
+    );
 
     // A README.md of the user's own (not fetch-ml's model card) is in the way too.
     std::fs::remove_dir_all(ex.join(".git")).unwrap();
@@ -507,7 +538,14 @@ fn output_targets_that_cannot_work_fail_before_anything_loads() {
     // The model does not exist: an error about the output proves it was checked first.
     for format in ["jsonl", "parquet", "npy"] {
         let o = run(fetch_ml()
-            .args(["--task=1", "-s", "hi", "--model", "/no/such/model", "--format"])
+            .args([
+                "--task=1",
+                "-s",
+                "hi",
+                "--model",
+                "/no/such/model",
+                "--format",
+            ])
             .arg(format)
             .arg("-o")
             .arg(&folder));

@@ -22,13 +22,20 @@ fn write_corpus(path: &Path, n: usize) {
 
 fn shard_cmd(model: &Path, input: &Path, shard: &str, format: &str, out: &Path) -> Command {
     let mut cmd = fetch_ml();
-    cmd.args(["--task=1", "--threads=1", "--shard", shard, "--format", format])
-        .arg("--model")
-        .arg(model)
-        .arg("--input")
-        .arg(input)
-        .arg("-o")
-        .arg(out);
+    cmd.args([
+        "--task=1",
+        "--threads=1",
+        "--shard",
+        shard,
+        "--format",
+        format,
+    ])
+    .arg("--model")
+    .arg(model)
+    .arg("--input")
+    .arg(input)
+    .arg("-o")
+    .arg(out);
     cmd
 }
 
@@ -61,9 +68,11 @@ fn a_template_that_does_not_tell_shards_apart_is_refused() {
     let out = d.path().join("emb-{n}.jsonl");
     let o = run(&mut shard_cmd(&model, &input, "1/3", "jsonl", &out));
     fails_with(&o, &["--output", "{n}", "{i}", "{shard}"]);
-    assert!(std::fs::read_dir(d.path())
+    assert!(std::fs::read_dir(d.path()).unwrap().all(|e| !e
         .unwrap()
-        .all(|e| !e.unwrap().file_name().to_string_lossy().starts_with("emb")));
+        .file_name()
+        .to_string_lossy()
+        .starts_with("emb")));
     // {i} (with or without {n}) tells them apart.
     let out = d.path().join("emb-{i}-of-{n}.jsonl");
     ok(&run(&mut shard_cmd(&model, &input, "1/3", "jsonl", &out)));
@@ -79,7 +88,13 @@ fn a_shard_output_made_by_another_job_is_not_skipped() {
     write_corpus(&input, 30);
     let out = d.path().join("emb-{i}.jsonl");
     for i in 0..3 {
-        ok(&run(&mut shard_cmd(&model, &input, &format!("{i}/3"), "jsonl", &out)));
+        ok(&run(&mut shard_cmd(
+            &model,
+            &input,
+            &format!("{i}/3"),
+            "jsonl",
+            &out,
+        )));
     }
     let first = d.path().join("emb-0.jsonl");
     let three = std::fs::read(&first).unwrap();
@@ -329,7 +344,10 @@ fn slurm_environment_rules_never_change_the_split_silently() {
         ("SLURM_ARRAY_TASK_MAX", "1"),
         ("SLURM_ARRAY_TASK_COUNT", "1"),
     ];
-    fails_with(&task(&one), &["SLURM_ARRAY_TASK_ID=1", "FETCH_ML_SHARDS", "--shard"]);
+    fails_with(
+        &task(&one),
+        &["SLURM_ARRAY_TASK_ID=1", "FETCH_ML_SHARDS", "--shard"],
+    );
     // Pinned: the array task id is the shard index.
     let mut pinned = one.to_vec();
     pinned.push(("FETCH_ML_SHARDS", "3"));
@@ -377,12 +395,24 @@ fn parquet_metadata_holds_no_local_paths() {
 #[test]
 fn the_kubernetes_manifest_documents_its_storage_and_cleanup() {
     let manifest = include_str!("../deploy/k8s-indexed-job.yaml");
-    assert!(manifest.contains("ReadWriteMany"), "the output volume's access mode");
+    assert!(
+        manifest.contains("ReadWriteMany"),
+        "the output volume's access mode"
+    );
     let ttl = manifest
         .lines()
         .find(|l| l.trim_start().starts_with("ttlSecondsAfterFinished:"))
         .expect("ttlSecondsAfterFinished");
-    let secs: u64 = ttl.split(':').nth(1).unwrap().split('#').next().unwrap().trim().parse().unwrap();
+    let secs: u64 = ttl
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .split('#')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(secs > 0);
     let slurm = std::fs::read_to_string(script()).unwrap();
     assert!(slurm.contains("cgroup"), "the Docker mode's cgroup caveat");

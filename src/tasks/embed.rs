@@ -11,9 +11,11 @@ use crate::columnar::{npy_sidecar, NpySink, ParquetSink, Row};
 use crate::config::{EmbedConfig, Format, OutputFormat};
 use crate::embed::{Embedder, Embedding};
 use crate::input::{SentenceReader, MAX_LINE_BYTES};
+use crate::job::{Existing, Job, ModelId, OtherJob, Settings};
 use crate::loader::ModelAssets;
 use crate::model::quant::Dtype;
 use crate::output::{progress_bar, Output};
+use crate::shard::ShardSpec;
 use crate::tokenize::name_sentence;
 
 /// Sentences read and embedded per step (and per Parquet row group); bounds memory whatever
@@ -25,8 +27,11 @@ const MATRIX_MAX: usize = 20;
 /// What describes the whole output.
 #[derive(serde::Serialize)]
 struct Meta {
+    /// A hub id, or a local folder's name (not its path on this machine).
     model: String,
     revision: Option<String>,
+    /// A hash of the model's files; see [`crate::job::model_fingerprint`].
+    model_fingerprint: String,
     dimension: usize,
     normalized: bool,
     pooling: &'static str,
@@ -38,6 +43,9 @@ struct Meta {
     /// `I/N` in a sharded run.
     #[serde(skip_serializing_if = "Option::is_none")]
     shard: Option<String>,
+    /// What made a sharded run's output, compared before a retry skips it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job: Option<Job>,
 }
 
 /// The files a run writes: none for standard output; the matrix and its sidecar for npy.
@@ -51,29 +59,89 @@ fn output_files(cfg: &EmbedConfig) -> Vec<PathBuf> {
     }
 }
 
+/// The job of a sharded run, for its output and the check before a skip.
+fn job_of(cfg: &EmbedConfig, spec: &ShardSpec, fingerprint: &str) -> Result<Job> {
+    Ok(Job {
+        shard: spec.shard.to_string(),
+        input: crate::job::input_id(&cfg.input)?,
+        model: ModelId {
+            name: crate::job::model_name(&cfg.model),
+            fingerprint: fingerprint.to_string(),
+        },
+        settings: Settings {
+            format: format!("{:?}", cfg.format).to_ascii_lowercase(),
+            dtype: cfg.dtype.name().to_string(),
+            normalize: cfg.normalize,
+            max_seq_length: cfg.max_seq_length,
+            truncate_dim: cfg.truncate_dim,
+            prompt: cfg.prompt.clone(),
+            prompt_name: cfg.prompt_name.clone(),
+        },
+    })
+}
+
+/// Whether a sharded run's output is already finished by this same job, so the run is
+/// skipped. An output of another job is an error unless `--overwrite` replaces it.
+fn finished_already(cfg: &EmbedConfig, job: &Job, files: &[PathBuf]) -> Result<bool> {
+    let s = &job.shard;
+    let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+    let names = names.join(" + ");
+    match crate::job::existing(files, cfg.format == OutputFormat::Parquet, job) {
+        Ok(Existing::Absent) => Ok(false),
+        Ok(Existing::Finished) if !cfg.overwrite => {
+            eprintln!(
+                "shard {s}: skipped, its output {names} is complete and was made by this same job \
+                 (shard, input, model and settings); pass --overwrite to redo it"
+            );
+            if !job.input.comparable() {
+                eprintln!(
+                    "note: {} cannot be compared with the input of the run that made it",
+                    job.input.name
+                );
+            }
+            Ok(true)
+        }
+        Ok(Existing::Finished) => {
+            eprintln!("shard {s}: {names} is complete; redoing it (--overwrite)");
+            Ok(false)
+        }
+        Ok(Existing::Unfinished(why)) => {
+            eprintln!("shard {s}: {why}; redoing it");
+            Ok(false)
+        }
+        Err(e) if cfg.overwrite && e.is::<OtherJob>() => {
+            eprintln!("shard {s}: {e}; replacing it (--overwrite)");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 pub fn run(cfg: &EmbedConfig) -> Result<()> {
     let files = output_files(cfg);
     let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+    // A folder or an unwritable place fails now, not after the work.
+    for f in &files {
+        crate::output::check_target("--output", f, None)?;
+    }
     if let Some(spec) = &cfg.shard {
         eprintln!("shard {} (from {})", spec.shard, spec.source);
-        if crate::shard::outputs_exist(&files) {
-            if !cfg.overwrite {
-                eprintln!(
-                    "shard {}: skipped, its output {} already exists (outputs appear only once \
-                     complete); pass --overwrite to redo it",
-                    spec.shard,
-                    names.join(" + ")
-                );
-                return Ok(());
-            }
-            eprintln!(
-                "shard {}: {} exists; redoing it (--overwrite)",
-                spec.shard,
-                names.join(" + ")
-            );
+        if let Some(note) = &spec.note {
+            eprintln!("note: {note}");
         }
     }
-    let assets = ModelAssets::load(&cfg.model, cfg.max_seq_length)?;
+    let model_files = crate::hub::resolve(&cfg.model)?;
+    let fingerprint = crate::job::model_fingerprint(&model_files)?;
+    let job = match &cfg.shard {
+        Some(spec) => Some(job_of(cfg, spec, &fingerprint)?),
+        None => None,
+    };
+    if let Some(job) = &job {
+        if finished_already(cfg, job, &files)? {
+            return Ok(());
+        }
+    }
+    let assets = ModelAssets::from_files(model_files, cfg.max_seq_length)?;
     let device = Device::Cpu;
     // The float32 dense weights are dropped once converted: only one copy stays resident.
     let encoder = assets.inference_encoder(cfg.dtype, &device)?;
@@ -108,8 +176,10 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
         eprintln!("note: the model's default prompt {p:?} is prepended to every sentence");
     }
     let meta = Meta {
-        model: cfg.model.id.clone(),
+        model: crate::job::model_name(&cfg.model),
         revision: (!cfg.model.is_local()).then(|| cfg.model.revision.clone()),
+        model_fingerprint: fingerprint,
+        job: job.clone(),
         dimension,
         normalized: embedder.normalize,
         pooling: embedder.pooling.name(),
@@ -130,11 +200,16 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
     let streamed = stream(&mut reader, &embedder, &mut sink, &mut written);
     let (count, truncated) = match streamed {
         Ok(counts) => counts,
-        // A file output is simply never renamed into place; standard output is already out.
-        Err(e) if written && sink.is_stdout() => {
-            return Err(
-                e.context("stopped early: what was written to standard output is incomplete")
-            )
+        // A file output is simply never renamed into place; standard output (or a device node
+        // or named pipe) already has what was written.
+        Err(e) if written && sink.is_streamed() => {
+            let to = match &cfg.output {
+                Some(p) if p.as_os_str() != "-" => p.display().to_string(),
+                _ => "standard output".to_string(),
+            };
+            return Err(e.context(format!(
+                "stopped early: what was written to {to} is incomplete"
+            )));
         }
         Err(e) => return Err(e),
     };
@@ -144,7 +219,17 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
             cfg.input.describe()
         );
     }
+    // A sharded run's files complete with their record: the old one goes before any file
+    // is replaced, the new one comes after them all.
+    let record = job.as_ref().filter(|_| needs_record(cfg, &files));
+    if record.is_some() {
+        crate::job::remove_record(&files)?;
+        crate::atomic::fault_point("output-commit-1");
+    }
     sink.finish(count)?;
+    if let Some(job) = record {
+        crate::job::write_record(&files, job, count as u64)?;
+    }
     if let Some(s) = shard {
         let (first, last) = reader.lines_read();
         let lines = if first > last {
@@ -178,6 +263,19 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether a sharded run writes a completion record: formats other than Parquet (which holds
+/// its job inside), into regular files (not device nodes or named pipes).
+fn needs_record(cfg: &EmbedConfig, files: &[PathBuf]) -> bool {
+    cfg.format != OutputFormat::Parquet
+        && !files.is_empty()
+        && files.iter().all(|f| {
+            matches!(
+                crate::atomic::classify(f),
+                Ok(crate::atomic::Target::Replace(_))
+            )
+        })
 }
 
 /// Embeds and writes every sentence of `reader`; returns the count and how many were
@@ -251,8 +349,12 @@ impl Sink {
         })
     }
 
-    fn is_stdout(&self) -> bool {
-        matches!(self, Sink::Stream { out, .. } if out.is_stdout())
+    fn is_streamed(&self) -> bool {
+        match self {
+            Sink::Stream { out, .. } => out.is_streamed(),
+            Sink::Parquet(p) => p.is_streamed(),
+            Sink::Npy(p) => p.is_streamed(),
+        }
     }
 
     fn begin(&mut self) -> Result<()> {

@@ -153,6 +153,32 @@ fn locked_temp(dir: &Path, suffix: &str) -> io::Result<(File, PathBuf)> {
     }
 }
 
+/// Swaps the names of `a` and `b` in one step (`renameat2` with `RENAME_EXCHANGE`); an error
+/// when the file system cannot (then nothing changed).
+pub fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a path"))
+    };
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: two NUL-terminated paths that outlive the call; renameat2 reads them only.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Syncs the folder `dir`, so a rename in it survives a crash (best effort).
 pub fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {

@@ -249,7 +249,9 @@ impl NpySink {
     /// Writes the real row count into the header and renames both files into place: an
     /// earlier matrix at the path is removed first, then the sidecar is renamed, then the
     /// matrix. A kill at any point leaves either no matrix or a matrix with its own sidecar.
-    pub fn finish(mut self) -> Result<()> {
+    /// With `sum`, returns the sums of the matrix and the sidecar as written (before the
+    /// renames; empty for a streamed output).
+    pub fn finish(mut self, sum: bool) -> Result<Vec<crate::job::FileSum>> {
         let header = npy_header(self.rows, self.dim);
         let fail = || format!("writing {}", self.path.display());
         match self.spool.take() {
@@ -261,6 +263,11 @@ impl NpySink {
                 std::io::copy(&mut f, &mut self.matrix).with_context(fail)?;
             }
             None => self.matrix.write_at(0, &header)?,
+        }
+        let mut sums = Vec::new();
+        if sum {
+            sums.extend(self.matrix.sum()?);
+            sums.extend(self.sidecar.sum()?);
         }
         if let Some(old) = self.matrix.replaces() {
             match std::fs::remove_file(old) {
@@ -276,7 +283,7 @@ impl NpySink {
         crate::atomic::fault_point("output-commit-2");
         self.matrix.finish()?;
         crate::atomic::fault_point("output-commit-3");
-        Ok(())
+        Ok(sums)
     }
 }
 

@@ -305,11 +305,20 @@ struct Record {
     files: Vec<FileSum>,
 }
 
+/// A file's name, size and XXH3-64 hash, as a completion record lists it.
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
-struct FileSum {
+pub struct FileSum {
     name: String,
     bytes: u64,
     xxh3: String,
+}
+
+/// The [`FileSum`] of the file at `path` (a finished temporary file), named as `target`.
+pub fn file_sum_as(path: &Path, target: &Path) -> Result<FileSum> {
+    Ok(FileSum {
+        name: file_name(target),
+        ..file_sum(path)?
+    })
 }
 
 fn file_sum(path: &Path) -> Result<FileSum> {
@@ -346,24 +355,31 @@ pub fn remove_record(files: &[PathBuf]) -> Result<()> {
         return Ok(());
     };
     let path = record_path(main);
-    match std::fs::remove_file(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Ok(m) if !m.is_file() => anyhow::bail!(
+            "{} exists and is not a regular file; remove it, or choose another output name",
+            path.display()
+        ),
+        _ => {}
     }
+    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
 }
 
-/// Writes the completion record of `files` (in place, all regular files) for `job`.
-pub fn write_record(files: &[PathBuf], job: &Job, rows: u64) -> Result<()> {
+/// Writes the completion record of `files` for `job`, with `sums`: those of the bytes this run
+/// wrote, taken before the files were renamed into place (so a concurrent writer's files are
+/// never described as this run's).
+pub fn write_record(files: &[PathBuf], job: &Job, rows: u64, sums: Vec<FileSum>) -> Result<()> {
     let Some(main) = files.first() else {
         return Ok(());
     };
+    anyhow::ensure!(sums.len() == files.len(), "a sum for every file");
     let record = Record {
         format: RECORD_FORMAT.into(),
         version: 1,
         job: job.clone(),
         rows,
-        files: files.iter().map(|p| file_sum(p)).collect::<Result<_>>()?,
+        files: sums,
     };
     let path = record_path(main);
     let mut f = crate::atomic::NewFile::create(&path)
@@ -378,6 +394,16 @@ pub fn write_record(files: &[PathBuf], job: &Job, rows: u64) -> Result<()> {
 /// Whether `files` (a shard's output; Parquet when `parquet`) are absent, finished by `job`,
 /// or unfinished. A complete output of another job is an [`OtherJob`] error.
 pub fn existing(files: &[PathBuf], parquet: bool, job: &Job) -> Result<Existing> {
+    if let (false, Some(main)) = (parquet, files.first()) {
+        let record = record_path(main);
+        if std::fs::symlink_metadata(&record).is_ok_and(|m| !m.is_file()) {
+            anyhow::bail!(
+                "{} exists and is not a regular file, and the completion record goes there; \
+                 remove it, or choose another output name",
+                record.display()
+            );
+        }
+    }
     let metas: Vec<Option<std::fs::Metadata>> =
         files.iter().map(|p| std::fs::metadata(p).ok()).collect();
     if metas.iter().all(Option::is_none) {
@@ -553,7 +579,8 @@ mod tests {
                 f.display()
             ))
         );
-        write_record(&files, &job(), 2).unwrap();
+        let sums = vec![file_sum(&f).unwrap()];
+        write_record(&files, &job(), 2, sums).unwrap();
         assert_eq!(existing(&files, false, &job()).unwrap(), Existing::Finished);
         let mut other = job();
         other.shard = "1/3".into();

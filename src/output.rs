@@ -40,10 +40,8 @@ impl Output {
                 Target::Folder => {
                     anyhow::bail!("--output {}: is a folder; give a file name", p.display())
                 }
-                Target::InPlace => {
-                    let file = std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(p)
+                target @ (Target::InPlace | Target::Descriptor(_)) => {
+                    let file = open_in_place(p, &target)
                         .with_context(|| format!("--output {}: cannot open it", p.display()))?;
                     Sink::InPlace {
                         file: BufWriter::with_capacity(1 << 16, file),
@@ -72,6 +70,20 @@ impl Output {
     /// a device node, a named pipe), so a failure leaves an incomplete output.
     pub fn is_streamed(&self) -> bool {
         !matches!(self.inner, Sink::File { .. })
+    }
+
+    /// Flushes a file output and gives the [`crate::job::FileSum`] of what it holds, before it
+    /// is renamed into place; `None` for a streamed output.
+    pub fn sum(&mut self) -> Result<Option<crate::job::FileSum>> {
+        match &mut self.inner {
+            Sink::File { tmp, path } => {
+                tmp.flush()
+                    .with_context(|| format!("writing {}", path.display()))?;
+                let f = tmp.get_ref();
+                Ok(Some(crate::job::file_sum_as(f.temp_path(), f.target())?))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// The path a file output replaces when it is renamed into place (symlinks resolved);
@@ -155,6 +167,7 @@ pub fn check_target(what: &str, path: &Path, ext: Option<&str>) -> Result<()> {
     let target = match target {
         Target::Folder => anyhow::bail!("{what} {}: is a folder; give a file name", path.display()),
         Target::InPlace => return check_writable(what, path),
+        Target::Descriptor(_) => return Ok(()),
         Target::Replace(t) => t,
     };
     let dir = parent_of(&target);
@@ -173,6 +186,15 @@ pub fn check_target(what: &str, path: &Path, ext: Option<&str>) -> Result<()> {
         )
     })?;
     Ok(())
+}
+
+/// Opens a device node or named pipe for writing (a pipe waits for its reader), or duplicates
+/// the descriptor that `path` names.
+pub fn open_in_place(path: &Path, target: &Target) -> io::Result<File> {
+    match target {
+        Target::Descriptor(fd) => crate::atomic::open_descriptor(*fd),
+        _ => std::fs::OpenOptions::new().write(true).open(path),
+    }
 }
 
 /// Whether this process may write to `path` (without opening it: a named pipe would wait).

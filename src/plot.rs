@@ -41,16 +41,14 @@ pub fn grouped_bars(
     let target = match target {
         Target::Replace(t) => t,
         Target::Folder => anyhow::bail!("--plot {}: is a folder; give a file name", path.display()),
-        Target::InPlace => {
+        in_place @ (Target::InPlace | Target::Descriptor(_)) => {
             let tmp = tempfile::Builder::new()
                 .suffix(".png")
                 .tempfile()
                 .context("creating a temporary file for the chart")?;
             draw(tmp.path(), title, y_label, groups, series)
                 .map_err(|e| anyhow!("drawing the chart: {e}"))?;
-            let mut out = std::fs::OpenOptions::new()
-                .write(true)
-                .open(path)
+            let mut out = crate::output::open_in_place(path, &in_place)
                 .with_context(|| format!("--plot {}: cannot open it", path.display()))?;
             std::io::copy(&mut std::fs::File::open(tmp.path())?, &mut out)
                 .with_context(|| format!("writing {}", path.display()))?;

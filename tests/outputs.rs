@@ -237,6 +237,51 @@ fn special_files_as_outputs_are_written_in_place() {
     assert!(dot_files(&dir).is_empty(), "{:?}", dot_files(&dir));
 }
 
+// Hostile follow-ups of must fix 1: an output named by one of the process's descriptors (as
+// `/dev/stdout` or a shell's `>(...)` are) goes through that descriptor, so an append stays an
+// append; a special file where a completion record goes is never replaced. (`/proc/self/fd/1`
+// rather than `/dev/stdout`: should this ever regress, nothing can be created in /proc.)
+#[test]
+fn descriptors_and_special_records_are_written_through_never_replaced() {
+    let (d, model) = tiny_model(&TinyBert::default());
+    let log = d.path().join("log.jsonl");
+    std::fs::write(&log, "previous line\n").unwrap();
+    let append = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    let o = embed(&model, "jsonl", Path::new("/proc/self/fd/1"))
+        .stdout(Stdio::from(append))
+        .output()
+        .unwrap();
+    ok(&o);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.starts_with("previous line\n"), "{text}");
+    assert_eq!(text.lines().count(), 3, "{text}");
+
+    let input = d.path().join("in.txt");
+    std::fs::write(&input, "hello world\nthe cat sat\n").unwrap();
+    let record = d.path().join("emb-00000-of-00001.jsonl.fetch-ml.json");
+    mkfifo(&record);
+    let o = run(fetch_ml()
+        .args(["--task=1", "--shard=0/1", "--format=jsonl", "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg(&input)
+        .arg("-o")
+        .arg(d.path().join("emb.jsonl")));
+    let err = fails_with(
+        &o,
+        &[
+            "emb-00000-of-00001.jsonl.fetch-ml.json",
+            "not a regular file",
+        ],
+    );
+    assert!(
+        !err.contains("sentence(s) written"),
+        "it fails before the work:\n{err}"
+    );
+    assert_eq!(file_kind(&record), "fifo");
+    assert!(!d.path().join("emb-00000-of-00001.jsonl").exists());
+}
+
 /// A tiny model, a toy training set and an evaluation set.
 struct Toy {
     dir: tempfile::TempDir,

@@ -77,7 +77,8 @@ tags: [sentence-transformers, feature-extraction, text-classification, fetch-ml]
 
 # Fine-tuned {base} with two classification heads
 
-Written by `fetch-ml --task=2 --export` (fetch-ml {version}) from a model trained on {base}.
+Written by `fetch-ml --task=2 --export` (fetch-ml {version}); the encoder was fine-tuned from
+{base}.
 
 - A sentence-transformers model ({modules}): `SentenceTransformer("DIR")` loads it and gives
   the fine-tuned sentence vectors ({dim} dimensions). `fetch-ml --task=1 --model DIR` gives the

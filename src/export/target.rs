@@ -40,6 +40,16 @@ const OWN_DIRS: [(&str, &[&str]); 2] = [("1_Pooling", &["config.json"]), ("2_Nor
 /// `dir` with a symlink to a folder followed, so that the link stays and the folder it names
 /// is what gets replaced.
 pub fn resolve(dir: &Path) -> Result<PathBuf> {
+    if !matches!(
+        dir.components().next_back(),
+        Some(std::path::Component::Normal(_))
+    ) {
+        bail!(
+            "--export {}: names no folder of its own (the current folder, a parent or the root); \
+             give a folder to create, such as exported-model",
+            dir.display()
+        );
+    }
     let is_link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
     if is_link && dir.is_dir() {
         return std::fs::canonicalize(dir).with_context(|| format!("--export {}", dir.display()));

@@ -11,7 +11,7 @@ use crate::columnar::{npy_sidecar, NpySink, ParquetSink, Row};
 use crate::config::{EmbedConfig, Format, OutputFormat};
 use crate::embed::{Embedder, Embedding};
 use crate::input::{SentenceReader, MAX_LINE_BYTES};
-use crate::job::{Existing, Job, ModelId, OtherJob, Settings};
+use crate::job::{Existing, FileSum, Job, ModelId, OtherJob, Settings};
 use crate::loader::ModelAssets;
 use crate::model::quant::Dtype;
 use crate::output::{progress_bar, Output};
@@ -226,9 +226,9 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
         crate::job::remove_record(&files)?;
         crate::atomic::fault_point("output-commit-1");
     }
-    sink.finish(count)?;
+    let sums = sink.finish(count, record.is_some())?;
     if let Some(job) = record {
-        crate::job::write_record(&files, job, count as u64)?;
+        crate::job::write_record(&files, job, count as u64, sums)?;
     }
     if let Some(s) = shard {
         let (first, last) = reader.lines_read();
@@ -387,14 +387,22 @@ impl Sink {
         }
     }
 
-    fn finish(self, count: usize) -> Result<()> {
+    /// Ends the output and renames its files into place; with `sum`, returns the sums of the
+    /// files as written, for a completion record.
+    fn finish(self, count: usize, sum: bool) -> Result<Vec<FileSum>> {
         match self {
             Sink::Stream { printer, mut out } => {
                 printer.end(&mut out, count)?;
-                out.finish()
+                let sums = if sum {
+                    out.sum()?.into_iter().collect()
+                } else {
+                    vec![]
+                };
+                out.finish()?;
+                Ok(sums)
             }
-            Sink::Parquet(p) => p.finish(),
-            Sink::Npy(p) => p.finish(),
+            Sink::Parquet(p) => p.finish().map(|_| vec![]),
+            Sink::Npy(p) => p.finish(sum),
         }
     }
 }

@@ -14,9 +14,14 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+
+mod stale;
+
+pub use stale::remove_stale;
+use stale::{forget_own, own};
 
 /// Names of temporary files and folders start with this.
 pub const TEMP_PREFIX: &str = ".fetch-ml-tmp-";
@@ -43,10 +48,73 @@ pub enum Target {
     InPlace,
     /// A folder.
     Folder,
+    /// One of this process's open descriptors named as a file (`/dev/stdout`, `/dev/stderr`,
+    /// `/dev/fd/N`, `/proc/self/fd/N`, as a shell's `>(...)` gives): written through a
+    /// duplicate of it, so an append (`>> log`) stays an append.
+    Descriptor(i32),
 }
 
-/// Says what `path` is, following symlinks.
+/// The descriptor a path names, when it is one of this process's open descriptors.
+fn descriptor(path: &Path) -> Option<i32> {
+    let s = path.to_str()?;
+    let n = match s {
+        "/dev/stdout" => 1,
+        "/dev/stderr" => 2,
+        _ => s
+            .strip_prefix("/dev/fd/")
+            .or_else(|| s.strip_prefix("/proc/self/fd/"))?
+            .parse()
+            .ok()?,
+    };
+    // SAFETY: F_GETFD only reads the descriptor's flags; an invalid one gives -1.
+    (unsafe { libc::fcntl(n, libc::F_GETFD) } >= 0).then_some(n)
+}
+
+/// A duplicate of descriptor `fd` as a file: it shares the open file (its offset, its
+/// append mode).
+pub fn open_descriptor(fd: i32) -> io::Result<File> {
+    use std::os::unix::io::FromRawFd;
+    // SAFETY: dup returns a new descriptor (or -1) that nothing else owns.
+    let d = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if d < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `d` is a fresh descriptor owned by nothing else; the File takes it over.
+    Ok(unsafe { File::from_raw_fd(d) })
+}
+
+/// Refuses to create or replace a regular file directly in `/dev` or anywhere in `/proc`: a
+/// typo such as `/dev/nul`, run as root, would otherwise leave a file among the devices.
+fn check_not_system(target: &Path) -> io::Result<()> {
+    let parent = std::fs::canonicalize(parent_of(target)).unwrap_or_default();
+    if parent == Path::new("/dev") || parent.starts_with("/proc") {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a device that exists, and fetch-ml does not create files in {}; \
+                 name an existing device or a file elsewhere",
+                target.display(),
+                parent.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Says what `path` is, following symlinks. A regular file to create or replace directly in
+/// `/dev` or in `/proc` is an error.
 pub fn classify(path: &Path) -> io::Result<Target> {
+    if let Some(fd) = descriptor(path) {
+        return Ok(Target::Descriptor(fd));
+    }
+    let t = classify_path(path)?;
+    if let Target::Replace(p) = &t {
+        check_not_system(p)?;
+    }
+    Ok(t)
+}
+
+fn classify_path(path: &Path) -> io::Result<Target> {
     let link = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Target::Replace(path.into())),
@@ -115,7 +183,7 @@ pub fn user_permissions(path: &Path) -> io::Result<()> {
 }
 
 /// Takes an exclusive lock without waiting: `Ok(false)` when another holds it.
-fn try_lock(file: &File) -> io::Result<bool> {
+pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
     // SAFETY: flock on a descriptor the caller owns; no memory is passed.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
         return Ok(true);
@@ -129,7 +197,7 @@ fn try_lock(file: &File) -> io::Result<bool> {
 }
 
 /// Whether `file` is still the one at `path` (not deleted or replaced meanwhile).
-fn still_at(file: &File, path: &Path) -> bool {
+pub(crate) fn still_at(file: &File, path: &Path) -> bool {
     match (file.metadata(), std::fs::symlink_metadata(path)) {
         (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
         _ => false,
@@ -145,11 +213,13 @@ fn locked_temp(dir: &Path, suffix: &str) -> io::Result<(File, PathBuf)> {
             .permissions(std::fs::Permissions::from_mode(0o666))
             .tempfile_in(dir)?;
         let (file, path) = tmp.keep().map_err(|e| e.error)?;
+        own(&path);
         // A cleaner may have taken and deleted the file between its creation and our lock:
         // then it is gone from `path` and we start again under a new name.
         if try_lock(&file)? && still_at(&file, &path) {
             return Ok((file, path));
         }
+        forget_own(&path);
     }
 }
 
@@ -206,6 +276,15 @@ impl NewFile {
     /// As [`NewFile::create`], with a temporary name ending in `suffix` (for writers that pick
     /// a format by extension).
     pub fn create_with_suffix(target: &Path, suffix: &str) -> io::Result<Self> {
+        if !matches!(classify(target)?, Target::Replace(_)) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a regular file; it is never replaced",
+                    target.display()
+                ),
+            ));
+        }
         let dir = parent_of(target);
         remove_stale(dir);
         let (file, tmp) = locked_temp(dir, suffix)?;
@@ -237,6 +316,7 @@ impl NewFile {
         self.file.sync_all()?;
         std::fs::rename(&self.tmp, &self.target)?;
         self.committed = true;
+        forget_own(&self.tmp);
         sync_dir(parent_of(&self.target));
         Ok(())
     }
@@ -255,6 +335,7 @@ impl Drop for NewFile {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_file(&self.tmp);
+            forget_own(&self.tmp);
         }
     }
 }
@@ -277,6 +358,7 @@ impl NewDir {
         let dir = PathBuf::from(name);
         if let Err(e) = std::fs::create_dir(&dir) {
             let _ = std::fs::remove_file(&lock);
+            forget_own(&lock);
             return Err(e);
         }
         Ok(Self {
@@ -301,6 +383,7 @@ impl NewDir {
     pub fn into_kept(mut self) {
         if let Some((file, lock)) = self.lock.take() {
             let _ = std::fs::remove_file(&lock);
+            forget_own(&lock);
             drop(file);
         }
     }
@@ -311,6 +394,7 @@ impl Drop for NewDir {
         if let Some((file, lock)) = self.lock.take() {
             let _ = std::fs::remove_dir_all(&self.dir);
             let _ = std::fs::remove_file(&lock);
+            forget_own(&lock);
             drop(file);
         }
     }
@@ -330,76 +414,9 @@ fn sync_tree(dir: &Path) {
     sync_dir(dir);
 }
 
-/// Whether `name` is one of our temporary files: the current scheme, or the names earlier
-/// versions gave (`.fetch-ml-PID-*`, `.fetch-ml-plot-*`).
-fn is_temp_file_name(name: &str) -> bool {
-    if name.starts_with(TEMP_PREFIX) {
-        return !name.ends_with(".d");
-    }
-    let Some(rest) = name.strip_prefix(".fetch-ml-") else {
-        return false;
-    };
-    let (head, _) = rest.split_once('-').unwrap_or((rest, ""));
-    head == "plot" || (!head.is_empty() && head.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// Removes the temporary files and folders in `dir` whose writer is gone: those whose lock
-/// can be taken (and, for a folder, those whose lock file is gone). Live writers' files,
-/// anything that is not ours, and whatever cannot be opened are left alone.
-pub fn remove_stale(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Ok(kind) = e.file_type() else { continue };
-        let path = e.path();
-        if kind.is_file() && is_temp_file_name(&name) {
-            remove_if_unlocked(&path);
-        } else if kind.is_dir() && name.starts_with(TEMP_PREFIX) && name.ends_with(".d") {
-            let lock = dir.join(&name[..name.len() - 2]);
-            if std::fs::symlink_metadata(&lock).is_err() {
-                let _ = std::fs::remove_dir_all(&path);
-            }
-        }
-    }
-}
-
-/// Deletes a temporary file (and the folder it locks, if any) when its lock can be taken.
-fn remove_if_unlocked(path: &Path) {
-    // Opened for writing: NFS grants an exclusive lock only on a file open for writing.
-    let Ok(file) = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-    else {
-        return;
-    };
-    if !matches!(try_lock(&file), Ok(true)) || !still_at(&file, path) {
-        return;
-    }
-    let mut dir = path.as_os_str().to_os_string();
-    dir.push(".d");
-    let dir = PathBuf::from(dir);
-    if dir.is_dir() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    let _ = std::fs::remove_file(path);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn temporary_names() {
-        assert!(is_temp_file_name(".fetch-ml-tmp-abc123"));
-        assert!(is_temp_file_name(".fetch-ml-4242-abc123"));
-        assert!(is_temp_file_name(".fetch-ml-plot-abc.png"));
-        assert!(!is_temp_file_name(".fetch-ml-tmp-abc123.d"));
-        assert!(!is_temp_file_name(".fetch-ml-notes"));
-        assert!(!is_temp_file_name("fetch-ml-12-x"));
-    }
 
     #[test]
     fn a_new_file_is_locked_until_committed_and_stale_ones_go() {
@@ -450,6 +467,26 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["kept"]);
+    }
+
+    #[test]
+    fn descriptors_and_system_folders() {
+        // Read-only checks: nothing is created under /dev or /proc.
+        assert_eq!(
+            classify(Path::new("/proc/self/fd/2")).unwrap(),
+            Target::Descriptor(2)
+        );
+        assert_eq!(
+            classify(Path::new("/dev/stderr")).unwrap(),
+            Target::Descriptor(2)
+        );
+        assert!(classify(Path::new("/dev/fd/987654")).is_err());
+        let e = classify(Path::new("/dev/fetch-ml-no-such-device")).unwrap_err();
+        assert!(
+            e.to_string().contains("does not create files in /dev"),
+            "{e}"
+        );
+        assert!(classify(Path::new("/proc/self/fetch-ml-no-such-file")).is_err());
     }
 
     #[test]

@@ -631,6 +631,29 @@ fn task2_checks_the_sentences_to_predict_before_it_saves() {
     assert!(!ck.exists(), "nothing is saved");
 }
 
+// Hostile follow-up: a named pipe where --save keeps its lock file is an error, not a hang.
+#[test]
+fn a_named_pipe_at_the_save_lock_is_an_error_not_a_hang() {
+    let t = toy();
+    mkfifo(&t.dir.path().join(".ck.lock"));
+    let mut child = train_cmd(&t, &t.dir.path().join("ck"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("fetch-ml hangs on a named pipe at the save lock");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    fails_with(&o, &[".ck.lock", "not a regular file"]);
+    assert_eq!(file_kind(&t.dir.path().join(".ck.lock")), "fifo");
+}
+
 /// Peak RSS in bytes and the exit status of `cmd`, stdout and stderr discarded to files.
 fn peak_rss(cmd: &mut Command, log: &Path) -> (i32, u64) {
     let child = cmd

@@ -441,9 +441,9 @@ mod tests {
             0o666 & !umask()
         );
         // An unlocked temporary and an orphan temporary folder are stale.
-        std::fs::write(d.path().join(".fetch-ml-tmp-x"), "").unwrap();
-        std::fs::create_dir(d.path().join(".fetch-ml-tmp-x.d")).unwrap();
-        std::fs::create_dir(d.path().join(".fetch-ml-tmp-y.d")).unwrap();
+        std::fs::write(d.path().join(".fetch-ml-tmp-xxxxxx"), "").unwrap();
+        std::fs::create_dir(d.path().join(".fetch-ml-tmp-xxxxxx.d")).unwrap();
+        std::fs::create_dir(d.path().join(".fetch-ml-tmp-yyyyyy.d")).unwrap();
         remove_stale(d.path());
         let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
         assert_eq!(left.len(), 1, "only out.txt is left");

@@ -323,9 +323,9 @@ fn stream(
 
 /// Where the rows go: a text format through [`Printer`], or a columnar file.
 enum Sink {
-    Stream { printer: Printer, out: Output },
+    Stream { printer: Box<Printer>, out: Output },
     Parquet(Box<ParquetSink>),
-    Npy(NpySink),
+    Npy(Box<NpySink>),
 }
 
 impl Sink {
@@ -338,14 +338,14 @@ impl Sink {
         };
         Ok(match cfg.format.text_format() {
             Some(format) => Sink::Stream {
-                printer: Printer::new(format, meta),
+                printer: Box::new(Printer::new(format, meta)),
                 out: Output::create(cfg.output.as_deref())?,
             },
             None if cfg.format == OutputFormat::Parquet => {
                 let meta = serde_json::to_string(&meta)?;
                 Sink::Parquet(Box::new(ParquetSink::create(file()?, dim, meta)?))
             }
-            None => Sink::Npy(NpySink::create(file()?, dim)?),
+            None => Sink::Npy(Box::new(NpySink::create(file()?, dim)?)),
         })
     }
 

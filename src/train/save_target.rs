@@ -303,15 +303,29 @@ impl Drop for Lock {
 /// Takes the lock `parent/.NAME.lock`: `Ok(None)` when another process holds it and `wait`
 /// is false.
 fn lock(parent: &Path, name: &str, wait: bool) -> Result<Option<Lock>> {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let path = parent.join(format!(".{name}.lock"));
+    let not_regular = || {
+        anyhow::anyhow!(
+            "{} is not a regular file; remove it (fetch-ml keeps its save lock there)",
+            path.display()
+        )
+    };
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+        return Err(not_regular());
+    }
     loop {
+        // Not through a symlink, and without waiting on a named pipe put there.
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)
             .with_context(|| format!("creating the lock file {}", path.display()))?;
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Err(not_regular());
+        }
         let op = if wait {
             libc::LOCK_EX
         } else {

@@ -1,14 +1,13 @@
 //! `--task=1`: embed sentences (all of the input, or one shard of it) and write them as text,
 //! JSONL, JSON, Parquet or NumPy.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use candle_core::Device;
 
 use crate::columnar::{npy_sidecar, NpySink, ParquetSink, Row};
-use crate::config::{EmbedConfig, Format, OutputFormat};
+use crate::config::{EmbedConfig, OutputFormat};
 use crate::embed::{Embedder, Embedding};
 use crate::input::{SentenceReader, MAX_LINE_BYTES};
 use crate::job::{Existing, FileSum, Job, ModelId, OtherJob, Settings};
@@ -18,35 +17,11 @@ use crate::output::{progress_bar, Output};
 use crate::shard::ShardSpec;
 use crate::tokenize::name_sentence;
 
+use super::printer::{Meta, Printer};
+
 /// Sentences read and embedded per step (and per Parquet row group); bounds memory whatever
 /// the input size.
 const CHUNK: usize = 4096;
-/// The cosine matrix is printed for at most this many sentences.
-const MATRIX_MAX: usize = 20;
-
-/// What describes the whole output.
-#[derive(serde::Serialize)]
-struct Meta {
-    /// A hub id, or a local folder's name (not its path on this machine).
-    model: String,
-    revision: Option<String>,
-    /// A hash of the model's files; see [`crate::job::model_fingerprint`].
-    model_fingerprint: String,
-    dimension: usize,
-    normalized: bool,
-    pooling: &'static str,
-    max_seq_length: usize,
-    dtype: &'static str,
-    /// The text prepended to every sentence, when there is one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    prompt: Option<String>,
-    /// `I/N` in a sharded run.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    shard: Option<String>,
-    /// What made a sharded run's output, compared before a retry skips it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    job: Option<Job>,
-}
 
 /// The files a run writes: none for standard output; the matrix and its sidecar for npy.
 fn output_files(cfg: &EmbedConfig) -> Vec<PathBuf> {
@@ -404,159 +379,5 @@ impl Sink {
             Sink::Parquet(p) => p.finish().map(|_| vec![]),
             Sink::Npy(p) => p.finish(sum),
         }
-    }
-}
-
-/// One sentence in the JSON formats; f32 values print in their shortest exact form.
-#[derive(serde::Serialize)]
-struct Record<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    index: Option<u64>,
-    text: &'a str,
-    tokens: usize,
-    truncated: bool,
-    embedding: &'a [f32],
-}
-
-/// Streams one output format.
-struct Printer {
-    format: Format,
-    meta: Meta,
-    /// The first sentences, kept for the similarity matrix of the text format.
-    head: Vec<(String, Vec<f32>)>,
-}
-
-impl Printer {
-    fn new(format: Format, meta: Meta) -> Self {
-        Self {
-            format,
-            meta,
-            head: Vec::new(),
-        }
-    }
-
-    fn begin(&self, out: &mut dyn Write) -> Result<()> {
-        let m = &self.meta;
-        match self.format {
-            Format::Text => writeln!(
-                out,
-                "model {}: {} dimensions, {} pooling, {}, max {} tokens",
-                m.model,
-                m.dimension,
-                m.pooling,
-                if m.normalized {
-                    "L2-normalized"
-                } else {
-                    "not normalized"
-                },
-                m.max_seq_length
-            )?,
-            Format::Jsonl => {}
-            Format::Json => {
-                let header = serde_json::to_string(m)?;
-                // Re-open the object to stream the embeddings array into it.
-                write!(out, "{},\"embeddings\":[", header.trim_end_matches('}'))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Sentence number `n` of the run, on line `index` (0-based) of the input.
-    fn item(
-        &mut self,
-        out: &mut dyn Write,
-        n: usize,
-        index: u64,
-        text: &str,
-        e: &Embedding,
-    ) -> Result<()> {
-        match self.format {
-            Format::Text => {
-                let norm = e.vector.iter().map(|v| v * v).sum::<f32>().sqrt();
-                let first: Vec<String> = e
-                    .vector
-                    .iter()
-                    .take(8)
-                    .map(|v| format!("{v:+.4}"))
-                    .collect();
-                writeln!(out, "[{}] {}", n + 1, clip(text, 100))?;
-                writeln!(
-                    out,
-                    "    {} tokens{}  norm {norm:.4}  [{}, ...]",
-                    e.tokens,
-                    if e.truncated { " (truncated)" } else { "" },
-                    first.join(", ")
-                )?;
-                if self.head.len() <= MATRIX_MAX {
-                    self.head.push((text.to_string(), e.vector.clone()));
-                }
-            }
-            Format::Jsonl => {
-                let obj = Record {
-                    index: Some(index),
-                    text,
-                    tokens: e.tokens,
-                    truncated: e.truncated,
-                    embedding: &e.vector,
-                };
-                writeln!(out, "{}", serde_json::to_string(&obj)?)?;
-            }
-            Format::Json => {
-                let obj = Record {
-                    index: None,
-                    text,
-                    tokens: e.tokens,
-                    truncated: e.truncated,
-                    embedding: &e.vector,
-                };
-                let sep = if n == 0 { "" } else { "," };
-                write!(out, "{sep}{}", serde_json::to_string(&obj)?)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn end(&self, out: &mut dyn Write, count: usize) -> Result<()> {
-        match self.format {
-            Format::Text if count <= MATRIX_MAX && count > 1 => {
-                writeln!(out, "\ncosine similarity")?;
-                write!(out, "{:>6}", "")?;
-                for j in 0..count {
-                    write!(out, "{:>7}", format!("[{}]", j + 1))?;
-                }
-                writeln!(out)?;
-                for (i, (_, a)) in self.head.iter().enumerate() {
-                    write!(out, "{:>6}", format!("[{}]", i + 1))?;
-                    for (_, b) in &self.head {
-                        write!(out, "{:>7.3}", cosine(a, b))?;
-                    }
-                    writeln!(out)?;
-                }
-            }
-            Format::Text | Format::Jsonl => {}
-            Format::Json => writeln!(out, "],\"count\":{count}}}")?,
-        }
-        Ok(())
-    }
-}
-
-/// Cosine similarity of two vectors (0 when either is zero).
-pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if na == 0.0 || nb == 0.0 {
-        0.0
-    } else {
-        dot / (na * nb)
-    }
-}
-
-/// `text` cut to `max` characters, with an ellipsis when cut.
-fn clip(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        text.to_string()
-    } else {
-        text.chars().take(max - 1).collect::<String>() + "…"
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::chunk::ChunkError;
 use crate::hub::{HubError, Place};
+use crate::job::OtherJob;
 use crate::loader::LoadError;
 use crate::model::encoder::UnsupportedDtype;
 use crate::model::freeze::FreezeError;
@@ -32,6 +33,12 @@ pub fn advice(e: &anyhow::Error) -> Vec<String> {
             Some(
                 "--eval-every and --keep-best evaluate during training: pass --eval-file with \
                  --train-file"
+                    .into(),
+            )
+        } else if cause.downcast_ref::<OtherJob>().is_some() {
+            Some(
+                "pass --overwrite to replace it with this run's output (the shard is embedded \
+                 again), or choose another --output"
                     .into(),
             )
         } else if cause.downcast_ref::<Diverged>().is_some() {

@@ -92,11 +92,7 @@ pub struct Cli {
     #[arg(long, short = 'i', value_name = "FILE", help_heading = "Input")]
     pub input: Option<PathBuf>,
 
-    /// Write results to FILE instead of standard output. The file appears only once complete.
-    /// In a sharded run, {shard} in FILE becomes the shard's tag (00002-of-00008), {i} its
-    /// index and {n} the count; without them the tag goes before the extension
-    /// (emb.parquet -> emb-00002-of-00008.parquet).
-    #[arg(long, short = 'o', value_name = "FILE", help_heading = "Output")]
+    #[arg(long, short = 'o', value_name = "FILE", help_heading = "Output", help = OUTPUT_HELP)]
     pub output: Option<PathBuf>,
 
     /// Output format. text: a summary per sentence and, for up to 20 sentences, their cosine
@@ -105,7 +101,7 @@ pub struct Cli {
     /// dimension, normalized, pooling, max_seq_length, embeddings: [{text, tokens, truncated,
     /// embedding}], count). parquet (--task=1, needs --output): columns index (int64), text,
     /// tokens (int32), truncated, embedding (fixed-size list of float32), a row group per
-    /// 4096 sentences. npy (--task=1, needs --output): a float32 matrix, one row per
+    /// 4096 sentences or 8 MiB of text. npy (--task=1, needs --output): a float32 matrix, one row per
     /// sentence, and a JSONL sidecar FILE.meta.jsonl with index, text, tokens, truncated of
     /// each row.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text, help_heading = "Output")]
@@ -114,20 +110,22 @@ pub struct Cli {
     /// Embed only shard I of N (0-based, I < N) of the input. A file is cut into N byte
     /// ranges at line starts and this run reads only its own; other inputs are read whole and
     /// line L goes to shard L mod N. Output rows keep their global line number as index.
-    /// [default: from JOB_COMPLETION_INDEX (Kubernetes Indexed Job, with --shards) or
-    /// SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT (Slurm job array);
+    /// [default: index I from JOB_COMPLETION_INDEX (Kubernetes Indexed Job) or
+    /// SLURM_ARRAY_TASK_ID (Slurm job array), with N pinned by --shards or FETCH_ML_SHARDS;
     /// else no sharding. --shard 0/1 turns the environment off]
     #[arg(long, value_name = "I/N", value_parser = Shard::parse, help_heading = "Corpus (--task=1)")]
     pub shard: Option<Shard>,
 
     /// The number of shards N when the shard index comes from the environment
-    /// (JOB_COMPLETION_INDEX, which carries no count; for Slurm it overrides
-    /// SLURM_ARRAY_TASK_COUNT). FETCH_ML_SHARDS=N does the same.
+    /// (JOB_COMPLETION_INDEX or SLURM_ARRAY_TASK_ID, the shard index itself). Required there:
+    /// the count is never guessed from the engine, since a re-submitted part of a job would
+    /// then split the input differently. FETCH_ML_SHARDS=N does the same.
     #[arg(long, value_name = "N", value_parser = positive, conflicts_with = "shard", help_heading = "Corpus (--task=1)")]
     pub shards: Option<usize>,
 
-    /// Redo work whose output already exists: a shard's complete output (which is otherwise
-    /// skipped, so that retried shards are cheap), or an earlier --export folder.
+    /// Redo work whose output already exists: a shard's output that is complete and was made by
+    /// the same job (otherwise skipped, so that retried shards are cheap) or by another job
+    /// (otherwise an error saying what differs), or an earlier --export folder.
     #[arg(long, help_heading = "Corpus (--task=1)")]
     pub overwrite: bool,
 
@@ -378,6 +376,20 @@ pub struct Cli {
     pub plot: Option<PathBuf>,
 }
 
+/// `--output`'s help. clap turns a literal `{n}` in help text into a line break, so the `{n}`
+/// placeholder carries an empty terminal escape (`ESC [0m`, a style reset) after its brace:
+/// clap leaves it alone, and the escape is stripped (or invisible) on output.
+const OUTPUT_HELP: &str = concat!(
+    "Write results to FILE instead of standard output. The file appears only once complete; ",
+    "a device node or named pipe is written in place. In a sharded run, {shard} in FILE ",
+    "becomes the shard's tag (00002-of-00008), {i} its index and {",
+    "\x1b[0m",
+    "n} the count (a name with {",
+    "\x1b[0m",
+    "n} needs {i} or {shard} too); without them the tag goes before the extension ",
+    "(emb.parquet -> emb-00002-of-00008.parquet)."
+);
+
 fn dtype(s: &str) -> Result<Dtype, String> {
     s.parse::<Dtype>().map_err(|e| e.to_string())
 }
@@ -620,11 +632,15 @@ impl Cli {
             Some(shard) => Some(ShardSpec {
                 shard,
                 source: format!("--shard {shard}"),
+                note: None,
             }),
             None => crate::shard::from_env(self.shards, &|k| std::env::var(k).ok())?,
         };
         let output = match (&shard, self.output) {
-            (Some(s), Some(p)) if p != Path::new("-") => Some(s.shard.output_path(&p)),
+            (Some(s), Some(p)) if p != Path::new("-") => {
+                crate::shard::check_template(&p).map_err(|e| anyhow::anyhow!("--output {e}"))?;
+                Some(s.shard.output_path(&p))
+            }
             (None, Some(p)) if crate::shard::has_placeholder(&p) => bail!(
                 "--output {}: {{shard}}, {{i}} and {{n}} are filled in for a sharded run \
                  only; pass --shard I/N, or remove them from the name",

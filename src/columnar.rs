@@ -5,8 +5,9 @@
 //!
 //! Parquet columns: `index` (int64, the sentence's 0-based line number in the input), `text`
 //! (utf8), `tokens` (int32), `truncated` (bool), `embedding` (fixed-size list of float32 of
-//! the model's dimension). One row group per chunk, Snappy-compressed, no dictionaries. The
-//! file's key-value metadata `fetch-ml` holds the run's model description as JSON.
+//! the model's dimension). One row group per chunk (a chunk is bounded in sentences and in
+//! bytes of text), Snappy-compressed, no dictionaries. The file's key-value metadata
+//! `fetch-ml` holds the run's model description as JSON.
 //!
 //! With `--chunks rows`, each row is one window of an input: Parquet adds the columns
 //! `window` (int32, its number), `char_start` and `char_end` (int64, its characters in the
@@ -15,16 +16,19 @@
 //! `.npy`: format version 1.0, `<f4` (float32 little-endian), C order, shape `(rows, dim)`.
 //! Row k is the sentence on line k of the sidecar `PATH.meta.jsonl` (`index`, `text`,
 //! `tokens`, `truncated`). The header is written first with room for any row count and
-//! rewritten with the real one at the end.
+//! rewritten with the real one at the end; a matrix written in place (a device node or a named
+//! pipe) is spooled to an unnamed temporary file until the count is known. The pair completes
+//! with the matrix's rename, and an earlier matrix at the path is removed before the sidecar
+//! is replaced, so a matrix that exists always has its own sidecar.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use arrow_array::builder::StringBuilder;
 use arrow_array::{
     ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, Int32Array, Int64Array, RecordBatch,
-    StringArray,
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
@@ -65,7 +69,7 @@ pub struct ParquetSink {
     schema: SchemaRef,
     dim: usize,
     index: Vec<i64>,
-    text: Vec<String>,
+    text: StringBuilder,
     tokens: Vec<i32>,
     truncated: Vec<bool>,
     values: Vec<f32>,
@@ -121,7 +125,7 @@ impl ParquetSink {
             schema,
             dim,
             index: Vec::new(),
-            text: Vec::new(),
+            text: StringBuilder::new(),
             tokens: Vec::new(),
             truncated: Vec::new(),
             values: Vec::new(),
@@ -140,7 +144,7 @@ impl ParquetSink {
             );
         }
         self.index.push(r.index as i64);
-        self.text.push(r.text.to_string());
+        self.text.append_value(r.text);
         self.tokens.push(r.tokens as i32);
         self.truncated.push(r.truncated);
         self.values.extend_from_slice(r.embedding);
@@ -170,7 +174,7 @@ impl ParquetSink {
             )));
         }
         columns.extend::<[ArrayRef; 4]>([
-            Arc::new(StringArray::from(std::mem::take(&mut self.text))),
+            Arc::new(self.text.finish()),
             Arc::new(Int32Array::from(std::mem::take(&mut self.tokens))),
             Arc::new(BooleanArray::from(std::mem::take(&mut self.truncated))),
             Arc::new(embedding),
@@ -180,6 +184,11 @@ impl ParquetSink {
         self.writer.write(&batch).with_context(fail)?;
         self.writer.flush().with_context(fail)?;
         Ok(())
+    }
+
+    /// Whether the file is written in place (a device node or named pipe).
+    pub fn is_streamed(&self) -> bool {
+        self.writer.inner().is_streamed()
     }
 
     /// Writes the last rows and the footer, and renames the file into place.
@@ -219,10 +228,13 @@ pub fn npy_header(rows: u64, dim: usize) -> Vec<u8> {
 /// Streams rows into a `.npy` matrix and its JSONL sidecar.
 pub struct NpySink {
     matrix: Output,
+    /// The rows of a matrix written in place, kept until their count is known.
+    spool: Option<std::io::BufWriter<std::fs::File>>,
     sidecar: Output,
     dim: usize,
     rows: u64,
     buf: Vec<u8>,
+    path: PathBuf,
 }
 
 /// One line of the `.npy` sidecar.
@@ -241,16 +253,30 @@ impl NpySink {
     pub fn create(path: &Path, dim: usize) -> Result<Self> {
         let mut matrix = Output::create(Some(path))?;
         let sidecar = Output::create(Some(&npy_sidecar(path)))?;
-        matrix
-            .write_all(&npy_header(0, dim))
-            .with_context(|| format!("writing {}", path.display()))?;
+        let spool = if matrix.is_streamed() {
+            let f = tempfile::tempfile().context("creating a temporary file for the matrix")?;
+            Some(std::io::BufWriter::with_capacity(1 << 16, f))
+        } else {
+            matrix
+                .write_all(&npy_header(0, dim))
+                .with_context(|| format!("writing {}", path.display()))?;
+            None
+        };
         Ok(Self {
             matrix,
+            spool,
             sidecar,
             dim,
             rows: 0,
             buf: Vec::new(),
+            path: path.to_path_buf(),
         })
+    }
+
+    /// Whether the sidecar is written in place (the matrix of a device node or named pipe is
+    /// spooled, and only written at the end).
+    pub fn is_streamed(&self) -> bool {
+        self.sidecar.is_streamed()
     }
 
     pub fn row(&mut self, r: &Row) -> Result<()> {
@@ -259,7 +285,10 @@ impl NpySink {
         for v in r.embedding {
             self.buf.extend_from_slice(&v.to_le_bytes());
         }
-        self.matrix.write_all(&self.buf)?;
+        match &mut self.spool {
+            Some(s) => s.write_all(&self.buf)?,
+            None => self.matrix.write_all(&self.buf)?,
+        }
         let meta = SidecarRow {
             index: r.index,
             window: r.window,
@@ -272,13 +301,44 @@ impl NpySink {
         Ok(())
     }
 
-    /// Writes the real row count into the header and renames both files into place, the
-    /// sidecar first: a `.npy` file that exists always has its sidecar.
-    pub fn finish(mut self) -> Result<()> {
+    /// Writes the real row count into the header and renames both files into place: an
+    /// earlier matrix at the path is removed first, then the sidecar is renamed, then the
+    /// matrix. A kill at any point leaves either no matrix or a matrix with its own sidecar.
+    /// With `sum`, returns the sums of the matrix and the sidecar as written (before the
+    /// renames; empty for a streamed output).
+    pub fn finish(mut self, sum: bool) -> Result<Vec<crate::job::FileSum>> {
         let header = npy_header(self.rows, self.dim);
-        self.matrix.write_at(0, &header)?;
+        let fail = || format!("writing {}", self.path.display());
+        match self.spool.take() {
+            Some(spool) => {
+                let mut f = spool.into_inner().map_err(|e| e.into_error())?;
+                use std::io::Seek;
+                f.seek(std::io::SeekFrom::Start(0))?;
+                self.matrix.write_all(&header).with_context(fail)?;
+                std::io::copy(&mut f, &mut self.matrix).with_context(fail)?;
+            }
+            None => self.matrix.write_at(0, &header)?,
+        }
+        let mut sums = Vec::new();
+        if sum {
+            sums.extend(self.matrix.sum()?);
+            sums.extend(self.sidecar.sum()?);
+        }
+        if let Some(old) = self.matrix.replaces() {
+            match std::fs::remove_file(old) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("removing the earlier {}", old.display()))
+                }
+            }
+        }
         self.sidecar.finish()?;
-        self.matrix.finish()
+        crate::atomic::fault_point("output-commit-2");
+        self.matrix.finish()?;
+        crate::atomic::fault_point("output-commit-3");
+        Ok(sums)
     }
 }
 

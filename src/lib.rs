@@ -4,6 +4,7 @@
 
 pub mod advice;
 pub mod alloc;
+pub mod atomic;
 pub mod chunk;
 pub mod cli;
 pub mod columnar;
@@ -14,6 +15,7 @@ pub mod export;
 pub mod hub;
 pub mod input;
 pub mod interrupt;
+pub mod job;
 pub mod loader;
 pub mod model;
 pub mod output;

@@ -2,7 +2,6 @@
 //! JSONL, JSON, Parquet or NumPy; long inputs truncated at either end, or split into windows
 //! (merged, or one row per window).
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
@@ -10,48 +9,21 @@ use candle_core::Device;
 
 use crate::chunk::{CharSlicer, ChunkMode, Chunker};
 use crate::columnar::{npy_sidecar, NpySink, ParquetSink, Row, RowWindow};
-use crate::config::{EmbedConfig, Format, OutputFormat};
+use crate::config::{EmbedConfig, OutputFormat};
 use crate::embed::{Embedded, Embedder, Embedding};
 use crate::input::{SentenceReader, MAX_LINE_BYTES};
+use crate::job::{Existing, FileSum, Job, ModelId, OtherJob, Settings};
 use crate::loader::ModelAssets;
 use crate::model::quant::Dtype;
 use crate::output::{progress_bar, Output};
+use crate::shard::ShardSpec;
 use crate::tokenize::name_sentence;
+
+use super::printer::{Meta, Printer};
 
 /// Sentences read and embedded per step (and per Parquet row group); bounds memory whatever
 /// the input size.
 const CHUNK: usize = 4096;
-/// The cosine matrix is printed for at most this many sentences.
-const MATRIX_MAX: usize = 20;
-
-/// What describes the whole output.
-#[derive(serde::Serialize)]
-struct Meta {
-    model: String,
-    revision: Option<String>,
-    dimension: usize,
-    normalized: bool,
-    pooling: &'static str,
-    max_seq_length: usize,
-    dtype: &'static str,
-    /// The text prepended to every sentence, when there is one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    prompt: Option<String>,
-    /// `I/N` in a sharded run.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    shard: Option<String>,
-    /// `left` when long inputs keep their last tokens.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    truncate_side: Option<&'static str>,
-    /// Long inputs split into windows of this many tokens (`--chunk-tokens`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    chunk_tokens: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    chunk_overlap: Option<usize>,
-    /// `mean` (one vector per input) or `rows` (one row per window).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    chunks: Option<&'static str>,
-}
 
 /// The files a run writes: none for standard output; the matrix and its sidecar for npy.
 fn output_files(cfg: &EmbedConfig) -> Vec<PathBuf> {
@@ -64,29 +36,94 @@ fn output_files(cfg: &EmbedConfig) -> Vec<PathBuf> {
     }
 }
 
+/// The job of a sharded run, for its output and the check before a skip.
+fn job_of(cfg: &EmbedConfig, spec: &ShardSpec, fingerprint: &str) -> Result<Job> {
+    Ok(Job {
+        shard: spec.shard.to_string(),
+        input: crate::job::input_id(&cfg.input)?,
+        model: ModelId {
+            name: crate::job::model_name(&cfg.model),
+            fingerprint: fingerprint.to_string(),
+        },
+        settings: Settings {
+            format: format!("{:?}", cfg.format).to_ascii_lowercase(),
+            dtype: cfg.dtype.name().to_string(),
+            normalize: cfg.normalize,
+            max_seq_length: cfg.max_seq_length,
+            truncate_dim: cfg.truncate_dim,
+            prompt: cfg.prompt.clone(),
+            prompt_name: cfg.prompt_name.clone(),
+            truncate_side: (cfg.truncate_side == crate::tokenize::TruncateSide::Left)
+                .then(|| "left".to_string()),
+            chunking: cfg
+                .chunking
+                .map(|c| format!("{}/{}/{}", c.tokens, c.overlap, c.mode.name())),
+        },
+    })
+}
+
+/// Whether a sharded run's output is already finished by this same job, so the run is
+/// skipped. An output of another job is an error unless `--overwrite` replaces it.
+fn finished_already(cfg: &EmbedConfig, job: &Job, files: &[PathBuf]) -> Result<bool> {
+    let s = &job.shard;
+    let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+    let names = names.join(" + ");
+    match crate::job::existing(files, cfg.format == OutputFormat::Parquet, job) {
+        Ok(Existing::Absent) => Ok(false),
+        Ok(Existing::Finished) if !cfg.overwrite => {
+            eprintln!(
+                "shard {s}: skipped, its output {names} is complete and was made by this same job \
+                 (shard, input, model and settings); pass --overwrite to redo it"
+            );
+            if !job.input.comparable() {
+                eprintln!(
+                    "note: {} cannot be compared with the input of the run that made it",
+                    job.input.name
+                );
+            }
+            Ok(true)
+        }
+        Ok(Existing::Finished) => {
+            eprintln!("shard {s}: {names} is complete; redoing it (--overwrite)");
+            Ok(false)
+        }
+        Ok(Existing::Unfinished(why)) => {
+            eprintln!("shard {s}: {why}; redoing it");
+            Ok(false)
+        }
+        Err(e) if cfg.overwrite && e.is::<OtherJob>() => {
+            eprintln!("shard {s}: {e}; replacing it (--overwrite)");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 pub fn run(cfg: &EmbedConfig) -> Result<()> {
     let files = output_files(cfg);
     let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+    // A folder or an unwritable place fails now, not after the work.
+    for f in &files {
+        crate::output::check_target("--output", f, None)?;
+    }
     if let Some(spec) = &cfg.shard {
         eprintln!("shard {} (from {})", spec.shard, spec.source);
-        if crate::shard::outputs_exist(&files) {
-            if !cfg.overwrite {
-                eprintln!(
-                    "shard {}: skipped, its output {} already exists (outputs appear only once \
-                     complete); pass --overwrite to redo it",
-                    spec.shard,
-                    names.join(" + ")
-                );
-                return Ok(());
-            }
-            eprintln!(
-                "shard {}: {} exists; redoing it (--overwrite)",
-                spec.shard,
-                names.join(" + ")
-            );
+        if let Some(note) = &spec.note {
+            eprintln!("note: {note}");
         }
     }
-    let mut assets = ModelAssets::load(&cfg.model, cfg.max_seq_length)?;
+    let model_files = crate::hub::resolve(&cfg.model)?;
+    let fingerprint = crate::job::model_fingerprint(&model_files)?;
+    let job = match &cfg.shard {
+        Some(spec) => Some(job_of(cfg, spec, &fingerprint)?),
+        None => None,
+    };
+    if let Some(job) = &job {
+        if finished_already(cfg, job, &files)? {
+            return Ok(());
+        }
+    }
+    let mut assets = ModelAssets::from_files(model_files, cfg.max_seq_length)?;
     assets.tokenizer.set_truncate_side(cfg.truncate_side)?;
     let device = Device::Cpu;
     // The float32 dense weights are dropped once converted: only one copy stays resident.
@@ -129,8 +166,10 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
         )?);
     }
     let meta = Meta {
-        model: cfg.model.id.clone(),
+        model: crate::job::model_name(&cfg.model),
         revision: (!cfg.model.is_local()).then(|| cfg.model.revision.clone()),
+        model_fingerprint: fingerprint,
+        job: job.clone(),
         dimension,
         normalized: embedder.normalize,
         pooling: embedder.pooling.name(),
@@ -155,11 +194,16 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
     let streamed = stream(&mut reader, &embedder, &mut sink, &mut written);
     let (count, truncated) = match streamed {
         Ok(counts) => counts,
-        // A file output is simply never renamed into place; standard output is already out.
-        Err(e) if written && sink.is_stdout() => {
-            return Err(
-                e.context("stopped early: what was written to standard output is incomplete")
-            )
+        // A file output is simply never renamed into place; standard output (or a device node
+        // or named pipe) already has what was written.
+        Err(e) if written && sink.is_streamed() => {
+            let to = match &cfg.output {
+                Some(p) if p.as_os_str() != "-" => p.display().to_string(),
+                _ => "standard output".to_string(),
+            };
+            return Err(e.context(format!(
+                "stopped early: what was written to {to} is incomplete"
+            )));
         }
         Err(e) => return Err(e),
     };
@@ -169,7 +213,17 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
             cfg.input.describe()
         );
     }
-    sink.finish(count)?;
+    // A sharded run's files complete with their record: the old one goes before any file
+    // is replaced, the new one comes after them all.
+    let record = job.as_ref().filter(|_| needs_record(cfg, &files));
+    if record.is_some() {
+        crate::job::remove_record(&files)?;
+        crate::atomic::fault_point("output-commit-1");
+    }
+    let sums = sink.finish(count, record.is_some())?;
+    if let Some(job) = record {
+        crate::job::write_record(&files, job, count as u64, sums)?;
+    }
     if let Some(s) = shard {
         let (first, last) = reader.lines_read();
         let lines = if first > last {
@@ -203,6 +257,19 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether a sharded run writes a completion record: formats other than Parquet (which holds
+/// its job inside), into regular files (not device nodes or named pipes).
+fn needs_record(cfg: &EmbedConfig, files: &[PathBuf]) -> bool {
+    cfg.format != OutputFormat::Parquet
+        && !files.is_empty()
+        && files.iter().all(|f| {
+            matches!(
+                crate::atomic::classify(f),
+                Ok(crate::atomic::Target::Replace(_))
+            )
+        })
 }
 
 /// Embeds and writes every sentence of `reader`; returns the count and how many were
@@ -269,9 +336,9 @@ fn stream(
 
 /// Where the rows go: a text format through [`Printer`], or a columnar file.
 enum Sink {
-    Stream { printer: Printer, out: Output },
+    Stream { printer: Box<Printer>, out: Output },
     Parquet(Box<ParquetSink>),
-    Npy(NpySink),
+    Npy(Box<NpySink>),
 }
 
 impl Sink {
@@ -284,7 +351,7 @@ impl Sink {
         };
         Ok(match cfg.format.text_format() {
             Some(format) => Sink::Stream {
-                printer: Printer::new(format, meta),
+                printer: Box::new(Printer::new(format, meta)),
                 out: Output::create(cfg.output.as_deref())?,
             },
             None if cfg.format == OutputFormat::Parquet => {
@@ -292,12 +359,16 @@ impl Sink {
                 let windows = cfg.chunking.is_some_and(|c| c.mode == ChunkMode::Rows);
                 Sink::Parquet(Box::new(ParquetSink::create(file()?, dim, meta, windows)?))
             }
-            None => Sink::Npy(NpySink::create(file()?, dim)?),
+            None => Sink::Npy(Box::new(NpySink::create(file()?, dim)?)),
         })
     }
 
-    fn is_stdout(&self) -> bool {
-        matches!(self, Sink::Stream { out, .. } if out.is_stdout())
+    fn is_streamed(&self) -> bool {
+        match self {
+            Sink::Stream { out, .. } => out.is_streamed(),
+            Sink::Parquet(p) => p.is_streamed(),
+            Sink::Npy(p) => p.is_streamed(),
+        }
     }
 
     fn begin(&mut self) -> Result<()> {
@@ -339,185 +410,22 @@ impl Sink {
         }
     }
 
-    fn finish(self, count: usize) -> Result<()> {
+    /// Ends the output and renames its files into place; with `sum`, returns the sums of the
+    /// files as written, for a completion record.
+    fn finish(self, count: usize, sum: bool) -> Result<Vec<FileSum>> {
         match self {
             Sink::Stream { printer, mut out } => {
                 printer.end(&mut out, count)?;
-                out.finish()
-            }
-            Sink::Parquet(p) => p.finish(),
-            Sink::Npy(p) => p.finish(),
-        }
-    }
-}
-
-/// One sentence in the JSON formats; f32 values print in their shortest exact form.
-#[derive(serde::Serialize)]
-struct Record<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    index: Option<u64>,
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    window: Option<RowWindow>,
-    text: &'a str,
-    tokens: usize,
-    truncated: bool,
-    embedding: &'a [f32],
-}
-
-/// Streams one output format.
-struct Printer {
-    format: Format,
-    meta: Meta,
-    /// The first sentences, kept for the similarity matrix of the text format.
-    head: Vec<(String, Vec<f32>)>,
-}
-
-impl Printer {
-    fn new(format: Format, meta: Meta) -> Self {
-        Self {
-            format,
-            meta,
-            head: Vec::new(),
-        }
-    }
-
-    fn begin(&self, out: &mut dyn Write) -> Result<()> {
-        let m = &self.meta;
-        match self.format {
-            Format::Text => writeln!(
-                out,
-                "model {}: {} dimensions, {} pooling, {}, max {} tokens",
-                m.model,
-                m.dimension,
-                m.pooling,
-                if m.normalized {
-                    "L2-normalized"
+                let sums = if sum {
+                    out.sum()?.into_iter().collect()
                 } else {
-                    "not normalized"
-                },
-                m.max_seq_length
-            )?,
-            Format::Jsonl => {}
-            Format::Json => {
-                let header = serde_json::to_string(m)?;
-                // Re-open the object to stream the embeddings array into it.
-                write!(out, "{},\"embeddings\":[", header.trim_end_matches('}'))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Row number `n` of the run, from line `index` (0-based) of the input.
-    fn item(
-        &mut self,
-        out: &mut dyn Write,
-        n: usize,
-        index: u64,
-        text: &str,
-        e: &Embedding,
-        window: Option<RowWindow>,
-    ) -> Result<()> {
-        match self.format {
-            Format::Text => {
-                let norm = e.vector.iter().map(|v| v * v).sum::<f32>().sqrt();
-                let first: Vec<String> = e
-                    .vector
-                    .iter()
-                    .take(8)
-                    .map(|v| format!("{v:+.4}"))
-                    .collect();
-                match window {
-                    Some(w) => writeln!(
-                        out,
-                        "[{}] window {} of input {}, characters {}-{}: {}",
-                        n + 1,
-                        w.window,
-                        index,
-                        w.char_start,
-                        w.char_end,
-                        clip(text, 100)
-                    )?,
-                    None => writeln!(out, "[{}] {}", n + 1, clip(text, 100))?,
-                }
-                writeln!(
-                    out,
-                    "    {} tokens{}  norm {norm:.4}  [{}, ...]",
-                    e.tokens,
-                    if e.truncated { " (truncated)" } else { "" },
-                    first.join(", ")
-                )?;
-                if self.head.len() <= MATRIX_MAX {
-                    self.head.push((text.to_string(), e.vector.clone()));
-                }
-            }
-            Format::Jsonl => {
-                let obj = Record {
-                    index: Some(index),
-                    window,
-                    text,
-                    tokens: e.tokens,
-                    truncated: e.truncated,
-                    embedding: &e.vector,
+                    vec![]
                 };
-                writeln!(out, "{}", serde_json::to_string(&obj)?)?;
+                out.finish()?;
+                Ok(sums)
             }
-            Format::Json => {
-                let obj = Record {
-                    index: window.map(|_| index),
-                    window,
-                    text,
-                    tokens: e.tokens,
-                    truncated: e.truncated,
-                    embedding: &e.vector,
-                };
-                let sep = if n == 0 { "" } else { "," };
-                write!(out, "{sep}{}", serde_json::to_string(&obj)?)?;
-            }
+            Sink::Parquet(p) => p.finish().map(|_| vec![]),
+            Sink::Npy(p) => p.finish(sum),
         }
-        Ok(())
-    }
-
-    fn end(&self, out: &mut dyn Write, count: usize) -> Result<()> {
-        match self.format {
-            Format::Text if count <= MATRIX_MAX && count > 1 => {
-                writeln!(out, "\ncosine similarity")?;
-                write!(out, "{:>6}", "")?;
-                for j in 0..count {
-                    write!(out, "{:>7}", format!("[{}]", j + 1))?;
-                }
-                writeln!(out)?;
-                for (i, (_, a)) in self.head.iter().enumerate() {
-                    write!(out, "{:>6}", format!("[{}]", i + 1))?;
-                    for (_, b) in &self.head {
-                        write!(out, "{:>7.3}", cosine(a, b))?;
-                    }
-                    writeln!(out)?;
-                }
-            }
-            Format::Text | Format::Jsonl => {}
-            Format::Json => writeln!(out, "],\"count\":{count}}}")?,
-        }
-        Ok(())
-    }
-}
-
-/// Cosine similarity of two vectors (0 when either is zero).
-pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if na == 0.0 || nb == 0.0 {
-        0.0
-    } else {
-        dot / (na * nb)
-    }
-}
-
-/// `text` cut to `max` characters, with an ellipsis when cut.
-fn clip(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        text.to_string()
-    } else {
-        text.chars().take(max - 1).collect::<String>() + "…"
     }
 }

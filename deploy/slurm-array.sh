@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
 # fetch-ml over a corpus as a Slurm job array: one array task per shard.
 #
-# Slurm sets SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_MIN and SLURM_ARRAY_TASK_COUNT; fetch-ml
-# reads them (shard = ID - MIN of COUNT), so the array must be contiguous without a step
-# (--array=0-7, or 0-7%4 to run 4 at a time). Shard I reads only its own byte range of the
-# input and writes OUT_DIR/emb-0000I-of-00008.parquet, which appears only when complete.
-# Submitting the array again (after a failure, or with --requeue) skips the shards already
-# done.
+# The shard count is pinned here (SHARDS, default 8, equal to the --array line below) and each
+# task passes its index explicitly: array task id I embeds shard I of SHARDS. So re-submitting
+# one index redoes exactly that shard (`sbatch --array=3 deploy/slurm-array.sh` redoes shard 3
+# of 8), and an array with a step or gaps runs just the shards it names. Shard I reads only its
+# own byte range of the input and writes OUT_DIR/emb-0000I-of-00008.parquet, which appears only
+# when complete. Submitting the array again (after a failure, or with --requeue) skips the
+# shards that are complete and were made by the same job (input, model, settings).
 #
-#   sbatch deploy/slurm-array.sh                          # the Docker image fetch-ml:latest
+#   sbatch deploy/slurm-array.sh                          # Apptainer if installed, else Docker
 #   RUNTIME=apptainer IMAGE=docker://registry.example.com/fetch-ml:latest sbatch deploy/slurm-array.sh
 #   FETCH_ML_BIN=target/release/fetch-ml sbatch deploy/slurm-array.sh   # a binary, no container
+#   SHARDS=16 sbatch --array=0-15 deploy/slurm-array.sh   # another count: change both together
+#
+# Containers: Apptainer (or Singularity) runs the image as a child of the Slurm task, inside
+# the job's cgroup, so --cpus-per-task and --mem hold. Docker does not: `docker run` asks the
+# Docker daemon to start the container, which runs outside Slurm's cgroup and accounting (and
+# is not killed by scancel). This script passes Slurm's CPU and memory limits to Docker
+# (--cpus, --memory) to stand in for them; prefer Apptainer where it is installed.
 #
 # Settings (environment, exported to the job by sbatch): IN_DIR (holds INPUT), OUT_DIR,
-# MODEL_DIR (holds MODEL), INPUT, MODEL, FORMAT (parquet, npy or jsonl), IMAGE, RUNTIME
-# (docker, apptainer or singularity), FETCH_ML_BIN.
+# MODEL_DIR (holds MODEL), INPUT, MODEL, FORMAT (parquet, npy or jsonl), SHARDS, IMAGE,
+# RUNTIME (apptainer, singularity or docker), FETCH_ML_BIN.
 #SBATCH --job-name=fetch-ml-embed
 #SBATCH --array=0-7
 #SBATCH --cpus-per-task=2
@@ -31,7 +39,20 @@ INPUT=${INPUT:-sentences.txt}
 MODEL=${MODEL:-all-MiniLM-L6-v2}
 FORMAT=${FORMAT:-parquet}
 IMAGE=${IMAGE:-fetch-ml:latest}
+SHARDS=${SHARDS:-8}
 THREADS=${SLURM_CPUS_PER_TASK:-2}
+
+ID=${SLURM_ARRAY_TASK_ID:-}
+if ! [[ $ID =~ ^[0-9]+$ ]]; then
+  echo "SLURM_ARRAY_TASK_ID='$ID' is not an array task id: submit with sbatch --array=0-$((SHARDS - 1))" >&2
+  exit 2
+fi
+if ! [[ $SHARDS =~ ^[1-9][0-9]*$ ]] || ((10#$ID >= SHARDS)); then
+  echo "SLURM_ARRAY_TASK_ID=$ID is not a shard of SHARDS=$SHARDS: array task ids are shard" \
+       "indices, so submit --array=0-$((SHARDS - 1)) (or set SHARDS to the full array's size)" >&2
+  exit 2
+fi
+SHARD="$((10#$ID))/$SHARDS"
 mkdir -p "$OUT_DIR"
 
 if [ -n "${FETCH_ML_BIN:-}" ]; then
@@ -39,20 +60,29 @@ if [ -n "${FETCH_ML_BIN:-}" ]; then
   run=("$FETCH_ML_BIN")
 else
   in=/data/in out=/data/out models=/models
-  case ${RUNTIME:-docker} in
+  runtime=${RUNTIME:-}
+  if [ -z "$runtime" ]; then
+    if command -v apptainer >/dev/null; then runtime=apptainer
+    elif command -v singularity >/dev/null; then runtime=singularity
+    else runtime=docker
+    fi
+  fi
+  case $runtime in
     docker)
-      run=(docker run --rm --user "$(id -u):$(id -g)"
-           -e SLURM_ARRAY_TASK_ID -e SLURM_ARRAY_TASK_MIN -e SLURM_ARRAY_TASK_COUNT
+      echo "note: Docker runs the container outside this job's cgroup; --cpus and --memory" \
+           "stand in for Slurm's limits (Apptainer avoids this)" >&2
+      limits=(--cpus "$THREADS")
+      if [ -n "${SLURM_MEM_PER_NODE:-}" ]; then limits+=(--memory "${SLURM_MEM_PER_NODE}m"); fi
+      run=(docker run --rm --user "$(id -u):$(id -g)" "${limits[@]}"
            -v "$IN_DIR:/data/in:ro" -v "$OUT_DIR:/data/out" -v "$MODEL_DIR:/models:ro"
            "$IMAGE") ;;
     apptainer|singularity)
-      # Apptainer passes the environment (the SLURM_* variables) through by default.
-      run=("$RUNTIME" run --bind "$IN_DIR:/data/in:ro,$OUT_DIR:/data/out,$MODEL_DIR:/models:ro"
+      run=("$runtime" run --bind "$IN_DIR:/data/in:ro,$OUT_DIR:/data/out,$MODEL_DIR:/models:ro"
            "$IMAGE") ;;
-    *) echo "RUNTIME must be docker, apptainer or singularity, not '$RUNTIME'" >&2; exit 2 ;;
+    *) echo "RUNTIME must be apptainer, singularity or docker, not '$runtime'" >&2; exit 2 ;;
   esac
 fi
 
-exec "${run[@]}" --task=1 --threads "$THREADS" \
+exec "${run[@]}" --task=1 --threads "$THREADS" --shard="$SHARD" \
   --model "$models/$MODEL" --input "$in/$INPUT" \
   --format "$FORMAT" --output "$out/emb-{shard}.$FORMAT"

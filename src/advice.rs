@@ -1,8 +1,11 @@
 //! What the CLI adds to an error from the library: the flags that fix it. Library errors
 //! say what went wrong where and name no flags; [`advice`] reads their typed causes.
 
+use crate::chunk::ChunkError;
 use crate::hub::{HubError, Place};
+use crate::job::OtherJob;
 use crate::loader::LoadError;
+use crate::model::encoder::UnsupportedDtype;
 use crate::model::freeze::FreezeError;
 use crate::model::multitask::TrainableDtype;
 use crate::pipeline::UnknownPrompt;
@@ -32,8 +35,26 @@ pub fn advice(e: &anyhow::Error) -> Vec<String> {
                  --train-file"
                     .into(),
             )
+        } else if cause.downcast_ref::<OtherJob>().is_some() {
+            Some(
+                "pass --overwrite to replace it with this run's output (the shard is embedded \
+                 again), or choose another --output"
+                    .into(),
+            )
         } else if cause.downcast_ref::<Diverged>().is_some() {
             Some("try a lower --lr or --head-lr".into())
+        } else if let Some(c) = cause.downcast_ref::<ChunkError>() {
+            Some(match c {
+                ChunkError::OverLimit { limit, .. } => format!(
+                    "pass --chunk-tokens {limit} or less (--max-seq-length raises the limit up to \
+                     the model's)"
+                ),
+                ChunkError::NoRoom { .. } => {
+                    "pass a smaller --chunk-overlap or a larger --chunk-tokens".into()
+                }
+            })
+        } else if cause.downcast_ref::<UnsupportedDtype>().is_some() {
+            Some("drop --dtype (or pass --dtype f32) for this model".into())
         } else if cause.downcast_ref::<TrainableDtype>().is_some() {
             Some("drop --dtype, or freeze the encoder (--freeze encoder)".into())
         } else if let Some(p) = cause.downcast_ref::<UnknownPrompt>() {

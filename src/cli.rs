@@ -4,10 +4,12 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::chunk::ChunkMode;
 use crate::config::{defaults, OutputFormat};
 use crate::model::freeze::{FreezePart, Scenario};
 use crate::model::quant::Dtype;
 use crate::shard::Shard;
+use crate::tokenize::TruncateSide;
 use crate::train::metrics::Metric;
 
 mod convert;
@@ -25,6 +27,7 @@ Examples:
   fetch-ml --task=1 --sentence \"Hello world!\"
   fetch-ml --task=1 --model ./all-MiniLM-L6-v2 --input sentences.txt --format jsonl -o out.jsonl
   fetch-ml --task=1 --input corpus.txt --shard 2/8 --format parquet -o out/emb-{shard}.parquet
+  fetch-ml --task=1 --model ./nomic-embed-text-v1.5 --prompt-name search_document --input docs.txt --chunk-tokens 2048 --chunk-overlap 128
   HF_HUB_OFFLINE=1 fetch-ml --task=1 --model sentence-transformers/all-MiniLM-L6-v2
   fetch-ml --task=2 --freeze encoder --epochs 10 --save checkpoints/heads
   fetch-ml --task=2 --checkpoint checkpoints/heads --input new.txt --format jsonl
@@ -89,11 +92,7 @@ pub struct Cli {
     #[arg(long, short = 'i', value_name = "FILE", help_heading = heading::INPUT)]
     pub input: Option<PathBuf>,
 
-    /// Write results to FILE instead of standard output. The file appears only once complete.
-    /// In a sharded run, {shard} in FILE becomes the shard's tag (00002-of-00008), {i} its
-    /// index and {n} the count; without them the tag goes before the extension
-    /// (emb.parquet -> emb-00002-of-00008.parquet).
-    #[arg(long, short = 'o', value_name = "FILE", help_heading = heading::OUTPUT)]
+    #[arg(long, short = 'o', value_name = "FILE", help_heading = heading::OUTPUT, help = OUTPUT_HELP)]
     pub output: Option<PathBuf>,
 
     /// Print nothing on stderr but errors: no notes, warnings, progress bars or reports.
@@ -107,7 +106,7 @@ pub struct Cli {
     /// dimension, normalized, pooling, max_seq_length, embeddings: [{text, tokens, truncated,
     /// embedding}], count). parquet (--task=1, needs --output): columns index (int64), text,
     /// tokens (int32), truncated, embedding (fixed-size list of float32), a row group per
-    /// 4096 sentences. npy (--task=1, needs --output): a float32 matrix, one row per
+    /// 4096 sentences or 8 MiB of text. npy (--task=1, needs --output): a float32 matrix, one row per
     /// sentence, and a JSONL sidecar FILE.meta.jsonl with index, text, tokens, truncated of
     /// each row.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text, help_heading = heading::OUTPUT)]
@@ -116,20 +115,22 @@ pub struct Cli {
     /// Embed only shard I of N (0-based, I < N) of the input. A file is cut into N byte
     /// ranges at line starts and this run reads only its own; other inputs are read whole and
     /// line L goes to shard L mod N. Output rows keep their global line number as index.
-    /// [default: from JOB_COMPLETION_INDEX (Kubernetes Indexed Job, with --shards) or
-    /// SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT (Slurm job array);
+    /// [default: index I from JOB_COMPLETION_INDEX (Kubernetes Indexed Job) or
+    /// SLURM_ARRAY_TASK_ID (Slurm job array), with N pinned by --shards or FETCH_ML_SHARDS;
     /// else no sharding. --shard 0/1 turns the environment off]
     #[arg(long, value_name = "I/N", value_parser = Shard::parse, help_heading = heading::CORPUS)]
     pub shard: Option<Shard>,
 
     /// The number of shards N when the shard index comes from the environment
-    /// (JOB_COMPLETION_INDEX, which carries no count; for Slurm it overrides
-    /// SLURM_ARRAY_TASK_COUNT). FETCH_ML_SHARDS=N does the same.
+    /// (JOB_COMPLETION_INDEX or SLURM_ARRAY_TASK_ID, the shard index itself). Required there:
+    /// the count is never guessed from the engine, since a re-submitted part of a job would
+    /// then split the input differently. FETCH_ML_SHARDS=N does the same.
     #[arg(long, value_name = "N", value_parser = positive, conflicts_with = "shard", help_heading = heading::CORPUS)]
     pub shards: Option<usize>,
 
-    /// Redo work whose output already exists: a shard's complete output (which is otherwise
-    /// skipped, so that retried shards are cheap), or an earlier --export folder.
+    /// Redo work whose output already exists: a shard's output that is complete and was made by
+    /// the same job (otherwise skipped, so that retried shards are cheap) or by another job
+    /// (otherwise an error saying what differs), or an earlier --export folder.
     #[arg(long, help_heading = heading::EXISTING)]
     pub overwrite: bool,
 
@@ -180,6 +181,48 @@ pub struct Cli {
     /// dimension is an error. [default: all dimensions]
     #[arg(long, value_name = "N", value_parser = positive, help_heading = heading::EMBEDDINGS)]
     pub truncate_dim: Option<usize>,
+
+    /// Which end of an input longer than the max length is cut: right keeps its first
+    /// tokens, left its last ones (text-embeddings-inference's truncation_direction). The
+    /// special tokens stay; a prompt is part of the input's start, as in
+    /// text-embeddings-inference. [default: right]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "right|left",
+        conflicts_with = "chunk_tokens",
+        help_heading = heading::LONG_INPUTS
+    )]
+    pub truncate_side: Option<TruncateSide>,
+
+    /// Instead of cutting an input longer than N tokens, split it into windows of N tokens
+    /// (special tokens and prompt included: every window carries the prompt), embed each, and
+    /// write one vector per input, the token-weighted mean of its windows' vectors (normalised
+    /// again when the model normalises), or with --chunks rows one row per window. An input
+    /// of N tokens or fewer is one window. N is at most the max length (--max-seq-length).
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = heading::LONG_INPUTS)]
+    pub chunk_tokens: Option<usize>,
+
+    /// Tokens each window shares with the one before it. [default: 0]
+    #[arg(
+        long,
+        value_name = "K",
+        requires = "chunk_tokens",
+        help_heading = heading::LONG_INPUTS
+    )]
+    pub chunk_overlap: Option<usize>,
+
+    /// mean: one vector per input. rows: one output row per window, carrying the input's
+    /// index, the window's number (window, from 0) and its characters in the input
+    /// (char_start, char_end; text is the window's text), in every format. [default: mean]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "mean|rows",
+        requires = "chunk_tokens",
+        help_heading = heading::LONG_INPUTS
+    )]
+    pub chunks: Option<ChunkMode>,
 
     /// Do not normalise the embeddings, whatever the model's folder says.
     /// [default: normalise only when the model's modules.json lists a Normalize step]
@@ -343,6 +386,20 @@ pub struct Cli {
     given: Option<Vec<(String, Option<String>)>>,
 }
 
+/// `--output`'s help. clap turns a literal `{n}` in help text into a line break, so the `{n}`
+/// placeholder carries an empty terminal escape (`ESC [0m`, a style reset) after its brace:
+/// clap leaves it alone, and the escape is stripped (or invisible) on output.
+const OUTPUT_HELP: &str = concat!(
+    "Write results to FILE instead of standard output. The file appears only once complete; ",
+    "a device node or named pipe is written in place. In a sharded run, {shard} in FILE ",
+    "becomes the shard's tag (00002-of-00008), {i} its index and {",
+    "\x1b[0m",
+    "n} the count (a name with {",
+    "\x1b[0m",
+    "n} needs {i} or {shard} too); without them the tag goes before the extension ",
+    "(emb.parquet -> emb-00002-of-00008.parquet)."
+);
+
 /// The help headings of the flags. A heading names the tasks its flags apply to, as
 /// `(--task=N, ...)`; a heading that names none applies to every task. This is the one
 /// place that says which task takes which flag: [`Cli::into_command`] reads it off the
@@ -354,6 +411,7 @@ mod heading {
     pub const EXISTING: &str = "Existing output (--task=1, --task=2)";
     pub const EMBEDDINGS: &str = "Embeddings (--task=1)";
     pub const CORPUS: &str = "Corpus (--task=1)";
+    pub const LONG_INPUTS: &str = "Long inputs (--task=1)";
     pub const TRAINING: &str = "Training (--task=2, --task=3)";
     pub const MULTITASK: &str = "Multitask model (--task=2)";
     pub const SCENARIOS: &str = "Scenarios (--task=3)";

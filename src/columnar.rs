@@ -5,22 +5,30 @@
 //!
 //! Parquet columns: `index` (int64, the sentence's 0-based line number in the input), `text`
 //! (utf8), `tokens` (int32), `truncated` (bool), `embedding` (fixed-size list of float32 of
-//! the model's dimension). One row group per chunk, Snappy-compressed, no dictionaries. The
-//! file's key-value metadata `fetch-ml` holds the run's model description as JSON.
+//! the model's dimension). One row group per chunk (a chunk is bounded in sentences and in
+//! bytes of text), Snappy-compressed, no dictionaries. The file's key-value metadata
+//! `fetch-ml` holds the run's model description as JSON.
+//!
+//! With `--chunks rows`, each row is one window of an input: Parquet adds the columns
+//! `window` (int32, its number), `char_start` and `char_end` (int64, its characters in the
+//! input) after `index`, and the `.npy` sidecar the same keys.
 //!
 //! `.npy`: format version 1.0, `<f4` (float32 little-endian), C order, shape `(rows, dim)`.
 //! Row k is the sentence on line k of the sidecar `PATH.meta.jsonl` (`index`, `text`,
 //! `tokens`, `truncated`). The header is written first with room for any row count and
-//! rewritten with the real one at the end.
+//! rewritten with the real one at the end; a matrix written in place (a device node or a named
+//! pipe) is spooled to an unnamed temporary file until the count is known. The pair completes
+//! with the matrix's rename, and an earlier matrix at the path is removed before the sidecar
+//! is replaced, so a matrix that exists always has its own sidecar.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use arrow_array::builder::StringBuilder;
 use arrow_array::{
     ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, Int32Array, Int64Array, RecordBatch,
-    StringArray,
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
@@ -41,6 +49,18 @@ pub struct Row<'a> {
     pub tokens: usize,
     pub truncated: bool,
     pub embedding: &'a [f32],
+    /// The window this row is (`--chunks rows`).
+    pub window: Option<RowWindow>,
+}
+
+/// Which window of its input a row is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RowWindow {
+    /// 0-based number among the input's windows.
+    pub window: u32,
+    /// Its characters in the input, `char_start..char_end`.
+    pub char_start: u64,
+    pub char_end: u64,
 }
 
 /// Streams rows into a Parquet file, one row group per [`ParquetSink::end_chunk`].
@@ -49,29 +69,45 @@ pub struct ParquetSink {
     schema: SchemaRef,
     dim: usize,
     index: Vec<i64>,
-    text: Vec<String>,
+    text: StringBuilder,
     tokens: Vec<i32>,
     truncated: Vec<bool>,
     values: Vec<f32>,
+    /// `Some` when the rows are windows: the window columns.
+    windows: Option<Vec<RowWindow>>,
     path: PathBuf,
 }
 
 impl ParquetSink {
     /// Starts `path` (written to a temporary file until [`ParquetSink::finish`]) for vectors of
     /// `dim` numbers; `meta` (JSON) goes into the file metadata under [`PARQUET_META_KEY`].
-    pub fn create(path: &Path, dim: usize, meta: String) -> Result<Self> {
+    /// With `windows`, the rows are windows and carry the window columns.
+    pub fn create(path: &Path, dim: usize, meta: String, windows: bool) -> Result<Self> {
         let item = Field::new("item", DataType::Float32, false);
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("index", DataType::Int64, false),
-            Field::new("text", DataType::Utf8, false),
-            Field::new("tokens", DataType::Int32, false),
-            Field::new("truncated", DataType::Boolean, false),
-            Field::new(
-                "embedding",
-                DataType::FixedSizeList(Arc::new(item), dim as i32),
-                false,
-            ),
-        ]));
+        let mut fields = vec![Field::new("index", DataType::Int64, false)];
+        if windows {
+            fields.extend([
+                Field::new("window", DataType::Int32, false),
+                Field::new("char_start", DataType::Int64, false),
+                Field::new("char_end", DataType::Int64, false),
+            ]);
+        }
+        let schema = Arc::new(Schema::new(
+            [
+                fields,
+                vec![
+                    Field::new("text", DataType::Utf8, false),
+                    Field::new("tokens", DataType::Int32, false),
+                    Field::new("truncated", DataType::Boolean, false),
+                    Field::new(
+                        "embedding",
+                        DataType::FixedSizeList(Arc::new(item), dim as i32),
+                        false,
+                    ),
+                ],
+            ]
+            .concat(),
+        ));
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             // Sentences are mostly distinct and vectors never repeat: dictionaries only cost.
@@ -89,10 +125,11 @@ impl ParquetSink {
             schema,
             dim,
             index: Vec::new(),
-            text: Vec::new(),
+            text: StringBuilder::new(),
             tokens: Vec::new(),
             truncated: Vec::new(),
             values: Vec::new(),
+            windows: windows.then(Vec::new),
             path: path.to_path_buf(),
         })
     }
@@ -100,8 +137,14 @@ impl ParquetSink {
     /// Buffers one row until the end of the chunk.
     pub fn row(&mut self, r: &Row) -> Result<()> {
         anyhow::ensure!(r.embedding.len() == self.dim, "vector of the wrong size");
+        if let Some(w) = &mut self.windows {
+            w.push(
+                r.window
+                    .context("a row without its window in a file of windows")?,
+            );
+        }
         self.index.push(r.index as i64);
-        self.text.push(r.text.to_string());
+        self.text.append_value(r.text);
         self.tokens.push(r.tokens as i32);
         self.truncated.push(r.truncated);
         self.values.extend_from_slice(r.embedding);
@@ -116,18 +159,36 @@ impl ParquetSink {
         let item = Arc::new(Field::new("item", DataType::Float32, false));
         let values = Float32Array::from(std::mem::take(&mut self.values));
         let embedding = FixedSizeListArray::try_new(item, self.dim as i32, Arc::new(values), None)?;
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(Int64Array::from(std::mem::take(&mut self.index))),
-            Arc::new(StringArray::from(std::mem::take(&mut self.text))),
+        let mut columns: Vec<ArrayRef> =
+            vec![Arc::new(Int64Array::from(std::mem::take(&mut self.index)))];
+        if let Some(w) = &mut self.windows {
+            let w = std::mem::take(w);
+            columns.push(Arc::new(Int32Array::from_iter_values(
+                w.iter().map(|w| w.window as i32),
+            )));
+            columns.push(Arc::new(Int64Array::from_iter_values(
+                w.iter().map(|w| w.char_start as i64),
+            )));
+            columns.push(Arc::new(Int64Array::from_iter_values(
+                w.iter().map(|w| w.char_end as i64),
+            )));
+        }
+        columns.extend::<[ArrayRef; 4]>([
+            Arc::new(self.text.finish()),
             Arc::new(Int32Array::from(std::mem::take(&mut self.tokens))),
             Arc::new(BooleanArray::from(std::mem::take(&mut self.truncated))),
             Arc::new(embedding),
-        ];
+        ]);
         let batch = RecordBatch::try_new(self.schema.clone(), columns)?;
         let fail = || format!("writing {}", self.path.display());
         self.writer.write(&batch).with_context(fail)?;
         self.writer.flush().with_context(fail)?;
         Ok(())
+    }
+
+    /// Whether the file is written in place (a device node or named pipe).
+    pub fn is_streamed(&self) -> bool {
+        self.writer.inner().is_streamed()
     }
 
     /// Writes the last rows and the footer, and renames the file into place.
@@ -167,16 +228,21 @@ pub fn npy_header(rows: u64, dim: usize) -> Vec<u8> {
 /// Streams rows into a `.npy` matrix and its JSONL sidecar.
 pub struct NpySink {
     matrix: Output,
+    /// The rows of a matrix written in place, kept until their count is known.
+    spool: Option<std::io::BufWriter<std::fs::File>>,
     sidecar: Output,
     dim: usize,
     rows: u64,
     buf: Vec<u8>,
+    path: PathBuf,
 }
 
 /// One line of the `.npy` sidecar.
 #[derive(serde::Serialize)]
 struct SidecarRow<'a> {
     index: u64,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    window: Option<RowWindow>,
     text: &'a str,
     tokens: usize,
     truncated: bool,
@@ -187,16 +253,30 @@ impl NpySink {
     pub fn create(path: &Path, dim: usize) -> Result<Self> {
         let mut matrix = Output::create(Some(path))?;
         let sidecar = Output::create(Some(&npy_sidecar(path)))?;
-        matrix
-            .write_all(&npy_header(0, dim))
-            .with_context(|| format!("writing {}", path.display()))?;
+        let spool = if matrix.is_streamed() {
+            let f = tempfile::tempfile().context("creating a temporary file for the matrix")?;
+            Some(std::io::BufWriter::with_capacity(1 << 16, f))
+        } else {
+            matrix
+                .write_all(&npy_header(0, dim))
+                .with_context(|| format!("writing {}", path.display()))?;
+            None
+        };
         Ok(Self {
             matrix,
+            spool,
             sidecar,
             dim,
             rows: 0,
             buf: Vec::new(),
+            path: path.to_path_buf(),
         })
+    }
+
+    /// Whether the sidecar is written in place (the matrix of a device node or named pipe is
+    /// spooled, and only written at the end).
+    pub fn is_streamed(&self) -> bool {
+        self.sidecar.is_streamed()
     }
 
     pub fn row(&mut self, r: &Row) -> Result<()> {
@@ -205,9 +285,13 @@ impl NpySink {
         for v in r.embedding {
             self.buf.extend_from_slice(&v.to_le_bytes());
         }
-        self.matrix.write_all(&self.buf)?;
+        match &mut self.spool {
+            Some(s) => s.write_all(&self.buf)?,
+            None => self.matrix.write_all(&self.buf)?,
+        }
         let meta = SidecarRow {
             index: r.index,
+            window: r.window,
             text: r.text,
             tokens: r.tokens,
             truncated: r.truncated,
@@ -217,13 +301,44 @@ impl NpySink {
         Ok(())
     }
 
-    /// Writes the real row count into the header and renames both files into place, the
-    /// sidecar first: a `.npy` file that exists always has its sidecar.
-    pub fn finish(mut self) -> Result<()> {
+    /// Writes the real row count into the header and renames both files into place: an
+    /// earlier matrix at the path is removed first, then the sidecar is renamed, then the
+    /// matrix. A kill at any point leaves either no matrix or a matrix with its own sidecar.
+    /// With `sum`, returns the sums of the matrix and the sidecar as written (before the
+    /// renames; empty for a streamed output).
+    pub fn finish(mut self, sum: bool) -> Result<Vec<crate::job::FileSum>> {
         let header = npy_header(self.rows, self.dim);
-        self.matrix.write_at(0, &header)?;
+        let fail = || format!("writing {}", self.path.display());
+        match self.spool.take() {
+            Some(spool) => {
+                let mut f = spool.into_inner().map_err(|e| e.into_error())?;
+                use std::io::Seek;
+                f.seek(std::io::SeekFrom::Start(0))?;
+                self.matrix.write_all(&header).with_context(fail)?;
+                std::io::copy(&mut f, &mut self.matrix).with_context(fail)?;
+            }
+            None => self.matrix.write_at(0, &header)?,
+        }
+        let mut sums = Vec::new();
+        if sum {
+            sums.extend(self.matrix.sum()?);
+            sums.extend(self.sidecar.sum()?);
+        }
+        if let Some(old) = self.matrix.replaces() {
+            match std::fs::remove_file(old) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("removing the earlier {}", old.display()))
+                }
+            }
+        }
         self.sidecar.finish()?;
-        self.matrix.finish()
+        crate::atomic::fault_point("output-commit-2");
+        self.matrix.finish()?;
+        crate::atomic::fault_point("output-commit-3");
+        Ok(sums)
     }
 }
 

@@ -3,11 +3,13 @@
 
 use std::path::PathBuf;
 
+use crate::chunk::ChunkSpec;
 use crate::hub::ModelRef;
 use crate::input::InputSource;
 use crate::model::freeze::Scenario;
 use crate::model::quant::Dtype;
 use crate::shard::ShardSpec;
+use crate::tokenize::TruncateSide;
 pub use crate::train::session::TrainConfig;
 
 /// The defaults of the settings below, in one place (`--help` repeats them).
@@ -100,6 +102,10 @@ pub struct EmbedConfig {
     pub prompt_name: Option<String>,
     /// Keep only the first N dimensions, then normalise if the model normalises.
     pub truncate_dim: Option<usize>,
+    /// Which end of a long input is cut.
+    pub truncate_side: TruncateSide,
+    /// Split long inputs into windows instead of cutting them; `None` cuts.
+    pub chunking: Option<ChunkSpec>,
 }
 
 /// What the tool was asked to do.

@@ -4,10 +4,15 @@
 //!
 //! Batches run side by side on the thread pool ([`map_batches`]), each with its own
 //! workspace, and each batch's own products are parallel too. A sentence's vector does not
-//! depend on which thread computed it.
+//! depend on which thread computed it. With a [`Chunker`], long inputs are split into
+//! windows, embedded like sentences, and merged or returned one row per window.
+
+use std::ops::Range;
 
 use anyhow::Result;
+use rayon::prelude::*;
 
+use crate::chunk::{merge, ChunkMode, Chunker, Window};
 use crate::model::fast::{map_batches, PackedEncoder, WorkspacePool};
 use crate::model::pooling::{normalize_l2, Pooling};
 use crate::pipeline::DenseLayer;
@@ -20,6 +25,23 @@ pub struct Embedding {
     /// Tokens the model saw, special tokens included.
     pub tokens: usize,
     pub truncated: bool,
+}
+
+/// One window of a chunked input, as an output row.
+#[derive(Debug, Clone)]
+pub struct WindowRow {
+    pub embedding: Embedding,
+    /// 0-based position among the input's windows.
+    pub number: usize,
+    /// The characters of the input it covers.
+    pub chars: Range<usize>,
+}
+
+/// An input's result: one vector, or (`--chunks rows`) one row per window.
+#[derive(Debug, Clone)]
+pub enum Embedded {
+    One(Embedding),
+    Windows(Vec<WindowRow>),
 }
 
 /// Embeds sentences with a frozen encoder.
@@ -38,6 +60,8 @@ pub struct Embedder<'a> {
     pub truncate_dim: Option<usize>,
     /// Text prepended to every sentence before tokenization ([`Embedder::embed`]).
     pub prompt: Option<String>,
+    /// Splits long inputs into windows ([`Embedder::embed_inputs`]); `None` truncates them.
+    pub chunker: Option<Chunker<'a>>,
     workspaces: WorkspacePool,
 }
 
@@ -61,6 +85,7 @@ impl<'a> Embedder<'a> {
             dense: &[],
             truncate_dim: None,
             prompt: None,
+            chunker: None,
             workspaces: WorkspacePool::default(),
         }
     }
@@ -104,6 +129,52 @@ impl<'a> Embedder<'a> {
             None => self.tokenizer.encode(texts)?,
         };
         self.embed_encoded(&encoded)
+    }
+
+    /// Embeds `texts` as the run asks: one [`Embedded::One`] each, or, with a chunker, each
+    /// input split into windows, merged (`mean`) or one row per window (`rows`).
+    pub fn embed_inputs<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<Vec<Embedded>> {
+        let Some(chunker) = &self.chunker else {
+            return Ok(self.embed(texts)?.into_iter().map(Embedded::One).collect());
+        };
+        let split: Vec<Result<Vec<Window>>> = texts
+            .par_iter()
+            .enumerate()
+            .map(|(i, t)| chunker.split(t.as_ref(), i))
+            .collect();
+        let windows = split.into_iter().collect::<Result<Vec<_>>>()?;
+        let flat: Vec<crate::tokenize::Encoded> = windows
+            .iter()
+            .flatten()
+            .map(|w| w.encoded.clone())
+            .collect();
+        let mut vectors = self.embed_encoded(&flat)?.into_iter();
+        let mut out = Vec::with_capacity(texts.len());
+        for ws in windows {
+            let rows: Vec<WindowRow> = ws
+                .into_iter()
+                .map(|w| WindowRow {
+                    embedding: vectors.next().expect("a vector per window"),
+                    number: w.number,
+                    chars: w.chars,
+                })
+                .collect();
+            out.push(match chunker.spec().mode {
+                ChunkMode::Rows => Embedded::Windows(rows),
+                ChunkMode::Mean => {
+                    let parts: Vec<(Vec<f32>, usize)> = rows
+                        .iter()
+                        .map(|r| (r.embedding.vector.clone(), r.embedding.tokens))
+                        .collect();
+                    Embedded::One(Embedding {
+                        vector: merge(&parts, self.normalize),
+                        tokens: parts.iter().map(|p| p.1).sum(),
+                        truncated: false,
+                    })
+                }
+            });
+        }
+        Ok(out)
     }
 
     /// Embeds already tokenized sentences, in their order. Batches run side by side

@@ -46,6 +46,10 @@ impl InputSource {
 /// whitespace; its `truncated` flag is set either way.
 pub const MAX_LINE_BYTES: usize = 1 << 20;
 
+/// A chunk of sentences stops growing once its texts hold this many bytes: 8 lines cut at
+/// [`MAX_LINE_BYTES`], or 4,096 sentences of 2 KiB.
+pub const CHUNK_BYTES: usize = 8 << 20;
+
 /// Reads sentences in chunks from an [`InputSource`]. Every source is read exactly once, so
 /// named pipes and process substitutions (`--input <(...)`) work; UTF-8 is checked as lines
 /// stream past, and a bad line is an error naming it.
@@ -202,19 +206,22 @@ impl SentenceReader {
         self.clipped_lines
     }
 
-    /// Up to `max` more sentences; empty at the end.
+    /// Up to `max` more sentences, and no more once they hold `CHUNK_BYTES` bytes of text
+    /// (so a chunk's memory is bounded whatever the line lengths); empty at the end.
     pub fn next_chunk(&mut self, max: usize) -> Result<Vec<String>> {
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         self.chunk_lines.clear();
         self.chunk_clipped.clear();
         let owns = |owner: Option<Shard>, line_no: usize| {
             owner.is_none_or(|s| s.owns_line(line_no as u64 - 1))
         };
         let Some(reader) = self.lines.as_mut() else {
-            while out.len() < max {
+            while out.len() < max && bytes < CHUNK_BYTES {
                 let Some(s) = self.given.next() else { break };
                 self.line_no += 1;
                 if owns(self.owner, self.line_no) {
+                    bytes += s.len();
                     out.push(s);
                     self.chunk_lines.push(self.line_no);
                     self.chunk_clipped.push(false);
@@ -223,7 +230,7 @@ impl SentenceReader {
             return Ok(out);
         };
         let mut buf = Vec::new();
-        while out.len() < max {
+        while out.len() < max && bytes < CHUNK_BYTES {
             buf.clear();
             let line = read_line_bounded(reader.as_mut(), MAX_LINE_BYTES, &mut buf)
                 .with_context(|| format!("reading {}", self.name))?;
@@ -244,6 +251,7 @@ impl SentenceReader {
             }
             let text = line_text(&buf, &self.name, self.line_no)?;
             if !text.trim().is_empty() {
+                bytes += text.len();
                 out.push(text.to_string());
                 self.chunk_lines.push(self.line_no);
                 self.chunk_clipped.push(line.clipped);
@@ -368,6 +376,22 @@ mod tests {
             }
             out.push((buf, l));
         }
+    }
+
+    #[test]
+    fn a_chunk_holds_a_bounded_number_of_bytes() {
+        let big = "x".repeat(MAX_LINE_BYTES);
+        let source = InputSource::Sentences(vec![big; 20]);
+        let mut r = SentenceReader::open(&source).unwrap();
+        let sizes: Vec<usize> = std::iter::from_fn(|| {
+            let c = r.next_chunk(4096).unwrap();
+            (!c.is_empty()).then_some(c.len())
+        })
+        .collect();
+        assert_eq!(sizes, [8, 8, 4]);
+        let source = InputSource::Sentences(vec!["short".to_string(); 5000]);
+        let mut r = SentenceReader::open(&source).unwrap();
+        assert_eq!(r.next_chunk(4096).unwrap().len(), 4096);
     }
 
     #[test]

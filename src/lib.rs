@@ -11,6 +11,8 @@
 
 pub mod advice;
 pub mod alloc;
+pub mod atomic;
+pub mod chunk;
 pub mod cli;
 pub mod columnar;
 pub mod config;
@@ -23,6 +25,7 @@ pub mod input;
 // strings.
 #[allow(unsafe_code)]
 pub mod interrupt;
+pub mod job;
 pub mod loader;
 pub mod model;
 pub mod notes;

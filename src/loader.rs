@@ -7,6 +7,7 @@ use candle_core::Device;
 
 use crate::hub::{self, ModelFiles, ModelRef};
 use crate::model::bert::{BertConfig, BertEncoder};
+use crate::model::encoder::{Encoder, InferenceEncoder, UnsupportedDtype};
 use crate::model::fast::FastEncoder;
 use crate::model::freeze::FreezePlan;
 use crate::model::multitask::{HeadInit, HeadsSpec, MultiTaskModel};
@@ -109,9 +110,21 @@ impl ModelAssets {
         })
     }
 
-    /// The inference encoder in `dtype`, loaded one layer at a time (see
-    /// [`FastEncoder::load`]): with int8 or bf16, only the converted weights stay resident.
-    pub fn inference_encoder(&self, dtype: Dtype, device: &Device) -> Result<FastEncoder> {
+    /// The inference encoder in `dtype`: for the BERT family the fast path, loaded one layer
+    /// at a time (see [`FastEncoder::load`]; with int8 or bf16, only the converted weights
+    /// stay resident); for the long-context architectures their encoder in f32 (another
+    /// dtype is an [`UnsupportedDtype`] error).
+    pub fn inference_encoder(&self, dtype: Dtype, device: &Device) -> Result<InferenceEncoder> {
+        if self.config.arch.is_long() {
+            if dtype != Dtype::F32 {
+                return Err(UnsupportedDtype {
+                    dtype,
+                    arch: self.config.arch.name(),
+                }
+                .into());
+            }
+            return Ok(InferenceEncoder::Candle(Box::new(self.frozen(device)?)));
+        }
         let vb = ParamSource::unrecorded(vec![self.weights.clone()]).into_var_builder(device);
         let encoder = FastEncoder::load(vb, &self.config, dtype).with_context(|| {
             format!(
@@ -121,17 +134,30 @@ impl ModelAssets {
             )
         })?;
         crate::alloc::release_freed();
-        Ok(encoder)
+        Ok(InferenceEncoder::Fast(Box::new(encoder)))
     }
 
-    /// Builds the encoder with every weight frozen (inference).
-    pub fn frozen_encoder(&self, device: &Device) -> Result<BertEncoder> {
+    /// Builds the encoder with every weight frozen (inference), whatever the architecture.
+    pub fn frozen(&self, device: &Device) -> Result<Encoder> {
         self.encoder(
             vec![self.weights.clone()],
             Arc::new(|_| false),
             ParamRegistry::new(),
             device,
         )
+    }
+
+    /// Builds the BERT-family encoder with every weight frozen (inference); an error for
+    /// the long-context architectures, which [`Self::frozen`] builds.
+    pub fn frozen_encoder(&self, device: &Device) -> Result<BertEncoder> {
+        match self.frozen(device)? {
+            Encoder::Bert(e) => Ok(e),
+            _ => anyhow::bail!(
+                "{} is a {} model, not of the BERT family",
+                self.files.model.id,
+                self.config.arch.name()
+            ),
+        }
     }
 
     /// Builds the multitask model on this encoder: encoder weights from `encoder_files` (first
@@ -157,11 +183,11 @@ impl ModelAssets {
         trainable: TrainablePredicate,
         registry: Arc<ParamRegistry>,
         device: &Device,
-    ) -> Result<BertEncoder> {
+    ) -> Result<Encoder> {
         let vb = ParamSource::from_files(files, registry)
             .with_trainable(trainable)
             .into_var_builder(device);
-        BertEncoder::load(vb, &self.config).with_context(|| {
+        Encoder::load(vb, &self.config).with_context(|| {
             format!(
                 "loading the encoder weights of {} from {}",
                 self.files.model.id,

@@ -1,12 +1,15 @@
-//! Where results go: standard output, or a file written to a temporary name and renamed into
-//! place only when complete, so a failed run never leaves a half-written file.
+//! Where results go: standard output; a file written to a temporary name and renamed into
+//! place only when complete, so a failed run never leaves a half-written file; or, when the
+//! path is a device node or a named pipe, that file itself, written in place (see
+//! [`crate::atomic`]).
 
+use std::fs::File;
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use tempfile::NamedTempFile;
+
+use crate::atomic::{classify, parent_of, NewFile, Target};
 
 /// A buffered output that is committed by [`Output::finish`].
 pub struct Output {
@@ -15,63 +18,93 @@ pub struct Output {
 
 enum Sink {
     Stdout(BufWriter<io::Stdout>),
-    File {
-        tmp: BufWriter<NamedTempFile>,
+    /// A device node or named pipe: written as it is, like standard output.
+    InPlace {
+        file: BufWriter<File>,
         path: PathBuf,
-        _guard: crate::interrupt::Registered,
+    },
+    File {
+        tmp: BufWriter<NewFile>,
+        path: PathBuf,
     },
 }
 
 impl Output {
-    /// Standard output when `path` is `None` or `-`, else a temporary file beside `path`.
+    /// Standard output when `path` is `None` or `-`; `path` itself when it is a device node or
+    /// a named pipe (opening a pipe waits for its reader); else a temporary file beside it.
     pub fn create(path: Option<&Path>) -> Result<Self> {
         let inner = match path {
             None => Sink::Stdout(BufWriter::new(io::stdout())),
             Some(p) if p == Path::new("-") => Sink::Stdout(BufWriter::new(io::stdout())),
-            Some(p) => {
-                let dir = match p.parent() {
-                    Some(d) if !d.as_os_str().is_empty() => d,
-                    _ => Path::new("."),
-                };
-                remove_stale_temporaries(dir);
-                // Mode 0666 minus the umask, as a plain `File::create` would give.
-                let tmp = tempfile::Builder::new()
-                    .prefix(&temp_prefix(std::process::id()))
-                    .permissions(std::fs::Permissions::from_mode(0o666))
-                    .tempfile_in(dir)
-                    .with_context(|| {
+            Some(p) => match classify(p).with_context(|| format!("--output {}", p.display()))? {
+                Target::Folder => {
+                    anyhow::bail!("--output {}: is a folder; give a file name", p.display())
+                }
+                target @ (Target::InPlace | Target::Descriptor(_)) => {
+                    let file = open_in_place(p, &target)
+                        .with_context(|| format!("--output {}: cannot open it", p.display()))?;
+                    Sink::InPlace {
+                        file: BufWriter::with_capacity(1 << 16, file),
+                        path: p.to_path_buf(),
+                    }
+                }
+                Target::Replace(target) => {
+                    let tmp = NewFile::create(&target).with_context(|| {
                         format!(
                             "--output {}: cannot create a file in {}",
                             p.display(),
-                            dir.display()
+                            parent_of(&target).display()
                         )
                     })?;
-                let guard = crate::interrupt::remove_on_signal(tmp.path());
-                Sink::File {
-                    tmp: BufWriter::with_capacity(1 << 16, tmp),
-                    path: p.to_path_buf(),
-                    _guard: guard,
+                    Sink::File {
+                        tmp: BufWriter::with_capacity(1 << 16, tmp),
+                        path: p.to_path_buf(),
+                    }
                 }
-            }
+            },
         };
         Ok(Self { inner })
     }
 
-    /// True when the output goes to standard output.
-    pub fn is_stdout(&self) -> bool {
-        matches!(self.inner, Sink::Stdout(_))
+    /// True when what is written goes out at once and cannot be taken back (standard output,
+    /// a device node, a named pipe), so a failure leaves an incomplete output.
+    pub fn is_streamed(&self) -> bool {
+        !matches!(self.inner, Sink::File { .. })
+    }
+
+    /// Flushes a file output and gives the [`crate::job::FileSum`] of what it holds, before it
+    /// is renamed into place; `None` for a streamed output.
+    pub fn sum(&mut self) -> Result<Option<crate::job::FileSum>> {
+        match &mut self.inner {
+            Sink::File { tmp, path } => {
+                tmp.flush()
+                    .with_context(|| format!("writing {}", path.display()))?;
+                let f = tmp.get_ref();
+                Ok(Some(crate::job::file_sum_as(f.temp_path(), f.target())?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The path a file output replaces when it is renamed into place (symlinks resolved);
+    /// `None` for a streamed output.
+    pub fn replaces(&self) -> Option<&Path> {
+        match &self.inner {
+            Sink::File { tmp, .. } => Some(tmp.get_ref().target()),
+            _ => None,
+        }
     }
 
     /// Overwrites `bytes` at `offset` of a file output, for a header whose content is known
-    /// only at the end (the row count of a .npy file). Not possible on standard output.
+    /// only at the end (the row count of a .npy file). Not possible on a streamed output.
     pub fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
         match &mut self.inner {
-            Sink::Stdout(_) => anyhow::bail!("cannot rewrite a header on standard output"),
-            Sink::File { tmp, path, .. } => tmp
+            Sink::File { tmp, path } => tmp
                 .flush()
-                .and_then(|_| tmp.get_ref().as_file().write_all_at(bytes, offset))
+                .and_then(|_| tmp.get_ref().file().write_all_at(bytes, offset))
                 .with_context(|| format!("writing {}", path.display())),
+            _ => anyhow::bail!("cannot rewrite a header on a streamed output"),
         }
     }
 
@@ -79,18 +112,16 @@ impl Output {
     pub fn finish(self) -> Result<()> {
         match self.inner {
             Sink::Stdout(mut w) => w.flush().context("writing to standard output"),
-            Sink::File { tmp, path, .. } => {
+            Sink::InPlace { mut file, path } => file
+                .flush()
+                .with_context(|| format!("writing {}", path.display())),
+            Sink::File { tmp, path } => {
                 let tmp = tmp
                     .into_inner()
                     .map_err(|e| e.into_error())
                     .with_context(|| format!("writing {}", path.display()))?;
-                tmp.as_file()
-                    .sync_all()
-                    .with_context(|| format!("writing {}", path.display()))?;
-                tmp.persist(&path).map_err(|e| e.error).with_context(|| {
-                    format!("moving the output into place at {}", path.display())
-                })?;
-                Ok(())
+                tmp.commit()
+                    .with_context(|| format!("moving the output into place at {}", path.display()))
             }
         }
     }
@@ -100,47 +131,22 @@ impl Write for Output {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match &mut self.inner {
             Sink::Stdout(w) => w.write(buf),
+            Sink::InPlace { file, .. } => file.write(buf),
             Sink::File { tmp, .. } => tmp.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match &mut self.inner {
             Sink::Stdout(w) => w.flush(),
+            Sink::InPlace { file, .. } => file.flush(),
             Sink::File { tmp, .. } => tmp.flush(),
         }
     }
 }
 
-/// Names of our temporary output files start with this and the writer's process id.
-fn temp_prefix(pid: u32) -> String {
-    format!(".fetch-ml-{pid}-")
-}
-
-/// Removes temporary output files in `dir` left by fetch-ml runs that were killed (their
-/// process no longer exists). Files of running processes and of anyone else are left alone.
-pub fn remove_stale_temporaries(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(".fetch-ml-") else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid <= 0 || !e.file_type().is_ok_and(|t| t.is_file()) {
-            continue;
-        }
-        if crate::sys::process_gone(pid) {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-}
-
 /// Checks before any long work that `path` can receive an output of `what` (a flag name):
-/// its folder exists and takes files, it is not a folder, and it has extension `ext` if given.
+/// it is not a folder, it has extension `ext` if given, and either it is a device node or a
+/// named pipe that can be opened for writing, or its folder exists and takes files.
 pub fn check_target(what: &str, path: &Path, ext: Option<&str>) -> Result<()> {
     if path == Path::new("-") {
         return Ok(());
@@ -157,13 +163,14 @@ pub fn check_target(what: &str, path: &Path, ext: Option<&str>) -> Result<()> {
             );
         }
     }
-    if path.is_dir() {
-        anyhow::bail!("{what} {}: is a folder; give a file name", path.display());
-    }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
+    let target = classify(path).with_context(|| format!("{what} {}", path.display()))?;
+    let target = match target {
+        Target::Folder => anyhow::bail!("{what} {}: is a folder; give a file name", path.display()),
+        Target::InPlace => return check_writable(what, path),
+        Target::Descriptor(_) => return Ok(()),
+        Target::Replace(t) => t,
     };
+    let dir = parent_of(&target);
     if !dir.is_dir() {
         anyhow::bail!(
             "{what} {}: the folder {} does not exist; create it first",
@@ -171,17 +178,29 @@ pub fn check_target(what: &str, path: &Path, ext: Option<&str>) -> Result<()> {
             dir.display()
         );
     }
-    tempfile::Builder::new()
-        .prefix(&temp_prefix(std::process::id()))
-        .tempfile_in(dir)
-        .with_context(|| {
-            format!(
-                "{what} {}: cannot write in {}",
-                path.display(),
-                dir.display()
-            )
-        })?;
+    NewFile::create(&target).with_context(|| {
+        format!(
+            "{what} {}: cannot write in {}",
+            path.display(),
+            dir.display()
+        )
+    })?;
     Ok(())
+}
+
+/// Opens a device node or named pipe for writing (a pipe waits for its reader), or duplicates
+/// the descriptor that `path` names.
+pub fn open_in_place(path: &Path, target: &Target) -> io::Result<File> {
+    match target {
+        Target::Descriptor(fd) => crate::atomic::open_descriptor(*fd),
+        _ => std::fs::OpenOptions::new().write(true).open(path),
+    }
+}
+
+/// Whether this process may write to `path` (without opening it: a named pipe would wait).
+fn check_writable(what: &str, path: &Path) -> Result<()> {
+    crate::sys::may_write(path)
+        .with_context(|| format!("{what} {}: cannot write to it", path.display()))
 }
 
 /// A progress bar on stderr; invisible when stderr is not a terminal, or with `--quiet`.

@@ -7,6 +7,8 @@ use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 
+use crate::atomic::{classify, parent_of, NewFile, Target};
+
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
 fn register() {
@@ -24,7 +26,9 @@ pub struct Series<'a> {
     pub values: Vec<f64>,
 }
 
-/// Draws a grouped bar chart with values in 0..=1 to `path` (written whole, then renamed).
+/// Draws a grouped bar chart with values in 0..=1 to `path`: written whole under a temporary
+/// name and renamed (see [`crate::atomic`]), or, when `path` is a device node or a named
+/// pipe, drawn in a temporary file and copied into it.
 pub fn grouped_bars(
     path: &Path,
     title: &str,
@@ -33,25 +37,34 @@ pub fn grouped_bars(
     series: &[Series],
 ) -> Result<()> {
     register();
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
+    let target = classify(path).with_context(|| format!("--plot {}", path.display()))?;
+    let target = match target {
+        Target::Replace(t) => t,
+        Target::Folder => anyhow::bail!("--plot {}: is a folder; give a file name", path.display()),
+        in_place @ (Target::InPlace | Target::Descriptor(_)) => {
+            let tmp = tempfile::Builder::new()
+                .suffix(".png")
+                .tempfile()
+                .context("creating a temporary file for the chart")?;
+            draw(tmp.path(), title, y_label, groups, series)
+                .map_err(|e| anyhow!("drawing the chart: {e}"))?;
+            let mut out = crate::output::open_in_place(path, &in_place)
+                .with_context(|| format!("--plot {}: cannot open it", path.display()))?;
+            std::io::copy(&mut std::fs::File::open(tmp.path())?, &mut out)
+                .with_context(|| format!("writing {}", path.display()))?;
+            return Ok(());
+        }
     };
-    let tmp = tempfile::Builder::new()
-        .prefix(".fetch-ml-plot-")
-        .suffix(".png")
-        .tempfile_in(dir)
-        .with_context(|| {
-            format!(
-                "--plot {}: cannot write in {}",
-                path.display(),
-                dir.display()
-            )
-        })?;
-    draw(tmp.path(), title, y_label, groups, series)
+    let tmp = NewFile::create_with_suffix(&target, ".png").with_context(|| {
+        format!(
+            "--plot {}: cannot write in {}",
+            path.display(),
+            parent_of(&target).display()
+        )
+    })?;
+    draw(tmp.temp_path(), title, y_label, groups, series)
         .map_err(|e| anyhow!("drawing the chart: {e}"))?;
-    tmp.persist(path)
-        .map_err(|e| e.error)
+    tmp.commit()
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

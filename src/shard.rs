@@ -12,10 +12,12 @@
 //! - Anything else (standard input, a named pipe, `--sentence`, the built-in sentences) is read
 //!   whole and split by line number: line L (0-based) belongs to shard `L mod N`.
 //!
-//! When `--shard` is not given, the index and count come from the environment of the common
-//! engines: Kubernetes Indexed Jobs (`JOB_COMPLETION_INDEX`, with the count from `--shards` or
-//! `FETCH_ML_SHARDS`) and Slurm job arrays (`SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN` of
-//! `SLURM_ARRAY_TASK_COUNT`).
+//! When `--shard` is not given, the index comes from the environment of the common engines,
+//! and the count must be pinned (`--shards N` or `FETCH_ML_SHARDS`): Kubernetes Indexed Jobs
+//! (`JOB_COMPLETION_INDEX`) and Slurm job arrays (`SLURM_ARRAY_TASK_ID`, taken as the shard
+//! index itself). An array's own task count is never used as the shard count: a re-submitted
+//! index (`sbatch --array=1`) or an array with a step or gaps would split the input
+//! differently from the first submission, silently.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -38,6 +40,8 @@ pub struct ShardSpec {
     pub shard: Shard,
     /// E.g. `--shard 1/3`, or `Kubernetes Indexed Job (JOB_COMPLETION_INDEX=1, FETCH_ML_SHARDS=3)`.
     pub source: String,
+    /// Something the log should say about it (a Slurm array that covers only some shards).
+    pub note: Option<String>,
 }
 
 impl std::fmt::Display for Shard {
@@ -95,6 +99,21 @@ impl Shard {
     }
 }
 
+/// Checks that a sharded `--output` name gives each shard its own file: a name with `{n}`
+/// must also have `{i}` or `{shard}` (a name with none of them gets `-{shard}` added).
+pub fn check_template(template: &Path) -> Result<()> {
+    let s = template.to_string_lossy();
+    if s.contains("{n}") && !s.contains("{i}") && !s.contains("{shard}") {
+        bail!(
+            "{}: {{n}} is the same for every shard, so the shards would share one file; put {{i}} \
+             or {{shard}} in the name too, or leave all three out to get -{{shard}} before the \
+             extension",
+            template.display()
+        );
+    }
+    Ok(())
+}
+
 /// Whether an `--output` path has a shard placeholder (`{shard}`, `{i}` or `{n}`).
 pub fn has_placeholder(path: &Path) -> bool {
     let s = path.to_string_lossy();
@@ -110,104 +129,96 @@ pub fn from_env(
 ) -> Result<Option<ShardSpec>> {
     let count: Option<(usize, &str)> = match (shards, var("FETCH_ML_SHARDS")) {
         (Some(n), _) => Some((n, "--shards")),
-        (None, Some(v)) => match env_number("FETCH_ML_SHARDS", &v)? {
+        (None, Some(v)) => match number("FETCH_ML_SHARDS", &v)? {
             0 => bail!("FETCH_ML_SHARDS=0: the number of shards must be 1 or more"),
             n => Some((n, "FETCH_ML_SHARDS")),
         },
         (None, None) => None,
     };
-    match (var("JOB_COMPLETION_INDEX"), var("SLURM_ARRAY_TASK_ID")) {
+    let k8s = var("JOB_COMPLETION_INDEX");
+    let slurm = var("SLURM_ARRAY_TASK_ID");
+    let (name, value, engine) = match (k8s, slurm) {
         (Some(_), Some(_)) => bail!(
             "both JOB_COMPLETION_INDEX (Kubernetes) and SLURM_ARRAY_TASK_ID (Slurm) are set, so \
              the shard is ambiguous; pass --shard I/N"
         ),
-        (Some(i), None) => kubernetes_shard(&i, count).map(Some),
-        (None, Some(id)) => slurm_shard(&id, count, var).map(Some),
-        (None, None) => match count {
-            Some((n, src)) => bail!(
-                "{src} gives {n} shards but not which one this run is: pass --shard I/N, or run \
-                 under a Kubernetes Indexed Job (JOB_COMPLETION_INDEX) or a Slurm job array"
-            ),
-            None => Ok(None),
-        },
-    }
-}
-
-/// The value `v` of the environment variable `name` as a count or index.
-fn env_number(name: &str, v: &str) -> Result<usize> {
-    v.trim().parse::<usize>().map_err(|_| {
-        anyhow::anyhow!(
-            "{name}={v:?} is not a whole number of 0 or more; it is set by the batch \
-             engine (or by you), or pass --shard I/N"
-        )
-    })
-}
-
-/// A Kubernetes Indexed Job's shard: `JOB_COMPLETION_INDEX` of `count` (which it does not
-/// carry).
-fn kubernetes_shard(index: &str, count: Option<(usize, &str)>) -> Result<ShardSpec> {
-    let index = env_number("JOB_COMPLETION_INDEX", index)?;
+        (Some(i), None) => ("JOB_COMPLETION_INDEX", i, "Kubernetes Indexed Job"),
+        (None, Some(id)) => ("SLURM_ARRAY_TASK_ID", id, "Slurm job array"),
+        (None, None) => {
+            return match count {
+                Some((n, src)) => bail!(
+                    "{src} gives {n} shards but not which one this run is: pass --shard I/N, or \
+                     run under a Kubernetes Indexed Job (JOB_COMPLETION_INDEX) or a Slurm job \
+                     array (SLURM_ARRAY_TASK_ID)"
+                ),
+                None => Ok(None),
+            }
+        }
+    };
+    let index = number(name, &value)?;
     let Some((n, n_source)) = count else {
         bail!(
-            "JOB_COMPLETION_INDEX={index} is set (a Kubernetes Indexed Job) but the number \
-             of shards is not: pass --shards N or set FETCH_ML_SHARDS=N (the Job's \
-             completions), or pass --shard 0/1 to embed the whole input"
+            "{name}={index} is set (a {engine}) but the number of shards is not: pin it with \
+             FETCH_ML_SHARDS=N or --shards N (the size of the whole job, {}), or pass --shard \
+             I/N. The count is never guessed from the engine, since a re-submitted part of the \
+             job would then split the input differently",
+            if name == "JOB_COMPLETION_INDEX" {
+                "the Job's completions"
+            } else {
+                "the full array, --array=0-(N-1)"
+            }
         );
     };
     if index >= n {
         bail!(
-            "JOB_COMPLETION_INDEX={index} is not below the number of shards {n} \
-             ({n_source}); the Job's completions and the shard count must agree"
+            "{name}={index} is not below the number of shards {n} ({n_source}); the index is the \
+             shard's own, so the {} must run 0 to {}",
+            if name == "JOB_COMPLETION_INDEX" {
+                "Job's completions"
+            } else {
+                "array's task ids"
+            },
+            n - 1
         );
     }
-    Ok(ShardSpec {
+    let note = (name == "SLURM_ARRAY_TASK_ID")
+        .then(|| slurm_note(n, var))
+        .transpose()?
+        .flatten();
+    Ok(Some(ShardSpec {
         shard: Shard { index, count: n },
-        source: format!("Kubernetes Indexed Job (JOB_COMPLETION_INDEX={index}, {n_source}={n})"),
+        source: format!("{engine} ({name}={index}, {n_source}={n})"),
+        note,
+    }))
+}
+
+fn number(name: &str, v: &str) -> Result<usize> {
+    v.trim().parse::<usize>().map_err(|_| {
+        anyhow::anyhow!(
+            "{name}={v:?} is not a whole number of 0 or more; it is set by the batch engine (or \
+             by you), or pass --shard I/N"
+        )
     })
 }
 
-/// A Slurm job array's shard: `SLURM_ARRAY_TASK_ID` less `SLURM_ARRAY_TASK_MIN`, of `count`
-/// or else `SLURM_ARRAY_TASK_COUNT`.
-fn slurm_shard(
-    id: &str,
-    count: Option<(usize, &str)>,
-    var: &dyn Fn(&str) -> Option<String>,
-) -> Result<ShardSpec> {
-    let id = env_number("SLURM_ARRAY_TASK_ID", id)?;
-    let min = match var("SLURM_ARRAY_TASK_MIN") {
-        Some(v) => env_number("SLURM_ARRAY_TASK_MIN", &v)?,
-        None => bail!(
-            "SLURM_ARRAY_TASK_ID={id} is set but SLURM_ARRAY_TASK_MIN is not; run under \
-             a Slurm job array (sbatch --array=0-N), or pass --shard I/N"
-        ),
+/// What a Slurm array's shape says about its coverage of `n` shards, when it runs only some.
+fn slurm_note(n: usize, var: &dyn Fn(&str) -> Option<String>) -> Result<Option<String>> {
+    let get = |k: &str| -> Result<Option<usize>> { var(k).map(|v| number(k, &v)).transpose() };
+    let (min, max) = (get("SLURM_ARRAY_TASK_MIN")?, get("SLURM_ARRAY_TASK_MAX")?);
+    let step = get("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1);
+    let tasks = get("SLURM_ARRAY_TASK_COUNT")?;
+    let (Some(min), Some(max), Some(tasks)) = (min, max, tasks) else {
+        return Ok(None);
     };
-    let (n, n_source) = match (count, var("SLURM_ARRAY_TASK_COUNT")) {
-        (Some((n, src)), _) => (n, src.to_string()),
-        (None, Some(v)) => (
-            env_number("SLURM_ARRAY_TASK_COUNT", &v)?,
-            "SLURM_ARRAY_TASK_COUNT".to_string(),
-        ),
-        (None, None) => bail!(
-            "SLURM_ARRAY_TASK_ID={id} is set but SLURM_ARRAY_TASK_COUNT is not; pass \
-             --shards N, or --shard I/N"
-        ),
-    };
-    if id < min || id - min >= n || n == 0 {
-        bail!(
-            "SLURM_ARRAY_TASK_ID={id} minus SLURM_ARRAY_TASK_MIN={min} is not below the \
-             number of shards {n} ({n_source}); use a contiguous array without a step \
-             (sbatch --array=0-{}), or pass --shard I/N",
-            n.saturating_sub(1)
-        );
+    if tasks >= n && step <= 1 && min == 0 {
+        return Ok(None);
     }
-    let index = id - min;
-    Ok(ShardSpec {
-        shard: Shard { index, count: n },
-        source: format!(
-            "Slurm job array (SLURM_ARRAY_TASK_ID={id} - SLURM_ARRAY_TASK_MIN={min}, \
-             {n_source}={n})"
-        ),
-    })
+    Ok(Some(format!(
+        "this array has {tasks} task(s) (ids {min}-{max}, step {step}) for {n} shards: it runs \
+         only the shards whose index is one of its ids; the others need tasks of their own \
+         (sbatch --array=0-{})",
+        n - 1
+    )))
 }
 
 /// The byte range `[start, end)` of a regular file that shard `shard` reads, and the number of
@@ -272,12 +283,6 @@ fn count_newlines(file: &File, end: u64) -> std::io::Result<u64> {
     Ok(lines)
 }
 
-/// Whether every one of `paths` exists: outputs appear only by rename once complete, so an
-/// existing output is a complete one.
-pub fn outputs_exist(paths: &[PathBuf]) -> bool {
-    !paths.is_empty() && paths.iter().all(|p| p.is_file())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,6 +306,10 @@ mod tests {
         assert_eq!(p("out/.hidden"), "out/.hidden-00001-of-00003");
         assert_eq!(p("out/part-{shard}.npy"), "out/part-00001-of-00003.npy");
         assert_eq!(p("out/{i}_of_{n}.jsonl"), "out/1_of_3.jsonl");
+        assert!(check_template(Path::new("out/{i}_of_{n}.jsonl")).is_ok());
+        assert!(check_template(Path::new("out/{shard}.jsonl")).is_ok());
+        assert!(check_template(Path::new("out/emb.jsonl")).is_ok());
+        assert!(check_template(Path::new("out/emb-{n}.jsonl")).is_err());
     }
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
@@ -326,17 +335,29 @@ mod tests {
         let e = from_env(Some(3), &env(&[("JOB_COMPLETION_INDEX", "x")])).unwrap_err();
         assert!(e.to_string().contains("JOB_COMPLETION_INDEX=\"x\""), "{e}");
         let slurm = [
-            ("SLURM_ARRAY_TASK_ID", "7"),
-            ("SLURM_ARRAY_TASK_MIN", "5"),
-            ("SLURM_ARRAY_TASK_COUNT", "3"),
+            ("SLURM_ARRAY_TASK_ID", "1"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_MAX", "1"),
+            ("SLURM_ARRAY_TASK_COUNT", "1"),
         ];
-        let s = from_env(None, &env(&slurm)).unwrap().unwrap();
-        assert_eq!(s.shard, Shard { index: 2, count: 3 });
-        assert!(s.source.contains("SLURM_ARRAY_TASK_ID=7"), "{}", s.source);
-        let e = from_env(Some(2), &env(&slurm)).unwrap_err();
-        assert!(e.to_string().contains("contiguous"), "{e}");
-        let e = from_env(None, &env(&slurm[..2])).unwrap_err();
-        assert!(e.to_string().contains("SLURM_ARRAY_TASK_COUNT"), "{e}");
+        // `sbatch --array=1`: the count is not guessed from the array.
+        let e = from_env(None, &env(&slurm)).unwrap_err();
+        assert!(e.to_string().contains("FETCH_ML_SHARDS"), "{e}");
+        let s = from_env(Some(3), &env(&slurm)).unwrap().unwrap();
+        assert_eq!(s.shard, Shard { index: 1, count: 3 });
+        assert!(s.source.contains("SLURM_ARRAY_TASK_ID=1"), "{}", s.source);
+        assert!(s.note.as_deref().unwrap().contains("1 task(s)"), "{s:?}");
+        let e = from_env(Some(1), &env(&slurm)).unwrap_err();
+        assert!(e.to_string().contains("not below"), "{e}");
+        // A whole array needs no note.
+        let whole = [
+            ("SLURM_ARRAY_TASK_ID", "2"),
+            ("SLURM_ARRAY_TASK_MIN", "0"),
+            ("SLURM_ARRAY_TASK_MAX", "3"),
+            ("SLURM_ARRAY_TASK_COUNT", "4"),
+        ];
+        let s = from_env(Some(4), &env(&whole)).unwrap().unwrap();
+        assert_eq!((s.shard.index, s.note), (2, None));
         let e = from_env(Some(2), &env(&[])).unwrap_err();
         assert!(e.to_string().contains("--shards gives 2 shards"), "{e}");
         let k = from_env(

@@ -1,4 +1,4 @@
-//! Tokenizer loading, truncation, and padded batches of token ids.
+//! Tokenizer loading, truncation (of either end), and padded batches of token ids.
 
 use std::path::Path;
 
@@ -22,10 +22,22 @@ pub struct Encoded {
     pub truncated: bool,
 }
 
+/// Which end of an input longer than the max length is cut (text-embeddings-inference's
+/// `truncation_direction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TruncateSide {
+    /// Keep the first tokens.
+    #[default]
+    Right,
+    /// Keep the last tokens.
+    Left,
+}
+
 /// A tokenizer set up for batch-longest padding and truncation at `max_len` tokens.
 pub struct TextTokenizer {
     inner: Tokenizer,
     max_len: usize,
+    side: TruncateSide,
     lowercase_input: bool,
     pad_id: u32,
     /// Token ids must be below this (the model's `vocab_size`).
@@ -63,10 +75,31 @@ impl TextTokenizer {
         Ok(Self {
             inner,
             max_len,
+            side: TruncateSide::Right,
             lowercase_input,
             pad_id,
             vocab_limit: None,
         })
+    }
+
+    /// Cuts long inputs at `side`: the kept tokens are the first or the last ones (special
+    /// tokens are added after the cut, so `[CLS]` and `[SEP]` stay).
+    pub fn set_truncate_side(&mut self, side: TruncateSide) -> Result<()> {
+        let direction = match side {
+            TruncateSide::Right => TruncationDirection::Right,
+            TruncateSide::Left => TruncationDirection::Left,
+        };
+        let max_length = self.max_len;
+        self.inner
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction,
+            }))
+            .map_err(|e| anyhow!("setting truncation to {max_length} tokens: {e}"))?;
+        self.side = side;
+        Ok(())
     }
 
     /// Makes a token id at or above `vocab_size` (a tokenizer that does not match the model)
@@ -124,8 +157,20 @@ impl TextTokenizer {
             .into_iter()
             .map(|e| e.expect("every text encoded"))
             .collect();
+        self.check_vocab(&out, |i| i)?;
+        Ok(out)
+    }
+
+    /// A token id outside the model's vocabulary is a [`TokenizeError`] naming the text at
+    /// `index(i)` for the `i`-th of `encoded`.
+    pub(crate) fn check_vocab(
+        &self,
+        encoded: &[Encoded],
+        index: impl Fn(usize) -> usize,
+    ) -> Result<()> {
         if let Some(limit) = self.vocab_limit {
-            for (index, e) in out.iter().enumerate() {
+            for (i, e) in encoded.iter().enumerate() {
+                let index = index(i);
                 if let Some(&id) = e.ids.iter().find(|&&id| id >= limit) {
                     let token = self.inner.id_to_token(id).unwrap_or_default();
                     return Err(TokenizeError {
@@ -140,7 +185,7 @@ impl TextTokenizer {
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Bytes of text tokenized at first for a long sentence: far more than `max_len` tokens
@@ -149,7 +194,14 @@ impl TextTokenizer {
         (self.max_len * 16).max(4096)
     }
 
-    fn prepare(&self, text: &str) -> String {
+    /// True when the text is lower-cased before tokenization (sentence-transformers'
+    /// `do_lower_case`).
+    pub fn lowercases_input(&self) -> bool {
+        self.lowercase_input
+    }
+
+    /// The text as the tokenizer sees it.
+    pub(crate) fn prepare(&self, text: &str) -> String {
         if self.lowercase_input {
             text.to_lowercase()
         } else {
@@ -175,19 +227,31 @@ impl TextTokenizer {
         }
     }
 
-    /// Tokenizes a long sentence from growing heads of it (see [`Self::encode`]).
+    /// Tokenizes a long sentence from growing heads of it (or tails, when the left end is
+    /// cut; see [`Self::encode`]).
     fn encode_long(&self, text: &str, mut budget: usize, index: usize) -> Result<Encoded> {
         loop {
             if budget >= text.len() {
                 return self.encode_one(text, index);
             }
-            let head = cut_at_whitespace(text, budget);
-            let mut e = self.encode_one(head, index)?;
+            let (part, whole_words) = match self.side {
+                TruncateSide::Right => {
+                    let head = cut_at_whitespace(text, budget);
+                    let cut =
+                        head.len() < budget.min(text.len()) || head.ends_with(char::is_whitespace);
+                    (head, cut)
+                }
+                TruncateSide::Left => {
+                    let tail = tail_at_whitespace(text, budget);
+                    (tail, tail.starts_with(char::is_whitespace))
+                }
+            };
+            let mut e = self.encode_one(part, index)?;
             if e.truncated {
                 return Ok(e);
             }
-            if head.len() == budget.min(text.len()) && !head.ends_with(char::is_whitespace) {
-                // No whitespace to cut at in the head: one giant "word". Keep this head.
+            if !whole_words {
+                // No whitespace to cut at: one giant "word". Keep this part.
                 e.truncated = true;
                 return Ok(e);
             }
@@ -234,6 +298,21 @@ fn cut_at_whitespace(text: &str, budget: usize) -> &str {
     match head.rfind(char::is_whitespace) {
         Some(i) if i > 0 => &head[..i + head[i..].chars().next().map_or(1, char::len_utf8)],
         _ => head,
+    }
+}
+
+/// The tail of `text` of at most `budget` bytes, starting at a whitespace character (kept, so
+/// that the first word tokenizes as it does inside the whole text: byte-level BPE reads the
+/// space as part of the word), or at a character boundary when it has none.
+fn tail_at_whitespace(text: &str, budget: usize) -> &str {
+    let mut start = text.len().saturating_sub(budget);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    let tail = &text[start..];
+    match tail.find(char::is_whitespace) {
+        Some(i) => &tail[i..],
+        None => tail,
     }
 }
 

@@ -221,9 +221,11 @@ fn three_shards_cover_a_file_once_with_the_vectors_of_one_run() {
                     .env("FETCH_ML_SHARDS", "3");
             }
             _ => {
-                cmd.env("SLURM_ARRAY_TASK_ID", "12")
-                    .env("SLURM_ARRAY_TASK_MIN", "10")
-                    .env("SLURM_ARRAY_TASK_COUNT", "3");
+                cmd.env("SLURM_ARRAY_TASK_ID", "2")
+                    .env("SLURM_ARRAY_TASK_MIN", "0")
+                    .env("SLURM_ARRAY_TASK_MAX", "2")
+                    .env("SLURM_ARRAY_TASK_COUNT", "3")
+                    .env("FETCH_ML_SHARDS", "3");
             }
         }
         cmd
@@ -231,7 +233,7 @@ fn three_shards_cover_a_file_once_with_the_vectors_of_one_run() {
     let sources = [
         "--shard 0/3",
         "JOB_COMPLETION_INDEX=1, FETCH_ML_SHARDS=3",
-        "SLURM_ARRAY_TASK_ID=12 - SLURM_ARRAY_TASK_MIN=10, SLURM_ARRAY_TASK_COUNT=3",
+        "SLURM_ARRAY_TASK_ID=2, FETCH_ML_SHARDS=3",
     ];
     let mut union: Vec<Row> = Vec::new();
     let mut next_byte = 0u64;
@@ -279,7 +281,9 @@ fn three_shards_cover_a_file_once_with_the_vectors_of_one_run() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names.len(), 3, "no temporary files left: {names:?}");
+    // Three outputs and their completion records; no temporary files.
+    assert_eq!(names.len(), 6, "{names:?}");
+    assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
 }
 
 #[test]
@@ -498,7 +502,13 @@ fn corpus_flag_errors_name_the_flag_or_variable() {
             .env("SLURM_ARRAY_TASK_ID", "4")
             .env("SLURM_ARRAY_TASK_MIN", "0")
             .env("SLURM_ARRAY_TASK_COUNT", "3")),
-        &["SLURM_ARRAY_TASK_ID=4", "contiguous"],
+        &["SLURM_ARRAY_TASK_ID=4", "FETCH_ML_SHARDS", "--shards"],
+    );
+    fails_with(
+        &run(base()
+            .env("SLURM_ARRAY_TASK_ID", "4")
+            .env("FETCH_ML_SHARDS", "3")),
+        &["SLURM_ARRAY_TASK_ID=4", "not below", "0 to 2"],
     );
     let o = run(base().args(["--shard", "3/3"]));
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
@@ -737,7 +747,8 @@ fn the_slurm_script_runs_one_shard_per_array_task() {
     let out_dir = d.path().join("embeddings");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/slurm-array.sh");
     let mut union = Vec::new();
-    for id in 4..7 {
+    // `SHARDS=3 sbatch --array=0-2`: array task id I runs shard I of 3.
+    for id in 0..3 {
         let o = run(Command::new("bash")
             .arg(&script)
             .current_dir(d.path())
@@ -745,14 +756,20 @@ fn the_slurm_script_runs_one_shard_per_array_task() {
             .env("MODEL_DIR", model.parent().unwrap())
             .env("MODEL", model.file_name().unwrap())
             .env("FORMAT", "jsonl")
+            .env("SHARDS", "3")
             .env("SLURM_ARRAY_TASK_ID", id.to_string())
-            .env("SLURM_ARRAY_TASK_MIN", "4")
+            .env("SLURM_ARRAY_TASK_MIN", "0")
+            .env("SLURM_ARRAY_TASK_MAX", "2")
             .env("SLURM_ARRAY_TASK_COUNT", "3")
             .env("SLURM_CPUS_PER_TASK", "1")
             .env("HF_HUB_OFFLINE", "1"));
         ok(&o);
-        assert!(stderr(&o).contains("Slurm job array"), "{}", stderr(&o));
-        let path = out_dir.join(format!("emb-0000{}-of-00003.jsonl", id - 4));
+        assert!(
+            stderr(&o).contains(&format!("--shard {id}/3")),
+            "{}",
+            stderr(&o)
+        );
+        let path = out_dir.join(format!("emb-0000{id}-of-00003.jsonl"));
         union.extend(rows_of_jsonl(&std::fs::read_to_string(path).unwrap()));
     }
     union.sort_by_key(|r| r.index);
@@ -852,6 +869,7 @@ fn help_documents_the_corpus_flags() {
         "SLURM_ARRAY_TASK_ID",
         "FETCH_ML_SHARDS",
         "{shard}",
+        "{i} its index and {n} the count",
     ] {
         assert!(out.contains(needle), "--help lacks {needle}");
     }

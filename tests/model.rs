@@ -48,6 +48,8 @@ fn every_encoder_tensor_receives_a_gradient() {
     let batch = a.tokenizer.batch(&items, &Device::Cpu).unwrap();
     let dropout = Dropout::new(1);
     let hidden = enc
+        .as_bert()
+        .unwrap()
         .forward(
             &batch.input_ids,
             &batch.token_type_ids,

@@ -757,6 +757,8 @@ fn word_embeddings_train_row_wise() {
     let (setup, model) = setup_and_model(&cfg);
     let word = |m: &MultiTaskModel| {
         m.encoder
+            .as_bert()
+            .unwrap()
             .embeddings
             .word_embeddings
             .embeddings()

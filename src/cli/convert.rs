@@ -8,6 +8,7 @@ use clap::{CommandFactory, FromArgMatches};
 
 use super::values::format_name;
 use super::{heading, Cli, DEFAULT_MODEL};
+use crate::chunk::ChunkSpec;
 use crate::config::{
     defaults, Command, EmbedConfig, MultitaskConfig, ScenariosConfig, TrainConfig,
 };
@@ -161,11 +162,15 @@ impl Cli {
             Some(shard) => Some(ShardSpec {
                 shard,
                 source: format!("--shard {shard}"),
+                note: None,
             }),
             None => crate::shard::from_env(self.shards, &|k| std::env::var(k).ok())?,
         };
         let output = match (&shard, self.output) {
-            (Some(s), Some(p)) if p != Path::new("-") => Some(s.shard.output_path(&p)),
+            (Some(s), Some(p)) if p != Path::new("-") => {
+                crate::shard::check_template(&p).map_err(|e| anyhow::anyhow!("--output {e}"))?;
+                Some(s.shard.output_path(&p))
+            }
             (None, Some(p)) if crate::shard::has_placeholder(&p) => bail!(
                 "--output {}: {{shard}}, {{i}} and {{n}} are filled in for a sharded run \
                  only; pass --shard I/N, or remove them from the name",
@@ -188,6 +193,12 @@ impl Cli {
             prompt: self.prompt,
             prompt_name: self.prompt_name,
             truncate_dim: self.truncate_dim,
+            truncate_side: self.truncate_side.unwrap_or_default(),
+            chunking: self.chunk_tokens.map(|tokens| ChunkSpec {
+                tokens,
+                overlap: self.chunk_overlap.unwrap_or(0),
+                mode: self.chunks.unwrap_or_default(),
+            }),
         })
     }
 
@@ -277,6 +288,7 @@ mod tests {
             heading::EXISTING,
             heading::EMBEDDINGS,
             heading::CORPUS,
+            heading::LONG_INPUTS,
             heading::TRAINING,
             heading::MULTITASK,
             heading::SCENARIOS,

@@ -3,13 +3,23 @@
 //!
 //! BERT, RoBERTa, XLM-RoBERTa, DistilBERT and MPNet share one block structure
 //! (post-LayerNorm attention and feed-forward layers), so they all run through
-//! [`super::bert`] and the fast path. What differs is said here:
+//! [`super::bert`] and the fast path. ModernBERT, NomicBERT and JinaBERT (long-context
+//! encoders with rotary positions or ALiBi and gated feed-forward layers) have their own
+//! files ([`super::modernbert`], [`super::nomic_bert`], [`super::jina_bert`]) behind the same
+//! seam ([`super::encoder`]). What differs is said here:
 //! - the config: DistilBERT's keys (`dim`, `n_layers`, ...) become a BERT config;
 //! - positions: RoBERTa and XLM-RoBERTa number tokens from `pad_token_id + 1`, MPNet from 2;
 //! - token types: DistilBERT and MPNet have none (`type_vocab_size` 0);
 //! - MPNet adds a relative position bias to the attention scores ([`super::mpnet`]);
 //! - tensor names: every canonical name (`encoder.layer.0.attention.self.query.weight`) has
 //!   its file names per architecture, with and without the model prefix (`roberta.`, ...).
+//!   The long-context encoders keep their own names inside a layer, under the canonical
+//!   `encoder.layer.{i}.` (ModernBERT's `layers.{i}.`, NomicBERT's `encoder.layers.{i}.`),
+//!   with the word embeddings at `embeddings.word_embeddings` (ModernBERT's
+//!   `embeddings.tok_embeddings`), NomicBERT's `emb_ln` at `embeddings.LayerNorm`, and
+//!   ModernBERT's `final_norm` with its last layer (`encoder.layer.{L-1}.final_norm`);
+//! - a JinaBERT config says `"model_type": "bert"`; its `"position_embedding_type": "alibi"`
+//!   tells it apart.
 //!
 //! Freezing, checkpoints and the freeze check only ever see canonical names.
 
@@ -25,16 +35,22 @@ pub enum Architecture {
     XlmRoberta,
     DistilBert,
     Mpnet,
+    ModernBert,
+    NomicBert,
+    JinaBert,
 }
 
 impl Architecture {
     /// Every supported architecture, by its `model_type`.
-    pub const ALL: [Architecture; 5] = [
+    pub const ALL: [Architecture; 8] = [
         Architecture::Bert,
         Architecture::Roberta,
         Architecture::XlmRoberta,
         Architecture::DistilBert,
         Architecture::Mpnet,
+        Architecture::ModernBert,
+        Architecture::NomicBert,
+        Architecture::JinaBert,
     ];
 
     /// The `model_type` of `config.json`.
@@ -45,20 +61,36 @@ impl Architecture {
             Architecture::XlmRoberta => "xlm-roberta",
             Architecture::DistilBert => "distilbert",
             Architecture::Mpnet => "mpnet",
+            Architecture::ModernBert => "modernbert",
+            Architecture::NomicBert => "nomic_bert",
+            Architecture::JinaBert => "jina_bert",
         }
     }
 
+    /// True for the long-context architectures, which have their own encoders (not the fast
+    /// path's BERT blocks).
+    pub fn is_long(self) -> bool {
+        matches!(
+            self,
+            Architecture::ModernBert | Architecture::NomicBert | Architecture::JinaBert
+        )
+    }
+
     /// The supported `model_type`s, for messages: "bert, roberta, xlm-roberta, distilbert,
-    /// mpnet".
+    /// mpnet, modernbert, nomic_bert, jina_bert".
     pub fn supported() -> String {
         Self::ALL.map(Self::name).join(", ")
     }
 
     /// The prefix of the architecture's tensors in checkpoints of task models
-    /// (`BertForMaskedLM`, ...): `bert.`, `roberta.`, `distilbert.`, `mpnet.`.
+    /// (`BertForMaskedLM`, ...): `bert.`, `roberta.`, `distilbert.`, `mpnet.`, and `model.`
+    /// for ModernBERT (`ModernBertForMaskedLM`). NomicBERT's and JinaBERT's pre-training
+    /// models hold theirs as `bert.` too (from memory of nomic's and Jina's code; their
+    /// published embedding checkpoints have no prefix).
     pub fn prefix(self) -> &'static str {
         match self {
-            Architecture::Bert => "bert.",
+            Architecture::Bert | Architecture::NomicBert | Architecture::JinaBert => "bert.",
+            Architecture::ModernBert => "model.",
             Architecture::Roberta | Architecture::XlmRoberta => "roberta.",
             Architecture::DistilBert => "distilbert.",
             Architecture::Mpnet => "mpnet.",
@@ -66,12 +98,29 @@ impl Architecture {
     }
 
     /// The architecture `config.json` names: its `model_type`, else the first of its
-    /// `architectures` (`XLMRobertaModel`, ...), else BERT (old configs name neither). Any
-    /// other model type is an error that names it and lists the supported ones.
+    /// `architectures` (`XLMRobertaModel`, ...), else BERT (old configs name neither). A
+    /// BERT config with `"position_embedding_type": "alibi"` is JinaBERT. Any other model
+    /// type is an error that names it and lists the supported ones.
     pub fn from_config(config: &Value) -> Result<Self> {
+        let alibi = config
+            .get("position_embedding_type")
+            .and_then(Value::as_str)
+            == Some("alibi");
+        let arch = Self::named_by(config)?;
+        Ok(match arch {
+            Architecture::Bert if alibi => Architecture::JinaBert,
+            other => other,
+        })
+    }
+
+    /// The architecture `model_type` or `architectures` names.
+    fn named_by(config: &Value) -> Result<Self> {
         if let Some(t) = config.get("model_type").and_then(Value::as_str) {
             return match t.to_ascii_lowercase().replace('_', "-").as_str() {
                 "bert" => Ok(Architecture::Bert),
+                "modernbert" => Ok(Architecture::ModernBert),
+                "nomic-bert" => Ok(Architecture::NomicBert),
+                "jina-bert" => Ok(Architecture::JinaBert),
                 "roberta" => Ok(Architecture::Roberta),
                 "xlm-roberta" => Ok(Architecture::XlmRoberta),
                 "distilbert" => Ok(Architecture::DistilBert),
@@ -92,6 +141,9 @@ impl Architecture {
         };
         // Longest family names first: "XLMRoberta" before "Roberta", "DistilBert" before "Bert".
         let families = [
+            ("ModernBert", Architecture::ModernBert),
+            ("NomicBert", Architecture::NomicBert),
+            ("JinaBert", Architecture::JinaBert),
             ("XLMRoberta", Architecture::XlmRoberta),
             ("DistilBert", Architecture::DistilBert),
             ("MPNet", Architecture::Mpnet),
@@ -115,7 +167,11 @@ impl Architecture {
         match self {
             Architecture::Roberta | Architecture::XlmRoberta => pad_token_id + 1,
             Architecture::Mpnet => MPNET_PADDING_IDX + 1,
-            Architecture::Bert | Architecture::DistilBert => 0,
+            Architecture::Bert
+            | Architecture::DistilBert
+            | Architecture::ModernBert
+            | Architecture::NomicBert
+            | Architecture::JinaBert => 0,
         }
     }
 
@@ -143,6 +199,12 @@ impl Architecture {
     /// The architecture's own name of the canonical parameter `canonical` (no prefix): the
     /// name a Hugging Face model of this architecture stores it under.
     pub fn rename(self, canonical: &str) -> String {
+        match self {
+            Architecture::ModernBert | Architecture::NomicBert => {
+                return long_rename(self, canonical)
+            }
+            _ => {}
+        }
         let (layers, blocks): (&str, &[(&str, &str)]) = match self {
             Architecture::DistilBert => (
                 "transformer.layer.",
@@ -183,19 +245,45 @@ impl Architecture {
         canonical.to_string()
     }
 
-    /// `config.json` with the architecture chosen and its keys mapped onto BERT's
+    /// `config.json`'s keys mapped onto BERT's for this architecture of the BERT family
     /// (DistilBERT's renamed, MPNet's missing token types added); `BertConfig::parse` reads
-    /// the result.
-    pub fn config_as_bert(text: &str) -> Result<(Self, Value)> {
-        let value: Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
-        let arch = Self::from_config(&value)?;
-        let value = match arch {
+    /// the result (and the long-context architectures' own configs).
+    pub fn as_bert(self, value: Value) -> Result<Value> {
+        Ok(match self {
             Architecture::DistilBert => distilbert_as_bert(&value)?,
             Architecture::Mpnet => mpnet_as_bert(value),
             _ => value,
-        };
-        Ok((arch, value))
+        })
     }
+}
+
+/// ModernBERT's and NomicBERT's file names of canonical names (see the module doc).
+fn long_rename(arch: Architecture, canonical: &str) -> String {
+    let (layers, word, emb_norm) = match arch {
+        Architecture::ModernBert => ("layers.", "embeddings.tok_embeddings.", None),
+        _ => (
+            "encoder.layers.",
+            "embeddings.word_embeddings.",
+            Some("emb_ln."),
+        ),
+    };
+    if let Some(p) = canonical.strip_prefix("embeddings.word_embeddings.") {
+        return format!("{word}{p}");
+    }
+    if let (Some(p), Some(n)) = (canonical.strip_prefix("embeddings.LayerNorm."), emb_norm) {
+        return format!("{n}{p}");
+    }
+    let Some((_, tail)) = canonical
+        .strip_prefix("encoder.layer.")
+        .and_then(|rest| rest.split_once('.'))
+    else {
+        return canonical.to_string();
+    };
+    if arch == Architecture::ModernBert && tail.starts_with("final_norm.") {
+        return tail.to_string();
+    }
+    let i = &canonical["encoder.layer.".len()..canonical.len() - tail.len() - 1];
+    format!("{layers}{i}.{tail}")
 }
 
 /// MPNet's `padding_idx`, fixed in Hugging Face's `MPNetEmbeddings`.
@@ -242,102 +330,4 @@ fn distilbert_as_bert(v: &Value) -> Result<Value> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn model_type_decides_and_unknown_is_named() {
-        let arch = |v: Value| Architecture::from_config(&v);
-        assert_eq!(arch(json!({})).unwrap(), Architecture::Bert);
-        assert_eq!(
-            arch(json!({"model_type": "xlm-roberta"})).unwrap(),
-            Architecture::XlmRoberta
-        );
-        assert_eq!(
-            arch(json!({"architectures": ["DistilBertModel"]})).unwrap(),
-            Architecture::DistilBert
-        );
-        assert_eq!(
-            arch(json!({"architectures": ["XLMRobertaModel"]})).unwrap(),
-            Architecture::XlmRoberta
-        );
-        let e = arch(json!({"model_type": "t5"})).unwrap_err().to_string();
-        assert!(
-            e.contains("\"t5\"") && e.contains("xlm-roberta, distilbert, mpnet"),
-            "{e}"
-        );
-        assert_eq!(
-            arch(json!({"architectures": ["MPNetForMaskedLM"]})).unwrap(),
-            Architecture::Mpnet
-        );
-        let e = arch(json!({"architectures": ["T5EncoderModel"]}))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("T5EncoderModel") && e.contains("bert"), "{e}");
-    }
-
-    #[test]
-    fn tensor_names_per_architecture() {
-        let d = Architecture::DistilBert;
-        assert_eq!(
-            d.hf_names("encoder.layer.3.attention.self.key.bias"),
-            vec![
-                "transformer.layer.3.attention.k_lin.bias",
-                "distilbert.transformer.layer.3.attention.k_lin.bias"
-            ]
-        );
-        assert_eq!(
-            d.hf_names("encoder.layer.0.output.LayerNorm.weight")[0],
-            "transformer.layer.0.output_layer_norm.weight"
-        );
-        assert_eq!(
-            d.hf_names("encoder.layer.1.attention.output.dense.weight")[0],
-            "transformer.layer.1.attention.out_lin.weight"
-        );
-        assert_eq!(
-            d.hf_names("embeddings.LayerNorm.bias")[0],
-            "embeddings.LayerNorm.bias"
-        );
-        let r = Architecture::Roberta.hf_names("embeddings.word_embeddings.weight");
-        assert_eq!(
-            r,
-            vec![
-                "embeddings.word_embeddings.weight",
-                "roberta.embeddings.word_embeddings.weight"
-            ]
-        );
-        let m = Architecture::Mpnet;
-        assert_eq!(
-            m.hf_names("encoder.layer.2.attention.output.dense.bias"),
-            vec![
-                "encoder.layer.2.attention.attn.o.bias",
-                "mpnet.encoder.layer.2.attention.attn.o.bias"
-            ]
-        );
-        assert_eq!(
-            m.hf_names("encoder.layer.0.attention.output.LayerNorm.weight")[0],
-            "encoder.layer.0.attention.LayerNorm.weight"
-        );
-        assert_eq!(
-            m.hf_names("encoder.layer.0.output.LayerNorm.weight")[0],
-            "encoder.layer.0.output.LayerNorm.weight"
-        );
-        assert_eq!(
-            m.hf_names("encoder.relative_attention_bias.weight"),
-            vec![
-                "encoder.relative_attention_bias.weight",
-                "mpnet.encoder.relative_attention_bias.weight"
-            ]
-        );
-        let b = Architecture::Bert.hf_names("embeddings.LayerNorm.weight");
-        assert_eq!(
-            b,
-            vec![
-                "embeddings.LayerNorm.weight",
-                "embeddings.LayerNorm.gamma",
-                "bert.embeddings.LayerNorm.weight",
-                "bert.embeddings.LayerNorm.gamma"
-            ]
-        );
-    }
-}
+mod tests;

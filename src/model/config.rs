@@ -4,8 +4,13 @@
 
 use anyhow::Context;
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::arch::Architecture;
+use super::encoder::LongConfig;
+use super::jina_bert::JinaBertConfig;
+use super::modernbert::ModernBertConfig;
+use super::nomic_bert::NomicBertConfig;
 
 /// The buckets of MPNet's relative position bias: Hugging Face's `compute_position_bias`
 /// uses its default `num_buckets=32`, whatever the config says (the config's count is only
@@ -26,6 +31,10 @@ pub struct BertConfig {
     /// The architecture `config.json` names (set by [`BertConfig::parse`]).
     #[serde(skip)]
     pub arch: Architecture,
+    /// What a long-context architecture (ModernBERT, NomicBERT, JinaBERT) adds; `None` for
+    /// the BERT family (set by [`BertConfig::parse`]).
+    #[serde(skip)]
+    pub long: Option<LongConfig>,
 }
 
 fn default_dropout() -> f64 {
@@ -43,10 +52,27 @@ impl BertConfig {
     /// `config.json` as our BERT config: the architecture chosen ([`Architecture`]), its keys
     /// mapped onto BERT's.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let (arch, value) = Architecture::config_as_bert(text)?;
+        let value: Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
+        let arch = Architecture::from_config(&value)?;
+        let (value, long) = match arch {
+            Architecture::ModernBert => {
+                let c = ModernBertConfig::parse(&value)?;
+                (c.as_bert(), Some(LongConfig::ModernBert(c)))
+            }
+            Architecture::NomicBert => {
+                let c = NomicBertConfig::parse(&value)?;
+                (c.as_bert(), Some(LongConfig::NomicBert(c)))
+            }
+            Architecture::JinaBert => {
+                let c = JinaBertConfig::parse(&value)?;
+                (JinaBertConfig::strip(&value), Some(LongConfig::JinaBert(c)))
+            }
+            _ => (arch.as_bert(value)?, None),
+        };
         let mut config: BertConfig = serde_json::from_value(value)
             .with_context(|| format!("reading config.json as a {} config", arch.name()))?;
         config.arch = arch;
+        config.long = long;
         Ok(config)
     }
 
@@ -88,10 +114,17 @@ impl BertConfig {
                 o => format!(" (a {} model's positions start at {o})", self.arch.name()),
             }
         );
-        // DistilBERT and MPNet have no token types; every other architecture has one at least.
+        // DistilBERT, MPNet and ModernBERT have no token types (NomicBERT may have none); every
+        // other architecture has one at least.
         anyhow::ensure!(
             self.type_vocab_size > 0
-                || matches!(self.arch, Architecture::DistilBert | Architecture::Mpnet),
+                || matches!(
+                    self.arch,
+                    Architecture::DistilBert
+                        | Architecture::Mpnet
+                        | Architecture::ModernBert
+                        | Architecture::NomicBert
+                ),
             "type_vocab_size is 0"
         );
         anyhow::ensure!(
@@ -159,5 +192,22 @@ mod tests {
         );
         assert_eq!((c.intermediate_size, c.type_vocab_size), (64, 0));
         assert_eq!(c.position_offset(), 0);
+    }
+
+    #[test]
+    fn jina_config_reads_as_bert_shape_plus_alibi() {
+        let c = BertConfig::parse(
+            r#"{"model_type": "bert", "position_embedding_type": "alibi",
+                "feed_forward_type": "geglu", "vocab_size": 50, "hidden_size": 32,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+                "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "max_position_embeddings": 8192,
+                "type_vocab_size": 2, "initializer_range": 0.02, "layer_norm_eps": 1e-12,
+                "pad_token_id": 0, "emb_pooler": "mean"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.arch, Architecture::JinaBert);
+        assert!(matches!(c.long, Some(LongConfig::JinaBert(_))));
+        assert_eq!((c.max_tokens(), c.hidden_size), (8192, 32));
+        c.validate().unwrap();
     }
 }

@@ -29,6 +29,19 @@ impl SparseTap {
     pub fn take(&self) -> Vec<(candle_core::Var, Vec<u32>)> {
         std::mem::take(&mut *self.leaves.lock().expect("sparse tap lock"))
     }
+
+    /// Rows `ids` (`raw` as values) of the embedding `table` in training: when the tap is on,
+    /// a leaf of their own, recorded; else a plain lookup.
+    pub fn lookup(&self, table: &Tensor, ids: &Tensor, raw: &[u32]) -> Result<Tensor> {
+        if !self.enabled() {
+            return table.index_select(ids, 0);
+        }
+        let leaf = candle_core::Var::from_tensor(&table.detach().index_select(ids, 0)?)?;
+        let t = leaf.as_tensor().clone();
+        let mut leaves = self.leaves.lock().expect("sparse tap lock");
+        leaves.push((leaf, raw.to_vec()));
+        Ok(t)
+    }
 }
 
 /// Word, position and token-type embeddings, summed and normalised.

@@ -12,6 +12,8 @@
 //! candle tensors. The training path (candle ops with a backward pass) is in [`super::bert`].
 //! [`FastEncoder`], the same encoder with int8 or bf16 dense layers, is in `fast/quantized.rs`.
 
+use std::borrow::Cow;
+
 use candle_core::{bail, CpuStorage, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::HiddenAct;
@@ -384,9 +386,14 @@ pub trait PackedEncoder: Sync {
     /// Width of the vectors.
     fn hidden_size(&self) -> usize;
 
-    /// Last hidden states of `seqs`, packed: `[T, hidden]` in `ws`, the rows of sequence `i`
-    /// at `offsets(seqs)[i]..offsets(seqs)[i + 1]`.
-    fn forward_packed<'w>(&self, seqs: &[&Encoded], ws: &'w mut Workspace) -> Result<&'w [f32]>;
+    /// Last hidden states of `seqs`, packed: `[T, hidden]`, the rows of sequence `i` at
+    /// `offsets(seqs)[i]..offsets(seqs)[i + 1]`; in `ws` for the fast path, owned for an
+    /// encoder that computes elsewhere.
+    fn forward_packed<'w>(
+        &self,
+        seqs: &[&Encoded],
+        ws: &'w mut Workspace,
+    ) -> Result<Cow<'w, [f32]>>;
 
     /// One pooled vector per sequence of `seqs`, in order.
     fn pooled_packed(
@@ -408,7 +415,11 @@ impl PackedEncoder for BertEncoder {
     fn hidden_size(&self) -> usize {
         self.config.hidden_size
     }
-    fn forward_packed<'w>(&self, seqs: &[&Encoded], ws: &'w mut Workspace) -> Result<&'w [f32]> {
-        BertEncoder::forward_packed(self, seqs, ws)
+    fn forward_packed<'w>(
+        &self,
+        seqs: &[&Encoded],
+        ws: &'w mut Workspace,
+    ) -> Result<Cow<'w, [f32]>> {
+        Ok(Cow::Borrowed(BertEncoder::forward_packed(self, seqs, ws)?))
     }
 }

@@ -12,8 +12,9 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::batch::PackedBatch;
-use super::bert::{AttentionMask, BertEncoder, Linear, Mode};
+use super::bert::{AttentionMask, Linear, Mode};
 use super::dropout::Dropout;
+use super::encoder::{Encoder, UnsupportedDtype};
 use super::fast::{FastEncoder, PackedEncoder, WorkspacePool};
 use super::freeze::FreezePlan;
 use super::pooling::Pooling;
@@ -85,7 +86,7 @@ pub enum HeadInit {
 
 /// The shared encoder plus mean pooling (whatever the model's own pooling) plus two heads.
 pub struct MultiTaskModel {
-    pub encoder: BertEncoder,
+    pub encoder: Encoder,
     pub pooling: Pooling,
     pub heads: [Head; 2],
     pub spec: HeadsSpec,
@@ -103,7 +104,7 @@ impl MultiTaskModel {
     /// `init` says, trainable as `plan` says. (`ModelAssets::multitask` builds the encoder
     /// and calls this.)
     pub fn build(
-        encoder: BertEncoder,
+        encoder: Encoder,
         registry: Arc<ParamRegistry>,
         spec: HeadsSpec,
         plan: FreezePlan,
@@ -121,7 +122,7 @@ impl MultiTaskModel {
         let vb = source
             .with_trainable(plan.trainable())
             .into_var_builder(device);
-        let hidden = encoder.config.hidden_size;
+        let hidden = encoder.config().hidden_size;
         let head = |t: usize| {
             Head::load(
                 vb.pp(HEAD_NAMES[t]),
@@ -153,11 +154,15 @@ impl MultiTaskModel {
     /// ([`crate::alloc::release_freed`]): the batches that follow allocate on other threads.
     pub fn with_dtype(mut self, dtype: Dtype) -> anyhow::Result<Self> {
         if dtype != Dtype::F32 {
-            let layers = self.encoder.layers.len();
+            let layers = self.encoder.num_layers();
             if !self.plan.encoder_frozen(layers) {
                 return Err(TrainableDtype(dtype).into());
             }
-            let fast = FastEncoder::from_encoder(&self.encoder, dtype)?;
+            let Some(bert) = self.encoder.as_bert() else {
+                let arch = self.encoder.config().arch.name();
+                return Err(UnsupportedDtype { dtype, arch }.into());
+            };
+            let fast = FastEncoder::from_encoder(bert, dtype)?;
             crate::note!(
                 "encoder in {dtype}: dense layers on the {} kernel",
                 fast.kernel_name()
@@ -183,7 +188,7 @@ impl MultiTaskModel {
         let rows = self
             .workspaces
             .with(|ws| encoder.pooled_packed(items, self.pooling, ws))?;
-        let h = self.encoder.config.hidden_size;
+        let h = self.encoder.config().hidden_size;
         let flat: Vec<f32> = rows.into_iter().flatten().collect();
         Ok(Tensor::from_vec(
             flat,
@@ -196,8 +201,12 @@ impl MultiTaskModel {
     /// encoder runs in training mode; the frozen prefix always runs in inference mode and
     /// its output is detached, so no gradient is computed for it.
     pub fn features(&self, batch: &Batch, dropout: Option<&Dropout>) -> Result<Tensor> {
+        let Encoder::Bert(encoder) = &self.encoder else {
+            // The long-context encoders take packed batches only.
+            return self.features_packed(&unpad(batch)?, dropout);
+        };
         let train = dropout.map_or(Mode::Infer, Mode::Train);
-        let layers = self.encoder.layers.len();
+        let layers = encoder.layers.len();
         let frozen = self.plan.frozen_layers();
         let emb_mode = if self.plan.encoder_prefix.is_some() {
             Mode::Infer
@@ -205,19 +214,14 @@ impl MultiTaskModel {
             train
         };
         let mask = AttentionMask::new(&batch.attention_mask)?;
-        let x =
-            self.encoder
-                .embeddings
-                .forward(&batch.input_ids, &batch.token_type_ids, emb_mode)?;
-        let mut x = self
-            .encoder
-            .forward_layers(&x, &mask, 0..frozen, Mode::Infer)?;
+        let x = encoder
+            .embeddings
+            .forward(&batch.input_ids, &batch.token_type_ids, emb_mode)?;
+        let mut x = encoder.forward_layers(&x, &mask, 0..frozen, Mode::Infer)?;
         if self.plan.encoder_prefix.is_some() {
             x = x.detach();
         }
-        let x = self
-            .encoder
-            .forward_layers(&x, &mask, frozen..layers, train)?;
+        let x = encoder.forward_layers(&x, &mask, frozen..layers, train)?;
         Ok(self.pooling.forward(&x, &batch.attention_mask)?)
     }
 
@@ -240,12 +244,11 @@ impl MultiTaskModel {
     /// and the frozen layers (inference mode, detached). Only meaningful with a frozen prefix
     /// (`--freeze-layers` or a frozen encoder).
     pub fn frozen_prefix_packed(&self, batch: &PackedBatch) -> Result<Tensor> {
-        let mask = AttentionMask::packed(batch);
         let frozen = self.plan.frozen_layers();
-        let x = self.encoder.embeddings.forward_packed(batch, Mode::Infer)?;
+        let x = self.encoder.embed_packed(batch, Mode::Infer)?;
         let x = self
             .encoder
-            .forward_layers(&x, &mask, 0..frozen, Mode::Infer)?;
+            .forward_layers(&x, batch, 0..frozen, Mode::Infer)?;
         Ok(x.detach())
     }
 
@@ -259,16 +262,15 @@ impl MultiTaskModel {
         dropout: Option<&Dropout>,
     ) -> Result<Tensor> {
         let train = dropout.map_or(Mode::Infer, Mode::Train);
-        let layers = self.encoder.layers.len();
+        let layers = self.encoder.num_layers();
         let frozen = self.plan.frozen_layers();
-        let mask = AttentionMask::packed(batch);
         let x = match prefix {
             Some(x) => x.clone(),
-            None => self.encoder.embeddings.forward_packed(batch, train)?,
+            None => self.encoder.embed_packed(batch, train)?,
         };
         let x = self
             .encoder
-            .forward_layers(&x, &mask, frozen..layers, train)?;
+            .forward_layers(&x, batch, frozen..layers, train)?;
         Ok(self.pooling.forward_packed(&x, batch)?)
     }
 
@@ -300,4 +302,22 @@ impl MultiTaskModel {
         let features = self.features(batch, dropout)?;
         self.head_logits(&features, dropout)
     }
+}
+
+/// The real tokens of a padded batch (rows padded at their end), packed.
+fn unpad(batch: &Batch) -> Result<PackedBatch> {
+    let ids = batch.input_ids.to_vec2::<u32>()?;
+    let types = batch.token_type_ids.to_vec2::<u32>()?;
+    let mask = batch.attention_mask.to_vec2::<f32>()?;
+    let encoded: Vec<Encoded> = (0..ids.len())
+        .map(|r| {
+            let n = mask[r].iter().take_while(|&&m| m > 0.5).count();
+            Encoded {
+                ids: ids[r][..n].to_vec(),
+                type_ids: types[r][..n].to_vec(),
+                truncated: false,
+            }
+        })
+        .collect();
+    Ok(PackedBatch::new(&encoded.iter().collect::<Vec<_>>()))
 }

@@ -1,46 +1,30 @@
 //! `--task=1`: embed sentences (all of the input, or one shard of it) and write them as text,
-//! JSONL, JSON, Parquet or NumPy.
+//! JSONL, JSON, Parquet or NumPy; long inputs truncated at either end, or split into windows
+//! (merged, or one row per window).
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use candle_core::Device;
 
-use crate::columnar::{npy_sidecar, NpySink, ParquetSink, Row};
-use crate::config::{EmbedConfig, Format, OutputFormat};
-use crate::embed::{Embedder, Embedding};
+use crate::chunk::{CharSlicer, ChunkMode, Chunker};
+use crate::columnar::{npy_sidecar, NpySink, ParquetSink, Row, RowWindow};
+use crate::config::{EmbedConfig, OutputFormat};
+use crate::embed::{Embedded, Embedder, Embedding};
 use crate::input::{SentenceReader, MAX_LINE_BYTES};
+use crate::job::{Existing, FileSum, Job, ModelId, OtherJob, Settings};
 use crate::loader::ModelAssets;
-use crate::model::fast::FastEncoder;
+use crate::model::encoder::InferenceEncoder;
 use crate::model::quant::Dtype;
 use crate::output::{progress_bar, Output};
-use crate::shard::Shard;
+use crate::shard::{Shard, ShardSpec};
 use crate::tokenize::name_sentence;
+
+use super::printer::{Meta, Printer};
 
 /// Sentences read and embedded per step (and per Parquet row group); bounds memory whatever
 /// the input size.
 const CHUNK: usize = 4096;
-/// The cosine matrix is printed for at most this many sentences.
-const MATRIX_MAX: usize = 20;
-
-/// What describes the whole output.
-#[derive(serde::Serialize)]
-struct Meta {
-    model: String,
-    revision: Option<String>,
-    dimension: usize,
-    normalized: bool,
-    pooling: &'static str,
-    max_seq_length: usize,
-    dtype: &'static str,
-    /// The text prepended to every sentence, when there is one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    prompt: Option<String>,
-    /// `I/N` in a sharded run.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    shard: Option<String>,
-}
 
 /// The files a run writes: none for standard output; the matrix and its sidecar for npy.
 fn output_files(cfg: &EmbedConfig) -> Vec<PathBuf> {
@@ -53,13 +37,95 @@ fn output_files(cfg: &EmbedConfig) -> Vec<PathBuf> {
     }
 }
 
+/// The job of a sharded run, for its output and the check before a skip.
+fn job_of(cfg: &EmbedConfig, spec: &ShardSpec, fingerprint: &str) -> Result<Job> {
+    Ok(Job {
+        shard: spec.shard.to_string(),
+        input: crate::job::input_id(&cfg.input)?,
+        model: ModelId {
+            name: crate::job::model_name(&cfg.model),
+            fingerprint: fingerprint.to_string(),
+        },
+        settings: Settings {
+            format: format!("{:?}", cfg.format).to_ascii_lowercase(),
+            dtype: cfg.dtype.name().to_string(),
+            normalize: cfg.normalize,
+            max_seq_length: cfg.max_seq_length,
+            truncate_dim: cfg.truncate_dim,
+            prompt: cfg.prompt.clone(),
+            prompt_name: cfg.prompt_name.clone(),
+            truncate_side: (cfg.truncate_side == crate::tokenize::TruncateSide::Left)
+                .then(|| "left".to_string()),
+            chunking: cfg
+                .chunking
+                .map(|c| format!("{}/{}/{}", c.tokens, c.overlap, c.mode.name())),
+        },
+    })
+}
+
+/// Whether a sharded run's output is already finished by this same job, so the run is
+/// skipped. An output of another job is an error unless `--overwrite` replaces it.
+fn finished_already(cfg: &EmbedConfig, job: &Job, files: &[PathBuf]) -> Result<bool> {
+    let s = &job.shard;
+    let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+    let names = names.join(" + ");
+    match crate::job::existing(files, cfg.format == OutputFormat::Parquet, job) {
+        Ok(Existing::Absent) => Ok(false),
+        Ok(Existing::Finished) if !cfg.overwrite => {
+            crate::note!(
+                "shard {s}: skipped, its output {names} is complete and was made by this same job \
+                 (shard, input, model and settings); pass --overwrite to redo it"
+            );
+            if !job.input.comparable() {
+                crate::note!(
+                    "note: {} cannot be compared with the input of the run that made it",
+                    job.input.name
+                );
+            }
+            Ok(true)
+        }
+        Ok(Existing::Finished) => {
+            crate::note!("shard {s}: {names} is complete; redoing it (--overwrite)");
+            Ok(false)
+        }
+        Ok(Existing::Unfinished(why)) => {
+            crate::note!("shard {s}: {why}; redoing it");
+            Ok(false)
+        }
+        Err(e) if cfg.overwrite && e.is::<OtherJob>() => {
+            crate::note!("shard {s}: {e}; replacing it (--overwrite)");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 pub fn run(cfg: &EmbedConfig) -> Result<()> {
     let files = output_files(cfg);
     let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
-    if skip_finished_shard(cfg, &files, &names) {
-        return Ok(());
+    // A folder or an unwritable place fails now, not after the work.
+    for f in &files {
+        crate::output::check_target("--output", f, None)?;
     }
-    let assets = ModelAssets::load(&cfg.model, cfg.max_seq_length)?;
+    if let Some(spec) = &cfg.shard {
+        crate::note!("shard {} (from {})", spec.shard, spec.source);
+        if let Some(note) = &spec.note {
+            crate::note!("note: {note}");
+        }
+    }
+    let model_files = crate::hub::resolve(&cfg.model)?;
+    let fingerprint = crate::job::model_fingerprint(&model_files)?;
+    let job = match &cfg.shard {
+        Some(spec) => Some(job_of(cfg, spec, &fingerprint)?),
+        None => None,
+    };
+    if let Some(job) = &job {
+        if finished_already(cfg, job, &files)? {
+            return Ok(());
+        }
+    }
+    let mut assets = ModelAssets::from_files(model_files, cfg.max_seq_length)?;
+    assets.tokenizer.set_truncate_side(cfg.truncate_side)?;
     let device = Device::Cpu;
     // The float32 dense weights are dropped once converted: only one copy stays resident.
     let encoder = assets.inference_encoder(cfg.dtype, &device)?;
@@ -70,7 +136,28 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
             encoder.kernel_name()
         );
     }
-    let (embedder, meta) = embedder(cfg, &assets, &encoder)?;
+    let (embedder, dimension) = embedder(cfg, &assets, &encoder)?;
+    let meta = meta(cfg, &assets, &embedder, dimension, fingerprint, job.clone());
+    embed_all(
+        cfg,
+        &assets,
+        &embedder,
+        meta,
+        job.as_ref(),
+        (&files, &names),
+    )
+}
+
+/// Reads, embeds and writes the input (or the shard's share of it), completes the outputs
+/// (and a sharded run's record), and says what was done.
+fn embed_all(
+    cfg: &EmbedConfig,
+    assets: &ModelAssets,
+    embedder: &Embedder,
+    meta: Meta,
+    job: Option<&Job>,
+    (files, names): (&[PathBuf], &[String]),
+) -> Result<()> {
     let max_seq_length = meta.max_seq_length;
     let shard = cfg.shard.as_ref().map(|s| s.shard);
     let (mut reader, share) = SentenceReader::open_shard(&cfg.input, shard)?;
@@ -79,14 +166,19 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
     }
     let mut sink = Sink::create(cfg, meta)?;
     let mut written = false;
-    let streamed = stream(&mut reader, &embedder, &mut sink, &mut written);
+    let streamed = stream(&mut reader, embedder, &mut sink, &mut written);
     let (count, truncated) = match streamed {
         Ok(counts) => counts,
-        // A file output is simply never renamed into place; standard output is already out.
-        Err(e) if written && sink.is_stdout() => {
-            return Err(
-                e.context("stopped early: what was written to standard output is incomplete")
-            )
+        // A file output is simply never renamed into place; standard output (or a device node
+        // or named pipe) already has what was written.
+        Err(e) if written && sink.is_streamed() => {
+            let to = match &cfg.output {
+                Some(p) if p.as_os_str() != "-" => p.display().to_string(),
+                _ => "standard output".to_string(),
+            };
+            return Err(e.context(format!(
+                "stopped early: what was written to {to} is incomplete"
+            )));
         }
         Err(e) => return Err(e),
     };
@@ -96,9 +188,19 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
             cfg.input.describe()
         );
     }
-    sink.finish(count)?;
+    // A sharded run's files complete with their record: the old one goes before any file
+    // is replaced, the new one comes after them all.
+    let record = job.filter(|_| needs_record(cfg, files));
+    if record.is_some() {
+        crate::job::remove_record(files)?;
+        crate::atomic::fault_point("output-commit-1");
+    }
+    let sums = sink.finish(count, record.is_some())?;
+    if let Some(job) = record {
+        crate::job::write_record(files, job, count as u64, sums)?;
+    }
     if let Some(s) = shard {
-        note_shard_done(s, &reader, &names, count);
+        note_shard_done(s, &reader, names, count);
     }
     if reader.clipped_lines() > 0 {
         crate::note!(
@@ -118,40 +220,13 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
     Ok(())
 }
 
-/// In a sharded run, says which shard runs, and whether to skip it: its outputs exist and
-/// `--overwrite` was not given.
-fn skip_finished_shard(cfg: &EmbedConfig, files: &[PathBuf], names: &[String]) -> bool {
-    let Some(spec) = &cfg.shard else {
-        return false;
-    };
-    crate::note!("shard {} (from {})", spec.shard, spec.source);
-    if !crate::shard::outputs_exist(files) {
-        return false;
-    }
-    if !cfg.overwrite {
-        crate::note!(
-            "shard {}: skipped, its output {} already exists (outputs appear only once \
-             complete); pass --overwrite to redo it",
-            spec.shard,
-            names.join(" + ")
-        );
-        return true;
-    }
-    crate::note!(
-        "shard {}: {} exists; redoing it (--overwrite)",
-        spec.shard,
-        names.join(" + ")
-    );
-    false
-}
-
-/// The embedder the flags and the model's pipeline ask for, and the description of the
-/// output it makes.
+/// The embedder the flags and the model's pipeline ask for, and the dimension of its
+/// vectors.
 fn embedder<'a>(
     cfg: &EmbedConfig,
     assets: &'a ModelAssets,
-    encoder: &'a FastEncoder,
-) -> Result<(Embedder<'a>, Meta)> {
+    encoder: &'a InferenceEncoder,
+) -> Result<(Embedder<'a>, usize)> {
     let mut embedder = Embedder::new(
         encoder,
         &assets.tokenizer,
@@ -175,9 +250,30 @@ fn embedder<'a>(
     if let (Some(p), None, None) = (&embedder.prompt, &cfg.prompt, &cfg.prompt_name) {
         crate::note!("note: the model's default prompt {p:?} is prepended to every sentence");
     }
-    let meta = Meta {
-        model: cfg.model.id.clone(),
+    if let Some(spec) = cfg.chunking {
+        embedder.chunker = Some(Chunker::new(
+            &assets.tokenizer,
+            spec,
+            embedder.prompt.clone(),
+        )?);
+    }
+    Ok((embedder, dimension))
+}
+
+/// What describes the whole output.
+fn meta(
+    cfg: &EmbedConfig,
+    assets: &ModelAssets,
+    embedder: &Embedder,
+    dimension: usize,
+    model_fingerprint: String,
+    job: Option<Job>,
+) -> Meta {
+    Meta {
+        model: crate::job::model_name(&cfg.model),
         revision: (!cfg.model.is_local()).then(|| cfg.model.revision.clone()),
+        model_fingerprint,
+        job,
         dimension,
         normalized: embedder.normalize,
         pooling: embedder.pooling.name(),
@@ -185,8 +281,11 @@ fn embedder<'a>(
         dtype: cfg.dtype.name(),
         shard: cfg.shard.as_ref().map(|s| s.shard.to_string()),
         prompt: embedder.prompt.clone(),
-    };
-    Ok((embedder, meta))
+        truncate_side: (cfg.truncate_side == crate::tokenize::TruncateSide::Left).then_some("left"),
+        chunk_tokens: cfg.chunking.map(|c| c.tokens),
+        chunk_overlap: cfg.chunking.map(|c| c.overlap),
+        chunks: cfg.chunking.map(|c| c.mode.name()),
+    }
 }
 
 /// The closing line of a shard: the input lines it covered and where its sentences went.
@@ -208,6 +307,19 @@ fn note_shard_done(s: Shard, reader: &SentenceReader, names: &[String], count: u
     );
 }
 
+/// Whether a sharded run writes a completion record: formats other than Parquet (which holds
+/// its job inside), into regular files (not device nodes or named pipes).
+fn needs_record(cfg: &EmbedConfig, files: &[PathBuf]) -> bool {
+    cfg.format != OutputFormat::Parquet
+        && !files.is_empty()
+        && files.iter().all(|f| {
+            matches!(
+                crate::atomic::classify(f),
+                Ok(crate::atomic::Target::Replace(_))
+            )
+        })
+}
+
 /// Embeds and writes every sentence of `reader`; returns the count and how many were
 /// truncated. `written` turns true once anything went to the output.
 fn stream(
@@ -225,20 +337,39 @@ fn stream(
             break;
         }
         let embeddings = embedder
-            .embed(&chunk)
+            .embed_inputs(&chunk)
             .map_err(|e| name_sentence(e, |i| reader.locate(i)))?;
         if count == 0 {
             *written = true;
             sink.begin()?;
         }
         for (i, (text, e)) in chunk.iter().zip(embeddings).enumerate() {
-            let mut e = e;
-            e.truncated |= reader.clipped(i);
             // The sentence's 0-based line number (its position, for --sentence).
             let index = reader.line_of(i) as u64 - 1;
-            sink.item(count, index, text, &e)?;
-            count += 1;
-            truncated += e.truncated as usize;
+            let clipped = reader.clipped(i);
+            match e {
+                Embedded::One(mut e) => {
+                    e.truncated |= clipped;
+                    sink.item(count, index, text, &e, None)?;
+                    count += 1;
+                    truncated += e.truncated as usize;
+                }
+                Embedded::Windows(rows) => {
+                    let chars = CharSlicer::new(text);
+                    for mut r in rows {
+                        r.embedding.truncated |= clipped;
+                        let window = RowWindow {
+                            window: r.number as u32,
+                            char_start: r.chars.start as u64,
+                            char_end: r.chars.end as u64,
+                        };
+                        let part = chars.slice(r.chars.clone());
+                        sink.item(count, index, part, &r.embedding, Some(window))?;
+                        count += 1;
+                    }
+                    truncated += clipped as usize;
+                }
+            }
         }
         sink.end_chunk()?;
         bar.set_position(reader.progress().0);
@@ -253,9 +384,9 @@ fn stream(
 
 /// Where the rows go: a text format through [`Printer`], or a columnar file.
 enum Sink {
-    Stream { printer: Printer, out: Output },
+    Stream { printer: Box<Printer>, out: Output },
     Parquet(Box<ParquetSink>),
-    Npy(NpySink),
+    Npy(Box<NpySink>),
 }
 
 impl Sink {
@@ -268,19 +399,24 @@ impl Sink {
         };
         Ok(match cfg.format.text_format() {
             Some(format) => Sink::Stream {
-                printer: Printer::new(format, meta),
+                printer: Box::new(Printer::new(format, meta)),
                 out: Output::create(cfg.output.as_deref())?,
             },
             None if cfg.format == OutputFormat::Parquet => {
                 let meta = serde_json::to_string(&meta)?;
-                Sink::Parquet(Box::new(ParquetSink::create(file()?, dim, meta)?))
+                let windows = cfg.chunking.is_some_and(|c| c.mode == ChunkMode::Rows);
+                Sink::Parquet(Box::new(ParquetSink::create(file()?, dim, meta, windows)?))
             }
-            None => Sink::Npy(NpySink::create(file()?, dim)?),
+            None => Sink::Npy(Box::new(NpySink::create(file()?, dim)?)),
         })
     }
 
-    fn is_stdout(&self) -> bool {
-        matches!(self, Sink::Stream { out, .. } if out.is_stdout())
+    fn is_streamed(&self) -> bool {
+        match self {
+            Sink::Stream { out, .. } => out.is_streamed(),
+            Sink::Parquet(p) => p.is_streamed(),
+            Sink::Npy(p) => p.is_streamed(),
+        }
     }
 
     fn begin(&mut self) -> Result<()> {
@@ -290,17 +426,26 @@ impl Sink {
         }
     }
 
-    /// Sentence number `n` of this run, on line `index` (0-based) of the input.
-    fn item(&mut self, n: usize, index: u64, text: &str, e: &Embedding) -> Result<()> {
+    /// Row number `n` of this run, from line `index` (0-based) of the input; `window` when
+    /// the row is one window of it.
+    fn item(
+        &mut self,
+        n: usize,
+        index: u64,
+        text: &str,
+        e: &Embedding,
+        window: Option<RowWindow>,
+    ) -> Result<()> {
         let row = || Row {
             index,
             text,
             tokens: e.tokens,
             truncated: e.truncated,
             embedding: &e.vector,
+            window,
         };
         match self {
-            Sink::Stream { printer, out } => printer.item(out, n, index, text, e),
+            Sink::Stream { printer, out } => printer.item(out, n, index, text, e, window),
             Sink::Parquet(p) => p.row(&row()),
             Sink::Npy(p) => p.row(&row()),
         }
@@ -313,168 +458,22 @@ impl Sink {
         }
     }
 
-    fn finish(self, count: usize) -> Result<()> {
+    /// Ends the output and renames its files into place; with `sum`, returns the sums of the
+    /// files as written, for a completion record.
+    fn finish(self, count: usize, sum: bool) -> Result<Vec<FileSum>> {
         match self {
             Sink::Stream { printer, mut out } => {
                 printer.end(&mut out, count)?;
-                out.finish()
-            }
-            Sink::Parquet(p) => p.finish(),
-            Sink::Npy(p) => p.finish(),
-        }
-    }
-}
-
-/// One sentence in the JSON formats; f32 values print in their shortest exact form.
-#[derive(serde::Serialize)]
-struct Record<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    index: Option<u64>,
-    text: &'a str,
-    tokens: usize,
-    truncated: bool,
-    embedding: &'a [f32],
-}
-
-/// Streams one output format.
-struct Printer {
-    format: Format,
-    meta: Meta,
-    /// The first sentences, kept for the similarity matrix of the text format.
-    head: Vec<(String, Vec<f32>)>,
-}
-
-impl Printer {
-    fn new(format: Format, meta: Meta) -> Self {
-        Self {
-            format,
-            meta,
-            head: Vec::new(),
-        }
-    }
-
-    fn begin(&self, out: &mut dyn Write) -> Result<()> {
-        let m = &self.meta;
-        match self.format {
-            Format::Text => writeln!(
-                out,
-                "model {}: {} dimensions, {} pooling, {}, max {} tokens",
-                m.model,
-                m.dimension,
-                m.pooling,
-                if m.normalized {
-                    "L2-normalized"
+                let sums = if sum {
+                    out.sum()?.into_iter().collect()
                 } else {
-                    "not normalized"
-                },
-                m.max_seq_length
-            )?,
-            Format::Jsonl => {}
-            Format::Json => {
-                let header = serde_json::to_string(m)?;
-                // Re-open the object to stream the embeddings array into it.
-                write!(out, "{},\"embeddings\":[", header.trim_end_matches('}'))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Sentence number `n` of the run, on line `index` (0-based) of the input.
-    fn item(
-        &mut self,
-        out: &mut dyn Write,
-        n: usize,
-        index: u64,
-        text: &str,
-        e: &Embedding,
-    ) -> Result<()> {
-        match self.format {
-            Format::Text => {
-                let norm = e.vector.iter().map(|v| v * v).sum::<f32>().sqrt();
-                let first: Vec<String> = e
-                    .vector
-                    .iter()
-                    .take(8)
-                    .map(|v| format!("{v:+.4}"))
-                    .collect();
-                writeln!(out, "[{}] {}", n + 1, clip(text, 100))?;
-                writeln!(
-                    out,
-                    "    {} tokens{}  norm {norm:.4}  [{}, ...]",
-                    e.tokens,
-                    if e.truncated { " (truncated)" } else { "" },
-                    first.join(", ")
-                )?;
-                if self.head.len() <= MATRIX_MAX {
-                    self.head.push((text.to_string(), e.vector.clone()));
-                }
-            }
-            Format::Jsonl => {
-                let obj = Record {
-                    index: Some(index),
-                    text,
-                    tokens: e.tokens,
-                    truncated: e.truncated,
-                    embedding: &e.vector,
+                    vec![]
                 };
-                writeln!(out, "{}", serde_json::to_string(&obj)?)?;
+                out.finish()?;
+                Ok(sums)
             }
-            Format::Json => {
-                let obj = Record {
-                    index: None,
-                    text,
-                    tokens: e.tokens,
-                    truncated: e.truncated,
-                    embedding: &e.vector,
-                };
-                let sep = if n == 0 { "" } else { "," };
-                write!(out, "{sep}{}", serde_json::to_string(&obj)?)?;
-            }
+            Sink::Parquet(p) => p.finish().map(|_| vec![]),
+            Sink::Npy(p) => p.finish(sum),
         }
-        Ok(())
-    }
-
-    fn end(&self, out: &mut dyn Write, count: usize) -> Result<()> {
-        match self.format {
-            Format::Text if count <= MATRIX_MAX && count > 1 => {
-                writeln!(out, "\ncosine similarity")?;
-                write!(out, "{:>6}", "")?;
-                for j in 0..count {
-                    write!(out, "{:>7}", format!("[{}]", j + 1))?;
-                }
-                writeln!(out)?;
-                for (i, (_, a)) in self.head.iter().enumerate() {
-                    write!(out, "{:>6}", format!("[{}]", i + 1))?;
-                    for (_, b) in &self.head {
-                        write!(out, "{:>7.3}", cosine(a, b))?;
-                    }
-                    writeln!(out)?;
-                }
-            }
-            Format::Text | Format::Jsonl => {}
-            Format::Json => writeln!(out, "],\"count\":{count}}}")?,
-        }
-        Ok(())
-    }
-}
-
-/// Cosine similarity of two vectors (0 when either is zero).
-pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if na == 0.0 || nb == 0.0 {
-        0.0
-    } else {
-        dot / (na * nb)
-    }
-}
-
-/// `text` cut to `max` characters, with an ellipsis when cut.
-fn clip(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        text.to_string()
-    } else {
-        text.chars().take(max - 1).collect::<String>() + "…"
     }
 }

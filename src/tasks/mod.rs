@@ -2,5 +2,6 @@
 
 pub mod embed;
 pub mod multitask;
+mod printer;
 pub mod report;
 pub mod scenarios;

@@ -2,6 +2,7 @@
 //! with a saved checkpoint.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -42,12 +43,16 @@ pub struct Prediction {
 }
 
 pub fn run(cfg: &MultitaskConfig) -> Result<()> {
+    if let Some(p) = &cfg.output {
+        crate::output::check_target("--output", p, None)?;
+    }
     if let Some(dir) = &cfg.checkpoint {
         return run_checkpoint(cfg, dir);
     }
     let t = &cfg.train;
     let target = check_targets(cfg)?;
     let setup = Setup::load(t)?;
+    check_inputs(cfg, &setup.assets)?;
     let dev = Device::Cpu;
     let layers = setup.assets.config.num_hidden_layers;
     let plan = FreezePlan::new(&t.freeze, t.freeze_layers, layers)?;
@@ -107,13 +112,11 @@ pub fn run(cfg: &MultitaskConfig) -> Result<()> {
     finish(cfg, &setup.assets, &model, report, text_report)
 }
 
-/// Checks the outputs before any long work, so that a bad or busy target fails in seconds:
-/// `--output`, `--export`, and `--save` (also locked).
+/// Checks the outputs of training before any long work, so that a bad or busy target fails
+/// in seconds: `--export` (apart from `--save`), and `--save` (also locked).
 fn check_targets(cfg: &MultitaskConfig) -> Result<SaveTarget> {
-    if let Some(p) = &cfg.output {
-        crate::output::check_target("--output", p, None)?;
-    }
     if let Some(dir) = &cfg.export {
+        apart(("--save", &cfg.save), ("--export", dir))?;
         crate::export::check_target(dir, cfg.overwrite)?;
     }
     SaveTarget::prepare(&cfg.save).with_context(|| format!("--save {}", cfg.save.display()))
@@ -187,6 +190,11 @@ fn run_checkpoint(cfg: &MultitaskConfig, dir: &std::path::Path) -> Result<()> {
             )
         }
     })?;
+    if let Some(export_dir) = &cfg.export {
+        apart(("--checkpoint", dir), ("--export", export_dir))?;
+        crate::export::check_target(export_dir, cfg.overwrite)?;
+    }
+    check_inputs(cfg, &assets)?;
     let model = ckpt
         .model(&assets, &Device::Cpu)?
         .with_dtype(cfg.train.dtype)?;
@@ -274,6 +282,77 @@ fn report_text(
         }
     }
     s
+}
+
+/// Checks that the model can take every sentence to predict (tokens inside its vocabulary),
+/// before anything trains or is saved. Standard input is read once, so it is checked as it is
+/// predicted.
+fn check_inputs(cfg: &MultitaskConfig, assets: &ModelAssets) -> Result<()> {
+    if cfg.input == crate::input::InputSource::Stdin {
+        return Ok(());
+    }
+    let mut reader = SentenceReader::open(&cfg.input)?;
+    loop {
+        let chunk = reader.next_chunk(4096)?;
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        assets
+            .tokenizer
+            .encode(&chunk)
+            .map_err(|e| name_sentence(e, |i| reader.locate(i)))?;
+    }
+}
+
+/// Fails unless folders `a` and `b` (flag, path) are apart: neither is the other or inside it.
+fn apart(a: (&str, &Path), b: (&str, &Path)) -> Result<()> {
+    let (fa, fb) = (full_path(a.1), full_path(b.1));
+    if fa.starts_with(&fb) || fb.starts_with(&fa) {
+        anyhow::bail!(
+            "{} {} and {} {} are the same folder or one holds the other; each replaces its \
+             folder whole, so give them folders of their own",
+            a.0,
+            a.1.display(),
+            b.0,
+            b.1.display()
+        );
+    }
+    Ok(())
+}
+
+/// `p` as an absolute path without `.` or `..`, with symlinks resolved in the part that exists.
+fn full_path(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let abs = std::env::current_dir().unwrap_or_default().join(p);
+    let mut lexical = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                lexical.pop();
+            }
+            c => lexical.push(c),
+        }
+    }
+    let mut existing = lexical.clone();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (
+            existing.file_name().map(|n| n.to_owned()),
+            existing.parent(),
+        ) {
+            (Some(n), Some(parent)) => {
+                rest.push(n);
+                existing = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut out = std::fs::canonicalize(&existing).unwrap_or(existing);
+    for n in rest.iter().rev() {
+        out.push(n);
+    }
+    out
 }
 
 /// Predicts the input sentences and writes the report and predictions in the chosen format.

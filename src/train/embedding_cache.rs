@@ -168,8 +168,15 @@ impl EmbeddingCache {
         if !self.dirty {
             return Ok(());
         }
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let tmp = tempfile::NamedTempFile::new_in(dir)
+        let dir = crate::atomic::parent_of(&self.path);
+        let target = match crate::atomic::classify(&self.path)? {
+            crate::atomic::Target::Replace(t) => t,
+            _ => anyhow::bail!(
+                "{} exists and is not a regular file; the embedding cache leaves it alone",
+                self.path.display()
+            ),
+        };
+        let tmp = crate::atomic::NewFile::create(&target)
             .with_context(|| format!("writing into {}", dir.display()))?;
         let mut w = BufWriter::new(tmp);
         let header = self.key.describe();
@@ -189,8 +196,7 @@ impl EmbeddingCache {
             w.write_all(&fnv(&[text.as_bytes(), &floats]).to_le_bytes())?;
         }
         let tmp = w.into_inner().map_err(|e| e.into_error())?;
-        tmp.persist(&self.path)
-            .map_err(|e| e.error)
+        tmp.commit()
             .with_context(|| format!("writing {}", self.path.display()))?;
         self.dirty = false;
         Ok(())

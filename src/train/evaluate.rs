@@ -61,7 +61,7 @@ pub fn cached_features(
         }
         cache.save()?;
     }
-    let dim = model.encoder.config.hidden_size;
+    let dim = model.encoder.config().hidden_size;
     let mut flat = Vec::with_capacity(data.texts.len() * dim);
     for t in &data.texts {
         flat.extend_from_slice(cache.get(t).expect("filled above"));

@@ -32,7 +32,7 @@ impl PrefixCache {
         data: &Prepared,
         batch_size: usize,
     ) -> Result<Self> {
-        let hidden = model.encoder.config.hidden_size;
+        let hidden = model.encoder.config().hidden_size;
         let lengths: Vec<usize> = data.encoded.iter().map(|e| e.ids.len()).collect();
         let mut rows = vec![Vec::new(); data.encoded.len()];
         for idx in crate::tokenize::length_sorted_batches(&lengths, batch_size, None) {

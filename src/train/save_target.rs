@@ -9,7 +9,6 @@
 //! nothing else, so a save never deletes what fetch-ml did not write.
 
 use std::fs::File;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -303,15 +302,29 @@ impl Drop for Lock {
 /// Takes the lock `parent/.NAME.lock`: `Ok(None)` when another process holds it and `wait`
 /// is false.
 fn lock(parent: &Path, name: &str, wait: bool) -> Result<Option<Lock>> {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let path = parent.join(format!(".{name}.lock"));
+    let not_regular = || {
+        anyhow::anyhow!(
+            "{} is not a regular file; remove it (fetch-ml keeps its save lock there)",
+            path.display()
+        )
+    };
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+        return Err(not_regular());
+    }
     loop {
+        // Not through a symlink, and without waiting on a named pipe put there.
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)
             .with_context(|| format!("creating the lock file {}", path.display()))?;
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Err(not_regular());
+        }
         let locked = crate::sys::lock_exclusive(&file, wait)
             .with_context(|| format!("locking {}", path.display()))?;
         if !locked {
@@ -329,30 +342,20 @@ fn lock(parent: &Path, name: &str, wait: bool) -> Result<Option<Lock>> {
 }
 
 /// Gives the written files and their folder the permissions of files the user creates
-/// (0666 and 0777 less the umask) and syncs them to disk.
+/// (0666 and 0777 less the umask; see [`crate::atomic::user_permissions`]) and syncs them.
 fn finish_files(dir: &Path) -> Result<()> {
-    let mask = umask();
+    crate::atomic::user_permissions(dir)
+        .with_context(|| format!("setting the permissions of {}", dir.display()))?;
     for f in OWN_FILES {
         let p = dir.join(f);
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666 & !mask))
-            .with_context(|| format!("setting the permissions of {}", p.display()))?;
         File::open(&p)
             .and_then(|f| f.sync_all())
             .with_context(|| format!("writing {}", p.display()))?;
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777 & !mask))
-        .with_context(|| format!("setting the permissions of {}", dir.display()))?;
     sync_dir(dir);
     Ok(())
 }
 
 fn sync_dir(dir: &Path) {
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
-/// The process's umask (no other thread creates files while a checkpoint is being saved).
-fn umask() -> u32 {
-    crate::sys::umask()
+    crate::atomic::sync_dir(dir)
 }

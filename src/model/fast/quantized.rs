@@ -9,8 +9,12 @@ impl PackedEncoder for FastEncoder {
     fn hidden_size(&self) -> usize {
         self.config().hidden_size
     }
-    fn forward_packed<'w>(&self, seqs: &[&Encoded], ws: &'w mut Workspace) -> Result<&'w [f32]> {
-        FastEncoder::forward_packed(self, seqs, ws)
+    fn forward_packed<'w>(
+        &self,
+        seqs: &[&Encoded],
+        ws: &'w mut Workspace,
+    ) -> Result<Cow<'w, [f32]>> {
+        Ok(Cow::Borrowed(FastEncoder::forward_packed(self, seqs, ws)?))
     }
 }
 

@@ -124,7 +124,7 @@ impl Trainer<'_> {
             });
         }
         outcome.evaluations = std::mem::take(&mut self.evaluations);
-        self.model.encoder.embeddings.sparse.enable(false);
+        self.model.encoder.sparse().enable(false);
         Ok(outcome)
     }
 

@@ -120,7 +120,7 @@ fn heads_inputs(
     s: &TrainSettings,
     cache: Option<&mut EmbeddingCache>,
 ) -> Result<(Inputs, Option<Tensor>)> {
-    let num_layers = model.encoder.layers.len();
+    let num_layers = model.encoder.num_layers();
     if s.cache_features && model.plan.encoder_frozen(num_layers) {
         let mut cache = cache;
         let train = cached_features(model, data, s.batch_size, cache.as_deref_mut())?;
@@ -132,7 +132,7 @@ fn heads_inputs(
         return Ok((Inputs::Features(train), eval));
     }
     if s.cache_features && model.plan.encoder_prefix.is_some() {
-        let hidden = model.encoder.config.hidden_size;
+        let hidden = model.encoder.config().hidden_size;
         let bytes = PrefixCache::bytes(data, hidden);
         if bytes <= PREFIX_CACHE_MAX_BYTES {
             let prefix = PrefixCache::build(model, data, s.batch_size)?;
@@ -165,7 +165,7 @@ fn word_optimizer(
     Ok(match word_var {
         Some(var) if s.sparse_embeddings && matches!(inputs, Inputs::Encoder) => {
             enc_vars.retain(|v| v.as_tensor().id() != var.as_tensor().id());
-            model.encoder.embeddings.sparse.enable(true);
+            model.encoder.sparse().enable(true);
             Some(LazyAdamW::new(var, s.lr, s.weight_decay)?)
         }
         _ => None,

@@ -54,7 +54,7 @@ impl Trainer<'_> {
         let denom = self.denominators(idx)?;
         let mut out = StepLoss::default();
         let mut grads: Option<GradStore> = None;
-        let width = self.model.encoder.config.hidden_size;
+        let width = self.model.encoder.config().hidden_size;
         let mut sparse = self.opt_words.as_ref().map(|_| SparseGrad::new(width));
         for micro in idx.chunks(self.s.batch_size) {
             let g = self.micro_batch(micro, &denom, &mut out, sparse.as_mut())?;
@@ -139,7 +139,7 @@ impl Trainer<'_> {
         out.total += loss.to_scalar::<f32>()? as f64;
         let g = loss.backward()?;
         trace_rss("after backward");
-        for (leaf, ids) in self.model.encoder.embeddings.sparse.take() {
+        for (leaf, ids) in self.model.encoder.sparse().take() {
             if let (Some(s), Some(rows)) = (sparse.as_deref_mut(), g.get(leaf.as_tensor())) {
                 s.add(&ids, &rows.flatten_all()?.to_vec1::<f32>()?)?;
             }

@@ -9,19 +9,29 @@
 //! when the base model had one. The heads are in `heads.safetensors`, described by
 //! `heads.json` (layers, activation, label names, and which vector they take as input).
 //!
-//! The folder is written under a temporary name beside DIR and renamed into place when
-//! complete; an existing DIR is replaced only with `--overwrite`, and only when it is an
-//! earlier export.
+//! A `README.md` model card ([`card`]) says which vector the heads take and how to run them
+//! from Python.
+//!
+//! The folder is written under a locked temporary name beside DIR and renamed into place when
+//! complete, with the user's permissions ([`crate::atomic`]); an existing DIR is replaced only
+//! with `--overwrite`, only when it is an earlier export, and only when it holds nothing but
+//! fetch-ml's own files ([`target`]).
+
+mod card;
+mod target;
+
+pub use target::check_target;
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::json;
 
+use crate::atomic::NewDir;
 use crate::loader::ModelAssets;
 use crate::model::arch::Architecture;
 use crate::model::multitask::{MultiTaskModel, HEAD_NAMES};
@@ -38,82 +48,6 @@ const TOKENIZER_FILES: [&str; 5] = [
     "vocab.txt",
     "added_tokens.json",
 ];
-
-/// Temporary export folders start with this and the writer's process id.
-fn temp_prefix(pid: u32) -> String {
-    format!(".fetch-ml-export-{pid}-")
-}
-
-fn parent_of(dir: &Path) -> PathBuf {
-    match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// Whether `dir` holds an earlier export (its `heads.json` says so).
-fn is_export(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join(HEADS_FILE))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v["format"] == HEADS_FORMAT)
-}
-
-/// Checks, before any training, that `dir` can take an export: a new or empty folder, or
-/// (with `overwrite`) an earlier export. Creates the parent folder and removes temporary
-/// folders that killed exports left there.
-pub fn check_target(dir: &Path, overwrite: bool) -> Result<()> {
-    let what = || format!("--export {}", dir.display());
-    if dir.exists() {
-        if !dir.is_dir() {
-            bail!("{}: is a file; give a folder name", what());
-        }
-        let empty = std::fs::read_dir(dir).with_context(what)?.next().is_none();
-        if !empty && !overwrite {
-            bail!(
-                "{}: the folder exists and is not empty; pass --overwrite to replace an earlier \
-                 export, or choose another folder",
-                what()
-            );
-        }
-        if !empty && !is_export(dir) {
-            bail!(
-                "{}: the folder is not a fetch-ml export (no {HEADS_FILE} of format \
-                 {HEADS_FORMAT}), so --overwrite leaves it alone; remove it yourself or choose \
-                 another folder",
-                what()
-            );
-        }
-    }
-    let parent = parent_of(dir);
-    std::fs::create_dir_all(&parent)
-        .with_context(|| format!("{}: creating {}", what(), parent.display()))?;
-    remove_stale(&parent);
-    tempfile::Builder::new()
-        .prefix(&temp_prefix(std::process::id()))
-        .tempdir_in(&parent)
-        .with_context(|| format!("{}: cannot write in {}", what(), parent.display()))?;
-    Ok(())
-}
-
-/// Removes export folders left in `dir` by fetch-ml runs that no longer exist.
-fn remove_stale(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(".fetch-ml-export-") else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        if crate::sys::process_gone(pid) && e.file_type().is_ok_and(|t| t.is_dir()) {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
 
 /// What the export records about where the model came from.
 pub struct Provenance {
@@ -132,44 +66,21 @@ pub fn export(
     normalize: bool,
     provenance: &Provenance,
 ) -> Result<()> {
-    check_target(dir, overwrite)?;
-    let parent = parent_of(dir);
-    let tmp = tempfile::Builder::new()
-        .prefix(&temp_prefix(std::process::id()))
-        .tempdir_in(&parent)
-        .with_context(|| {
-            format!(
-                "--export {}: cannot write in {}",
-                dir.display(),
-                parent.display()
-            )
-        })?;
+    let dir = target::resolve(dir)?;
+    check_target(&dir, overwrite)?;
+    let parent = crate::atomic::parent_of(&dir);
+    let tmp = NewDir::create_in(parent).with_context(|| {
+        format!(
+            "--export {}: cannot write in {}",
+            dir.display(),
+            parent.display()
+        )
+    })?;
     write_folder(tmp.path(), assets, model, normalize, provenance)
         .with_context(|| format!("--export {}", dir.display()))?;
-    // Swap in: an earlier export is moved aside first and removed after.
-    let old = parent.join(format!(".fetch-ml-export-{}-old", std::process::id()));
-    let replacing = dir.exists();
-    if replacing {
-        std::fs::rename(dir, &old).with_context(|| {
-            format!(
-                "--export {}: moving the earlier export aside",
-                dir.display()
-            )
-        })?;
-    }
-    let staged = tmp.keep();
-    if let Err(e) = std::fs::rename(&staged, dir) {
-        let _ = std::fs::remove_dir_all(&staged);
-        if replacing {
-            let _ = std::fs::rename(&old, dir);
-        }
-        return Err(e).with_context(|| format!("--export {}: renaming into place", dir.display()));
-    }
-    if replacing {
-        std::fs::remove_dir_all(&old)
-            .with_context(|| format!("removing the earlier export {}", old.display()))?;
-    }
-    Ok(())
+    tmp.finish()
+        .with_context(|| format!("--export {}: finishing the files", dir.display()))?;
+    target::swap_in(tmp, &dir)
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
@@ -192,6 +103,13 @@ fn write_folder(
         &out.join(HEADS_FILE),
         &heads_json(model, hidden, provenance),
     )?;
+    let card = card::model_card(&card::CardInfo {
+        base_model: &provenance.base_model,
+        dimension: hidden,
+        normalize,
+        labels: &model.spec.labels,
+    });
+    std::fs::write(out.join(card::CARD_FILE), card).context("writing README.md")?;
     for f in ["model.safetensors", HEADS_WEIGHTS] {
         std::fs::File::open(out.join(f))
             .and_then(|f| f.sync_all())

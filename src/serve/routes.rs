@@ -179,7 +179,7 @@ async fn record(State(app): State<Arc<App>>, req: Request, next: Next) -> Respon
     if model_route {
         app.answered.fetch_add(1, Ordering::SeqCst);
     }
-    if status.is_server_error() {
+    if status == axum::http::StatusCode::INTERNAL_SERVER_ERROR {
         tracing::warn!(route, status = status.as_u16(), "request failed");
     }
     response

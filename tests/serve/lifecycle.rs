@@ -213,3 +213,52 @@ fn server_flags_belong_to_serve_mode() {
     ]));
     fails_with(&o, &["64 dimensions"]);
 }
+
+/// deploy/k8s-serve.yaml's arguments start a server here (with the model folder of this
+/// machine and a free port on 127.0.0.1), its probes ask /health, and its port is the one
+/// the Dockerfile exposes.
+#[test]
+fn the_deployment_manifest_starts_a_server() {
+    let Some(model) = minilm() else { return };
+    let manifest = std::fs::read_to_string(crate::harness::repo("deploy/k8s-serve.yaml")).unwrap();
+    let args: Vec<String> = manifest
+        .lines()
+        .map(str::trim)
+        .filter_map(|l| l.strip_prefix("- --"))
+        .map(|a| format!("--{a}"))
+        .collect();
+    assert!(args.contains(&"--task=serve".to_string()), "{args:?}");
+    assert!(args.contains(&"--host=0.0.0.0".to_string()), "{args:?}");
+    assert!(args.contains(&"--port=8080".to_string()), "{args:?}");
+    let dockerfile = std::fs::read_to_string(crate::harness::repo("Dockerfile")).unwrap();
+    assert!(
+        dockerfile.lines().any(|l| l.trim() == "EXPOSE 8080"),
+        "the Dockerfile does not expose 8080"
+    );
+    assert_eq!(
+        manifest.matches("path: /health").count(),
+        3,
+        "startup, readiness and liveness probes"
+    );
+    let local: Vec<String> = args
+        .into_iter()
+        .filter(|a| a != "--task=serve" && !a.starts_with("--host") && !a.starts_with("--port"))
+        .map(|a| match a.strip_prefix("--model=") {
+            Some(_) => format!("--model={}", model.display()),
+            None => a,
+        })
+        .collect();
+    let local: Vec<&str> = local.iter().map(String::as_str).collect();
+    let mut server = Server::start(&local);
+    let r = server.post_json("/embed", &json!({"inputs": "Hello world!"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(server.get("/info").json()["dtype"], "int8");
+    assert!(server.stop().success());
+    // --log-format=json: every line of the log is a JSON object.
+    for line in server.log().lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "{line}"
+        );
+    }
+}

@@ -147,10 +147,9 @@ fn schemathesis_finds_every_response_as_described() {
             "30",
             "--seed",
             "7",
+            // One worker: Python 3.11's parser is not thread-safe under hypothesis.
             "--workers",
-            "2",
-            "--max-time",
-            "240",
+            "1",
             "--report-dir",
         ])
         .arg(d.path().join("report"))

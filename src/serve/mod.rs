@@ -40,6 +40,9 @@ use self::shutdown::Signals;
 /// Serves until SIGTERM or Ctrl-C, then answers what was accepted and returns.
 pub fn run(cfg: &ServeConfig) -> Result<()> {
     logging::init(cfg.log_format);
+    // Each request is tokenized on its own blocking thread: the tokenizer's own parallel
+    // loops would queue behind the batches on the inference thread pool.
+    tokenizers::utils::parallelism::set_parallelism(false);
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cores.clamp(1, 4))

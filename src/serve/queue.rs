@@ -255,3 +255,103 @@ fn split(rows: Rows, sizes: &[usize]) -> Vec<Rows> {
         Rows::Probabilities(p) => cut(p, sizes).into_iter().map(Rows::Probabilities).collect(),
     }
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc(tokens: usize, tag: u32) -> Encoded {
+        Encoded {
+            ids: vec![tag; tokens],
+            type_ids: vec![0; tokens],
+            truncated: false,
+        }
+    }
+
+    fn entry(job: Job, lengths: &[usize], tag: u32) -> (Entry, oneshot::Receiver<BatchResult>) {
+        let (reply, rx) = oneshot::channel();
+        let e = Entry {
+            job,
+            encoded: lengths.iter().map(|&t| enc(t, tag)).collect(),
+            queued: Instant::now(),
+            reply,
+        };
+        (e, rx)
+    }
+
+    fn batcher(max_batch_tokens: usize, entries: Vec<Entry>) -> Batcher {
+        let (_tx, rx) = mpsc::channel();
+        let depth = Arc::new(AtomicUsize::new(entries.len()));
+        Batcher {
+            rx,
+            pending: entries.into(),
+            depth,
+            max_batch_tokens,
+        }
+    }
+
+    /// Oldest first, as many as fit in the token cap, only the oldest one's job; a request
+    /// whose client left is dropped; the oldest goes even when alone over the cap.
+    #[test]
+    fn batches_take_the_oldest_requests_of_one_job_within_the_token_cap() {
+        let (a, _ra) = entry(Job::Embed, &[10, 20], 1);
+        let (b, rb) = entry(Job::Embed, &[5], 2);
+        let (c, _rc) = entry(Job::Predict, &[5], 3);
+        let (d, _rd) = entry(Job::Embed, &[30], 4);
+        let (e, _re) = entry(Job::Embed, &[10], 5);
+        drop(rb);
+        let mut q = batcher(45, vec![a, b, c, d, e]);
+        let first = q.next_batch();
+        let tags: Vec<u32> = first.iter().map(|e| e.encoded[0].ids[0]).collect();
+        assert_eq!(tags, vec![1, 5], "30 + 30 tokens would pass the cap of 45");
+        assert_eq!(q.depth.load(Ordering::SeqCst), 2);
+        let second = q.next_batch();
+        assert_eq!(second[0].job, Job::Predict);
+        assert_eq!(second.len(), 1);
+        let (big, _rbig) = entry(Job::Embed, &[100], 6);
+        q.pending.push_back(big);
+        q.depth.fetch_add(1, Ordering::SeqCst);
+        let third = q.next_batch();
+        assert_eq!(third.len(), 1, "request 4 (30) then 6 (100) over the cap");
+        let fourth = q.next_batch();
+        assert_eq!(
+            fourth[0].encoded[0].ids.len(),
+            100,
+            "alone over the cap, it still goes"
+        );
+        assert!(q.next_batch().is_empty());
+    }
+
+    /// Each request gets its own rows in its order; when the batch fails, only the request
+    /// whose own run fails gets the error.
+    #[test]
+    fn answers_go_to_their_own_requests_and_a_failure_only_to_its_own() {
+        let run = |_: Job, encoded: &[Encoded]| -> anyhow::Result<Rows> {
+            if encoded.iter().any(|e| e.ids.contains(&66)) {
+                anyhow::bail!("poisoned");
+            }
+            Ok(Rows::Vectors(
+                encoded.iter().map(|e| vec![e.ids[0] as f32]).collect(),
+            ))
+        };
+        let (a, ra) = entry(Job::Embed, &[1, 1, 1], 7);
+        let (b, rb) = entry(Job::Embed, &[2], 8);
+        answer(vec![a, b], &run);
+        let got = |rx: oneshot::Receiver<BatchResult>| match rx.blocking_recv().unwrap() {
+            Ok(Rows::Vectors(v)) => v,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(got(ra), vec![vec![7.0]; 3]);
+        assert_eq!(got(rb), vec![vec![8.0]]);
+        let (a, ra) = entry(Job::Embed, &[1], 9);
+        let (b, rb) = entry(Job::Embed, &[1], 66);
+        let (c, rc) = entry(Job::Embed, &[1, 1], 10);
+        answer(vec![a, b, c], &run);
+        assert_eq!(got(ra), vec![vec![9.0]]);
+        assert!(rb
+            .blocking_recv()
+            .unwrap()
+            .unwrap_err()
+            .contains("poisoned"));
+        assert_eq!(got(rc), vec![vec![10.0]; 2]);
+    }
+}

@@ -404,3 +404,60 @@ pub struct OpenAiErrorBody {
 pub struct OpenAiErrorResponse {
     pub error: OpenAiErrorBody,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn openai(json: &str) -> Result<OpenAiInput, String> {
+        serde_json::from_str(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn inputs_take_a_string_or_a_list_of_strings_only() {
+        let one: Inputs = serde_json::from_str("\"hi\"").unwrap();
+        assert_eq!(one.0, vec!["hi"]);
+        let two: Inputs = serde_json::from_str("[\"a\", \"b\"]").unwrap();
+        assert_eq!(two.0, vec!["a", "b"]);
+        let e = serde_json::from_str::<Inputs>("[\"a\", 3]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("item 1 is a number"), "{e}");
+        let e = serde_json::from_str::<Inputs>("{}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("got an object"), "{e}");
+    }
+
+    #[test]
+    fn openai_input_takes_texts_and_token_ids() {
+        assert_eq!(
+            openai("\"hi\"").unwrap(),
+            OpenAiInput::Texts(vec!["hi".into()])
+        );
+        assert_eq!(
+            openai("[\"a\", \"b\"]").unwrap(),
+            OpenAiInput::Texts(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(
+            openai("[101, 7, 102]").unwrap(),
+            OpenAiInput::Tokens(vec![vec![101, 7, 102]])
+        );
+        assert_eq!(
+            openai("[[101, 102], [5]]").unwrap(),
+            OpenAiInput::Tokens(vec![vec![101, 102], vec![5]])
+        );
+        assert_eq!(openai("[]").unwrap(), OpenAiInput::Texts(vec![]));
+        for bad in [
+            "[1, \"a\"]",
+            "[-1]",
+            "[1.5]",
+            "[4294967296]",
+            "[[1], 2]",
+            "[true]",
+            "3",
+        ] {
+            assert!(openai(bad).is_err(), "{bad} was accepted");
+        }
+    }
+}

@@ -18,7 +18,7 @@ use crate::train::checkpoint::Checkpoint;
 
 /// The encoder the server runs.
 enum Encoder {
-    Fast(FastEncoder),
+    Fast(Box<FastEncoder>),
     /// A `--task=2` checkpoint: its encoder embeds, its heads predict.
     Multitask(Box<MultiTaskModel>),
 }
@@ -63,7 +63,7 @@ impl Backend {
             None => {
                 let assets = ModelAssets::load(&served.model, served.max_seq_length)?;
                 let fast = assets.inference_encoder(served.dtype, &device)?;
-                (assets, Encoder::Fast(fast), served.model.clone())
+                (assets, Encoder::Fast(Box::new(fast)), served.model.clone())
             }
             Some(dir) => {
                 let ckpt = Checkpoint::load(dir)?;
@@ -117,7 +117,7 @@ impl Backend {
     /// The packed encoder that embeds.
     pub fn encoder(&self) -> &dyn PackedEncoder {
         match &self.encoder {
-            Encoder::Fast(f) => f,
+            Encoder::Fast(f) => f.as_ref(),
             Encoder::Multitask(m) => m.inference_encoder(),
         }
     }

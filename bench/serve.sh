@@ -177,7 +177,7 @@ if [ "$INFINITY" = 1 ]; then
   fi
   PORT=${INFINITY_PORT:-7997}
   t0=$(now)
-  PYTHONPATH="$INF" "$PY" -m infinity_emb.cli v2 --model-id "$MODEL" --engine torch \
+  PYTHONPATH="$INF" "$PY" -c "import sys; from infinity_emb.cli import cli; sys.argv[0] = 'infinity_emb'; cli()" v2 --model-id "$MODEL" --engine torch \
     --batch-size 32 --port "$PORT" --host 127.0.0.1 > "$WORK/infinity.log" 2>&1 &
   IPID=$!
   for _ in $(seq 1 600); do curl -sf "127.0.0.1:$PORT/health" > /dev/null && break; sleep 0.1; done

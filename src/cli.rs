@@ -14,6 +14,8 @@ use crate::hub::{offline_from_env, ModelRef};
 use crate::input::InputSource;
 use crate::model::freeze::{FreezePart, Scenario};
 use crate::model::quant::Dtype;
+use crate::serve::args::ServeArgs;
+use crate::serve::config::{ServeConfig, ServedModel};
 use crate::shard::{Shard, ShardSpec};
 use crate::tokenize::TruncateSide;
 use crate::train::metrics::Metric;
@@ -32,15 +34,17 @@ Examples:
   fetch-ml --task=2 --freeze encoder --epochs 10 --save checkpoints/heads
   fetch-ml --task=2 --checkpoint checkpoints/heads --input new.txt --format jsonl
   fetch-ml --task=2 --checkpoint checkpoints/heads --export exported-model
-  fetch-ml --task=3 --plot scenarios.png";
+  fetch-ml --task=3 --plot scenarios.png
+  fetch-ml --task=serve --model ./all-MiniLM-L6-v2 --dtype int8 --port 8080";
 
 /// Sentence embeddings and a multitask model on a BERT encoder written in Rust with candle.
 #[derive(Debug, Parser)]
 #[command(name = "fetch-ml", version, after_help = EXAMPLES)]
 pub struct Cli {
     /// The job to run: 1 = sentence embeddings; 2 = train, evaluate and use the multitask
-    /// model; 3 = compare freezing scenarios side by side.
-    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=3))]
+    /// model; 3 = compare freezing scenarios side by side; serve = an HTTP server of the
+    /// embeddings (and, with --checkpoint, the multitask model's predictions).
+    #[arg(long, value_name = "1|2|3|serve", value_parser = task)]
     pub task: u8,
 
     /// A Hugging Face model id, or a path to a local model folder (config.json,
@@ -374,6 +378,20 @@ pub struct Cli {
     /// Draw eval accuracy per head per scenario as a PNG chart.
     #[arg(long, value_name = "FILE.png", help_heading = "Scenarios (--task=3)")]
     pub plot: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// `--task=serve`, as the number the rest of this module compares.
+const SERVE: u8 = 0;
+
+fn task(s: &str) -> Result<u8, String> {
+    match s {
+        "1" | "2" | "3" => Ok(s.parse().expect("a digit")),
+        "serve" => Ok(SERVE),
+        _ => Err(format!("expected 1, 2, 3 or serve, got '{s}'")),
+    }
 }
 
 /// `--output`'s help. clap turns a literal `{n}` in help text into a line break, so the `{n}`
@@ -516,7 +534,19 @@ impl Cli {
             ("--sentence", !self.sentences.is_empty()),
             ("--input", self.input.is_some()),
         ];
+        let output = [("--output", self.output.is_some())];
         let unused: Vec<(&'static str, bool)> = match task {
+            SERVE => train
+                .iter()
+                .chain(&task2[..1])
+                .chain(&task2[2..])
+                .chain(&task3)
+                .chain(&input)
+                .chain(&shards)
+                .chain(&overwrite)
+                .chain(&output)
+                .copied()
+                .collect(),
             1 => train.iter().chain(&task2).chain(&task3).copied().collect(),
             2 => embed_only
                 .iter()
@@ -544,9 +574,20 @@ impl Cli {
     pub fn into_command(mut self) -> Result<Command> {
         let task = self.task;
         if let Some(flag) = self.unused_flags(task).first() {
+            let task = if task == SERVE {
+                "serve".to_string()
+            } else {
+                task.to_string()
+            };
             bail!("{flag} does not apply to --task={task}; see --help for the flags of each task");
         }
+        if let Some(flag) = self.serve.given().first().filter(|_| task != SERVE) {
+            bail!("{flag} applies to --task=serve only");
+        }
         let (model, model_given) = self.model_ref();
+        if task == SERVE {
+            return self.serve_config(model, model_given).map(Command::Serve);
+        }
         let input = self.input_source();
         if task == 1 {
             return Ok(Command::Embed(self.embed_config(model, input)?));
@@ -585,6 +626,28 @@ impl Cli {
             output: self.output,
             format,
         }))
+    }
+
+    /// `--task=serve`'s settings.
+    fn serve_config(self, model: ModelRef, model_given: bool) -> Result<ServeConfig> {
+        let served = ServedModel {
+            model,
+            model_given,
+            checkpoint: self.checkpoint,
+            dtype: self.dtype.unwrap_or_default(),
+            max_seq_length: self.max_seq_length,
+            normalize: match (self.normalize, self.no_normalize) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
+            prompt: self.prompt,
+            prompt_name: self.prompt_name,
+            truncate_dim: self.truncate_dim,
+            batch_size: self.batch_size,
+            served_name: None,
+        };
+        self.serve.into_config(served, self.max_batch_tokens)
     }
 
     /// The model to load, and whether `--model` was given.

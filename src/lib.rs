@@ -22,6 +22,7 @@ pub mod output;
 pub mod panics;
 pub mod pipeline;
 pub mod plot;
+pub mod serve;
 pub mod shard;
 pub mod st_modules;
 pub mod tasks;
@@ -37,5 +38,6 @@ pub fn run(cmd: &config::Command) -> anyhow::Result<()> {
         config::Command::Embed(cfg) => tasks::embed::run(cfg),
         config::Command::Multitask(cfg) => tasks::multitask::run(cfg),
         config::Command::Scenarios(cfg) => tasks::scenarios::run(cfg),
+        config::Command::Serve(cfg) => serve::run(cfg),
     }
 }

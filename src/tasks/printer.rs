@@ -5,9 +5,9 @@ use std::io::Write;
 
 use anyhow::Result;
 
+use crate::columnar::RowWindow;
 use crate::config::Format;
 use crate::embed::Embedding;
-use crate::columnar::RowWindow;
 use crate::job::Job;
 
 /// The cosine matrix is printed for at most this many sentences.

@@ -1,10 +1,10 @@
 //! Quantized inference (int8, bf16): batch invariance, the float32 path left bit-identical,
-//! and quality against float32 on all-MiniLM-L6-v2.
+//! and quality against float32 on all-MiniLM-L6-v2 and all-mpnet-base-v2.
 
 mod common;
 
 use candle_core::Device;
-use common::{minilm, tiny_model};
+use common::{minilm, mpnet, tiny_model};
 use fetch_ml::embed::Embedder;
 use fetch_ml::hub::ModelRef;
 use fetch_ml::loader::ModelAssets;
@@ -240,13 +240,20 @@ fn nearest(vs: &[Vec<f32>]) -> Vec<usize> {
         .collect()
 }
 
+/// A sentence from the STS benchmark on which all-mpnet-base-v2's int8 vector once had cosine
+/// 0.9435 against float32: the weights of the FFN's second product in layers 4 and 5 hold a
+/// few very large values per output channel of the model's outlier dimensions, so those
+/// channels' other weights were rounded coarsely, and the error pushed the token "kill" over
+/// to the outlier tokens' pattern by layer 8.
+const MPNET_HARD: &str = "Afghan police kill 5 Taliban fighters";
+
 /// int8: min cosine >= 0.99, mean >= 0.998, nearest-neighbour agreement >= 97%; bf16: min
-/// cosine >= 0.999; on the golden sentences and the repository's real sentences.
-#[test]
-fn quantized_minilm_quality_vs_f32() {
-    let Some(path) = minilm() else { return };
-    let a = assets(&path);
-    let texts = real_sentences();
+/// cosine >= `bf16_min`; on the golden sentences and the repository's real sentences (2,277
+/// texts) plus [`MPNET_HARD`].
+fn quality_vs_f32(path: &std::path::Path, bf16_min: f64) {
+    let a = assets(path);
+    let mut texts = real_sentences();
+    texts.push(MPNET_HARD.to_string());
     let enc = a.frozen_encoder(&Device::Cpu).unwrap();
     let e = Embedder::new(
         &enc,
@@ -262,6 +269,7 @@ fn quantized_minilm_quality_vs_f32() {
         .map(|e| e.vector)
         .collect();
     let want_nn = nearest(&want);
+    let model = path.file_name().unwrap().to_string_lossy();
     for dtype in [Dtype::Int8, Dtype::Bf16] {
         let fast = FastEncoder::new(a.frozen_encoder(&Device::Cpu).unwrap(), dtype).unwrap();
         let q = Embedder::new(
@@ -278,27 +286,53 @@ fn quantized_minilm_quality_vs_f32() {
             .map(|e| e.vector)
             .collect();
         let cos: Vec<f64> = got.iter().zip(&want).map(|(g, w)| cosine(g, w)).collect();
-        let min = cos.iter().cloned().fold(1f64, f64::min);
+        let (worst, min) = cos
+            .iter()
+            .enumerate()
+            .fold((0, 1f64), |b, (i, &c)| if c < b.1 { (i, c) } else { b });
         let mean = cos.iter().sum::<f64>() / cos.len() as f64;
         let nn = nearest(&got);
         let agree =
             nn.iter().zip(&want_nn).filter(|(a, b)| a == b).count() as f64 / nn.len() as f64;
         eprintln!(
-            "{dtype} ({}) on {} sentences: cosine vs f32 min {min:.6} mean {mean:.6}; nearest \
-             neighbour agreement {:.2}%",
+            "{model} {dtype} ({}) on {} sentences: cosine vs f32 min {min:.6} ({:?}) mean \
+             {mean:.6}; nearest neighbour agreement {:.2}%",
             fast.kernel_name(),
             texts.len(),
+            texts[worst],
             agree * 100.0
         );
         match dtype {
             Dtype::Int8 => {
-                assert!(min >= 0.99, "int8 min cosine {min}");
-                assert!(mean >= 0.998, "int8 mean cosine {mean}");
-                assert!(agree >= 0.97, "int8 nearest-neighbour agreement {agree}");
+                assert!(
+                    min >= 0.99,
+                    "{model} int8 min cosine {min} on {:?}",
+                    texts[worst]
+                );
+                assert!(mean >= 0.998, "{model} int8 mean cosine {mean}");
+                assert!(
+                    agree >= 0.97,
+                    "{model} int8 nearest-neighbour agreement {agree}"
+                );
             }
-            _ => assert!(min >= 0.999, "bf16 min cosine {min}"),
+            _ => assert!(min >= bf16_min, "{model} bf16 min cosine {min}"),
         }
     }
+}
+
+#[test]
+fn quantized_minilm_quality_vs_f32() {
+    let Some(path) = minilm() else { return };
+    quality_vs_f32(&path, 0.999);
+}
+
+#[test]
+fn quantized_mpnet_quality_vs_f32() {
+    let Some(path) = mpnet() else { return };
+    // bf16 is off by 0.0043 on one sentence ("Lost half my savings on that crypto token.
+    // ..."): this model has inputs on which a small rounding error moves a token towards the
+    // outlier tokens' pattern (README.md, "Precision").
+    quality_vs_f32(&path, 0.995);
 }
 
 /// `--dtype` as a user meets it: task 1 names the kernel and reports the dtype; a frozen

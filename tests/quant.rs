@@ -116,6 +116,100 @@ fn quantized_vectors_are_batch_invariant() {
     }
 }
 
+/// On the real models, a sentence's vector in every dtype (f32 included) has the same bits
+/// alone and inside packed batches of 2 to 150 real sentences, at different positions (so its
+/// rows fall in different places of each product, and of the FFN's row chunks).
+#[test]
+fn every_dtype_is_batch_invariant_on_real_models() {
+    let paths: Vec<_> = [minilm(), mpnet()].into_iter().flatten().collect();
+    let texts = real_sentences();
+    for path in paths {
+        let a = assets(&path);
+        let target = "The quick brown fox jumps over the lazy dog near the river bank.";
+        let mut all = vec![target.to_string()];
+        all.extend(texts.iter().step_by(7).take(150).cloned());
+        let enc = a.tokenizer.encode(&all).unwrap();
+        let fill = a.tokenizer.encode(&["a", "a b"]).unwrap();
+        let model = path.file_name().unwrap().to_string_lossy().into_owned();
+        for dtype in [Dtype::F32, Dtype::Int8, Dtype::Bf16] {
+            let fast = FastEncoder::new(a.frozen_encoder(&Device::Cpu).unwrap(), dtype).unwrap();
+            let mut ws = Workspace::default();
+            let pooling = a.pipeline.pooling;
+            let alone = fast.pooled_packed(&[&enc[0]], pooling, &mut ws).unwrap();
+            let mut checked = 0;
+            for size in [2, 3, 5, 8, 17, 33, 64, 100, 151] {
+                for pos in [0, size / 2, size - 1] {
+                    let mut items: Vec<_> = enc[1..size].iter().collect();
+                    items.insert(pos, &enc[0]);
+                    let got = fast.pooled_packed(&items, pooling, &mut ws).unwrap();
+                    let (d, worst) = max_diff(&got[pos], &alone[0]);
+                    assert!(
+                        d == 0.0,
+                        "{model} {dtype}: the sentence at {pos} of {size} differs from alone by \
+                         {d:e} (component {worst})"
+                    );
+                    checked += 1;
+                }
+            }
+            // The sentence last in a batch of 513 tokens: its last token alone in the float32
+            // FFN's second chunk of rows (512 a chunk).
+            let (got, pos) = last_of_513(&enc, &fill, |items| {
+                fast.pooled_packed(items, pooling, &mut ws).unwrap()
+            });
+            let (d, worst) = max_diff(&got[pos], &alone[0]);
+            assert!(
+                d == 0.0,
+                "{model} {dtype}: last of 513 tokens: {d:e} at {worst}"
+            );
+            eprintln!("{model} {dtype}: bit-identical in {} batches", checked + 1);
+        }
+    }
+}
+
+/// Runs `f` on a batch of exactly 513 tokens that ends with `enc[0]`: some of `enc[1..]`, then
+/// one- and two-word fillers (`fill`: 3 and 4 tokens). Returns the vectors and `enc[0]`'s place.
+fn last_of_513<'e>(
+    enc: &'e [fetch_ml::tokenize::Encoded],
+    fill: &'e [fetch_ml::tokenize::Encoded],
+    f: impl FnOnce(&[&'e fetch_ml::tokenize::Encoded]) -> Vec<Vec<f32>>,
+) -> (Vec<Vec<f32>>, usize) {
+    assert_eq!((fill[0].ids.len(), fill[1].ids.len()), (3, 4));
+    let mut items = Vec::new();
+    let mut left = 513 - enc[0].ids.len();
+    for e in &enc[1..] {
+        if e.ids.len() + 12 <= left.saturating_sub(100) {
+            left -= e.ids.len();
+            items.push(e);
+        }
+    }
+    // Any count from 6 up is a sum of 3s and 4s.
+    while !left.is_multiple_of(3) {
+        items.push(&fill[1]);
+        left -= 4;
+    }
+    items.extend(std::iter::repeat_n(&fill[0], left / 3));
+    items.push(&enc[0]);
+    assert_eq!(items.iter().map(|e| e.ids.len()).sum::<usize>(), 513);
+    let pos = items.len() - 1;
+    (f(&items), pos)
+}
+
+/// The largest absolute difference of two vectors and where it is.
+fn max_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            if x.to_bits() == y.to_bits() {
+                0.0
+            } else {
+                (x - y).abs().max(f32::MIN_POSITIVE)
+            }
+        })
+        .enumerate()
+        .fold((0f32, 0), |b, (i, d)| if d > b.0 { (d, i) } else { b })
+}
+
 /// `FastEncoder` in f32 is the existing float32 fast path, bit for bit.
 #[test]
 fn f32_fast_encoder_is_the_float32_path() {

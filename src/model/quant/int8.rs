@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use super::epilogue::*;
-use super::quantize::round_small;
+use super::outliers::{coarse_row, quantize_weights, WeightResidual};
 use super::*;
 
 /// int8 weights packed for the kernels: panel `p` holds output columns `16p..16p+16`, as
@@ -241,11 +241,20 @@ pub(crate) fn int8_block(
 
 /// A dense layer `y = x W^T + b` with int8 weights (symmetric, per output channel) and
 /// activations quantized per row at run time.
+///
+/// Outliers get a second int8 pass (see `outliers.rs`): an output channel whose weights hold
+/// a few values far above the rest gets a residual weight row, and a token row whose values
+/// hold a few far above the rest gets a residual activation row, each holding what the first
+/// rounding lost. Both run on the same kernels; the activation, if any, runs after them.
 pub struct Int8Linear {
     w: PackedI8,
     /// Per output channel: `w[n][i] ~ wscale[n] * q[n][i]`.
     wscale: Vec<f32>,
     bias: Vec<f32>,
+    residual: Option<Box<WeightResidual>>,
+    /// Token rows whose range exceeds this many times their RMS get a residual activation
+    /// row; `None`: no row does.
+    row_ratio: Option<f32>,
 }
 
 impl Int8Linear {
@@ -261,23 +270,26 @@ impl Int8Linear {
         let mut q = vec![0i8; out * inp];
         let mut wscale = vec![0f32; out];
         for c in 0..out {
-            let row = &weight[c * inp..(c + 1) * inp];
-            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-            if amax > 0.0 && amax.is_finite() {
-                wscale[c] = amax / 127.0;
-                let inv = 127.0 / amax;
-                for (d, &v) in q[c * inp..(c + 1) * inp].iter_mut().zip(row) {
-                    // round_small is round_ties_even for |v| < 2^22 (here <= 127), without
-                    // the libm call per weight.
-                    *d = round_small(v * inv).clamp(-127.0, 127.0) as i8;
-                }
-            }
+            let (row, qc) = (
+                &weight[c * inp..(c + 1) * inp],
+                &mut q[c * inp..(c + 1) * inp],
+            );
+            wscale[c] = quantize_weights(row, qc);
         }
         Ok(Self {
+            residual: WeightResidual::new(weight, &q, &wscale, inp)?.map(Box::new),
             w: PackedI8::pack(&q, out, inp)?,
             wscale,
             bias: bias.to_vec(),
+            row_ratio: None,
         })
+    }
+
+    /// Gives token rows whose range exceeds `ratio` times their RMS a residual activation row
+    /// (for inputs with outlier dimensions, such as LayerNorm outputs: see `outliers.rs`).
+    pub fn with_row_residual(mut self, ratio: f32) -> Self {
+        self.row_ratio = Some(ratio);
+        self
     }
 
     pub fn out_dim(&self) -> usize {
@@ -286,6 +298,11 @@ impl Int8Linear {
 
     pub fn in_dim(&self) -> usize {
         self.w.k
+    }
+
+    /// How many output channels carry a residual weight row.
+    pub fn residual_channels(&self) -> usize {
+        self.residual.as_ref().map_or(0, |r| r.cols.len())
     }
 
     /// `dst[r * ld + col + j] = act(x[r] W^T + b)[j]` for `rows` rows of `x` (`in_dim` wide).
@@ -306,92 +323,162 @@ impl Int8Linear {
         if rows == 0 {
             return Ok(());
         }
-        let s = scratch;
-        if s.a8.len() < rows * kp {
-            s.a8.resize(rows * kp);
+        let Scratch {
+            a8,
+            scale,
+            zero,
+            outliers,
+            ..
+        } = scratch;
+        if a8.len() < rows * kp {
+            a8.resize(rows * kp);
         }
-        s.scale.resize(rows.max(s.scale.len()), 0.0);
-        s.zero.resize(rows.max(s.zero.len()), 0);
-        s.a8[..rows * kp]
+        scale.resize(rows.max(scale.len()), 0.0);
+        zero.resize(rows.max(zero.len()), 0);
+        outliers
+            .coarse
+            .resize(rows.max(outliers.coarse.len()), false);
+        let ratio = self.row_ratio;
+        a8[..rows * kp]
             .par_chunks_mut(kp * 16)
             .zip(x[..rows * k].par_chunks(k * 16))
-            .zip(s.scale[..rows].par_chunks_mut(16))
-            .zip(s.zero[..rows].par_chunks_mut(16))
-            .for_each(|(((a, x), sc), z)| {
-                for (((a, x), sc), z) in a.chunks_mut(kp).zip(x.chunks(k)).zip(sc).zip(z) {
+            .zip(scale[..rows].par_chunks_mut(16))
+            .zip(zero[..rows].par_chunks_mut(16))
+            .zip(outliers.coarse[..rows].par_chunks_mut(16))
+            .for_each(|((((a, x), sc), z), c)| {
+                let rows = a.chunks_mut(kp).zip(x.chunks(k)).zip(sc).zip(z).zip(c);
+                for ((((a, x), sc), z), c) in rows {
                     (*sc, *z) = quantize_row(x, a);
+                    *c = ratio.is_some_and(|t| coarse_row(x, *sc, t));
                 }
             });
         let a = QuantRows {
-            a: &s.a8[..rows * kp],
+            a: &a8[..rows * kp],
             rows,
             kp,
         };
         check_int8(kernel, &a, &self.w)?;
-        let (scale, zero) = (&s.scale[..rows], &s.zero[..rows]);
+        let rs = RowScales {
+            scale: &scale[..rows],
+            zero: &zero[..rows],
+        };
         let out = OutPtr {
             ptr: dst.as_mut_ptr(),
             ld,
         };
-        let block = kernel.block_shape();
-        for_each_block(
-            rows,
-            self.w.panels,
-            block,
-            2 * rows * n * k,
-            |r0, r1, p0, p1| {
-                int8_block(
-                    kernel,
-                    &a,
-                    &self.w,
-                    r0,
-                    r1,
-                    p0,
-                    p1,
-                    |r, mr, c0, cols, buf| {
-                        let c1 = c0 + cols;
-                        // SAFETY: rows r..r + mr <= rows and columns col + c0..col + c1 <=
-                        // col + n <= ld, and check_dst verified (rows - 1) * ld + col + n <=
-                        // dst.len(); tasks own disjoint (row, column) blocks.
-                        let done = unsafe {
-                            epilogue_tile(
-                                buf,
-                                mr,
-                                cols,
-                                Some((
-                                    &zero[r..r + mr],
-                                    &scale[r..r + mr],
-                                    &self.w.colsum[c0..c1],
-                                    &self.wscale[c0..c1],
-                                )),
-                                &self.bias[c0..c1],
-                                act,
-                                out.ptr.add(r * out.ld + col + c0),
-                                out.ld,
-                            )
-                        };
-                        if done {
-                            return;
-                        }
-                        for i in 0..mr {
-                            let acc = &buf[i * MAX_NP * PANEL..][..cols];
-                            // SAFETY: as above, row r + i.
-                            let d = unsafe { out.slice((r + i) * out.ld + col + c0, cols) };
-                            epilogue_i8(
-                                acc,
-                                zero[r + i],
-                                scale[r + i],
-                                &self.w.colsum[c0..c1],
-                                &self.wscale[c0..c1],
-                                &self.bias[c0..c1],
-                                act,
-                                d,
-                            );
-                        }
-                    },
-                );
-            },
+        let any_coarse = outliers.coarse[..rows].contains(&true);
+        if self.residual.is_none() && !any_coarse {
+            product(
+                kernel,
+                &a,
+                rs,
+                &self.w,
+                &self.wscale,
+                &self.bias,
+                act,
+                out,
+                col,
+            );
+            return Ok(());
+        }
+        // The corrections join their columns before the activation, which runs after them.
+        let none = Activation::None;
+        product(
+            kernel,
+            &a,
+            rs,
+            &self.w,
+            &self.wscale,
+            &self.bias,
+            none,
+            out,
+            col,
         );
+        if let Some(res) = &self.residual {
+            res.run(kernel, &a, rs, &mut outliers.wcorr)?;
+        }
+        outliers.run_rows(kernel, x, &a, rs, &self.w, &self.wscale)?;
+        let wres = self
+            .residual
+            .as_ref()
+            .map(|r| (&r.cols[..], &outliers.wcorr[..]));
+        outliers.apply(dst, rows, ld, col, n, wres, act);
         Ok(())
     }
+}
+
+/// The per-row scales and zero points of quantized activations.
+#[derive(Clone, Copy)]
+pub(crate) struct RowScales<'a> {
+    pub scale: &'a [f32],
+    pub zero: &'a [i32],
+}
+
+/// `out[r, col + j] = act(scale_r * wscale_j * (dot(a_r, w_j) - zero_r * colsum_j) + bias_j)`
+/// for every row of `a` and column of `w`, in parallel blocks.
+///
+/// The caller has checked the sizes (`check_int8`), and `out` holds `a.rows` rows of `col +
+/// w.n` values at stride `out.ld` (`check_dst`) that nothing else touches meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn product(
+    kernel: Int8Kernel,
+    a: &QuantRows,
+    rs: RowScales,
+    w: &PackedI8,
+    wscale: &[f32],
+    bias: &[f32],
+    act: Activation,
+    out: OutPtr,
+    col: usize,
+) {
+    let (scale, zero) = (rs.scale, rs.zero);
+    for_each_block(
+        a.rows,
+        w.panels,
+        kernel.block_shape(),
+        2 * a.rows * w.n * w.k,
+        |r0, r1, p0, p1| {
+            int8_block(kernel, a, w, r0, r1, p0, p1, |r, mr, c0, cols, buf| {
+                let c1 = c0 + cols;
+                // SAFETY: rows r..r + mr <= a.rows and columns col + c0..col + c1 <= col +
+                // w.n <= out.ld, within `out` by this function's contract; tasks own
+                // disjoint (row, column) blocks.
+                let done = unsafe {
+                    epilogue_tile(
+                        buf,
+                        mr,
+                        cols,
+                        Some((
+                            &zero[r..r + mr],
+                            &scale[r..r + mr],
+                            &w.colsum[c0..c1],
+                            &wscale[c0..c1],
+                        )),
+                        &bias[c0..c1],
+                        act,
+                        out.ptr.add(r * out.ld + col + c0),
+                        out.ld,
+                    )
+                };
+                if done {
+                    return;
+                }
+                for i in 0..mr {
+                    let acc = &buf[i * MAX_NP * PANEL..][..cols];
+                    // SAFETY: as above, row r + i.
+                    let d = unsafe { out.slice((r + i) * out.ld + col + c0, cols) };
+                    epilogue_i8(
+                        acc,
+                        zero[r + i],
+                        scale[r + i],
+                        &w.colsum[c0..c1],
+                        &wscale[c0..c1],
+                        &bias[c0..c1],
+                        act,
+                        d,
+                    );
+                }
+            });
+        },
+    );
 }

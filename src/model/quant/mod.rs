@@ -385,9 +385,9 @@ impl Activation {
 
 /// A row-major output view shared by the tasks of one product; each task writes its own tile.
 #[derive(Clone, Copy)]
-struct OutPtr {
-    ptr: *mut f32,
-    ld: usize,
+pub(crate) struct OutPtr {
+    pub(crate) ptr: *mut f32,
+    pub(crate) ld: usize,
 }
 
 // SAFETY: tasks write disjoint (row, column) ranges of the buffer that `forward` checked.
@@ -413,6 +413,8 @@ pub struct Scratch {
     a16: AlignedVec<u16>,
     scale: Vec<f32>,
     zero: Vec<i32>,
+    /// The second passes of int8 outliers.
+    outliers: outliers::OutlierScratch,
 }
 
 /// Walks rows `r0..r1` x panels `p0..p1` in tiles of `shape` (rows, panels): `tile(r, mr, p,
@@ -473,9 +475,11 @@ mod epilogue;
 #[cfg(target_arch = "x86_64")]
 mod epilogue_avx2;
 mod int8;
+mod outliers;
 mod quantize;
 pub use bf16::*;
 pub use int8::*;
+pub use outliers::{ROW_OUTLIER_RATIO, WEIGHT_OUTLIER_RATIO};
 pub use quantize::{quantize_row, QuantRows};
 
 #[cfg(test)]

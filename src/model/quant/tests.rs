@@ -6,6 +6,7 @@ use super::*;
 use rand::{Rng, SeedableRng};
 
 mod amx;
+mod outliers;
 
 fn reference_i32(a: &[u8], q: &[i8], m: usize, n: usize, k: usize) -> Vec<i32> {
     let mut c = vec![0i32; m * n];

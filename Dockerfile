@@ -10,6 +10,10 @@
 #   docker run --rm -v "$HOME/.cache/huggingface:/hf" fetch-ml --task=1 --offline --sentence="Hi"
 # or a local model folder:
 #   docker run --rm -v "$PWD/models:/models" fetch-ml --task=1 --model /models/all-MiniLM-L6-v2
+#
+# As an embedding server (deploy/k8s-serve.yaml runs it on Kubernetes):
+#   docker run --rm -p 8080:8080 -v "$PWD/models:/models" fetch-ml --task=serve --host 0.0.0.0 \
+#       --model /models/all-MiniLM-L6-v2 --dtype int8
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
@@ -29,5 +33,7 @@ RUN apt-get update \
 COPY --from=build /src/target/release/fetch-ml /usr/local/bin/fetch-ml
 ENV HF_HOME=/hf
 WORKDIR /work
+# --task=serve's default port.
+EXPOSE 8080
 ENTRYPOINT ["fetch-ml"]
 CMD ["--task=1"]

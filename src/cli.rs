@@ -8,6 +8,7 @@ use crate::chunk::ChunkMode;
 use crate::config::{defaults, OutputFormat};
 use crate::model::freeze::{FreezePart, Scenario};
 use crate::model::quant::Dtype;
+use crate::serve::args::ServeArgs;
 use crate::shard::Shard;
 use crate::tokenize::TruncateSide;
 use crate::train::metrics::Metric;
@@ -16,7 +17,7 @@ mod convert;
 mod values;
 use values::{
     dtype, fraction, freeze_part, loss_weights, metric, non_negative, positive, positive_secs,
-    scenario,
+    scenario, task,
 };
 
 /// The model used when `--model` is not given.
@@ -32,15 +33,17 @@ Examples:
   fetch-ml --task=2 --freeze encoder --epochs 10 --save checkpoints/heads
   fetch-ml --task=2 --checkpoint checkpoints/heads --input new.txt --format jsonl
   fetch-ml --task=2 --checkpoint checkpoints/heads --export exported-model
-  fetch-ml --task=3 --plot scenarios.png";
+  fetch-ml --task=3 --plot scenarios.png
+  fetch-ml --task=serve --model ./all-MiniLM-L6-v2 --dtype int8 --port 8080";
 
 /// Sentence embeddings and a multitask model on a BERT encoder written in Rust with candle.
 #[derive(Debug, Parser)]
 #[command(name = "fetch-ml", version, after_help = EXAMPLES)]
 pub struct Cli {
     /// The job to run: 1 = sentence embeddings; 2 = train, evaluate and use the multitask
-    /// model; 3 = compare freezing scenarios side by side.
-    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=3))]
+    /// model; 3 = compare freezing scenarios side by side; serve = an HTTP server of the
+    /// embeddings (and, with --checkpoint, the multitask model's predictions).
+    #[arg(long, value_name = "1|2|3|serve", value_parser = task)]
     pub task: u8,
 
     /// A Hugging Face model id, or a path to a local model folder (config.json,
@@ -96,8 +99,9 @@ pub struct Cli {
     pub output: Option<PathBuf>,
 
     /// Print nothing on stderr but errors: no notes, warnings, progress bars or reports.
-    /// Standard output and --output files are the same either way.
-    #[arg(long, short = 'q', help_heading = heading::OUTPUT)]
+    /// Standard output and --output files are the same either way. (--task=serve: the notes
+    /// of loading; the server's log lines stay.)
+    #[arg(long, short = 'q', help_heading = heading::RUN)]
     pub quiet: bool,
 
     /// Output format. text: a summary per sentence and, for up to 20 sentences, their cosine
@@ -136,7 +140,7 @@ pub struct Cli {
 
     /// Sentences per forward pass; in training, examples per optimizer step. Inference
     /// batches group sentences of similar length.
-    #[arg(long, default_value_t = 32, value_parser = positive, help_heading = heading::OUTPUT)]
+    #[arg(long, default_value_t = 32, value_parser = positive, help_heading = heading::RUN)]
     pub batch_size: usize,
 
     /// Arithmetic of the encoder where it does not train (--task=1, a frozen encoder's
@@ -151,7 +155,7 @@ pub struct Cli {
 
     /// Also cap each inference batch at N tokens (padding-free: the sum of its sentences'
     /// lengths); a longer sentence gets a batch of its own. [default: no token cap]
-    #[arg(long, value_name = "N", value_parser = positive, help_heading = heading::OUTPUT)]
+    #[arg(long, value_name = "N", value_parser = positive, help_heading = heading::RUN)]
     pub max_batch_tokens: Option<usize>,
 
     /// L2-normalise the embeddings, whatever the model's folder says.
@@ -355,12 +359,13 @@ pub struct Cli {
     )]
     pub save: Option<PathBuf>,
 
-    /// Skip training: predict (and evaluate, with --eval-file) with a saved model.
+    /// Skip training: predict (and evaluate, with --eval-file) with a saved model. With
+    /// --task=serve: serve its predictions (/predict) and its encoder's embeddings.
     #[arg(
         long,
         value_name = "DIR",
         conflicts_with = "train_file",
-        help_heading = heading::MULTITASK
+        help_heading = heading::CHECKPOINT
     )]
     pub checkpoint: Option<PathBuf>,
 
@@ -380,10 +385,25 @@ pub struct Cli {
     #[arg(long, value_name = "FILE.png", help_heading = heading::SCENARIOS)]
     pub plot: Option<PathBuf>,
 
-    /// The flags given on the command line or by an environment variable, with their help
-    /// headings (filled by [`Cli::parse_args`]).
+    #[command(flatten)]
+    pub serve: ServeArgs,
+
+    /// The flags given on the command line, with their help headings (filled by
+    /// [`Cli::parse_args`]).
     #[arg(skip)]
     given: Option<Vec<(String, Option<String>)>>,
+}
+
+/// `--task=serve`, as the number the rest of this module compares.
+const SERVE: u8 = 0;
+
+/// A task's name as `--task` takes it: 1, 2, 3 or serve.
+fn task_name(task: u8) -> String {
+    if task == SERVE {
+        "serve".to_string()
+    } else {
+        task.to_string()
+    }
 }
 
 /// `--output`'s help. clap turns a literal `{n}` in help text into a line break, so the `{n}`
@@ -400,30 +420,41 @@ const OUTPUT_HELP: &str = concat!(
     "(emb.parquet -> emb-00002-of-00008.parquet)."
 );
 
-/// The help headings of the flags. A heading names the tasks its flags apply to, as
-/// `(--task=N, ...)`; a heading that names none applies to every task. This is the one
-/// place that says which task takes which flag: [`Cli::into_command`] reads it off the
-/// headings of the flags given, and `--help` shows it.
+/// The help headings of the flags (and `crate::serve::args::HEADING` of the server's). A
+/// heading names the tasks its flags apply to, as `(--task=N, ...)`; a heading that names
+/// none applies to every task. This is the one place that says which task takes which flag:
+/// [`Cli::into_command`] reads it off the headings of the flags given, and `--help` shows it.
 mod heading {
     pub const MODEL: &str = "Model";
     pub const INPUT: &str = "Input (--task=1, --task=2)";
-    pub const OUTPUT: &str = "Output";
+    pub const OUTPUT: &str = "Output (--task=1, --task=2, --task=3)";
+    pub const RUN: &str = "Batches and messages";
     pub const EXISTING: &str = "Existing output (--task=1, --task=2)";
-    pub const EMBEDDINGS: &str = "Embeddings (--task=1)";
+    pub const EMBEDDINGS: &str = "Embeddings (--task=1, --task=serve)";
     pub const CORPUS: &str = "Corpus (--task=1)";
     pub const LONG_INPUTS: &str = "Long inputs (--task=1)";
     pub const TRAINING: &str = "Training (--task=2, --task=3)";
     pub const MULTITASK: &str = "Multitask model (--task=2)";
+    pub const CHECKPOINT: &str = "Saved multitask model (--task=2, --task=serve)";
     pub const SCENARIOS: &str = "Scenarios (--task=3)";
 
-    /// Whether a flag under `heading` applies to `task`: the heading names it, or names no
-    /// task at all.
-    pub fn applies(heading: Option<&str>, task: u8) -> bool {
-        let Some(h) = heading else { return true };
-        let named: Vec<&str> = h.split("--task=").skip(1).collect();
-        named.is_empty()
-            || named
-                .iter()
-                .any(|n| n.trim_start().starts_with(char::from(b'0' + task)))
+    /// The tasks a heading names, as `--task` takes them ("1", "serve"); none: every task.
+    pub fn tasks(heading: &str) -> Vec<&str> {
+        heading
+            .split("--task=")
+            .skip(1)
+            .map(|t| {
+                t.split(|c: char| !c.is_ascii_alphanumeric())
+                    .next()
+                    .unwrap_or("")
+            })
+            .collect()
+    }
+
+    /// Whether a flag under `heading` applies to `task` (its name, as `--task` takes it): the
+    /// heading names it, or names no task at all.
+    pub fn applies(heading: Option<&str>, task: &str) -> bool {
+        let named = heading.map(tasks).unwrap_or_default();
+        named.is_empty() || named.contains(&task)
     }
 }

@@ -114,6 +114,7 @@ pub enum Command {
     Embed(EmbedConfig),
     Multitask(MultitaskConfig),
     Scenarios(ScenariosConfig),
+    Serve(crate::serve::config::ServeConfig),
 }
 
 /// Settings of `--task=2`, the multitask model.

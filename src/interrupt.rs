@@ -55,6 +55,15 @@ pub fn remove_on_signal(path: &Path) -> Registered {
     Registered { slot: None }
 }
 
+/// For a process that handles SIGINT and SIGTERM itself (the server, which shuts down
+/// gracefully): the handler here is never installed, so it cannot end the process first.
+/// Returns false when it was installed already (a file was registered before).
+pub fn leave_signals_to_the_caller() -> bool {
+    let mut first = false;
+    INSTALL.call_once(|| first = true);
+    first
+}
+
 extern "C" fn on_signal(sig: libc::c_int) {
     for slot in &PATHS {
         let p = slot.load(Ordering::SeqCst);

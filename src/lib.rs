@@ -33,6 +33,7 @@ pub mod output;
 pub mod panics;
 pub mod pipeline;
 pub mod plot;
+pub mod serve;
 pub mod shard;
 pub mod st_modules;
 // Exception: libc system calls (mallopt, malloc_trim, flock, umask, sysconf, kill), each
@@ -52,5 +53,6 @@ pub fn run(cmd: &config::Command) -> anyhow::Result<()> {
         config::Command::Embed(cfg) => tasks::embed::run(cfg),
         config::Command::Multitask(cfg) => tasks::multitask::run(cfg),
         config::Command::Scenarios(cfg) => tasks::scenarios::run(cfg),
+        config::Command::Serve(cfg) => serve::run(cfg),
     }
 }

@@ -9,7 +9,7 @@ use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 use crate::hub::TokenizerFiles;
 
@@ -42,6 +42,8 @@ pub struct TextTokenizer {
     pad_id: u32,
     /// Token ids must be below this (the model's `vocab_size`).
     vocab_limit: Option<u32>,
+    /// Truncation keeps the end of a long text instead of its start.
+    keep_end: bool,
 }
 
 impl TextTokenizer {
@@ -79,6 +81,26 @@ impl TextTokenizer {
             lowercase_input,
             pad_id,
             vocab_limit: None,
+            keep_end: false,
+        })
+    }
+
+    /// A copy that truncates a long text from its start, keeping its end (the server's
+    /// `truncation_direction: Left`).
+    pub fn keeping_end(&self) -> Result<Self> {
+        let mut inner = self.inner.clone();
+        inner
+            .with_truncation(Some(TruncationParams {
+                max_length: self.max_len,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Left,
+            }))
+            .map_err(|e| anyhow!("setting truncation to {} tokens: {e}", self.max_len))?;
+        Ok(Self {
+            inner,
+            keep_end: true,
+            ..*self
         })
     }
 
@@ -125,8 +147,13 @@ impl TextTokenizer {
     /// tokens are then exactly those of the whole text. A tokenizer error (or a panic inside
     /// the tokenizer, such as a pathological regex in a hostile `tokenizer.json`) is an error
     /// that gives the sentence's position in `texts`.
+    /// With [`Self::keeping_end`], texts are tokenized whole (the head is not what is kept).
     pub fn encode<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Encoded>> {
-        let budget = self.head_budget();
+        let budget = if self.keep_end {
+            usize::MAX
+        } else {
+            self.head_budget()
+        };
         let short: Vec<usize> = (0..texts.len())
             .filter(|&i| texts[i].as_ref().len() <= budget)
             .collect();
@@ -186,6 +213,19 @@ impl TextTokenizer {
             }
         }
         Ok(())
+    }
+
+    /// The tokenizer's whole encoding of one text (tokens, offsets, special-token mask),
+    /// lower-cased and truncated as [`Self::encode`] does, with or without special tokens.
+    pub fn encode_detailed(&self, text: &str, add_special_tokens: bool) -> Result<Encoding> {
+        let input = self.prepare(text);
+        match guarded(|| self.inner.encode(input, add_special_tokens)) {
+            Ok(Ok(e)) => Ok(e),
+            Ok(Err(e)) => Err(anyhow!("tokenizing: {e}")),
+            Err(panic) => Err(anyhow!(
+                "the tokenizer failed ({panic}); check tokenizer.json"
+            )),
+        }
     }
 
     /// Bytes of text tokenized at first for a long sentence: far more than `max_len` tokens

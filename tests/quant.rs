@@ -1,14 +1,14 @@
 //! Quantized inference (int8, bf16): batch invariance, the float32 path left bit-identical,
-//! and quality against float32 on all-MiniLM-L6-v2.
+//! and quality against float32 on all-MiniLM-L6-v2 and all-mpnet-base-v2.
 
 mod common;
 
 use candle_core::Device;
-use common::{minilm, tiny_model};
+use common::{minilm, mpnet, tiny_model};
 use fetch_ml::embed::Embedder;
 use fetch_ml::hub::ModelRef;
 use fetch_ml::loader::ModelAssets;
-use fetch_ml::model::fast::{FastEncoder, Workspace};
+use fetch_ml::model::fast::{FastEncoder, PackedEncoder, Workspace};
 use fetch_ml::model::quant::{Bf16Kernel, Dtype, Int8Kernel};
 use fetch_ml::testutil::{random_sentence, TinyBert};
 use rand::SeedableRng;
@@ -114,6 +114,100 @@ fn quantized_vectors_are_batch_invariant() {
             eprintln!("{name} on {}: bit-identical across batches", path.display());
         }
     }
+}
+
+/// On the real models, a sentence's vector in every dtype (f32 included) has the same bits
+/// alone and inside packed batches of 2 to 150 real sentences, at different positions (so its
+/// rows fall in different places of each product, and of the FFN's row chunks).
+#[test]
+fn every_dtype_is_batch_invariant_on_real_models() {
+    let paths: Vec<_> = [minilm(), mpnet()].into_iter().flatten().collect();
+    let texts = real_sentences();
+    for path in paths {
+        let a = assets(&path);
+        let target = "The quick brown fox jumps over the lazy dog near the river bank.";
+        let mut all = vec![target.to_string()];
+        all.extend(texts.iter().step_by(7).take(150).cloned());
+        let enc = a.tokenizer.encode(&all).unwrap();
+        let fill = a.tokenizer.encode(&["a", "a b"]).unwrap();
+        let model = path.file_name().unwrap().to_string_lossy().into_owned();
+        for dtype in [Dtype::F32, Dtype::Int8, Dtype::Bf16] {
+            let fast = FastEncoder::new(a.frozen_encoder(&Device::Cpu).unwrap(), dtype).unwrap();
+            let mut ws = Workspace::default();
+            let pooling = a.pipeline.pooling;
+            let alone = fast.pooled_packed(&[&enc[0]], pooling, &mut ws).unwrap();
+            let mut checked = 0;
+            for size in [2, 3, 5, 8, 17, 33, 64, 100, 151] {
+                for pos in [0, size / 2, size - 1] {
+                    let mut items: Vec<_> = enc[1..size].iter().collect();
+                    items.insert(pos, &enc[0]);
+                    let got = fast.pooled_packed(&items, pooling, &mut ws).unwrap();
+                    let (d, worst) = max_diff(&got[pos], &alone[0]);
+                    assert!(
+                        d == 0.0,
+                        "{model} {dtype}: the sentence at {pos} of {size} differs from alone by \
+                         {d:e} (component {worst})"
+                    );
+                    checked += 1;
+                }
+            }
+            // The sentence last in a batch of 513 tokens: its last token alone in the float32
+            // FFN's second chunk of rows (512 a chunk).
+            let (got, pos) = last_of_513(&enc, &fill, |items| {
+                fast.pooled_packed(items, pooling, &mut ws).unwrap()
+            });
+            let (d, worst) = max_diff(&got[pos], &alone[0]);
+            assert!(
+                d == 0.0,
+                "{model} {dtype}: last of 513 tokens: {d:e} at {worst}"
+            );
+            eprintln!("{model} {dtype}: bit-identical in {} batches", checked + 1);
+        }
+    }
+}
+
+/// Runs `f` on a batch of exactly 513 tokens that ends with `enc[0]`: some of `enc[1..]`, then
+/// one- and two-word fillers (`fill`: 3 and 4 tokens). Returns the vectors and `enc[0]`'s place.
+fn last_of_513<'e>(
+    enc: &'e [fetch_ml::tokenize::Encoded],
+    fill: &'e [fetch_ml::tokenize::Encoded],
+    f: impl FnOnce(&[&'e fetch_ml::tokenize::Encoded]) -> Vec<Vec<f32>>,
+) -> (Vec<Vec<f32>>, usize) {
+    assert_eq!((fill[0].ids.len(), fill[1].ids.len()), (3, 4));
+    let mut items = Vec::new();
+    let mut left = 513 - enc[0].ids.len();
+    for e in &enc[1..] {
+        if e.ids.len() + 12 <= left.saturating_sub(100) {
+            left -= e.ids.len();
+            items.push(e);
+        }
+    }
+    // Any count from 6 up is a sum of 3s and 4s.
+    while !left.is_multiple_of(3) {
+        items.push(&fill[1]);
+        left -= 4;
+    }
+    items.extend(std::iter::repeat_n(&fill[0], left / 3));
+    items.push(&enc[0]);
+    assert_eq!(items.iter().map(|e| e.ids.len()).sum::<usize>(), 513);
+    let pos = items.len() - 1;
+    (f(&items), pos)
+}
+
+/// The largest absolute difference of two vectors and where it is.
+fn max_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            if x.to_bits() == y.to_bits() {
+                0.0
+            } else {
+                (x - y).abs().max(f32::MIN_POSITIVE)
+            }
+        })
+        .enumerate()
+        .fold((0f32, 0), |b, (i, d)| if d > b.0 { (d, i) } else { b })
 }
 
 /// `FastEncoder` in f32 is the existing float32 fast path, bit for bit.
@@ -240,13 +334,20 @@ fn nearest(vs: &[Vec<f32>]) -> Vec<usize> {
         .collect()
 }
 
+/// A sentence from the STS benchmark on which all-mpnet-base-v2's int8 vector once had cosine
+/// 0.9435 against float32: the weights of the FFN's second product in layers 4 and 5 hold a
+/// few very large values per output channel of the model's outlier dimensions, so those
+/// channels' other weights were rounded coarsely, and the error pushed the token "kill" over
+/// to the outlier tokens' pattern by layer 8.
+const MPNET_HARD: &str = "Afghan police kill 5 Taliban fighters";
+
 /// int8: min cosine >= 0.99, mean >= 0.998, nearest-neighbour agreement >= 97%; bf16: min
-/// cosine >= 0.999; on the golden sentences and the repository's real sentences.
-#[test]
-fn quantized_minilm_quality_vs_f32() {
-    let Some(path) = minilm() else { return };
-    let a = assets(&path);
-    let texts = real_sentences();
+/// cosine >= `bf16_min`; on the golden sentences and the repository's real sentences (2,277
+/// texts) plus [`MPNET_HARD`].
+fn quality_vs_f32(path: &std::path::Path, bf16_min: f64) {
+    let a = assets(path);
+    let mut texts = real_sentences();
+    texts.push(MPNET_HARD.to_string());
     let enc = a.frozen_encoder(&Device::Cpu).unwrap();
     let e = Embedder::new(
         &enc,
@@ -262,6 +363,7 @@ fn quantized_minilm_quality_vs_f32() {
         .map(|e| e.vector)
         .collect();
     let want_nn = nearest(&want);
+    let model = path.file_name().unwrap().to_string_lossy();
     for dtype in [Dtype::Int8, Dtype::Bf16] {
         let fast = FastEncoder::new(a.frozen_encoder(&Device::Cpu).unwrap(), dtype).unwrap();
         let q = Embedder::new(
@@ -278,27 +380,53 @@ fn quantized_minilm_quality_vs_f32() {
             .map(|e| e.vector)
             .collect();
         let cos: Vec<f64> = got.iter().zip(&want).map(|(g, w)| cosine(g, w)).collect();
-        let min = cos.iter().cloned().fold(1f64, f64::min);
+        let (worst, min) = cos
+            .iter()
+            .enumerate()
+            .fold((0, 1f64), |b, (i, &c)| if c < b.1 { (i, c) } else { b });
         let mean = cos.iter().sum::<f64>() / cos.len() as f64;
         let nn = nearest(&got);
         let agree =
             nn.iter().zip(&want_nn).filter(|(a, b)| a == b).count() as f64 / nn.len() as f64;
         eprintln!(
-            "{dtype} ({}) on {} sentences: cosine vs f32 min {min:.6} mean {mean:.6}; nearest \
-             neighbour agreement {:.2}%",
+            "{model} {dtype} ({}) on {} sentences: cosine vs f32 min {min:.6} ({:?}) mean \
+             {mean:.6}; nearest neighbour agreement {:.2}%",
             fast.kernel_name(),
             texts.len(),
+            texts[worst],
             agree * 100.0
         );
         match dtype {
             Dtype::Int8 => {
-                assert!(min >= 0.99, "int8 min cosine {min}");
-                assert!(mean >= 0.998, "int8 mean cosine {mean}");
-                assert!(agree >= 0.97, "int8 nearest-neighbour agreement {agree}");
+                assert!(
+                    min >= 0.99,
+                    "{model} int8 min cosine {min} on {:?}",
+                    texts[worst]
+                );
+                assert!(mean >= 0.998, "{model} int8 mean cosine {mean}");
+                assert!(
+                    agree >= 0.97,
+                    "{model} int8 nearest-neighbour agreement {agree}"
+                );
             }
-            _ => assert!(min >= 0.999, "bf16 min cosine {min}"),
+            _ => assert!(min >= bf16_min, "{model} bf16 min cosine {min}"),
         }
     }
+}
+
+#[test]
+fn quantized_minilm_quality_vs_f32() {
+    let Some(path) = minilm() else { return };
+    quality_vs_f32(&path, 0.999);
+}
+
+#[test]
+fn quantized_mpnet_quality_vs_f32() {
+    let Some(path) = mpnet() else { return };
+    // bf16 is off by 0.0043 on one sentence ("Lost half my savings on that crypto token.
+    // ..."): this model has inputs on which a small rounding error moves a token towards the
+    // outlier tokens' pattern (README.md, "Precision").
+    quality_vs_f32(&path, 0.995);
 }
 
 /// `--dtype` as a user meets it: task 1 names the kernel and reports the dtype; a frozen

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::{CommandFactory, FromArgMatches};
 
 use super::values::format_name;
-use super::{heading, Cli, DEFAULT_MODEL};
+use super::{heading, task_name, Cli, DEFAULT_MODEL, SERVE};
 use crate::chunk::ChunkSpec;
 use crate::config::{
     defaults, Command, EmbedConfig, MultitaskConfig, ScenariosConfig, TrainConfig,
@@ -16,6 +16,7 @@ use crate::data::DataSource;
 use crate::hub::{offline_from_env, ModelRef};
 use crate::input::InputSource;
 use crate::model::freeze::Scenario;
+use crate::serve::config::{ServeConfig, ServedModel};
 use crate::shard::ShardSpec;
 use crate::train::trainer::TrainSettings;
 
@@ -35,15 +36,13 @@ impl Cli {
         let command = Self::command();
         let matches = command.clone().get_matches_from(args);
         let mut cli = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        // Only the command line: a flag's environment variable (FETCH_ML_API_KEY) is a
+        // standing setting, which a task that does not take the flag ignores.
         let given = command
             .get_arguments()
             .filter(|a| {
-                use clap::parser::ValueSource;
                 let source = matches.value_source(a.get_id().as_str());
-                matches!(
-                    source,
-                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-                )
+                source == Some(clap::parser::ValueSource::CommandLine)
             })
             .filter_map(|a| {
                 let name = format!("--{}", a.get_long()?);
@@ -54,29 +53,42 @@ impl Cli {
         cli
     }
 
-    /// Flags given that `task` does not use, by name, as their headings say.
-    fn unused_flags(&self, task: u8) -> Vec<&str> {
+    /// Flags given that `task` does not use, by name, with the tasks that do (none: all),
+    /// as their headings say.
+    fn unused_flags(&self, task: u8) -> Vec<(&str, Vec<&str>)> {
         let given = self
             .given
             .as_deref()
             .expect("a Cli from Cli::parse_args, which records the flags given");
+        let task = task_name(task);
         given
             .iter()
-            .filter(|(_, h)| !heading::applies(h.as_deref(), task))
-            .map(|(name, _)| name.as_str())
+            .filter(|(_, h)| !heading::applies(h.as_deref(), &task))
+            .map(|(name, h)| {
+                (
+                    name.as_str(),
+                    h.as_deref().map(heading::tasks).unwrap_or_default(),
+                )
+            })
             .collect()
     }
 
     /// Validates the flags and builds the task's config.
     pub fn into_command(mut self) -> Result<Command> {
         let task = self.task;
-        if let Some(flag) = self.unused_flags(task).first() {
+        if let Some((flag, tasks)) = self.unused_flags(task).first() {
+            let tasks: Vec<String> = tasks.iter().map(|t| format!("--task={t}")).collect();
             bail!(
-                "{flag} does not apply to --task={task}; see --help for the flags of each task \
-                 (a heading names the tasks its flags apply to)"
+                "{flag} does not apply to --task={}, only to {}; see --help for the flags of \
+                 each task (a heading names the tasks its flags apply to)",
+                task_name(task),
+                tasks.join(", ")
             );
         }
         let (model, model_given) = self.model_ref();
+        if task == SERVE {
+            return self.serve_config(model, model_given).map(Command::Serve);
+        }
         let input = self.input_source();
         if task == 1 {
             return Ok(Command::Embed(self.embed_config(model, input)?));
@@ -117,6 +129,24 @@ impl Cli {
         }))
     }
 
+    /// `--task=serve`'s settings.
+    fn serve_config(self, model: ModelRef, model_given: bool) -> Result<ServeConfig> {
+        let served = ServedModel {
+            model,
+            model_given,
+            checkpoint: self.checkpoint,
+            dtype: self.dtype.unwrap_or_default(),
+            max_seq_length: self.max_seq_length,
+            normalize: normalize_flag(self.normalize, self.no_normalize),
+            prompt: self.prompt,
+            prompt_name: self.prompt_name,
+            truncate_dim: self.truncate_dim,
+            batch_size: self.batch_size,
+            served_name: None,
+        };
+        self.serve.into_config(served, self.max_batch_tokens)
+    }
+
     /// The model to load, and whether `--model` was given.
     fn model_ref(&mut self) -> (ModelRef, bool) {
         let given = self.model.is_some();
@@ -153,11 +183,7 @@ impl Cli {
                 format_name(self.format)
             );
         }
-        let normalize = match (self.normalize, self.no_normalize) {
-            (true, _) => Some(true),
-            (_, true) => Some(false),
-            _ => None,
-        };
+        let normalize = normalize_flag(self.normalize, self.no_normalize);
         let shard = match self.shard {
             Some(shard) => Some(ShardSpec {
                 shard,
@@ -257,6 +283,15 @@ impl Cli {
     }
 }
 
+/// `--normalize` / `--no-normalize`: forced on, forced off, or as the model's folder says.
+fn normalize_flag(normalize: bool, no_normalize: bool) -> Option<bool> {
+    match (normalize, no_normalize) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,12 +304,19 @@ mod tests {
     /// A heading's tasks are the ones it names; one naming none applies to all.
     #[test]
     fn headings_say_which_tasks_take_their_flags() {
-        assert!(heading::applies(Some(heading::TRAINING), 2));
-        assert!(heading::applies(Some(heading::TRAINING), 3));
-        assert!(!heading::applies(Some(heading::TRAINING), 1));
-        assert!(!heading::applies(Some(heading::SCENARIOS), 2));
-        assert!(heading::applies(Some(heading::MODEL), 3));
-        assert!(heading::applies(None, 1));
+        assert!(heading::applies(Some(heading::TRAINING), "2"));
+        assert!(heading::applies(Some(heading::TRAINING), "3"));
+        assert!(!heading::applies(Some(heading::TRAINING), "1"));
+        assert!(!heading::applies(Some(heading::TRAINING), "serve"));
+        assert!(!heading::applies(Some(heading::SCENARIOS), "2"));
+        assert!(heading::applies(Some(heading::MODEL), "3"));
+        assert!(heading::applies(Some(heading::MODEL), "serve"));
+        assert!(heading::applies(Some(crate::serve::args::HEADING), "serve"));
+        assert!(!heading::applies(Some(crate::serve::args::HEADING), "1"));
+        assert!(heading::applies(Some(heading::CHECKPOINT), "serve"));
+        assert!(!heading::applies(Some(heading::OUTPUT), "serve"));
+        assert!(heading::applies(None, "1"));
+        assert_eq!(heading::tasks(heading::EMBEDDINGS), ["1", "serve"]);
     }
 
     /// Every flag sits under one of the headings of `heading` (so a new flag says which tasks
@@ -285,13 +327,16 @@ mod tests {
             heading::MODEL,
             heading::INPUT,
             heading::OUTPUT,
+            heading::RUN,
             heading::EXISTING,
             heading::EMBEDDINGS,
             heading::CORPUS,
             heading::LONG_INPUTS,
             heading::TRAINING,
             heading::MULTITASK,
+            heading::CHECKPOINT,
             heading::SCENARIOS,
+            crate::serve::args::HEADING,
         ];
         for arg in Cli::command().get_arguments() {
             let id = arg.get_id().as_str();
@@ -312,6 +357,11 @@ mod tests {
             ("2", "--plot", Some("p.png")),
             ("3", "--overwrite", None),
             ("2", "--shards", Some("2")),
+            ("1", "--port", Some("9000")),
+            ("serve", "--input", Some("x.txt")),
+            ("serve", "--output", Some("x.txt")),
+            ("serve", "--chunk-tokens", Some("64")),
+            ("serve", "--save", Some("dir")),
         ] {
             let task = format!("--task={task}");
             let mut args = vec![task.as_str(), flag];
@@ -331,6 +381,9 @@ mod tests {
             ["--task=2", "--freeze=encoder"],
             ["--task=3", "--epochs=1"],
             ["--task=1", "--quiet"],
+            ["--task=serve", "--normalize"],
+            ["--task=serve", "--checkpoint=dir"],
+            ["--task=serve", "--max-batch-tokens=64"],
         ] {
             if let Err(e) = command(&args) {
                 assert!(!e.to_string().contains("does not apply"), "{args:?}: {e}");

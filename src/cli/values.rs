@@ -76,3 +76,12 @@ pub(super) fn positive(s: &str) -> Result<usize, String> {
         _ => Err(format!("expected a whole number above 0, got '{s}'")),
     }
 }
+
+/// `--task`: 1, 2, 3, or serve ([`super::SERVE`]).
+pub(super) fn task(s: &str) -> Result<u8, String> {
+    match s {
+        "1" | "2" | "3" => Ok(s.parse().expect("a digit")),
+        "serve" => Ok(super::SERVE),
+        _ => Err(format!("expected 1, 2, 3 or serve, got '{s}'")),
+    }
+}

@@ -2,9 +2,9 @@
 //!
 //! The sentences of a batch are concatenated without padding (`offsets` marks where each
 //! starts), so no work is spent on padding and a sentence's result does not depend on its
-//! batch (in float32, up to the gemm crate's rounding, which varies a little with the row
-//! count). Dense layers are `gemm` calls over all tokens (the FFN over chunks of rows, which
-//! bounds its intermediate), with the bias preloaded into the output; attention runs per
+//! batch, bit for bit (the gemm crate's products give a row the same bits for any row count
+//! but one, whose matrix-vector path `linear` avoids). Dense layers are `gemm` calls over all
+//! tokens (the FFN over chunks of rows, which bounds its intermediate), with the bias preloaded into the output; attention runs per
 //! (sentence, head) in parallel, reading Q, K and V in place from the fused projection
 //! buffer; GELU, softmax and LayerNorm are the vectorised kernels of the kernel crate
 //! (`kernels::math`). Buffers live in a [`Workspace`] that grows with the batches and is
@@ -31,6 +31,8 @@ use crate::tokenize::Encoded;
 
 mod in_flight;
 mod quantized;
+#[cfg(test)]
+mod tests;
 pub use in_flight::{map_batches, WorkspacePool};
 pub use quantized::FastEncoder;
 
@@ -85,6 +87,15 @@ fn linear(
     let (out, in_dim) = lin.weight.dims2()?;
     if x.len() < rows * in_dim || dst.len() < rows * ld || col + out > ld {
         bail!("fast path: linear layer buffer sizes do not match");
+    }
+    if rows == 1 {
+        // The gemm crate takes its matrix-vector path for one row, whose sums round
+        // otherwise than its matrix kernels: the row goes twice through a 2-row product, so
+        // that it gets the bits it has in any other batch.
+        let (x2, mut d2) = (x[..in_dim].repeat(2), vec![0f32; 2 * out]);
+        linear(&x2, 2, lin, &mut d2, out, 0)?;
+        dst[col..col + out].copy_from_slice(&d2[..out]);
+        return Ok(());
     }
     view(&lin.bias, |b| {
         for r in 0..rows {

@@ -178,13 +178,23 @@ impl MultiTaskModel {
         self.workspaces.clear();
     }
 
+    /// The encoder of inference: the `--dtype` one, or the float32 encoder.
+    pub fn inference_encoder(&self) -> &dyn PackedEncoder {
+        match &self.fast {
+            Some(f) => f,
+            None => &self.encoder,
+        }
+    }
+
+    /// The kernel of the inference encoder's dense layers.
+    pub fn kernel_name(&self) -> &'static str {
+        self.fast.as_ref().map_or("gemm-f32", |f| f.kernel_name())
+    }
+
     /// Pooled sentence vectors `[batch, hidden]` in inference mode, through the encoder's
     /// fast path; equal to `features(batch, None)` to float rounding.
     pub fn features_infer(&self, items: &[&Encoded]) -> Result<Tensor> {
-        let encoder: &dyn PackedEncoder = match &self.fast {
-            Some(f) => f,
-            None => &self.encoder,
-        };
+        let encoder = self.inference_encoder();
         let rows = self
             .workspaces
             .with(|ws| encoder.pooled_packed(items, self.pooling, ws))?;

@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 pub use kernels::quant::{
     Activation, Bf16Kernel, Bf16Linear, Int8Kernel, Int8Linear, QuantError, Scratch,
+    ROW_OUTLIER_RATIO, WEIGHT_OUTLIER_RATIO,
 };
 
 /// The arithmetic of the encoder's dense layers at inference.

@@ -46,8 +46,10 @@ fn quant_act(act: HiddenAct) -> quant::Activation {
 }
 
 impl Dense {
-    /// Quantizes `lin` (weights `[out, in]`) as `dtype` says.
-    fn new(lin: &Linear, dtype: quant::Dtype) -> Result<Self> {
+    /// Quantizes `lin` (weights `[out, in]`) as `dtype` says; `normed`: its input is a
+    /// LayerNorm's output, whose outlier dimensions get int8 token rows a second pass (see
+    /// [`quant::ROW_OUTLIER_RATIO`]).
+    fn new(lin: &Linear, dtype: quant::Dtype, normed: bool) -> Result<Self> {
         if dtype == quant::Dtype::F32 {
             return Ok(Dense::F32(lin.clone()));
         }
@@ -56,7 +58,9 @@ impl Dense {
         let b = lin.bias.to_vec1::<f32>()?;
         Ok(match dtype {
             quant::Dtype::Int8 => {
-                Dense::Int8(quant::Int8Linear::new(&w, &b, out, inp).map_err(quant_err)?)
+                let q = quant::Int8Linear::new(&w, &b, out, inp).map_err(quant_err)?;
+                let t = quant::ROW_OUTLIER_RATIO;
+                Dense::Int8(if normed { q.with_row_residual(t) } else { q })
             }
             _ => Dense::Bf16(quant::Bf16Linear::new(&w, &b, out, inp).map_err(quant_err)?),
         })
@@ -121,11 +125,11 @@ impl QuantLayer {
             bias: Tensor::cat(&[&a.query.bias, &a.key.bias, &a.value.bias], 0)?,
         };
         Ok(Self {
-            qkv: Dense::new(&qkv, dtype)?,
-            attn_out: Dense::new(&a.output, dtype)?,
+            qkv: Dense::new(&qkv, dtype, true)?,
+            attn_out: Dense::new(&a.output, dtype, false)?,
             attn_norm: a.layer_norm.clone(),
-            ffn_in: Dense::new(&layer.intermediate, dtype)?,
-            ffn_out: Dense::new(&layer.output, dtype)?,
+            ffn_in: Dense::new(&layer.intermediate, dtype, true)?,
+            ffn_out: Dense::new(&layer.output, dtype, false)?,
             out_norm: layer.layer_norm.clone(),
             act: layer.act(),
             heads: a.heads(),

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::epilogue::{epilogue_bf16, Activation};
 use super::walk::{Packed, Rows};
-use super::{err, isa, sealed, AlignedVec, Precision, Prepared, QuantError, RowQuant, Scratch};
+use super::{err, isa, sealed, ActScratch, AlignedVec, Precision, Prepared, QuantError, RowQuant};
 
 /// The bf16 precision: bf16 x bf16 products, f32 sums.
 pub struct Bf16;
@@ -86,7 +86,7 @@ impl Precision for Bf16 {
         rows: usize,
         k: usize,
         kp: usize,
-        s: &'s mut Scratch,
+        s: &'s mut ActScratch,
     ) -> Prepared<'s, u16> {
         bf16_rows(x, rows, k, kp, &mut s.a16);
         Prepared {

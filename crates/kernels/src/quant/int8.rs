@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::epilogue::{epilogue_i8, Activation};
 use super::quantize::{quantize_row, round_small};
 use super::walk::{Packed, Rows};
-use super::{err, isa, sealed, Precision, Prepared, QuantError, RowQuant, Scratch, PANEL};
+use super::{err, isa, sealed, ActScratch, Precision, Prepared, QuantError, RowQuant, PANEL};
 
 /// The int8 precision: u8 activations x s8 weights -> exact i32.
 pub struct Int8;
@@ -64,21 +64,7 @@ impl Precision for Int8 {
 
     /// Symmetric per output channel: `w[c][i] ~ scale[c] * q[c][i]`, `scale[c] = max|w[c]| / 127`.
     fn pack_weights(w: &[f32], n: usize, k: usize) -> Result<(Packed<Self>, Vec<f32>), QuantError> {
-        let mut q = vec![0i8; n * k];
-        let mut wscale = vec![0f32; n];
-        for c in 0..n {
-            let row = &w[c * k..(c + 1) * k];
-            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-            if amax > 0.0 && amax.is_finite() {
-                wscale[c] = amax / 127.0;
-                let inv = 127.0 / amax;
-                for (d, &v) in q[c * k..(c + 1) * k].iter_mut().zip(row) {
-                    // round_small is round_ties_even for |v| < 2^22 (here <= 127), without
-                    // the libm call per weight.
-                    *d = round_small(v * inv).clamp(-127.0, 127.0) as i8;
-                }
-            }
-        }
+        let (q, wscale) = quantize_weights(w, n, k);
         Ok((Packed::<Int8>::pack(&q, n, k)?, wscale))
     }
 
@@ -88,7 +74,7 @@ impl Precision for Int8 {
         rows: usize,
         k: usize,
         kp: usize,
-        s: &'s mut Scratch,
+        s: &'s mut ActScratch,
     ) -> Prepared<'s, u8> {
         if s.a8.len() < rows * kp {
             s.a8.resize(rows * kp);
@@ -125,4 +111,31 @@ impl Precision for Int8 {
         let q = q.expect("int8 rows carry their zero points and scales");
         epilogue_i8(acc, q, bias, act, out);
     }
+}
+
+/// Symmetric int8 of `w` `[n, k]` per output channel: the values `q` and each channel's scale,
+/// `w[c][i] ~ scale[c] * q[c][i]`.
+pub(crate) fn quantize_weights(w: &[f32], n: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut q = vec![0i8; n * k];
+    let wscale = (0..n)
+        .map(|c| quantize_weight_row(&w[c * k..(c + 1) * k], &mut q[c * k..(c + 1) * k]))
+        .collect();
+    (q, wscale)
+}
+
+/// Symmetric int8 of one weight row into `q`; returns the scale (0 for an all-zero or
+/// non-finite row, which becomes zeros).
+pub(crate) fn quantize_weight_row(row: &[f32], q: &mut [i8]) -> f32 {
+    let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if !(amax > 0.0 && amax.is_finite()) {
+        q.iter_mut().for_each(|v| *v = 0);
+        return 0.0;
+    }
+    let inv = 127.0 / amax;
+    for (d, &v) in q.iter_mut().zip(row) {
+        // round_small is round_ties_even for |v| < 2^22 (here <= 127), without the libm call
+        // per weight.
+        *d = round_small(v * inv).clamp(-127.0, 127.0) as i8;
+    }
+    amax / 127.0
 }

@@ -1,10 +1,11 @@
 //! The quantized dense layer `y = act(x W^T + b)`, one type for both precisions: weights
 //! packed at construction, activations prepared per call, the product walked tile by tile and
-//! each tile finished by the fused epilogue straight into the caller's output.
+//! each tile finished by the fused epilogue straight into the caller's output. int8's
+//! outlier passes (`outliers.rs`) are more products of this driver ([`Linear::run`]).
 
 use super::epilogue::{epilogue_tile, Activation};
 use super::walk::{check, for_each_block, walk_block, SharedOut};
-use super::{err, Bf16, Int8, Kernel, Packed, Precision, QuantError, Scratch};
+use super::{err, Bf16, Kernel, Packed, Precision, Prepared, QuantError, Scratch};
 use super::{TileBuf, TileQuant, LANES};
 
 /// A dense layer `y = x W^T + b` in precision `P`.
@@ -15,28 +16,20 @@ pub struct Linear<P: Precision> {
     bias: Vec<f32>,
 }
 
-/// int8 weights (symmetric, per output channel), activations quantized per row at run time.
-pub type Int8Linear = Linear<Int8>;
 /// bf16 weights; activations rounded to bf16 per row.
 pub type Bf16Linear = Linear<Bf16>;
 
 impl<P: Precision> Linear<P> {
     /// Converts `weight` `[out, inp]` (row-major) and keeps `bias` `[out]`.
     pub fn new(weight: &[f32], bias: &[f32], out: usize, inp: usize) -> Result<Self, QuantError> {
-        if weight.len() != out * inp || bias.len() != out {
-            return err(format!(
-                "{} dense layer: weight of {} values and bias of {} for [{out}, {inp}]",
-                P::NAME,
-                weight.len(),
-                bias.len()
-            ));
-        }
+        check_layer::<P>(weight.len(), bias.len(), out, inp)?;
         let (w, wscale) = P::pack_weights(weight, out, inp)?;
-        Ok(Self {
-            w,
-            wscale,
-            bias: bias.to_vec(),
-        })
+        Ok(Self::from_parts(w, wscale, bias.to_vec()))
+    }
+
+    /// A layer of packed weights, their scales (int8) and `bias`.
+    pub(crate) fn from_parts(w: Packed<P>, wscale: Vec<f32>, bias: Vec<f32>) -> Self {
+        Self { w, wscale, bias }
     }
 
     pub fn out_dim(&self) -> usize {
@@ -45,6 +38,15 @@ impl<P: Precision> Linear<P> {
 
     pub fn in_dim(&self) -> usize {
         self.w.k
+    }
+
+    /// The input width padded to the precision's group, as the kernel rows hold it.
+    pub(crate) fn kp(&self) -> usize {
+        self.w.kp
+    }
+
+    pub(crate) fn bias(&self) -> &[f32] {
+        &self.bias
     }
 
     /// `dst[r * ld + col + j] = act(x[r] W^T + b)[j]` for `rows` rows of `x` (`in_dim` wide),
@@ -67,9 +69,25 @@ impl<P: Precision> Linear<P> {
         if rows == 0 {
             return Ok(());
         }
-        let prep = P::prepare(x, rows, k, kp, scratch);
+        let prep = P::prepare(x, rows, k, kp, &mut scratch.acts);
+        self.run(kernel, &prep, &self.bias, act, SharedOut::new(dst, ld), col)
+    }
+
+    /// `out[r, col + j] = act(prep[r] W^T + bias)[j]` for every prepared row, in parallel
+    /// blocks, each tile finished by the epilogue. `bias` holds `out_dim` values (this
+    /// layer's, or zeros for a correction pass); `out` holds the rows (its bounds are
+    /// asserted).
+    pub(crate) fn run(
+        &self,
+        kernel: Kernel<P>,
+        prep: &Prepared<'_, P::A>,
+        bias: &[f32],
+        act: Activation,
+        out: SharedOut<'_, f32>,
+        col: usize,
+    ) -> Result<(), QuantError> {
         check(kernel, &prep.rows, &self.w)?;
-        let out = SharedOut::new(dst, ld);
+        let (rows, n, k) = (prep.rows.rows, self.w.n, self.w.k);
         let block = kernel.block_shape();
         for_each_block(
             rows,
@@ -90,42 +108,59 @@ impl<P: Precision> Linear<P> {
                             colsum: &self.w.colsum[c0..c0 + cols],
                             wscale: &self.wscale[c0..c0 + cols],
                         });
-                        self.finish(&out, col, (r, mr), (c0, cols), buf, q, act);
+                        let bias = &bias[c0..c0 + cols];
+                        finish::<P>(&out, col, (r, mr), (c0, cols), buf, q, bias, act);
                     },
                 );
             },
         );
         Ok(())
     }
+}
 
-    /// The epilogue of one tile: `mr` rows from `r`, `cols` columns from `c0`, into `out` at
-    /// column offset `col`; the vector tile epilogue where the CPU has one, else row by row.
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &self,
-        out: &SharedOut<f32>,
-        col: usize,
-        (r, mr): (usize, usize),
-        (c0, cols): (usize, usize),
-        buf: &TileBuf<P::Acc>,
-        q: Option<TileQuant<'_>>,
-        act: Activation,
-    ) {
-        let bias = &self.bias[c0..c0 + cols];
-        let start = r * out.ld + col + c0;
-        let ptr = out.tile_ptr(start, mr, cols);
-        // SAFETY: `tile_ptr` checked that the mr rows of cols values at stride ld lie in
-        // `dst`; the blocks of a product, and the tiles within a block, own disjoint (row,
-        // column) ranges, so no other thread touches them.
-        if unsafe { epilogue_tile(buf, mr, cols, q, bias, act, ptr, out.ld) } {
-            return;
-        }
-        for i in 0..mr {
-            // SAFETY: as above, row r + i.
-            let d = unsafe { out.slice(start + i * out.ld, cols) };
-            P::row_epilogue(&buf[i * LANES..][..cols], q.map(|q| q.row(i)), bias, act, d);
-        }
+/// The epilogue of one tile: `mr` rows from `r`, `cols` columns from `c0` (`bias` holds
+/// theirs), into `out` at column offset `col`; the vector tile epilogue where the CPU has
+/// one, else row by row.
+#[allow(clippy::too_many_arguments)]
+fn finish<P: Precision>(
+    out: &SharedOut<f32>,
+    col: usize,
+    (r, mr): (usize, usize),
+    (c0, cols): (usize, usize),
+    buf: &TileBuf<P::Acc>,
+    q: Option<TileQuant<'_>>,
+    bias: &[f32],
+    act: Activation,
+) {
+    let start = r * out.ld + col + c0;
+    let ptr = out.tile_ptr(start, mr, cols);
+    // SAFETY: `tile_ptr` checked that the mr rows of cols values at stride ld lie in
+    // `dst`; the blocks of a product, and the tiles within a block, own disjoint (row,
+    // column) ranges, so no other thread touches them.
+    if unsafe { epilogue_tile(buf, mr, cols, q, bias, act, ptr, out.ld) } {
+        return;
     }
+    for i in 0..mr {
+        // SAFETY: as above, row r + i.
+        let d = unsafe { out.slice(start + i * out.ld, cols) };
+        P::row_epilogue(&buf[i * LANES..][..cols], q.map(|q| q.row(i)), bias, act, d);
+    }
+}
+
+/// Checks that a weight of `w_len` values and a bias of `b_len` fit a `[out, inp]` layer.
+pub(crate) fn check_layer<P: Precision>(
+    w_len: usize,
+    b_len: usize,
+    out: usize,
+    inp: usize,
+) -> Result<(), QuantError> {
+    if w_len != out * inp || b_len != out {
+        return err(format!(
+            "{} dense layer: weight of {w_len} values and bias of {b_len} for [{out}, {inp}]",
+            P::NAME
+        ));
+    }
+    Ok(())
 }
 
 /// Checks that `x` holds `rows` rows of `k` and that `dst` holds `rows` rows of `n` values at

@@ -30,6 +30,10 @@
 //! file per instruction set in `isa/`, are listed in one table per precision
 //! ([`isa::INT8`], [`isa::BF16`]): adding an instruction set is one file and one line there.
 //!
+//! int8 outliers (`outliers.rs`): [`Int8Linear`] is the int8 [`Linear`] plus a second int8
+//! pass, on the same driver and kernels, for output channels whose weights and token rows
+//! whose activations hold a few values far above the rest.
+//!
 //! Kernels: `FETCH_ML_KERNEL=portable|avx2|avxvnni|avx512vnni|amx` (int8) or
 //! `portable|avx2bf16|avx512bf16|amxbf16` (bf16) forces one; without it the fastest the CPU
 //! has (and the operating system allows, for AMX) is used.
@@ -41,7 +45,8 @@ pub use bf16::{bf16_rows, from_bf16, to_bf16, Bf16};
 pub use epilogue::Activation;
 pub use int8::{Int8, MAX_INT8_K};
 pub use kernel::{Bf16Kernel, Int8Kernel, Kernel};
-pub use linear::{Bf16Linear, Int8Linear, Linear};
+pub use linear::{Bf16Linear, Linear};
+pub use outliers::{Int8Linear, ROW_OUTLIER_RATIO, WEIGHT_OUTLIER_RATIO};
 pub use quantize::quantize_row;
 pub use walk::{product, Packed, PackedBf16, PackedI8, Rows};
 
@@ -54,6 +59,7 @@ mod int8;
 pub(crate) mod isa;
 mod kernel;
 mod linear;
+mod outliers;
 mod quantize;
 mod walk;
 
@@ -125,7 +131,7 @@ pub trait Precision: sealed::Sealed + Sized + Send + Sync + 'static {
         rows: usize,
         k: usize,
         kp: usize,
-        scratch: &'s mut Scratch,
+        scratch: &'s mut ActScratch,
     ) -> Prepared<'s, Self::A>;
 
     /// One row of the epilogue without the vector tile code: `out = act(sums + bias)`, the
@@ -175,9 +181,17 @@ impl<'a> TileQuant<'a> {
     }
 }
 
-/// Reusable buffers for quantized activations.
+/// Reusable buffers of the quantized layers, kept across layers and batches.
 #[derive(Default)]
 pub struct Scratch {
+    acts: ActScratch,
+    /// int8's second passes (`outliers.rs`).
+    outliers: outliers::OutlierScratch,
+}
+
+/// Buffers of prepared activations: the kernel rows and the rows' scales and zero points.
+#[derive(Default)]
+pub struct ActScratch {
     a8: AlignedVec<u8>,
     a16: AlignedVec<u16>,
     scale: Vec<f32>,

@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 
 mod amx;
 mod bf16;
+mod outliers;
 use bf16::bf16_kernels_to_test;
 
 fn reference_i32(a: &[u8], q: &[i8], m: usize, n: usize, k: usize) -> Vec<i32> {

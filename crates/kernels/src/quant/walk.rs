@@ -2,6 +2,8 @@
 //! their size checks, the split of a product into parallel blocks, and the tile walk that
 //! hands each register tile to the kernel and each finished tile to an epilogue.
 
+use std::marker::PhantomData;
+
 use rayon::prelude::*;
 
 use super::isa::Tile;
@@ -197,22 +199,25 @@ pub(crate) fn walk_block<P: Precision>(
 }
 
 /// A row-major output shared by the tasks of one product; each task writes its own tiles.
-pub(crate) struct SharedOut<T> {
+/// It holds the buffer's exclusive borrow for as long as it lives.
+pub(crate) struct SharedOut<'a, T> {
     ptr: *mut T,
     len: usize,
     pub ld: usize,
+    _buf: PhantomData<&'a mut [T]>,
 }
 
 // SAFETY: the tasks of a product write disjoint (row, column) ranges of the buffer, through
-// `slice` and `tile_ptr` only, while the buffer's borrow lives (`new` takes it).
-unsafe impl<T: Send> Sync for SharedOut<T> {}
+// `slice` and `tile_ptr` only, while the buffer's borrow lives (`new` takes it for 'a).
+unsafe impl<T: Send> Sync for SharedOut<'_, T> {}
 
-impl<T> SharedOut<T> {
-    pub(crate) fn new(buf: &mut [T], ld: usize) -> Self {
+impl<'a, T> SharedOut<'a, T> {
+    pub(crate) fn new(buf: &'a mut [T], ld: usize) -> Self {
         Self {
             ptr: buf.as_mut_ptr(),
             len: buf.len(),
             ld,
+            _buf: PhantomData,
         }
     }
 

@@ -219,3 +219,28 @@ pub(crate) fn avx2_or_fail_in_ci() -> bool {
     }
     ok
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The row kernels, epilogues and quantizer run (so their tests test) the probed level: a
+    /// probe that fell short of what /proc/cpuinfo lists would leave the CPU's best vector
+    /// code untested. (The product kernels check the same per kernel: `quant::tests`.)
+    #[test]
+    fn the_probed_level_is_the_one_cpuinfo_lists() {
+        if !std::path::Path::new("/proc/cpuinfo").exists() {
+            eprintln!("SKIPPED: no /proc/cpuinfo to compare the probe with");
+            return;
+        }
+        let avx2 = cpuinfo_lists(&["avx2", "fma"]);
+        let avx512 = avx2 && cpuinfo_lists(&["avx512f", "avx512bw", "avx512dq", "avx512vl"]);
+        let listed = match (avx2, avx512) {
+            (_, true) => Level::Avx512,
+            (true, false) => Level::Avx2,
+            _ => Level::Portable,
+        };
+        assert_eq!(level(), listed, "/proc/cpuinfo lists {listed:?}");
+        assert_eq!(has_avx512f(), cpuinfo_lists(&["avx512f"]));
+    }
+}

@@ -32,7 +32,7 @@ use crate::tokenize::Encoded;
 mod in_flight;
 mod quantized;
 pub use in_flight::{map_batches, WorkspacePool};
-pub use quantized::FastEncoder;
+pub use quantized::{FastEncoder, LongEncoder};
 
 /// Buffers of the fast path, reused across layers and batches.
 #[derive(Default)]

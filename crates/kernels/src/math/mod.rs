@@ -17,6 +17,8 @@ use crate::cpu::{has_avx2_fma, has_avx512f, multiversion};
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
+mod glu;
+pub use glu::{glu_row, glu_rows, sigmoid, silu, Glu};
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
 

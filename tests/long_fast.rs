@@ -228,6 +228,16 @@ fn multitask_inference_in_every_dtype() {
                 .fold(1f64, f64::min);
             eprintln!("{name} multitask {dtype}: worst pooled cosine vs f32 {min:.6}");
             assert!(min >= 0.99, "{name} multitask {dtype}: {min}");
+            // Further from f32 than f32's own rounding: the dtype did run.
+            let d = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| max_diff(g, w))
+                .fold(0.0, f32::max);
+            assert!(
+                d > 1e-4,
+                "{name} multitask {dtype}: max abs diff {d}, as f32"
+            );
         }
     }
 }

@@ -34,6 +34,17 @@ Every model uses the WordPiece tokenizer of scripts/make-arch-fixtures.py (token
 Regenerate (no network needed):
     HF_HUB_OFFLINE=1 /work/main/.bench-venv/bin/python scripts/make-long-fixtures.py [NAME ...]
 then run `cargo test --release --test long_arch`. Seeded; the versions used are recorded.
+
+Benchmark models (bench/long.sh), random weights in the published shapes, not fixtures:
+    .bench-venv/bin/python scripts/make-long-fixtures.py --bench OUT_DIR [--layers N]
+writes OUT_DIR/modernbert-base (modernbert-embed-base's config.json: 22 layers, hidden 768,
+12 heads, intermediate 1152, vocabulary 50,368, 8,192 positions; saved by transformers'
+ModernBertModel) and OUT_DIR/nomic-base (nomic-embed-text-v1.5's config.json: 12 layers,
+hidden 768, 12 heads, n_inner 3072, vocabulary 30,528, 8,192 positions; nomic's tensor names),
+each with bert-base-uncased's tokenizer (models/all-MiniLM-L6-v2/tokenizer.json, its fixed
+truncation and padding removed: nomic's own; ModernBERT's BPE tokenizer is not available
+offline, so token counts of a text differ from the real model's). --layers N keeps the
+widths and vocabularies with N layers (the small setting of bench/long.sh).
 """
 
 import importlib.util
@@ -292,6 +303,102 @@ def st_modernbert():
     (out / "reference.json").write_text(json.dumps(ref) + "\n")
 
 
+def bench_tokenizer(out):
+    """bert-base-uncased's WordPiece tokenizer (all-MiniLM-L6-v2's), no truncation or padding."""
+    src = HERE.parent / "models" / "all-MiniLM-L6-v2" / "tokenizer.json"
+    tok = json.loads(src.read_text())
+    tok["truncation"] = None
+    tok["padding"] = None
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+
+
+def bench_modernbert(root, layers):
+    """modernbert-embed-base's shape, random weights (transformers' initialisation)."""
+    torch.manual_seed(4000)
+    out = root / "modernbert-base"
+    out.mkdir(parents=True, exist_ok=True)
+    published = dict(
+        vocab_size=50368, hidden_size=768, intermediate_size=1152, num_hidden_layers=layers,
+        num_attention_heads=12, hidden_activation="gelu", max_position_embeddings=8192,
+        initializer_range=0.02, norm_eps=1e-5, norm_bias=False, pad_token_id=0,
+        bos_token_id=101, cls_token_id=101, eos_token_id=102, sep_token_id=102,
+        attention_bias=False, attention_dropout=0.0, embedding_dropout=0.0, mlp_bias=False,
+        mlp_dropout=0.0, local_attention=128, global_attn_every_n_layers=3,
+        global_rope_theta=160000.0, local_rope_theta=10000.0, classifier_pooling="mean",
+    )
+    model = transformers.ModernBertModel(transformers.ModernBertConfig(**published)).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    saved = json.loads((out / "config.json").read_text())
+    for k in ["layer_types", "rope_parameters", "sliding_window"]:
+        saved.pop(k, None)
+    saved.update({k: published[k] for k in
+                  ["global_attn_every_n_layers", "global_rope_theta", "local_rope_theta"]})
+    (out / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    bench_tokenizer(out)
+
+
+def bench_nomic(root, layers):
+    """nomic-embed-text-v1.5's shape and config, random weights under nomic's names."""
+    g = torch.Generator().manual_seed(4100)
+    out = root / "nomic-base"
+    out.mkdir(parents=True, exist_ok=True)
+    v = json.loads(NOMIC_V15)
+    v["n_layer"] = layers
+    h, inner, vocab = v["n_embd"], v["n_inner"], v["vocab_size"]
+    w = {
+        "embeddings.word_embeddings.weight": noisy((vocab, h), 0.02, g),
+        "embeddings.token_type_embeddings.weight": noisy((2, h), 0.02, g),
+        "emb_ln.weight": noisy((h,), 0.02, g, 1.0),
+        "emb_ln.bias": noisy((h,), 0.02, g),
+    }
+    for i in range(layers):
+        p = f"encoder.layers.{i}."
+        w[p + "attn.Wqkv.weight"] = noisy((3 * h, h), 0.02, g)
+        w[p + "attn.out_proj.weight"] = noisy((h, h), 0.02, g)
+        w[p + "mlp.fc11.weight"] = noisy((inner, h), 0.02, g)
+        w[p + "mlp.fc12.weight"] = noisy((inner, h), 0.02, g)
+        w[p + "mlp.fc2.weight"] = noisy((h, inner), 0.02, g)
+        for n in ["norm1", "norm2"]:
+            w[p + n + ".weight"] = noisy((h,), 0.02, g, 1.0)
+            w[p + n + ".bias"] = noisy((h,), 0.02, g)
+    safetensors.torch.save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(v, indent=2, sort_keys=True) + "\n")
+    bench_tokenizer(out)
+
+
+# nomic-embed-text-v1.5's config.json (the keys src/model/nomic_bert.rs's test quotes).
+NOMIC_V15 = """{
+  "activation_function": "swiglu", "architectures": ["NomicBertModel"], "attn_pdrop": 0.0,
+  "bos_token_id": null, "causal": false, "dense_seq_output": true, "embd_pdrop": 0.0,
+  "eos_token_id": null, "fused_bias_fc": true, "fused_dropout_add_ln": true,
+  "initializer_range": 0.02, "layer_norm_epsilon": 1e-12, "max_trained_positions": 2048,
+  "mlp_fc1_bias": false, "mlp_fc2_bias": false, "model_type": "nomic_bert", "n_embd": 768,
+  "n_head": 12, "n_inner": 3072, "n_layer": 12, "n_positions": 8192,
+  "pad_vocab_size_multiple": 64, "parallel_block": false, "parallel_block_tied_norm": false,
+  "prenorm": false, "qkv_proj_bias": false, "reorder_and_upcast_attn": false,
+  "resid_pdrop": 0.0, "rotary_emb_base": 1000, "rotary_emb_fraction": 1.0,
+  "rotary_emb_interleaved": false, "rotary_emb_scale_base": null,
+  "rotary_scaling_factor": null, "scale_attn_by_inverse_layer_idx": false,
+  "scale_attn_weights": true, "summary_activation": null, "summary_first_dropout": 0.0,
+  "summary_proj_to_labels": true, "summary_type": "cls_index", "summary_use_proj": true,
+  "torch_dtype": "float32", "transformers_version": "4.34.0", "type_vocab_size": 2,
+  "use_cache": true, "use_flash_attn": true, "use_rms_norm": false, "use_xentropy": true,
+  "vocab_size": 30528
+}"""
+
+
+def bench(args):
+    root = Path(args[args.index("--bench") + 1])
+    layers = None
+    if "--layers" in args:
+        layers = int(args[args.index("--layers") + 1])
+    bench_modernbert(root, layers or 22)
+    bench_nomic(root, layers or 12)
+    for name in ["modernbert-base", "nomic-base"]:
+        size = (root / name / "model.safetensors").stat().st_size
+        print(f"{name}: model.safetensors {size / 1e6:.0f} MB in {root / name}", file=sys.stderr)
+
+
 def main(only):
     makers = {"modernbert": modernbert, "nomic_bert": nomic_bert, "jina_bert": jina_bert,
               "st-modernbert": st_modernbert}
@@ -305,4 +412,7 @@ def main(only):
 
 
 if __name__ == "__main__":
-    main(set(sys.argv[1:]))
+    if "--bench" in sys.argv:
+        bench(sys.argv)
+    else:
+        main(set(sys.argv[1:]))

@@ -5,7 +5,6 @@ use crate::chunk::ChunkError;
 use crate::hub::{HubError, Place};
 use crate::job::OtherJob;
 use crate::loader::LoadError;
-use crate::model::encoder::UnsupportedDtype;
 use crate::model::freeze::FreezeError;
 use crate::model::multitask::TrainableDtype;
 use crate::pipeline::UnknownPrompt;
@@ -53,8 +52,6 @@ pub fn advice(e: &anyhow::Error) -> Vec<String> {
                     "pass a smaller --chunk-overlap or a larger --chunk-tokens".into()
                 }
             })
-        } else if cause.downcast_ref::<UnsupportedDtype>().is_some() {
-            Some("drop --dtype (or pass --dtype f32) for this model".into())
         } else if cause.downcast_ref::<TrainableDtype>().is_some() {
             Some("drop --dtype, or freeze the encoder (--freeze encoder)".into())
         } else if let Some(p) = cause.downcast_ref::<UnknownPrompt>() {

@@ -7,8 +7,8 @@ use candle_core::Device;
 
 use crate::hub::{self, ModelFiles, ModelRef};
 use crate::model::bert::{BertConfig, BertEncoder};
-use crate::model::encoder::{Encoder, InferenceEncoder, UnsupportedDtype};
-use crate::model::fast::FastEncoder;
+use crate::model::encoder::{Encoder, InferenceEncoder};
+use crate::model::fast::{FastEncoder, LongEncoder};
 use crate::model::freeze::FreezePlan;
 use crate::model::multitask::{HeadInit, HeadsSpec, MultiTaskModel};
 use crate::model::quant::Dtype;
@@ -112,29 +112,31 @@ impl ModelAssets {
 
     /// The inference encoder in `dtype`: for the BERT family the fast path, loaded one layer
     /// at a time (see [`FastEncoder::load`]; with int8 or bf16, only the converted weights
-    /// stay resident); for the long-context architectures their encoder in f32 (another
-    /// dtype is an [`UnsupportedDtype`] error).
+    /// stay resident); for the long-context architectures their fast path
+    /// ([`LongEncoder`]), converted from the float32 encoder one layer at a time.
     pub fn inference_encoder(&self, dtype: Dtype, device: &Device) -> Result<InferenceEncoder> {
         if self.config.arch.is_long() {
-            if dtype != Dtype::F32 {
-                return Err(UnsupportedDtype {
-                    dtype,
-                    arch: self.config.arch.name(),
-                }
-                .into());
-            }
-            return Ok(InferenceEncoder::Candle(Box::new(self.frozen(device)?)));
+            let vb = ParamSource::unrecorded(vec![self.weights.clone()]).into_var_builder(device);
+            let encoder = Encoder::load(vb, &self.config)
+                .and_then(|e| LongEncoder::new(e, dtype))
+                .with_context(|| self.loading_context())?;
+            crate::alloc::release_freed();
+            return Ok(InferenceEncoder::Long(Box::new(encoder)));
         }
         let vb = ParamSource::unrecorded(vec![self.weights.clone()]).into_var_builder(device);
-        let encoder = FastEncoder::load(vb, &self.config, dtype).with_context(|| {
-            format!(
-                "loading the encoder weights of {} from {}",
-                self.files.model.id,
-                self.files.weights.display()
-            )
-        })?;
+        let encoder =
+            FastEncoder::load(vb, &self.config, dtype).with_context(|| self.loading_context())?;
         crate::alloc::release_freed();
         Ok(InferenceEncoder::Fast(Box::new(encoder)))
+    }
+
+    /// "loading the encoder weights of MODEL from FILE", for errors.
+    fn loading_context(&self) -> String {
+        format!(
+            "loading the encoder weights of {} from {}",
+            self.files.model.id,
+            self.files.weights.display()
+        )
     }
 
     /// Builds the encoder with every weight frozen (inference), whatever the architecture.

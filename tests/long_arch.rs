@@ -6,8 +6,8 @@
 //! batch of sequences of 1 to 1,100 tokens (longer than ModernBERT's window and than 1,024)
 //! through the inference path (tiled attention) and the training path (composite attention),
 //! trains with every tensor getting a gradient, freezes exactly what `--freeze-layers 1`
-//! names, round-trips a checkpoint and an export, and runs in the binary, where bf16 and int8
-//! are refused by name. A sentence-transformers folder on ModernBERT (`st-modernbert`)
+//! names, round-trips a checkpoint and an export, and runs in the binary in f32, bf16 and
+//! int8 (the fast path's own tests are in `tests/long_fast.rs`). A sentence-transformers folder on ModernBERT (`st-modernbert`)
 //! matches sentence-transformers' `encode` with nomic's prompts and `truncate_dim`.
 
 mod common;
@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use common::{build_model, fails_with, fetch_ml, ok, param_bits, run, toy_rows, write_jsonl};
+use common::{build_model, fetch_ml, ok, param_bits, run, toy_rows, write_jsonl};
 use fetch_ml::config::TrainConfig;
 use fetch_ml::data::DataSource;
 use fetch_ml::hub::ModelRef;
@@ -431,10 +431,10 @@ fn assert_vectors(what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
     assert!(worst <= TOL, "{what}: max abs diff {worst}");
 }
 
-/// The binary embeds each architecture as the library does, and refuses bf16 and int8 with
-/// the architecture named and the fix given.
+/// The binary embeds each architecture as the library does in f32, and in bf16 and int8 on
+/// the fast path (saying which kernel), close to f32.
 #[test]
-fn binary_embeds_in_f32_and_refuses_other_dtypes() {
+fn binary_embeds_in_every_dtype() {
     for name in ARCHS {
         let r = reference(name);
         let a = assets(&fixture(name));
@@ -447,16 +447,46 @@ fn binary_embeds_in_f32_and_refuses_other_dtypes() {
             .unwrap();
         assert_vectors(name, &embed_with(&fixture(name), &r.sentences, &[]), &want);
         for dtype in ["bf16", "int8"] {
-            let o = run(fetch_ml()
-                .args(["--task=1", "-s", "hi", "--dtype", dtype, "--model"])
-                .arg(fixture(name)));
-            fails_with(
-                &o,
-                &[dtype, name, "not yet supported", "to fix:", "--dtype f32"],
+            let mut cmd = fetch_ml();
+            cmd.args(["--task=1", "--format=jsonl", "--dtype", dtype, "--model"])
+                .arg(fixture(name));
+            for s in &r.sentences {
+                cmd.args(["-s", s]);
+            }
+            let o = run(&mut cmd);
+            let out = ok(&o);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                err.contains(dtype) && err.contains("kernel"),
+                "{name}: {err}"
             );
-            assert_eq!(o.status.code(), Some(1), "{name} {dtype}");
+            let got: Vec<Vec<f32>> = out
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    serde_json::from_value(v["embedding"].clone()).unwrap()
+                })
+                .collect();
+            assert_eq!(got.len(), want.len(), "{name} {dtype}");
+            let min = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| cosine(g, w))
+                .fold(1f64, f64::min);
+            eprintln!("{name} --dtype {dtype}: worst cosine vs f32 {min:.6}");
+            assert!(min >= 0.99, "{name} {dtype}: worst cosine {min}");
         }
     }
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut d, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        d += *x as f64 * *y as f64;
+        na += *x as f64 * *x as f64;
+        nb += *y as f64 * *y as f64;
+    }
+    d / (na.sqrt() * nb.sqrt()).max(1e-300)
 }
 
 #[derive(serde::Deserialize)]

@@ -16,18 +16,23 @@
 //! window` of its own sequence (ModernBERT's local layers: `local_attention / 2`). Key
 //! tiles wholly outside the window are skipped, so windowed layers cost linear time.
 //!
-//! Safe Rust: each parallel task owns the output rows of one query tile of one sequence (a
-//! contiguous block of the output), and the inner loops are plain slices that the compiler
-//! vectorises.
+//! Each parallel task owns the output rows of one query tile of one sequence (a contiguous
+//! block of the output) and runs its heads one after the other: per block of keys, the scores
+//! and the weighted values are two products (`kernels::matmul`, the `gemm` crate, on strided
+//! views of the packed Q, K and V: nothing is copied), and the running softmax is the kernel
+//! crate's vectorised row kernel ([`math::softmax_block_row`]). A row's result depends only
+//! on its own sequence (the blocks start at the sequence's first key), so it does not change
+//! with the batch.
 
 use rayon::prelude::*;
 
-use kernels::math::exp;
+use kernels::math::{self, BlockRow, RunningRow};
+use kernels::matmul::{matmul, MatMut, MatRef, Parallelism};
 
 /// Query rows per task.
-pub const QUERY_TILE: usize = 64;
+pub const QUERY_TILE: usize = 128;
 /// Keys per block of scores.
-pub const KEY_TILE: usize = 64;
+pub const KEY_TILE: usize = 256;
 
 /// What the attention of one layer looks like.
 #[derive(Debug, Clone, Default)]
@@ -141,17 +146,14 @@ struct Tile {
 /// One task's working memory: a few tiles, whatever the sequence length.
 #[derive(Default)]
 struct Scratch {
-    /// Scaled queries, `[rows, d]`.
-    q: Vec<f32>,
-    /// Keys transposed, `[d, KEY_TILE]`.
-    kt: Vec<f32>,
-    /// Scores, then probabilities, `[rows, KEY_TILE]`.
+    /// Scores, then weights, `[rows, KEY_TILE]`.
     s: Vec<f32>,
     /// Weighted sums of values, `[rows, d]`.
     o: Vec<f32>,
-    /// Running maximum and sum of exponentials per row.
-    max: Vec<f32>,
-    sum: Vec<f32>,
+    /// Each row's running maximum and sum.
+    rows: Vec<RunningRow>,
+    /// Each row's rescale factor for the current block.
+    rescale: Vec<f32>,
 }
 
 /// The keys query tile `tile` may see: all of its sequence, or those within the window.
@@ -166,7 +168,10 @@ fn key_range(tile: &Tile, window: Option<usize>) -> (usize, usize) {
 }
 
 /// Attention of one head for one query tile, written into its columns of `out` (the
-/// tile's rows of the context, `[rows, heads * d]`).
+/// tile's rows of the context, `[rows, heads * d]`). Per block of keys: the scores
+/// `scale * Q K^T` as one product, the running softmax row by row
+/// ([`math::softmax_block_row`], with ALiBi and the window), then `O = O * rescale + P V` as
+/// one product; Q, K and V are read in place (strided views of the packed rows).
 fn attend_tile(
     qkv: &[f32],
     spec: &AttentionSpec,
@@ -179,128 +184,55 @@ fn attend_tile(
     let hidden = spec.heads * d;
     let ld = 3 * hidden;
     let rows = tile.rows;
-    sc.q.clear();
-    for i in 0..rows {
-        let r = (tile.start + tile.q0 + i) * ld + head * d;
-        sc.q.extend(qkv[r..r + d].iter().map(|v| v * spec.scale));
-    }
+    let at = |row: usize, part: usize| (tile.start + row) * ld + part * hidden + head * d;
+    let q = MatRef::rows(&qkv[at(tile.q0, 0)..], rows, d, ld);
     sc.o.clear();
     sc.o.resize(rows * d, 0.0);
-    sc.max.clear();
-    sc.max.resize(rows, f32::NEG_INFINITY);
-    sc.sum.clear();
-    sc.sum.resize(rows, 0.0);
-    let slope = spec.alibi.as_ref().map(|s| s[head]);
+    sc.rows.clear();
+    sc.rows.resize(rows, RunningRow::default());
+    sc.rescale.resize(rows, 1.0);
+    sc.s.resize(rows * KEY_TILE, 0.0);
+    let slope = spec.alibi.as_ref().map_or(0.0, |s| s[head]);
     let (lo, hi) = key_range(tile, spec.window);
     let mut k0 = lo;
     while k0 < hi {
         let nk = KEY_TILE.min(hi - k0);
-        scores(qkv, spec, tile, head, k0, nk, sc);
+        let k = MatRef::rows(&qkv[at(k0, 1)..], nk, d, ld);
+        let mut s = MatMut::rows(&mut sc.s, rows, nk, KEY_TILE);
+        matmul(&mut s, false, q, k.t(), spec.scale, Parallelism::None);
         for i in 0..rows {
             let qi = tile.q0 + i;
-            let s = &mut sc.s[i * KEY_TILE..i * KEY_TILE + nk];
-            if spec.window.is_some() || slope.is_some() {
-                for (j, v) in s.iter_mut().enumerate() {
-                    let dist = qi.abs_diff(k0 + j);
-                    if spec.window.is_some_and(|w| dist > w) {
-                        *v = f32::NEG_INFINITY;
-                    } else if let Some(slope) = slope {
-                        *v += -slope * dist as f32;
-                    }
-                }
-            }
-            let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            if block_max == f32::NEG_INFINITY {
-                // Every key of this block is outside the window: nothing to add.
-                s.fill(0.0);
-                continue;
-            }
-            let new_max = sc.max[i].max(block_max);
-            let rescale = (sc.max[i] - new_max).exp();
-            sc.max[i] = new_max;
-            let mut sum = 0.0;
-            for v in s.iter_mut() {
-                // Keys outside the window weigh exactly 0 (`exp` clamps its argument).
-                *v = match *v == f32::NEG_INFINITY {
-                    true => 0.0,
-                    false => exp(*v - new_max),
-                };
-                sum += *v;
-            }
-            sc.sum[i] = sc.sum[i] * rescale + sum;
-            if rescale != 1.0 {
-                sc.o[i * d..(i + 1) * d]
-                    .iter_mut()
-                    .for_each(|o| *o *= rescale);
+            let (vlo, vhi) = match spec.window {
+                Some(w) => (qi.saturating_sub(w), (qi + w + 1).min(tile.len)),
+                None => (0, tile.len),
+            };
+            let block = BlockRow {
+                q: qi,
+                k0,
+                lo: vlo,
+                hi: vhi,
+                slope,
+            };
+            let row = &mut sc.s[i * KEY_TILE..i * KEY_TILE + nk];
+            sc.rescale[i] = math::softmax_block_row(row, block, &mut sc.rows[i]);
+        }
+        for (o, &r) in sc.o.chunks_exact_mut(d).zip(&sc.rescale) {
+            if r != 1.0 {
+                o.iter_mut().for_each(|v| *v *= r);
             }
         }
-        accumulate_values(qkv, spec, tile, head, k0, nk, sc);
+        let p = MatRef::rows(&sc.s, rows, nk, KEY_TILE);
+        let v = MatRef::rows(&qkv[at(k0, 2)..], nk, d, ld);
+        let mut o = MatMut::rows(&mut sc.o, rows, d, d);
+        matmul(&mut o, true, p, v, 1.0, Parallelism::None);
         k0 += nk;
     }
     for i in 0..rows {
         // Every query sees at least itself, so the sum is positive.
-        let inv = 1.0 / sc.sum[i];
+        let inv = 1.0 / sc.rows[i].sum;
         let dst = &mut out[i * hidden + head * d..i * hidden + (head + 1) * d];
         for (o, v) in dst.iter_mut().zip(&sc.o[i * d..(i + 1) * d]) {
             *o = v * inv;
-        }
-    }
-}
-
-/// `sc.s[i, j] = q_i . k_{k0 + j}` for the tile's rows and `nk` keys.
-fn scores(
-    qkv: &[f32],
-    spec: &AttentionSpec,
-    tile: &Tile,
-    head: usize,
-    k0: usize,
-    nk: usize,
-    sc: &mut Scratch,
-) {
-    let d = spec.head_dim;
-    let hidden = spec.heads * d;
-    let ld = 3 * hidden;
-    sc.kt.clear();
-    sc.kt.resize(d * KEY_TILE, 0.0);
-    for j in 0..nk {
-        let r = (tile.start + k0 + j) * ld + hidden + head * d;
-        for (c, &k) in qkv[r..r + d].iter().enumerate() {
-            sc.kt[c * KEY_TILE + j] = k;
-        }
-    }
-    sc.s.clear();
-    sc.s.resize(tile.rows * KEY_TILE, 0.0);
-    for (q, s) in sc.q.chunks_exact(d).zip(sc.s.chunks_exact_mut(KEY_TILE)) {
-        for (&qc, kt) in q.iter().zip(sc.kt.chunks_exact(KEY_TILE)) {
-            for (sj, &kj) in s.iter_mut().zip(kt) {
-                *sj += qc * kj;
-            }
-        }
-    }
-}
-
-/// `sc.o[i] += sum_j p[i, j] v_{k0 + j}`.
-fn accumulate_values(
-    qkv: &[f32],
-    spec: &AttentionSpec,
-    tile: &Tile,
-    head: usize,
-    k0: usize,
-    nk: usize,
-    sc: &mut Scratch,
-) {
-    let d = spec.head_dim;
-    let hidden = spec.heads * d;
-    let ld = 3 * hidden;
-    for (p, o) in sc.s.chunks_exact(KEY_TILE).zip(sc.o.chunks_exact_mut(d)) {
-        for (j, &pj) in p[..nk].iter().enumerate() {
-            if pj == 0.0 {
-                continue;
-            }
-            let r = (tile.start + k0 + j) * ld + 2 * hidden + head * d;
-            for (oc, &vc) in o.iter_mut().zip(&qkv[r..r + d]) {
-                *oc += pj * vc;
-            }
         }
     }
 }

@@ -87,6 +87,11 @@ impl Norm {
         })
     }
 
+    /// The epsilon added to the variance.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     /// candle's fused op in inference (no backward), ours with a backward pass in training.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let b = self.bias.as_ref().unwrap_or(&self.zero);

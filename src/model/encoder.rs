@@ -4,8 +4,10 @@
 //! [`Encoder`] is BERT's encoder (which also runs RoBERTa, XLM-RoBERTa, DistilBERT and MPNet)
 //! or one of the long-context encoders, ModernBERT, NomicBERT and JinaBERT, each in its own
 //! file. All of them take packed batches, in inference or training mode. For task 1,
-//! [`InferenceEncoder`] is the fast path ([`FastEncoder`], f32/bf16/int8) for the BERT family
-//! and the candle path with tiled attention (f32 only, for now) for the others.
+//! [`InferenceEncoder`] is the fast path in f32, bf16 or int8: [`FastEncoder`] for the BERT
+//! family, [`LongEncoder`] for the others. [`Encoder::forward_packed`] (the candle blocks in
+//! inference mode, f32, tiled attention too) stays as their reference and for encoders that
+//! train.
 
 use std::borrow::Cow;
 
@@ -14,7 +16,7 @@ use candle_nn::VarBuilder;
 
 use super::batch::PackedBatch;
 use super::bert::{AttentionMask, BertConfig, BertEncoder, Mode, SparseTap};
-use super::fast::{FastEncoder, PackedEncoder, Workspace};
+use super::fast::{FastEncoder, LongEncoder, PackedEncoder, Workspace};
 use super::jina_bert::{JinaBertConfig, JinaBertEncoder};
 use super::modernbert::{ModernBertConfig, ModernBertEncoder};
 use super::nomic_bert::{NomicBertConfig, NomicBertEncoder};
@@ -27,17 +29,6 @@ pub enum LongConfig {
     ModernBert(ModernBertConfig),
     NomicBert(NomicBertConfig),
     JinaBert(JinaBertConfig),
-}
-
-/// An arithmetic other than f32 asked of an architecture whose fast path does not exist yet.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "{dtype} arithmetic is not yet supported for {arch} models; they run in f32 (the dense \
-     layers of the long-context architectures have no bf16/int8 path yet)"
-)]
-pub struct UnsupportedDtype {
-    pub dtype: Dtype,
-    pub arch: &'static str,
 }
 
 /// Any encoder fetch-ml runs.
@@ -157,7 +148,7 @@ impl Encoder {
 
 /// Sequences longer than the model's positions and token ids outside its vocabulary are
 /// errors, before any lookup.
-fn check_lengths(cfg: &BertConfig, seqs: &[&Encoded]) -> Result<()> {
+pub(crate) fn check_lengths(cfg: &BertConfig, seqs: &[&Encoded]) -> Result<()> {
     let max = cfg.max_tokens();
     if let Some(s) = seqs.iter().find(|s| s.ids.len() > max) {
         candle_core::bail!(
@@ -199,45 +190,55 @@ impl PackedEncoder for Encoder {
     }
 }
 
-/// Task 1's encoder: the fast path in a chosen dtype for the BERT family, or a long-context
-/// encoder in f32.
+/// Task 1's encoder: the fast path in a chosen dtype, for the BERT family or a long-context
+/// architecture.
 pub enum InferenceEncoder {
     Fast(Box<FastEncoder>),
-    Candle(Box<Encoder>),
+    Long(Box<LongEncoder>),
 }
 
 impl InferenceEncoder {
+    /// The fast path of a frozen `encoder` in `dtype`, sharing its tensors where it can.
+    pub fn from_encoder(encoder: &Encoder, dtype: Dtype) -> Result<Self> {
+        Ok(match encoder {
+            Encoder::Bert(b) => {
+                InferenceEncoder::Fast(Box::new(FastEncoder::from_encoder(b, dtype)?))
+            }
+            other => InferenceEncoder::Long(Box::new(LongEncoder::from_encoder(other, dtype)?)),
+        })
+    }
+
     /// The kernel of the dense layers, for messages.
     pub fn kernel_name(&self) -> &'static str {
         match self {
             InferenceEncoder::Fast(f) => f.kernel_name(),
-            InferenceEncoder::Candle(_) => "candle",
+            InferenceEncoder::Long(l) => l.kernel_name(),
         }
     }
 
     pub fn dtype(&self) -> Dtype {
         match self {
             InferenceEncoder::Fast(f) => f.dtype(),
-            InferenceEncoder::Candle(_) => Dtype::F32,
+            InferenceEncoder::Long(l) => l.dtype(),
         }
     }
 
     pub fn config(&self) -> &BertConfig {
         match self {
             InferenceEncoder::Fast(f) => f.config(),
-            InferenceEncoder::Candle(e) => e.config(),
+            InferenceEncoder::Long(l) => l.config(),
         }
     }
 
-    /// Last hidden states of `seqs`, packed (`[T, hidden]`).
+    /// Last hidden states of `seqs`, packed (`[T, hidden]`), in `ws`.
     pub fn forward_packed<'w>(
         &self,
         seqs: &[&Encoded],
         ws: &'w mut Workspace,
-    ) -> Result<Cow<'w, [f32]>> {
+    ) -> Result<&'w [f32]> {
         match self {
-            InferenceEncoder::Fast(f) => Ok(Cow::Borrowed(f.forward_packed(seqs, ws)?)),
-            InferenceEncoder::Candle(e) => e.forward_packed(seqs, ws),
+            InferenceEncoder::Fast(f) => f.forward_packed(seqs, ws),
+            InferenceEncoder::Long(l) => l.forward_packed(seqs, ws),
         }
     }
 }
@@ -251,6 +252,8 @@ impl PackedEncoder for InferenceEncoder {
         seqs: &[&Encoded],
         ws: &'w mut Workspace,
     ) -> Result<Cow<'w, [f32]>> {
-        InferenceEncoder::forward_packed(self, seqs, ws)
+        Ok(Cow::Borrowed(InferenceEncoder::forward_packed(
+            self, seqs, ws,
+        )?))
     }
 }

@@ -34,7 +34,7 @@ mod quantized;
 #[cfg(test)]
 mod tests;
 pub use in_flight::{map_batches, WorkspacePool};
-pub use quantized::FastEncoder;
+pub use quantized::{FastEncoder, LongEncoder};
 
 /// Buffers of the fast path, reused across layers and batches.
 #[derive(Default)]

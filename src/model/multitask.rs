@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use super::batch::PackedBatch;
 use super::bert::{AttentionMask, Linear, Mode};
 use super::dropout::Dropout;
-use super::encoder::{Encoder, UnsupportedDtype};
-use super::fast::{FastEncoder, PackedEncoder, WorkspacePool};
+use super::encoder::{Encoder, InferenceEncoder};
+use super::fast::{PackedEncoder, WorkspacePool};
 use super::freeze::FreezePlan;
 use super::pooling::Pooling;
 use super::quant::Dtype;
@@ -96,7 +96,7 @@ pub struct MultiTaskModel {
     /// Buffers of the inference fast path, one per batch in flight.
     workspaces: WorkspacePool,
     /// The frozen encoder in another arithmetic (`--dtype`), for inference.
-    fast: Option<FastEncoder>,
+    fast: Option<InferenceEncoder>,
 }
 
 impl MultiTaskModel {
@@ -158,11 +158,7 @@ impl MultiTaskModel {
             if !self.plan.encoder_frozen(layers) {
                 return Err(TrainableDtype(dtype).into());
             }
-            let Some(bert) = self.encoder.as_bert() else {
-                let arch = self.encoder.config().arch.name();
-                return Err(UnsupportedDtype { dtype, arch }.into());
-            };
-            let fast = FastEncoder::from_encoder(bert, dtype)?;
+            let fast = InferenceEncoder::from_encoder(&self.encoder, dtype)?;
             crate::note!(
                 "encoder in {dtype}: dense layers on the {} kernel",
                 fast.kernel_name()

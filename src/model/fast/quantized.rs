@@ -5,6 +5,9 @@
 
 use super::*;
 
+mod long;
+pub use long::LongEncoder;
+
 impl PackedEncoder for FastEncoder {
     fn hidden_size(&self) -> usize {
         self.config().hidden_size

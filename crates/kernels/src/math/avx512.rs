@@ -22,7 +22,7 @@ pub(crate) fn lane_mask(i: usize, n: usize) -> u16 {
 
 /// [`super::exp`] on 16 lanes (the same reduction and polynomial, with FMAs).
 #[inline(always)]
-unsafe fn exp16(x: __m512) -> __m512 {
+pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
     // SAFETY: the caller runs with avx512f (this function's contract).
     unsafe {
         let c = |v: f32| _mm512_set1_ps(v);

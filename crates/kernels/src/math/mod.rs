@@ -17,6 +17,10 @@ use crate::cpu::{has_avx2_fma, has_avx512f, multiversion};
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
+mod glu;
+mod online;
+pub use glu::{glu_row, glu_rows, sigmoid, silu, Glu};
+pub use online::{softmax_block_row, BlockRow, RunningRow};
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
 

@@ -1,0 +1,309 @@
+//! The running (online) softmax of tiled attention, one row of a block of scores at a time:
+//! the scores of one query against a block of keys become weights `exp(s - max)`, and the
+//! row's running maximum and sum are updated, with the factor by which the values
+//! accumulated so far must be rescaled (Milakov and Gimelshein, 2018; flash-attention).
+//!
+//! ALiBi's bias and a sliding window are applied here: keys outside the window weigh exactly
+//! 0. The maximum and the sum are taken lane-wise (16 partial results, combined in a fixed
+//! order), so that the row vectorises and its result depends on its own scores only.
+
+use super::exp;
+use crate::cpu::multiversion;
+
+/// A query row's running softmax state: the largest score so far and the sum of the
+/// weights, both relative to that maximum.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunningRow {
+    pub max: f32,
+    pub sum: f32,
+}
+
+impl Default for RunningRow {
+    fn default() -> Self {
+        Self {
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+        }
+    }
+}
+
+/// Where a block of scores sits: the query's position `q` in its sequence, the block's first
+/// key `k0`, the keys the query may see (`lo..hi`, positions in the sequence), and the ALiBi
+/// slope (0 for none: `-slope * |q - k|` is added to each score).
+#[derive(Debug, Clone, Copy)]
+pub struct BlockRow {
+    pub q: usize,
+    pub k0: usize,
+    pub lo: usize,
+    pub hi: usize,
+    pub slope: f32,
+}
+
+const LANES: usize = 16;
+
+/// Lane-wise maximum of `s` (`NEG_INFINITY` when empty).
+#[inline(always)]
+fn lane_max(s: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = s.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            acc[l] = acc[l].max(c[l]);
+        }
+    }
+    for (l, &v) in chunks.remainder().iter().enumerate() {
+        acc[l] = acc[l].max(v);
+    }
+    acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `s[j] = exp(s[j] - m)`, returning the lane-wise sum.
+#[inline(always)]
+fn exp_sum(s: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = s.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = exp(c[l] - m);
+            acc[l] += c[l];
+        }
+    }
+    for (l, v) in chunks.into_remainder().iter_mut().enumerate() {
+        *v = exp(*v - m);
+        acc[l] += *v;
+    }
+    let mut total = 0.0;
+    for a in acc {
+        total += a;
+    }
+    total
+}
+
+multiversion! {
+    /// See [`softmax_block_row`]; `out` receives the rescale factor.
+    fn block_row(s: &mut [f32], at: BlockRow, state: &mut RunningRow, out: &mut f32)
+        for [Avx512 => "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma", Avx2 => "avx2,fma"]
+    {
+        let n = s.len();
+        // The keys of the block the query sees, as indices into `s`.
+        let lo = at.lo.clamp(at.k0, at.k0 + n) - at.k0;
+        let hi = at.hi.clamp(at.k0, at.k0 + n) - at.k0;
+        if lo >= hi {
+            s.fill(0.0);
+            *out = 1.0;
+            return;
+        }
+        if at.slope != 0.0 {
+            let q = at.q as f32;
+            for (j, v) in s[lo..hi].iter_mut().enumerate() {
+                let k = (at.k0 + lo + j) as f32;
+                *v -= at.slope * (q - k).abs();
+            }
+        }
+        let new_max = state.max.max(lane_max(&s[lo..hi]));
+        let rescale = exp(state.max - new_max);
+        let sum = exp_sum(&mut s[lo..hi], new_max);
+        s[..lo].fill(0.0);
+        s[hi..].fill(0.0);
+        state.sum = state.sum * rescale + sum;
+        state.max = new_max;
+        *out = rescale;
+    }
+}
+
+/// One query row of a block of scores `s` (against keys `at.k0..at.k0 + s.len()`): adds the
+/// ALiBi bias, gives keys outside `at.lo..at.hi` weight 0, turns the scores into weights
+/// `exp(s - max)` with `max` the row's running maximum after this block, updates `state`, and
+/// returns the factor by which the row's accumulated weighted values must be multiplied
+/// (1 when the block holds no visible key). Positions must stay below 2^24 (exact in f32).
+pub fn softmax_block_row(s: &mut [f32], at: BlockRow, state: &mut RunningRow) -> f32 {
+    let mut rescale = 1.0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx512f() {
+        // SAFETY: the CPU has avx512f.
+        unsafe { block_row_avx512(s, at, state, &mut rescale) };
+        return rescale;
+    }
+    block_row(s, at, state, &mut rescale);
+    rescale
+}
+
+/// [`block_row`] in AVX-512: 16 keys a lane, the tail masked, the same arithmetic as the
+/// portable version's (`exp16` is [`exp`] on 16 lanes) up to the order of the sum's lanes.
+///
+/// # Safety
+/// The CPU has avx512f.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_row_avx512(s: &mut [f32], at: BlockRow, state: &mut RunningRow, out: &mut f32) {
+    use super::avx512::{exp16, lane_mask};
+    use std::arch::x86_64::*;
+    let n = s.len();
+    let lo = at.lo.clamp(at.k0, at.k0 + n) - at.k0;
+    let hi = at.hi.clamp(at.k0, at.k0 + n) - at.k0;
+    if lo >= hi {
+        s.fill(0.0);
+        *out = 1.0;
+        return;
+    }
+    let (head, rest) = s.split_at_mut(lo);
+    let (row, tail) = rest.split_at_mut(hi - lo);
+    head.fill(0.0);
+    tail.fill(0.0);
+    let m = row.len();
+    let p = row.as_mut_ptr();
+    let iota = _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    );
+    let (q, slope) = (_mm512_set1_ps(at.q as f32), _mm512_set1_ps(at.slope));
+    let first = (at.k0 + lo) as f32;
+    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut i = 0;
+    while i < m {
+        let mask = lane_mask(i, m);
+        // SAFETY: the mask covers elements i..min(i + 16, m) of `row` only.
+        unsafe {
+            let mut v = _mm512_maskz_loadu_ps(mask, p.add(i));
+            if at.slope != 0.0 {
+                let k = _mm512_add_ps(_mm512_set1_ps(first + i as f32), iota);
+                let dist = _mm512_abs_ps(_mm512_sub_ps(q, k));
+                v = _mm512_fnmadd_ps(slope, dist, v);
+                _mm512_mask_storeu_ps(p.add(i), mask, v);
+            }
+            mx = _mm512_mask_max_ps(mx, mask, mx, v);
+        }
+        i += 16;
+    }
+    let new_max = state.max.max(_mm512_reduce_max_ps(mx));
+    let nm = _mm512_set1_ps(new_max);
+    let mut sum = _mm512_setzero_ps();
+    i = 0;
+    while i < m {
+        let mask = lane_mask(i, m);
+        // SAFETY: as above.
+        unsafe {
+            let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p.add(i)), nm));
+            sum = _mm512_mask_add_ps(sum, mask, sum, e);
+            _mm512_mask_storeu_ps(p.add(i), mask, e);
+        }
+        i += 16;
+    }
+    let rescale = exp(state.max - new_max);
+    state.sum = state.sum * rescale + _mm512_reduce_add_ps(sum);
+    state.max = new_max;
+    *out = rescale;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX-512 row kernel against the portable one (when the CPU has AVX-512).
+    #[test]
+    fn vector_and_portable_rows_agree() {
+        if !crate::cpu::has_avx512f() {
+            eprintln!("SKIPPED: this CPU lacks AVX-512");
+            return;
+        }
+        for (n, slope, lo, hi) in [
+            (1, 0.0, 0, 1),
+            (37, 0.3, 5, 30),
+            (256, 0.0, 0, 256),
+            (20, 0.1, 0, 9),
+        ] {
+            let scores: Vec<f32> = (0..n).map(|j| ((j * 11 % 17) as f32 - 8.0) / 3.0).collect();
+            let at = BlockRow {
+                q: 12,
+                k0: 3,
+                lo: lo + 3,
+                hi: hi + 3,
+                slope,
+            };
+            let start = RunningRow { max: 0.5, sum: 1.5 };
+            let (mut a, mut b) = (scores.clone(), scores);
+            let (mut sa, mut sb) = (start, start);
+            let (mut ra, mut rb) = (0.0, 0.0);
+            block_row(&mut a, at, &mut sa, &mut ra);
+            // SAFETY: checked above that the CPU has avx512f.
+            unsafe { block_row_avx512(&mut b, at, &mut sb, &mut rb) };
+            assert!((ra - rb).abs() <= 1e-6 * ra, "rescale {ra} vs {rb}");
+            assert!(
+                (sa.max - sb.max).abs() <= 1e-6 * sa.max.abs(),
+                "{sa:?} {sb:?}"
+            );
+            assert!((sa.sum - sb.sum).abs() <= 1e-6 * sa.sum, "{sa:?} {sb:?}");
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() <= 1e-6 * x.abs().max(1e-30),
+                    "n {n}: {x} vs {y}"
+                );
+            }
+        }
+    }
+
+    /// Two blocks through the running softmax give the weights of one softmax over both.
+    #[test]
+    fn blocks_combine_into_one_softmax() {
+        for (slope, lo, hi) in [(0.0, 0, 40), (0.25, 0, 40), (0.0, 9, 30), (0.5, 3, 21)] {
+            let scores: Vec<f32> = (0..40).map(|j| ((j * 7 % 13) as f32 - 6.0) / 2.0).collect();
+            let q = 17;
+            // Reference in f64.
+            let mut want: Vec<f64> = (0..40)
+                .map(|j| {
+                    let b = slope as f64 * (q as f64 - j as f64).abs();
+                    if (lo..hi).contains(&j) {
+                        scores[j] as f64 - b
+                    } else {
+                        f64::NEG_INFINITY
+                    }
+                })
+                .collect();
+            let m = want.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            want.iter_mut().for_each(|v| *v = (*v - m).exp());
+            let z: f64 = want.iter().sum();
+
+            let mut state = RunningRow::default();
+            let (mut a, mut b) = (scores[..19].to_vec(), scores[19..].to_vec());
+            let at = |k0| BlockRow {
+                q,
+                k0,
+                lo,
+                hi,
+                slope,
+            };
+            softmax_block_row(&mut a, at(0), &mut state);
+            let r = softmax_block_row(&mut b, at(19), &mut state);
+            let got: Vec<f64> = a
+                .iter()
+                .map(|v| (v * r) as f64)
+                .chain(b.iter().map(|&v| v as f64))
+                .map(|v| v / state.sum as f64)
+                .collect();
+            for j in 0..40 {
+                assert!(
+                    (got[j] - want[j] / z).abs() < 1e-6,
+                    "slope {slope} window {lo}..{hi}: key {j}: {} vs {}",
+                    got[j],
+                    want[j] / z
+                );
+            }
+        }
+    }
+
+    /// A block wholly outside the window changes nothing.
+    #[test]
+    fn a_block_outside_the_window_weighs_nothing() {
+        let mut s = vec![3.0; 20];
+        let mut state = RunningRow { max: 1.0, sum: 2.0 };
+        let at = BlockRow {
+            q: 0,
+            k0: 100,
+            lo: 0,
+            hi: 50,
+            slope: 0.0,
+        };
+        assert_eq!(softmax_block_row(&mut s, at, &mut state), 1.0);
+        assert!(s.iter().all(|&v| v == 0.0));
+        assert_eq!(state, RunningRow { max: 1.0, sum: 2.0 });
+    }
+}

@@ -33,7 +33,7 @@ use tokio::sync::{oneshot, Semaphore};
 use self::backend::Backend;
 use self::body::BodyLimits;
 use self::config::ServeConfig;
-use self::queue::Queue;
+use self::queue::{Policy, Queue};
 use self::routes::{App, Ready};
 use self::shutdown::Signals;
 
@@ -135,7 +135,12 @@ fn load_in_background(
                     seconds = start.elapsed().as_secs_f64(),
                     "model loaded; ready"
                 );
-                let (queue, thread) = Queue::start(backend.clone(), max_batch_tokens);
+                let policy = Policy::new(
+                    max_batch_tokens,
+                    rayon::current_num_threads(),
+                    backend.batch_size,
+                );
+                let (queue, thread) = Queue::start(backend.clone(), policy);
                 *batcher.lock().expect("batcher lock") = Some(thread);
                 let _ = app.ready.set(Ready { backend, queue });
             }

@@ -1,7 +1,17 @@
 //! Dynamic batching: requests wait in one queue with their token counts; one batching thread
-//! takes as many as fit in `--max-batch-tokens` (oldest first), runs them together through the
-//! backend (length-sorted forward passes, side by side, as `--task=1` runs a chunk), and
-//! answers each request through its own channel with its own rows in its own order.
+//! takes the oldest that fit in `--max-batch-tokens` together, runs them as one batch on the
+//! inference thread pool through the backend, and answers each request through its own
+//! channel with its own rows in its own order.
+//!
+//! A batch is cut into forward passes that run side by side, one per thread of the pool (up to
+//! [`MAX_PASSES`], no more than `--batch-size` sentences each), as `--task=1` runs its batches:
+//! one pass alone leaves a small machine's cores waiting on each other at every product. Only
+//! one batch runs at a time, so requests that arrive meanwhile gather into the next.
+//!
+//! When a batch ends, the clients it answered usually send again at once. The next batch waits
+//! for them, briefly ([`gather_until`]: as many new requests as the last batch answered, for at
+//! most a tenth of its time and [`GATHER_MAX`]), so that they join it instead of starting a
+//! batch of their own; a server that was idle, or a queue holding a full batch, does not wait.
 //!
 //! A batch that fails is run again one request at a time, so that only the request at fault
 //! gets the error; the thread goes on with the next batch.
@@ -9,7 +19,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -51,6 +61,45 @@ impl Entry {
     }
 }
 
+/// Forward passes side by side in one batch, at most, whatever the threads (as `--task=1`).
+pub const MAX_PASSES: usize = 4;
+
+/// The longest wait for the requests of the last batch to come back.
+pub const GATHER_MAX: Duration = Duration::from_millis(5);
+
+/// How batches are formed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Tokens of one batch, at most (a request over it runs alone).
+    pub max_batch_tokens: usize,
+    /// Forward passes run side by side in a batch.
+    pub passes: usize,
+    /// Sentences per forward pass, at most (`--batch-size`).
+    pub batch_size: usize,
+}
+
+impl Policy {
+    /// The policy for a pool of `threads` threads: a pass per thread up to [`MAX_PASSES`].
+    pub fn new(max_batch_tokens: usize, threads: usize, batch_size: usize) -> Self {
+        Self {
+            max_batch_tokens,
+            passes: threads.clamp(1, MAX_PASSES),
+            batch_size: batch_size.max(1),
+        }
+    }
+
+    /// Sentences per forward pass for a batch of `sentences`: split evenly over the passes
+    /// side by side, at most `batch_size` each.
+    pub fn pass_size(&self, sentences: usize) -> usize {
+        sentences.div_ceil(self.passes).clamp(1, self.batch_size)
+    }
+
+    /// Sentences that keep every pass of a batch full.
+    fn full(&self) -> usize {
+        self.passes * self.batch_size
+    }
+}
+
 /// The sending side of the queue; [`Queue::close`] lets the batcher finish what is queued and
 /// stop.
 pub struct Queue {
@@ -62,23 +111,30 @@ pub struct Queue {
 #[derive(Debug)]
 pub struct Closed;
 
+/// The model's work: a job over sentences, in forward passes of at most this many.
+pub type RunFn<'a> = dyn Fn(Job, &[Encoded], usize) -> anyhow::Result<Rows> + Sync + 'a;
+
 impl Queue {
     /// A queue and its batching thread, which ends once the queue is closed and empty.
-    pub fn start(
-        backend: Arc<Backend>,
-        max_batch_tokens: usize,
-    ) -> (Self, std::thread::JoinHandle<()>) {
+    pub fn start(backend: Arc<Backend>, policy: Policy) -> (Self, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel();
         let depth = Arc::new(AtomicUsize::new(0));
-        let batcher = Batcher {
-            rx,
-            pending: VecDeque::new(),
-            depth: depth.clone(),
-            max_batch_tokens,
-        };
+        let batcher = Batcher::new(rx, depth.clone(), policy);
         let thread = std::thread::Builder::new()
             .name("batcher".into())
-            .spawn(move || batcher.run(&backend))
+            .spawn(move || {
+                // One batch runs at a time: the lock is never contended.
+                let embedder = Mutex::new(backend.embedder());
+                let run = |job: Job, encoded: &[Encoded], pass: usize| match job {
+                    Job::Embed => {
+                        let mut embedder = embedder.lock().expect("embedder lock");
+                        embedder.batch_size = pass;
+                        backend.embed(&embedder, encoded).map(Rows::Vectors)
+                    }
+                    Job::Predict => backend.predict(encoded).map(Rows::Probabilities),
+                };
+                batcher.run(&run);
+            })
             .expect("start the batching thread");
         let queue = Self {
             tx: Mutex::new(Some(tx)),
@@ -114,17 +170,42 @@ impl Queue {
     }
 }
 
+/// The last batch: when its rows were ready, how many requests it answered, and how long it
+/// ran.
+#[derive(Debug, Clone, Copy)]
+struct Last {
+    end: Instant,
+    answered: usize,
+    took: Duration,
+}
+
 struct Batcher {
     rx: mpsc::Receiver<Entry>,
     /// Requests received and not yet batched, oldest first.
     pending: VecDeque<Entry>,
     depth: Arc<AtomicUsize>,
-    max_batch_tokens: usize,
+    policy: Policy,
+    last: Option<Last>,
+    /// The queue was closed: no more waiting for requests.
+    closed: bool,
 }
 
 impl Batcher {
-    fn run(mut self, backend: &Backend) {
-        let embedder = backend.embedder();
+    fn new(rx: mpsc::Receiver<Entry>, depth: Arc<AtomicUsize>, policy: Policy) -> Self {
+        Self {
+            rx,
+            pending: VecDeque::new(),
+            depth,
+            policy,
+            last: None,
+            closed: false,
+        }
+    }
+
+    /// Batches until the queue is closed and empty. Each batch runs inside the thread pool,
+    /// so that the joins of its parallel steps stay among the pool's threads instead of waking
+    /// this one at every step.
+    fn run(mut self, run: &RunFn) {
         loop {
             if self.pending.is_empty() {
                 match self.rx.recv() {
@@ -132,20 +213,49 @@ impl Batcher {
                     Err(_) => return,
                 }
             }
-            while let Ok(e) = self.rx.try_recv() {
-                self.pending.push_back(e);
+            self.receive_ready();
+            while let Some(until) = gather_until(&self.pending, self.last, &self.policy) {
+                let wait = until.saturating_duration_since(Instant::now());
+                if wait.is_zero() || self.closed {
+                    break;
+                }
+                match self.rx.recv_timeout(wait) {
+                    Ok(e) => {
+                        self.pending.push_back(e);
+                        self.receive_ready();
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => self.closed = true,
+                }
             }
             let batch = self.next_batch();
             if batch.is_empty() {
                 continue;
             }
-            let run = |job: Job, encoded: &[Encoded]| -> anyhow::Result<Rows> {
-                match job {
-                    Job::Embed => backend.embed(&embedder, encoded).map(Rows::Vectors),
-                    Job::Predict => backend.predict(encoded).map(Rows::Probabilities),
+            let answered = batch.len();
+            let sentences = batch.iter().map(|e| e.encoded.len()).sum();
+            let pass = self.policy.pass_size(sentences);
+            let start = Instant::now();
+            let end = rayon::scope(|_| answer(batch, &|job, encoded| run(job, encoded, pass)));
+            self.last = Some(Last {
+                end,
+                answered,
+                took: end - start,
+            });
+        }
+    }
+
+    /// Moves the requests already sent into `pending`.
+    fn receive_ready(&mut self) {
+        loop {
+            match self.rx.try_recv() {
+                Ok(e) => self.pending.push_back(e),
+                Err(mpsc::TryRecvError::Empty) => return,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    self.closed = true;
+                    return;
                 }
-            };
-            answer(batch, &run);
+            }
         }
     }
 
@@ -159,17 +269,18 @@ impl Batcher {
             self.taken(before);
             return Vec::new();
         };
+        let max = self.policy.max_batch_tokens;
         let mut batch = Vec::new();
         let mut tokens = 0;
         let mut rest = VecDeque::with_capacity(self.pending.len());
         while let Some(e) = self.pending.pop_front() {
             let t = e.tokens();
-            if e.job == job && (batch.is_empty() || tokens + t <= self.max_batch_tokens) {
+            if e.job == job && (batch.is_empty() || tokens + t <= max) {
                 tokens += t;
                 batch.push(e);
             } else {
                 rest.push_back(e);
-                if tokens >= self.max_batch_tokens {
+                if tokens >= max {
                     rest.extend(self.pending.drain(..));
                 }
             }
@@ -187,9 +298,29 @@ impl Batcher {
     }
 }
 
+/// Until when the next batch waits for more requests, or `None` to start now. It waits only
+/// right after a batch (`last`), while fewer requests have arrived since it ended than it
+/// answered and the queue holds less than a full batch (every pass full, or the token cap):
+/// for at most a tenth of the last batch's time, and [`GATHER_MAX`], from the moment its rows
+/// were ready.
+fn gather_until(pending: &VecDeque<Entry>, last: Option<Last>, policy: &Policy) -> Option<Instant> {
+    let last = last?;
+    let sentences: usize = pending.iter().map(|e| e.encoded.len()).sum();
+    let tokens: usize = pending.iter().map(Entry::tokens).sum();
+    if sentences >= policy.full() || tokens >= policy.max_batch_tokens {
+        return None;
+    }
+    let back = pending.iter().filter(|e| e.queued >= last.end).count();
+    if back >= last.answered {
+        return None;
+    }
+    Some(last.end + (last.took / 10).min(GATHER_MAX))
+}
+
 /// Runs `batch` together and answers each request with its own rows; if the batch fails,
-/// runs each request alone so that only a failing one gets an error.
-fn answer(batch: Vec<Entry>, run: &dyn Fn(Job, &[Encoded]) -> anyhow::Result<Rows>) {
+/// runs each request alone so that only a failing one gets an error. Returns when the rows
+/// were ready (before the first answer went out).
+fn answer(batch: Vec<Entry>, run: &dyn Fn(Job, &[Encoded]) -> anyhow::Result<Rows>) -> Instant {
     let start = Instant::now();
     for e in &batch {
         metrics::queue_time(start - e.queued);
@@ -204,7 +335,8 @@ fn answer(batch: Vec<Entry>, run: &dyn Fn(Job, &[Encoded]) -> anyhow::Result<Row
         encoded.extend(e.encoded);
     }
     let together = guarded(|| run(job, &encoded));
-    metrics::inference_time(start.elapsed());
+    let ready = Instant::now();
+    metrics::inference_time(ready - start);
     match together {
         Ok(rows) => {
             for (reply, rows) in replies.into_iter().zip(split(rows, &sizes)) {
@@ -229,6 +361,7 @@ fn answer(batch: Vec<Entry>, run: &dyn Fn(Job, &[Encoded]) -> anyhow::Result<Row
             }
         }
     }
+    ready
 }
 
 /// `f`, with its error or panic as a message.
@@ -255,103 +388,7 @@ fn split(rows: Rows, sizes: &[usize]) -> Vec<Rows> {
         Rows::Probabilities(p) => cut(p, sizes).into_iter().map(Rows::Probabilities).collect(),
     }
 }
+
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn enc(tokens: usize, tag: u32) -> Encoded {
-        Encoded {
-            ids: vec![tag; tokens],
-            type_ids: vec![0; tokens],
-            truncated: false,
-        }
-    }
-
-    fn entry(job: Job, lengths: &[usize], tag: u32) -> (Entry, oneshot::Receiver<BatchResult>) {
-        let (reply, rx) = oneshot::channel();
-        let e = Entry {
-            job,
-            encoded: lengths.iter().map(|&t| enc(t, tag)).collect(),
-            queued: Instant::now(),
-            reply,
-        };
-        (e, rx)
-    }
-
-    fn batcher(max_batch_tokens: usize, entries: Vec<Entry>) -> Batcher {
-        let (_tx, rx) = mpsc::channel();
-        let depth = Arc::new(AtomicUsize::new(entries.len()));
-        Batcher {
-            rx,
-            pending: entries.into(),
-            depth,
-            max_batch_tokens,
-        }
-    }
-
-    /// Oldest first, as many as fit in the token cap, only the oldest one's job; a request
-    /// whose client left is dropped; the oldest goes even when alone over the cap.
-    #[test]
-    fn batches_take_the_oldest_requests_of_one_job_within_the_token_cap() {
-        let (a, _ra) = entry(Job::Embed, &[10, 20], 1);
-        let (b, rb) = entry(Job::Embed, &[5], 2);
-        let (c, _rc) = entry(Job::Predict, &[5], 3);
-        let (d, _rd) = entry(Job::Embed, &[30], 4);
-        let (e, _re) = entry(Job::Embed, &[10], 5);
-        drop(rb);
-        let mut q = batcher(45, vec![a, b, c, d, e]);
-        let first = q.next_batch();
-        let tags: Vec<u32> = first.iter().map(|e| e.encoded[0].ids[0]).collect();
-        assert_eq!(tags, vec![1, 5], "30 + 30 tokens would pass the cap of 45");
-        assert_eq!(q.depth.load(Ordering::SeqCst), 2);
-        let second = q.next_batch();
-        assert_eq!(second[0].job, Job::Predict);
-        assert_eq!(second.len(), 1);
-        let (big, _rbig) = entry(Job::Embed, &[100], 6);
-        q.pending.push_back(big);
-        q.depth.fetch_add(1, Ordering::SeqCst);
-        let third = q.next_batch();
-        assert_eq!(third.len(), 1, "request 4 (30) then 6 (100) over the cap");
-        let fourth = q.next_batch();
-        assert_eq!(
-            fourth[0].encoded[0].ids.len(),
-            100,
-            "alone over the cap, it still goes"
-        );
-        assert!(q.next_batch().is_empty());
-    }
-
-    /// Each request gets its own rows in its order; when the batch fails, only the request
-    /// whose own run fails gets the error.
-    #[test]
-    fn answers_go_to_their_own_requests_and_a_failure_only_to_its_own() {
-        let run = |_: Job, encoded: &[Encoded]| -> anyhow::Result<Rows> {
-            if encoded.iter().any(|e| e.ids.contains(&66)) {
-                anyhow::bail!("poisoned");
-            }
-            Ok(Rows::Vectors(
-                encoded.iter().map(|e| vec![e.ids[0] as f32]).collect(),
-            ))
-        };
-        let (a, ra) = entry(Job::Embed, &[1, 1, 1], 7);
-        let (b, rb) = entry(Job::Embed, &[2], 8);
-        answer(vec![a, b], &run);
-        let got = |rx: oneshot::Receiver<BatchResult>| match rx.blocking_recv().unwrap() {
-            Ok(Rows::Vectors(v)) => v,
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(got(ra), vec![vec![7.0]; 3]);
-        assert_eq!(got(rb), vec![vec![8.0]]);
-        let (a, ra) = entry(Job::Embed, &[1], 9);
-        let (b, rb) = entry(Job::Embed, &[1], 66);
-        let (c, rc) = entry(Job::Embed, &[1, 1], 10);
-        answer(vec![a, b, c], &run);
-        assert_eq!(got(ra), vec![vec![9.0]]);
-        assert!(rb
-            .blocking_recv()
-            .unwrap()
-            .unwrap_err()
-            .contains("poisoned"));
-        assert_eq!(got(rc), vec![vec![10.0]; 2]);
-    }
-}
+#[path = "queue_tests.rs"]
+mod tests;

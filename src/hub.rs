@@ -470,6 +470,14 @@ pub fn resolve(model: &ModelRef) -> Result<ModelFiles> {
     )
 }
 
+/// The file `name` of the module in folder `dir` of the model ("" for the model's own).
+fn module_file(dir: &str, name: &str) -> String {
+    match dir.trim_end_matches('/') {
+        "" => name.to_string(),
+        d => format!("{d}/{name}"),
+    }
+}
+
 fn looks_like_path(id: &str) -> bool {
     id.starts_with('.') || id.starts_with('/') || id.starts_with('~') || id.matches('/').count() > 1
 }
@@ -519,7 +527,8 @@ fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
     let modules = fetch.fetch("modules.json")?;
     let pooling_config = match &modules {
         Some(m) => match crate::st_modules::pooling_module_path(m)? {
-            Some(dir) => fetch.fetch(&format!("{dir}/config.json"))?,
+            // Listed but absent is an error, as in sentence-transformers: not mean pooling.
+            Some(dir) => Some(required(&module_file(&dir, "config.json"))?),
             None => None,
         },
         None => None,
@@ -528,10 +537,10 @@ fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
     let mut dense = Vec::new();
     if let Some(m) = &modules {
         for dir in crate::st_modules::dense_module_paths(m)? {
-            let config = required(&format!("{dir}/config.json"))?;
-            let weights = match fetch.fetch(&format!("{dir}/model.safetensors"))? {
+            let config = required(&module_file(&dir, "config.json"))?;
+            let weights = match fetch.fetch(&module_file(&dir, "model.safetensors"))? {
                 Some(p) => p,
-                None if fetch.has(&format!("{dir}/pytorch_model.bin")) => {
+                None if fetch.has(&module_file(&dir, "pytorch_model.bin")) => {
                     return Err(HubError::PytorchOnly {
                         model: model.id.clone(),
                         searched: fetch.searched(),
@@ -539,7 +548,7 @@ fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
                     }
                     .into())
                 }
-                None => required(&format!("{dir}/model.safetensors"))?,
+                None => required(&module_file(&dir, "model.safetensors"))?,
             };
             dense.push(DenseFiles { config, weights });
         }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod data;
 pub mod embed;
 pub mod export;
+pub mod finite;
 pub mod hub;
 pub mod input;
 pub mod interrupt;

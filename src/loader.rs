@@ -66,7 +66,7 @@ impl ModelAssets {
         config
             .validate()
             .with_context(|| format!("checking {}", files.config.display()))?;
-        let pipeline = Pipeline::from_files(&files)?;
+        let pipeline = Pipeline::from_files(&files, config.hidden_size)?;
         let limit = config.max_tokens();
         let max_len = match max_seq_length {
             Some(n) if n > limit => {

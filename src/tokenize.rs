@@ -356,11 +356,16 @@ fn tail_at_whitespace(text: &str, budget: usize) -> &str {
     }
 }
 
-/// Names the sentence of a [`TokenizeError`] with `describe(index)`; other errors pass.
+/// Names the sentence of a [`TokenizeError`] (or of a vector that is not finite, a
+/// [`crate::finite::NonFiniteOutput`]) with `describe(index)`; other errors pass.
 pub fn name_sentence(e: anyhow::Error, describe: impl Fn(usize) -> String) -> anyhow::Error {
-    match e.downcast_ref::<TokenizeError>() {
-        Some(t) => {
-            let what = describe(t.index);
+    let index = e.downcast_ref::<TokenizeError>().map(|t| t.index).or_else(|| {
+        e.downcast_ref::<crate::finite::NonFiniteOutput>()
+            .map(|n| n.index)
+    });
+    match index {
+        Some(i) => {
+            let what = describe(i);
             e.context(what)
         }
         None => e,

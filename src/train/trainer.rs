@@ -258,10 +258,14 @@ impl<'a> Trainer<'a> {
         let num_layers = model.encoder.num_layers();
         let (inputs, eval_features) = if s.cache_features && model.plan.encoder_frozen(num_layers) {
             let mut cache = cache;
-            let train = cached_features(model, data, s.batch_size, cache.as_deref_mut())?;
+            let train = cached_features(model, data, s.batch_size, cache.as_deref_mut())
+                .map_err(|e| name_example(e, data, "training"))?;
             // Evaluation vectors are cached too.
             let eval = match eval {
-                Some(e) => Some(cached_features(model, e, s.batch_size, cache)?),
+                Some(e) => Some(
+                    cached_features(model, e, s.batch_size, cache)
+                        .map_err(|err| name_example(err, e, "evaluation"))?,
+                ),
                 None => None,
             };
             (Inputs::Features(train), eval)
@@ -647,6 +651,15 @@ fn trace_rss(phase: &str) {
     // SAFETY: sysconf only reads a system constant.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
     eprintln!("rss {phase}: {} MB", (pages * page) >> 20);
+}
+
+/// Names the example of an error about one example of `data` (the `set` data) by its
+/// position and the start of its text.
+fn name_example(e: anyhow::Error, data: &Prepared, set: &str) -> anyhow::Error {
+    crate::tokenize::name_sentence(e, |i| {
+        let text: String = data.texts[i].chars().take(60).collect();
+        format!("{set} example {} ({text:?})", i + 1)
+    })
 }
 
 /// The stderr line of an evaluation within an epoch.

@@ -9,6 +9,7 @@ use crate::model::encoder::UnsupportedDtype;
 use crate::model::freeze::FreezeError;
 use crate::model::multitask::TrainableDtype;
 use crate::pipeline::UnknownPrompt;
+use crate::tokenize::PromptTooLong;
 use crate::train::checkpoint::CheckpointError;
 use crate::train::session::NoEvalSet;
 use crate::train::trainer::Diverged;
@@ -63,6 +64,12 @@ pub fn advice(e: &anyhow::Error) -> Vec<String> {
             } else {
                 "pass one of them to --prompt-name, or the text itself with --prompt".into()
             })
+        } else if cause.downcast_ref::<PromptTooLong>().is_some() {
+            Some(
+                "pass a shorter --prompt (or --prompt-name), or a larger --max-seq-length up to \
+                 the model's limit"
+                    .into(),
+            )
         } else if let Some(f) = cause.downcast_ref::<FreezeError>() {
             match f {
                 FreezeError::TooManyLayers { layers, .. } => {

@@ -75,7 +75,12 @@ pub struct NonFiniteWeight {
 }
 
 /// Fails when the f32 values `v` of tensor `name` (of `shape`) in `file` are not all finite.
-pub fn check_weight(v: &[f32], shape: &[usize], name: &str, file: &Path) -> Result<(), NonFiniteWeight> {
+pub fn check_weight(
+    v: &[f32],
+    shape: &[usize],
+    name: &str,
+    file: &Path,
+) -> Result<(), NonFiniteWeight> {
     match non_finite(v) {
         None => Ok(()),
         Some(bad) => Err(NonFiniteWeight {
@@ -103,7 +108,10 @@ pub fn check_tensor(t: &candle_core::Tensor, name: &str, file: &Path) -> candle_
             }
         }
     }
-    let v: Vec<f32> = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+    let v: Vec<f32> = t
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1()?;
     check_weight(&v, t.dims(), name, file).map_err(wrap)
 }
 
@@ -185,9 +193,14 @@ mod tests {
     fn a_weight_error_names_tensor_file_and_position() {
         let mut v = vec![0.0f32; 12];
         v[7] = f32::NAN;
-        let e = check_weight(&v, &[3, 4], "encoder.x.weight", Path::new("m/model.safetensors"))
-            .unwrap_err()
-            .to_string();
+        let e = check_weight(
+            &v,
+            &[3, 4],
+            "encoder.x.weight",
+            Path::new("m/model.safetensors"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("encoder.x.weight")
                 && e.contains("m/model.safetensors")
@@ -199,7 +212,11 @@ mod tests {
 
     #[test]
     fn rows_are_checked_in_order_and_reindexed() {
-        let rows = [vec![1.0f32, 2.0], vec![f32::INFINITY, 0.0], vec![f32::NAN, 0.0]];
+        let rows = [
+            vec![1.0f32, 2.0],
+            vec![f32::INFINITY, 0.0],
+            vec![f32::NAN, 0.0],
+        ];
         let e = check_rows(rows.iter().map(|r| r.as_slice()), "vector").unwrap_err();
         assert_eq!(e.index, 1);
         let e = reindex(e.into(), |i| i + 10);

@@ -35,6 +35,15 @@ pub mod train;
 
 /// Runs one command to completion.
 pub fn run(cmd: &config::Command) -> anyhow::Result<()> {
+    let dtype = match cmd {
+        config::Command::Embed(cfg) => cfg.dtype,
+        config::Command::Multitask(cfg) => cfg.train.dtype,
+        config::Command::Scenarios(cfg) => cfg.train.dtype,
+        config::Command::Serve(cfg) => cfg.served.dtype,
+    };
+    if let Some(note) = model::quant::kernel_override_note(dtype)? {
+        eprintln!("warning: {note}");
+    }
     match cmd {
         config::Command::Embed(cfg) => tasks::embed::run(cfg),
         config::Command::Multitask(cfg) => tasks::multitask::run(cfg),

@@ -111,6 +111,20 @@ impl ModelAssets {
         })
     }
 
+    /// The prompt to prepend ([`Pipeline::resolve_prompt`]), refused when it leaves too
+    /// little room for the sentence ([`TextTokenizer::check_prompt`]).
+    pub fn prompt(&self, prompt: Option<&str>, name: Option<&str>) -> Result<Option<String>> {
+        let text = self.pipeline.resolve_prompt(prompt, name)?;
+        if let Some(t) = &text {
+            let name = match prompt {
+                Some(_) => None,
+                None => name.or(self.pipeline.default_prompt_name.as_deref()),
+            };
+            self.tokenizer.check_prompt(t, name)?;
+        }
+        Ok(text)
+    }
+
     /// The inference encoder in `dtype`: for the BERT family the fast path, loaded one layer
     /// at a time (see [`FastEncoder::load`]; with int8 or bf16, only the converted weights
     /// stay resident); for the long-context architectures their encoder in f32 (another

@@ -124,12 +124,19 @@ impl DenseLayer {
     /// `linear.bias`).
     pub fn load(config: &Path, weights: &Path) -> Result<Self> {
         let c: DenseConfig = read_json(config)?;
-        for (field, n) in [("in_features", c.in_features), ("out_features", c.out_features)] {
+        for (field, n) in [
+            ("in_features", c.in_features),
+            ("out_features", c.out_features),
+        ] {
             if n == 0 {
                 bail!(
                     "{}: {field} is 0; a Dense module needs at least one {}",
                     config.display(),
-                    if field == "in_features" { "input" } else { "output" }
+                    if field == "in_features" {
+                        "input"
+                    } else {
+                        "output"
+                    }
                 );
             }
         }

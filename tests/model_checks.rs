@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
-use common::{fails_with, fetch_ml, ok, run, stderr, tiny_model, toy_rows, write_jsonl};
+use common::{
+    cat_poisoned_model, fails_with, fetch_ml, ok, run, stderr, tiny_model, toy_rows, write_jsonl,
+};
 use fetch_ml::testutil::TinyBert;
 
 /// A tiny sentence-transformers model (mean pooling, no normalisation), hidden size 32.
@@ -85,7 +87,8 @@ fn embed(model: &Path) -> Command {
 /// `--task=1` of "hello world" without a format.
 fn embed_as(model: &Path) -> Command {
     let mut cmd = fetch_ml();
-    cmd.args(["--task=1", "-s", "hello world", "--model"]).arg(model);
+    cmd.args(["--task=1", "-s", "hello world", "--model"])
+        .arg(model);
     cmd
 }
 
@@ -117,7 +120,12 @@ fn a_dense_module_that_does_not_fit_the_encoder_is_refused() {
     });
     fails_with(
         &run(&mut embed(&model)),
-        &["1_Pooling/config.json", "word_embedding_dimension", "100", "32"],
+        &[
+            "1_Pooling/config.json",
+            "word_embedding_dimension",
+            "100",
+            "32",
+        ],
     );
 
     // Shapes that fit give vectors of the last module's width.
@@ -137,7 +145,11 @@ fn a_dense_module_with_no_outputs_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         let err = fails_with(
-            &run(embed_as(&model).arg("--format").arg(format).arg("-o").arg(&out)),
+            &run(embed_as(&model)
+                .arg("--format")
+                .arg(format)
+                .arg("-o")
+                .arg(&out)),
             &["2_Dense/config.json", "out_features", "0"],
         );
         assert!(!err.contains("Arrow") && !err.contains("panicked"), "{err}");
@@ -164,7 +176,11 @@ fn a_pooling_module_missing_or_outside_the_folder_is_refused() {
         });
         let outside = d.path().join("outside");
         let absolute = outside.display().to_string();
-        let path = if path == "ABSOLUTE" { absolute.as_str() } else { path };
+        let path = if path == "ABSOLUTE" {
+            absolute.as_str()
+        } else {
+            path
+        };
         std::fs::create_dir_all(&outside).unwrap();
         std::fs::copy(
             model.join("1_Pooling/config.json"),
@@ -179,7 +195,9 @@ fn a_pooling_module_missing_or_outside_the_folder_is_refused() {
     let (d, model) = st_model();
     add_dense(&model, "2_Dense", 32, 8);
     std::fs::rename(model.join("2_Dense"), d.path().join("2_Dense")).unwrap();
-    edit_json(&model.join("modules.json"), |v| v[2]["path"] = "../2_Dense".into());
+    edit_json(&model.join("modules.json"), |v| {
+        v[2]["path"] = "../2_Dense".into()
+    });
     fails_with(
         &run(&mut embed(&model)),
         &["modules.json", "../2_Dense", "outside the model folder"],
@@ -293,28 +311,6 @@ fn embed_short(model: &Path) -> Command {
     cmd
 }
 
-/// A model whose word "cat" has an embedding of 3e38 in every channel: the embeddings'
-/// LayerNorm overflows for its token, so any sentence holding "cat" gets a NaN vector in
-/// float32 while every other sentence is fine (the toy data never says "cat").
-pub fn cat_poisoned_model(dir: &Path) -> PathBuf {
-    let model = dir.join("cat-model");
-    TinyBert::default().write(&model).unwrap();
-    let cat = fetch_ml::testutil::vocab()
-        .iter()
-        .position(|w| w == "cat")
-        .unwrap();
-    edit_weights(&model.join("model.safetensors"), |w| {
-        let name = "embeddings.word_embeddings.weight";
-        let t = &w[name];
-        let h = t.dims()[1];
-        let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-        v[cat * h..(cat + 1) * h].iter_mut().for_each(|x| *x = 3e38);
-        let t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
-        w.insert(name.into(), t);
-    });
-    model
-}
-
 #[test]
 fn a_prediction_from_a_non_finite_vector_is_an_error_naming_its_line() {
     let d = tempfile::tempdir().unwrap();
@@ -323,7 +319,15 @@ fn a_prediction_from_a_non_finite_vector_is_an_error_naming_its_line() {
     write_jsonl(&train, &toy_rows(32, 1));
     let save = d.path().join("ck");
     ok(&run(fetch_ml()
-        .args(["--task=2", "--epochs", "1", "--freeze", "encoder", "-s", "i love pizza"])
+        .args([
+            "--task=2",
+            "--epochs",
+            "1",
+            "--freeze",
+            "encoder",
+            "-s",
+            "i love pizza",
+        ])
         .arg("--model")
         .arg(&model)
         .arg("--train-file")
@@ -396,7 +400,10 @@ fn a_prompt_that_leaves_no_room_for_the_sentence_is_refused() {
         &run(embed(&model).arg("--prompt").arg(&long)),
         &["prompt", "tokens", "64"],
     );
-    assert!(err.contains("--prompt") || err.contains("--max-seq-length"), "{err}");
+    assert!(
+        err.contains("--prompt") || err.contains("--max-seq-length"),
+        "{err}"
+    );
     // A prompt leaving only 2 tokens of 16 is refused too; one leaving plenty is fine.
     fails_with(
         &run(embed(&model)

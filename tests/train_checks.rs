@@ -31,9 +31,11 @@ fn toy() -> Toy {
     }
 }
 
-fn train_cmd(t: &Toy, save: &Path) -> Command {
+/// `--task=2` on the toy training set for `epochs` epochs, saving to `save`.
+fn train_cmd(t: &Toy, save: &Path, epochs: usize) -> Command {
     let mut cmd = fetch_ml();
-    cmd.args(["--task=2", "--epochs", "1", "-s", "i love pizza"])
+    cmd.args(["--task=2", "-s", "i love pizza", "--epochs"])
+        .arg(epochs.to_string())
         .arg("--model")
         .arg(&t.model)
         .arg("--train-file")
@@ -50,7 +52,7 @@ fn a_one_row_training_set_is_warned_about() {
         &t.train,
         &[serde_json::json!({"text": "i love pizza", "class": "food", "sentiment": "positive"})],
     );
-    let o = run(&mut train_cmd(&t, &t.dir.path().join("ck")));
+    let o = run(&mut train_cmd(&t, &t.dir.path().join("ck"), 1));
     ok(&o);
     let err = stderr(&o);
     assert!(
@@ -77,12 +79,17 @@ fn evaluations(report: &serde_json::Value, head: usize) -> Vec<(u64, f64)> {
 #[test]
 fn early_stopping_says_when_it_stops_and_which_weights_it_keeps() {
     let t = toy();
-    for patience in [1usize, 2, 3] {
-        let save = t.dir.path().join(format!("ck{patience}"));
-        let o = run(train_cmd(&t, &save)
+    // Evaluations every step (4 steps an epoch), and at the end of each epoch only.
+    for (patience, every) in [(1usize, true), (2, true), (3, true), (2, false)] {
+        let save = t.dir.path().join(format!("ck{patience}-{every}"));
+        let mut cmd = train_cmd(&t, &save, 60);
+        cmd.args(["--batch-size", "8"]);
+        if every {
+            cmd.args(["--eval-every", "1"]);
+        }
+        let o = run(cmd
             .arg("--eval-file")
             .arg(&t.eval)
-            .args(["--epochs", "60", "--eval-every", "1"])
             .args(["--keep-best", "sentiment.accuracy", "--format", "json"])
             .arg("--early-stop")
             .arg(patience.to_string()));
@@ -91,7 +98,7 @@ fn early_stopping_says_when_it_stops_and_which_weights_it_keeps() {
         let best = report["training"]["best"]["step"].as_u64().unwrap();
         assert_eq!(report["training"]["stopped_early"], true, "{evals:?}");
         // 16 evaluation rows allow at most 17 values of accuracy, so training stops within
-        // the 60 steps, once `patience` evaluations after the best have not beaten it.
+        // the 60 epochs, once `patience` evaluations after the best have not beaten it.
         let after: Vec<_> = evals.iter().filter(|e| e.0 > best).collect();
         assert_eq!(after.len(), patience, "patience {patience}: {evals:?}");
         let err = stderr(&o);
@@ -108,10 +115,9 @@ fn early_stopping_says_when_it_stops_and_which_weights_it_keeps() {
 fn keeping_the_best_weights_says_which_ones() {
     let t = toy();
     let save = t.dir.path().join("ck");
-    let o = run(train_cmd(&t, &save)
+    let o = run(train_cmd(&t, &save, 3)
         .arg("--eval-file")
         .arg(&t.eval)
-        .args(["--epochs", "3"])
         .args(["--keep-best", "sentiment.accuracy", "--format", "json"]));
     let report: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
     let best = report["training"]["best"]["step"].as_u64().unwrap();
@@ -126,13 +132,13 @@ fn keeping_the_best_weights_says_which_ones() {
 fn an_overflowing_loss_weight_gets_its_own_hint() {
     let t = toy();
     let err = fails_with(
-        &run(train_cmd(&t, &t.dir.path().join("ck")).args(["--loss-weights", "1e308,1e308"])),
+        &run(train_cmd(&t, &t.dir.path().join("ck"), 1).args(["--loss-weights", "1e308,1e308"])),
         &["--loss-weights"],
     );
     assert!(!err.contains("--lr"), "the hint names --lr:\n{err}");
     // A real divergence still points at the learning rates.
     let err = fails_with(
-        &run(train_cmd(&t, &t.dir.path().join("ck")).args(["--head-lr", "1e30"])),
+        &run(train_cmd(&t, &t.dir.path().join("ck"), 1).args(["--head-lr", "1e30"])),
         &["diverged"],
     );
     assert!(err.contains("--lr") || err.contains("--head-lr"), "{err}");
@@ -142,7 +148,7 @@ fn an_overflowing_loss_weight_gets_its_own_hint() {
 fn a_checkpoint_without_its_weights_says_so() {
     let t = toy();
     let save = t.dir.path().join("ck");
-    ok(&run(&mut train_cmd(&t, &save)));
+    ok(&run(&mut train_cmd(&t, &save, 1)));
     std::fs::remove_file(save.join("model.safetensors")).unwrap();
     let err = fails_with(
         &run(fetch_ml()
@@ -160,7 +166,7 @@ fn a_checkpoint_without_its_weights_says_so() {
 fn an_embedding_cache_that_cannot_be_used_is_reported() {
     let t = toy();
     let cache = t.dir.path().join("cache");
-    let o = run(train_cmd(&t, &t.dir.path().join("ck"))
+    let o = run(train_cmd(&t, &t.dir.path().join("ck"), 1)
         .args(["--freeze-layers", "1", "--embedding-cache"])
         .arg(&cache));
     ok(&o);
@@ -170,7 +176,7 @@ fn an_embedding_cache_that_cannot_be_used_is_reported() {
         "nothing says the cache is unused:\n{err}"
     );
     // With the encoder frozen it is used, and says nothing of the kind.
-    let o = run(train_cmd(&t, &t.dir.path().join("ck2"))
+    let o = run(train_cmd(&t, &t.dir.path().join("ck2"), 1)
         .args(["--freeze", "encoder", "--embedding-cache"])
         .arg(&cache));
     ok(&o);
@@ -197,7 +203,7 @@ fn numeric_labels_follow_one_rule() {
         rows.push(serde_json::json!({"text": "i love pizza", "class": class, "sentiment": s}));
     }
     write_jsonl(&t.train, &rows);
-    let o = run(train_cmd(&t, &t.dir.path().join("ck")).args(["--format", "json"]));
+    let o = run(train_cmd(&t, &t.dir.path().join("ck"), 1).args(["--format", "json"]));
     let report: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
     let ckpt: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(t.dir.path().join("ck/checkpoint.json")).unwrap(),

@@ -188,6 +188,9 @@ mod tests {
         // Squares that overflow f32 still give a unit vector, not zeros.
         let mut big = [3e38f32, 4e38f32.min(f32::MAX)];
         normalize_l2(&mut big);
-        assert!((big[0] * big[0] + big[1] * big[1] - 1.0).abs() < 1e-6, "{big:?}");
+        assert!(
+            (big[0] * big[0] + big[1] * big[1] - 1.0).abs() < 1e-6,
+            "{big:?}"
+        );
     }
 }

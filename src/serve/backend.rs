@@ -98,8 +98,7 @@ impl Backend {
                 "cannot truncate the vectors to {n} dimensions: the model has {dimension}"
             );
         }
-        let prompt =
-            pipeline.resolve_prompt(served.prompt.as_deref(), served.prompt_name.as_deref())?;
+        let prompt = assets.prompt(served.prompt.as_deref(), served.prompt_name.as_deref())?;
         let keep_end = assets.tokenizer.keeping_end()?;
         Ok(Self {
             normalize: served.normalize.unwrap_or(pipeline.normalize),
@@ -194,8 +193,7 @@ impl Backend {
             None => Ok(self.prompt.clone()),
             Some(n) => self
                 .assets
-                .pipeline
-                .resolve_prompt(None, Some(n))
+                .prompt(None, Some(n))
                 .map_err(|e| ApiError::invalid("prompt_name", format!("{e:#}"))),
         }
     }

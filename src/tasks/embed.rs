@@ -125,6 +125,8 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
     }
     let mut assets = ModelAssets::from_files(model_files, cfg.max_seq_length)?;
     assets.tokenizer.set_truncate_side(cfg.truncate_side)?;
+    // Checked before the weights load: a prompt too long for the sentence fails at once.
+    let prompt = assets.prompt(cfg.prompt.as_deref(), cfg.prompt_name.as_deref())?;
     let device = Device::Cpu;
     // The float32 dense weights are dropped once converted: only one copy stays resident.
     let encoder = assets.inference_encoder(cfg.dtype, &device)?;
@@ -152,9 +154,7 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
         embedder.truncate_dim = Some(n);
         dimension = n;
     }
-    embedder.prompt = assets
-        .pipeline
-        .resolve_prompt(cfg.prompt.as_deref(), cfg.prompt_name.as_deref())?;
+    embedder.prompt = prompt;
     if let (Some(p), None, None) = (&embedder.prompt, &cfg.prompt, &cfg.prompt_name) {
         eprintln!("note: the model's default prompt {p:?} is prepended to every sentence");
     }

@@ -33,8 +33,12 @@ pub fn compute_features(
     let sorted = Tensor::cat(&parts, 0)?;
     // A NaN vector would pass through the heads' ReLU as 0: finite, and wrong.
     let rows = sorted.to_vec2::<f32>()?;
-    crate::finite::check_rows(rows.iter().map(Vec::as_slice), "vector")
-        .map_err(|n| crate::finite::NonFiniteOutput { index: order[n.index], ..n })?;
+    crate::finite::check_rows(rows.iter().map(Vec::as_slice), "vector").map_err(|n| {
+        crate::finite::NonFiniteOutput {
+            index: order[n.index],
+            ..n
+        }
+    })?;
     // Row r of `sorted` is example order[r]; invert the permutation.
     let mut inverse = vec![0u32; order.len()];
     for (r, &i) in order.iter().enumerate() {

@@ -592,6 +592,19 @@ impl<'a> Trainer<'a> {
         }
         outcome.steps = self.step;
         if let Some(best) = self.best.take() {
+            let metric = s.keep_best.expect("best implies keep_best").name();
+            if outcome.stopped_early {
+                let n = self.stale_evals;
+                eprintln!(
+                    "early stop after step {}: {n} evaluation{} in a row did not improve {metric}",
+                    self.step,
+                    if n == 1 { "" } else { "s" }
+                );
+            }
+            eprintln!(
+                "keeping the weights of step {} (epoch {}), the best {metric}: {:.4}",
+                best.step, best.epoch, best.value
+            );
             for (v, w) in self.vars.iter().zip(&best.weights) {
                 v.set(w)?;
             }

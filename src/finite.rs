@@ -130,8 +130,8 @@ fn unflatten(mut index: usize, shape: &[usize]) -> Vec<usize> {
 /// position among those embedded together; [`crate::tokenize::name_sentence`] names it.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "its {what} is not finite: {count} of its {len} values are NaN or infinite (the model's \
-     arithmetic overflows on this input, although its weights are finite numbers)"
+    "{count} of the {len} values of its {what} are not finite (NaN or infinite): the model's \
+     arithmetic overflows on this input, although its weights are finite numbers"
 )]
 pub struct NonFiniteOutput {
     pub index: usize,

@@ -136,12 +136,22 @@ fn an_overflowing_loss_weight_gets_its_own_hint() {
         &["--loss-weights"],
     );
     assert!(!err.contains("--lr"), "the hint names --lr:\n{err}");
-    // A real divergence still points at the learning rates.
+    // A real divergence still points at the learning rates: in the loss of a later step, or
+    // in the evaluation right after the first one.
     let err = fails_with(
-        &run(train_cmd(&t, &t.dir.path().join("ck"), 1).args(["--head-lr", "1e30"])),
+        &run(train_cmd(&t, &t.dir.path().join("ck"), 3).args(["--head-lr", "1e30"])),
         &["diverged"],
     );
     assert!(err.contains("--lr") || err.contains("--head-lr"), "{err}");
+    let save = t.dir.path().join("ck-eval");
+    let err = fails_with(
+        &run(train_cmd(&t, &save, 1)
+            .args(["--head-lr", "1e30", "--eval-file"])
+            .arg(&t.eval)),
+        &["diverged", "evaluation example", "--head-lr"],
+    );
+    assert!(!err.contains("overflows on this input"), "{err}");
+    assert!(!save.exists(), "a diverged model was saved");
 }
 
 #[test]

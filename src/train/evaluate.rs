@@ -104,7 +104,8 @@ pub fn predict_probs(
     let logits = model.head_logits(features, None)?;
     let probs = |t: usize| -> Result<Vec<Vec<f32>>> {
         let p = candle_nn::ops::softmax_last_dim(&logits[t])?.to_vec2::<f32>()?;
-        crate::finite::check_rows(p.iter().map(Vec::as_slice), "probabilities")?;
+        let what = ["class probabilities", "sentiment probabilities"][t];
+        crate::finite::check_rows(p.iter().map(Vec::as_slice), what)?;
         Ok(p)
     };
     Ok([probs(0)?, probs(1)?])

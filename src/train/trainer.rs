@@ -102,16 +102,41 @@ pub use super::prepared::Prepared;
 /// The loss stopped being a finite number: training stops before anything is saved.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "training diverged at epoch {epoch}, step {step}: the loss is {loss} (class {}, sentiment {}). \
+    "training diverged at epoch {epoch}, step {step}: the loss is {loss} (class {}, sentiment {}){}. \
      Nothing was saved",
     heads[0],
-    heads[1]
+    heads[1],
+    if self.weights_overflow() {
+        ": each head's loss is finite, so the loss weights make their weighted sum overflow"
+    } else {
+        ""
+    }
 )]
 pub struct Diverged {
     pub epoch: usize,
     pub step: usize,
     pub loss: f64,
+    /// Each head's loss, before the loss weights.
     pub heads: [f64; 2],
+}
+
+/// Training left the model computing numbers that are not finite, although the loss was
+/// finite (the last update overflowed, as with a far too large learning rate): a trained
+/// tensor holds one, or the evaluation set's outputs do. Training stops; nothing is saved.
+#[derive(Debug, thiserror::Error)]
+#[error("training diverged by step {step}: {what}. Nothing was saved")]
+pub struct DivergedWeights {
+    pub step: usize,
+    /// What is not finite.
+    pub what: String,
+}
+
+impl Diverged {
+    /// True when the heads' own losses are finite and only their weighted sum is not: the
+    /// loss weights, not the learning rates, are at fault.
+    pub fn weights_overflow(&self) -> bool {
+        self.heads.iter().all(|h| h.is_finite())
+    }
 }
 
 /// What one epoch did.
@@ -256,7 +281,15 @@ impl<'a> Trainer<'a> {
             Ok(Some(AdamW::new(vars, lr, s.weight_decay)?))
         };
         let num_layers = model.encoder.num_layers();
-        let (inputs, eval_features) = if s.cache_features && model.plan.encoder_frozen(num_layers) {
+        let frozen = model.plan.encoder_frozen(num_layers);
+        if cache.is_some() && !(s.cache_features && frozen) {
+            eprintln!(
+                "note: the embedding cache is not used: part of the encoder trains, so the \
+                 sentence vectors change at every step; it is used only with the whole encoder \
+                 frozen"
+            );
+        }
+        let (inputs, eval_features) = if s.cache_features && frozen {
             let mut cache = cache;
             let train = cached_features(model, data, s.batch_size, cache.as_deref_mut())
                 .map_err(|e| name_example(e, data, "training"))?;
@@ -462,17 +495,56 @@ impl<'a> Trainer<'a> {
         Ok(out)
     }
 
+    /// Fails with [`DivergedWeights`] when a trained tensor holds a value that is not finite.
+    /// One pass over the trained weights; run before each evaluation and at the end.
+    fn check_finite(&self) -> Result<()> {
+        for p in self.model.registry.params() {
+            let Some(var) = p.var else { continue };
+            let values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            if let Some(bad) = crate::finite::non_finite(&values) {
+                return Err(DivergedWeights {
+                    step: self.step,
+                    what: format!(
+                        "tensor {} holds {} ({} of its {} values are not finite numbers)",
+                        p.name,
+                        bad.kind(),
+                        bad.count,
+                        bad.len
+                    ),
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
     /// Evaluates now; with `--keep-best`, remembers the weights when the metric improved.
     /// Returns the metrics, or `None` without an evaluation set.
     fn evaluate_now(&mut self, epoch: usize) -> Result<Option<[HeadMetrics; 2]>> {
         let Some(e) = self.eval else {
             return Ok(None);
         };
+        self.check_finite()?;
         let metrics = evaluate(
             self.model,
             e,
             self.s.batch_size,
             self.eval_features.as_ref(),
+        )
+        .map_err(
+            |err| match err.downcast_ref::<crate::finite::NonFiniteOutput>() {
+                Some(n) => DivergedWeights {
+                    step: self.step,
+                    what: format!(
+                        "the {} of evaluation example {} are not finite numbers, although the \
+                     weights are",
+                        n.what,
+                        n.index + 1
+                    ),
+                }
+                .into(),
+                None => err,
+            },
         )?;
         self.evaluations.push(StepEval {
             step: self.step,
@@ -620,6 +692,7 @@ impl<'a> Trainer<'a> {
                 eval: best.metrics,
             });
         }
+        self.check_finite()?;
         outcome.evaluations = std::mem::take(&mut self.evaluations);
         self.model.encoder.sparse().enable(false);
         Ok(outcome)

@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
         println!(
             "{folder}: {n} values ({} MB as f32): check {:.1} ms ({:.1} GB/s); f32 load {:.1} ms; \
              the check is {:.1}% of the load",
-            n * 4 >> 20,
+            (n * 4) >> 20,
             check * 1e3,
             n as f64 * 4.0 / check / 1e9,
             load * 1e3,

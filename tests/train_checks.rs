@@ -136,13 +136,20 @@ fn an_overflowing_loss_weight_gets_its_own_hint() {
         &["--loss-weights"],
     );
     assert!(!err.contains("--lr"), "the hint names --lr:\n{err}");
-    // A real divergence still points at the learning rates: in the loss of a later step, or
-    // in the evaluation right after the first one.
+    // A real divergence still points at the learning rates: in the loss of a later step, in
+    // the evaluation right after the first one, or in the outputs after the last step.
     let err = fails_with(
         &run(train_cmd(&t, &t.dir.path().join("ck"), 3).args(["--head-lr", "1e30"])),
         &["diverged"],
     );
     assert!(err.contains("--lr") || err.contains("--head-lr"), "{err}");
+    let save = t.dir.path().join("ck-one-step");
+    let err = fails_with(
+        &run(train_cmd(&t, &save, 1).args(["--head-lr", "1e30"])),
+        &["diverged", "training example", "--head-lr"],
+    );
+    assert!(!err.contains("overflows on this input"), "{err}");
+    assert!(!save.exists(), "a diverged model was saved");
     let save = t.dir.path().join("ck-eval");
     let err = fails_with(
         &run(train_cmd(&t, &save, 1)

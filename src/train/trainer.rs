@@ -518,6 +518,32 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// Fails with [`DivergedWeights`] when the logits of the first `rows` training examples
+    /// are not finite. Each step's loss checks the update before it; this checks the last one
+    /// (at the cost of one batch's forward pass), so a model that overflows is not saved.
+    fn check_last_update(&self, rows: usize) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let idx: Vec<usize> = (0..rows).collect();
+        for (t, logits) in self.logits(&idx)?.iter().enumerate() {
+            let v = logits.to_vec2::<f32>()?;
+            if let Err(n) = crate::finite::check_rows(v.iter().map(Vec::as_slice), "logits") {
+                return Err(DivergedWeights {
+                    step: self.step,
+                    what: format!(
+                        "the {} logits of training example {} are not finite numbers, although \
+                         the weights are",
+                        crate::data::TASKS[t],
+                        n.index + 1
+                    ),
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
     /// Evaluates now; with `--keep-best`, remembers the weights when the metric improved.
     /// Returns the metrics, or `None` without an evaluation set.
     fn evaluate_now(&mut self, epoch: usize) -> Result<Option<[HeadMetrics; 2]>> {
@@ -692,9 +718,10 @@ impl<'a> Trainer<'a> {
                 eval: best.metrics,
             });
         }
-        self.check_finite()?;
         outcome.evaluations = std::mem::take(&mut self.evaluations);
         self.model.encoder.sparse().enable(false);
+        self.check_finite()?;
+        self.check_last_update(s.batch_size.min(n))?;
         Ok(outcome)
     }
 

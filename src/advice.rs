@@ -8,9 +8,10 @@ use crate::loader::LoadError;
 use crate::model::freeze::FreezeError;
 use crate::model::multitask::TrainableDtype;
 use crate::pipeline::UnknownPrompt;
+use crate::tokenize::PromptTooLong;
 use crate::train::checkpoint::CheckpointError;
 use crate::train::session::NoEvalSet;
-use crate::train::trainer::Diverged;
+use crate::train::trainer::{Diverged, DivergedWeights};
 
 /// One line of advice per typed cause in `e`'s chain that a flag can fix, outermost first.
 pub fn advice(e: &anyhow::Error) -> Vec<String> {
@@ -40,7 +41,13 @@ pub fn advice(e: &anyhow::Error) -> Vec<String> {
                  again), or choose another --output"
                     .into(),
             )
-        } else if cause.downcast_ref::<Diverged>().is_some() {
+        } else if let Some(d) = cause.downcast_ref::<Diverged>() {
+            Some(if d.weights_overflow() {
+                "pass smaller --loss-weights (only their ratio matters; 1,1 is the default)".into()
+            } else {
+                "try a lower --lr or --head-lr".into()
+            })
+        } else if cause.downcast_ref::<DivergedWeights>().is_some() {
             Some("try a lower --lr or --head-lr".into())
         } else if let Some(c) = cause.downcast_ref::<ChunkError>() {
             Some(match c {
@@ -60,6 +67,12 @@ pub fn advice(e: &anyhow::Error) -> Vec<String> {
             } else {
                 "pass one of them to --prompt-name, or the text itself with --prompt".into()
             })
+        } else if cause.downcast_ref::<PromptTooLong>().is_some() {
+            Some(
+                "pass a shorter --prompt (or --prompt-name), or a larger --max-seq-length up to \
+                 the model's limit"
+                    .into(),
+            )
         } else if let Some(f) = cause.downcast_ref::<FreezeError>() {
             match f {
                 FreezeError::TooManyLayers { layers, .. } => {

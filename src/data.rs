@@ -208,7 +208,9 @@ fn extension(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// A label value: a string (trimmed) or a number; null or empty means no label.
+/// A label value: a string (trimmed) or a number; null or empty means no label. Labels are
+/// text: a number is the shortest text of its value (`1`, `1.0` and `1e0` are all `"1"`,
+/// `2.50` is `"2.5"`), so it is the same label as that string in JSONL or CSV.
 fn label_of(
     v: Option<&serde_json::Value>,
     name: &str,
@@ -218,7 +220,7 @@ fn label_of(
     match v {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) => Ok(non_empty(s)),
-        Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(serde_json::Value::Number(n)) => Ok(Some(number_label(n))),
         Some(other) => Err(row(
             name,
             line,
@@ -228,6 +230,18 @@ fn label_of(
                 got: other.to_string(),
             },
         )),
+    }
+}
+
+/// The text of a numeric label: integers exactly, other numbers as the shortest decimal that
+/// reads back as the same f64 (Rust's `Display`, which writes 1.0 as `1`).
+fn number_label(n: &serde_json::Number) -> String {
+    if let Some(i) = n.as_i64() {
+        i.to_string()
+    } else if let Some(u) = n.as_u64() {
+        u.to_string()
+    } else {
+        n.as_f64().map_or_else(|| n.to_string(), |f| f.to_string())
     }
 }
 
@@ -374,6 +388,23 @@ mod tests {
                 vec!["x".to_string(), "y".into()],
                 vec!["neg".to_string(), "pos".into()]
             ]
+        );
+    }
+
+    #[test]
+    fn a_numeric_label_is_the_text_of_its_value() {
+        let d = load_str(
+            "jsonl",
+            br#"{"text": "a", "class": 1, "sentiment": 2.50}
+{"text": "b", "class": "1", "sentiment": 2.5}
+{"text": "c", "class": 1.0, "sentiment": "2.5"}
+{"text": "d", "class": 1e0, "sentiment": -3}
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            d.label_sets(),
+            [vec!["1".to_string()], vec!["-3".to_string(), "2.5".into()]]
         );
     }
 

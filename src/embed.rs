@@ -137,6 +137,23 @@ impl<'a> Embedder<'a> {
         let Some(chunker) = &self.chunker else {
             return Ok(self.embed(texts)?.into_iter().map(Embedded::One).collect());
         };
+        let out = self.embed_windows(chunker, texts)?;
+        // A merged vector is a mean of finite ones, which can still overflow.
+        for (i, e) in out.iter().enumerate() {
+            if let Embedded::One(e) = e {
+                crate::finite::check_rows([e.vector.as_slice()], "vector")
+                    .map_err(|n| crate::finite::NonFiniteOutput { index: i, ..n })?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Self::embed_inputs`] with a chunker.
+    fn embed_windows<S: AsRef<str> + Sync>(
+        &self,
+        chunker: &Chunker<'a>,
+        texts: &[S],
+    ) -> Result<Vec<Embedded>> {
         let split: Vec<Result<Vec<Window>>> = texts
             .par_iter()
             .enumerate()
@@ -148,7 +165,16 @@ impl<'a> Embedder<'a> {
             .flatten()
             .map(|w| w.encoded.clone())
             .collect();
-        let mut vectors = self.embed_encoded(&flat)?.into_iter();
+        // Window k belongs to input owner[k].
+        let owner: Vec<usize> = windows
+            .iter()
+            .enumerate()
+            .flat_map(|(i, ws)| std::iter::repeat_n(i, ws.len()))
+            .collect();
+        let mut vectors = self
+            .embed_encoded(&flat)
+            .map_err(|e| crate::finite::reindex(e, |k| owner[k]))?
+            .into_iter();
         let mut out = Vec::with_capacity(texts.len());
         for ws in windows {
             let rows: Vec<WindowRow> = ws
@@ -178,7 +204,8 @@ impl<'a> Embedder<'a> {
     }
 
     /// Embeds already tokenized sentences, in their order. Batches run side by side
-    /// ([`map_batches`]); the first failing batch (in batch order) gives the error.
+    /// ([`map_batches`]); the first failing batch (in batch order) gives the error. A vector
+    /// that is not finite is a [`crate::finite::NonFiniteOutput`] naming its sentence.
     pub fn embed_encoded(&self, encoded: &[Encoded]) -> Result<Vec<Embedding>> {
         let lengths: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
         let batches = length_sorted_batches(&lengths, self.batch_size, self.max_batch_tokens);
@@ -197,9 +224,11 @@ impl<'a> Embedder<'a> {
                 });
             }
         }
-        Ok(out
+        let out: Vec<Embedding> = out
             .into_iter()
             .map(|e| e.expect("every index is batched once"))
-            .collect())
+            .collect();
+        crate::finite::check_rows(out.iter().map(|e| e.vector.as_slice()), "vector")?;
+        Ok(out)
     }
 }

@@ -219,6 +219,14 @@ pub fn resolve(model: &ModelRef) -> Result<ModelFiles> {
     )
 }
 
+/// The file `name` of the module in folder `dir` of the model ("" for the model's own).
+fn module_file(dir: &str, name: &str) -> String {
+    match dir.trim_end_matches('/') {
+        "" => name.to_string(),
+        d => format!("{d}/{name}"),
+    }
+}
+
 fn looks_like_path(id: &str) -> bool {
     id.starts_with('.') || id.starts_with('/') || id.starts_with('~') || id.matches('/').count() > 1
 }
@@ -230,7 +238,8 @@ fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
     let modules = fetch.fetch("modules.json")?;
     let pooling_config = match &modules {
         Some(m) => match crate::st_modules::pooling_module_path(m)? {
-            Some(dir) => fetch.fetch(&format!("{dir}/config.json"))?,
+            // Listed but absent is an error, as in sentence-transformers: not mean pooling.
+            Some(dir) => Some(required(model, fetch, &module_file(&dir, "config.json"))?),
             None => None,
         },
         None => None,
@@ -239,7 +248,7 @@ fn resolve_with(model: &ModelRef, fetch: &dyn Fetch) -> Result<ModelFiles> {
     let mut dense = Vec::new();
     if let Some(m) = &modules {
         for dir in crate::st_modules::dense_module_paths(m)? {
-            let config = required(model, fetch, &format!("{dir}/config.json"))?;
+            let config = required(model, fetch, &module_file(&dir, "config.json"))?;
             let weights = weights_file(model, fetch, Some(dir))?;
             dense.push(DenseFiles { config, weights });
         }
@@ -279,10 +288,7 @@ fn required(model: &ModelRef, fetch: &dyn Fetch, name: &str) -> Result<PathBuf> 
 /// `model.safetensors` of the model, or of its module folder `dir`; a model that has only
 /// `pytorch_model.bin` is an error of its own.
 fn weights_file(model: &ModelRef, fetch: &dyn Fetch, dir: Option<String>) -> Result<PathBuf> {
-    let path = |file: &str| match &dir {
-        Some(d) => format!("{d}/{file}"),
-        None => file.to_string(),
-    };
+    let path = |file: &str| module_file(dir.as_deref().unwrap_or(""), file);
     match fetch.fetch(&path("model.safetensors"))? {
         Some(p) => Ok(p),
         None if fetch.has(&path("pytorch_model.bin")) => Err(HubError::PytorchOnly {

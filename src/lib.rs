@@ -19,6 +19,7 @@ pub mod config;
 pub mod data;
 pub mod embed;
 pub mod export;
+pub mod finite;
 pub mod hub;
 pub mod input;
 // Exception: a signal handler, which may only make async-signal-safe libc calls on raw C
@@ -49,6 +50,15 @@ pub mod train;
 
 /// Runs one command to completion.
 pub fn run(cmd: &config::Command) -> anyhow::Result<()> {
+    let dtype = match cmd {
+        config::Command::Embed(cfg) => cfg.dtype,
+        config::Command::Multitask(cfg) => cfg.train.dtype,
+        config::Command::Scenarios(cfg) => cfg.train.dtype,
+        config::Command::Serve(cfg) => cfg.served.dtype,
+    };
+    if let Some(note) = model::quant::kernel_override_note(dtype)? {
+        crate::note!("warning: {note}");
+    }
     match cmd {
         config::Command::Embed(cfg) => tasks::embed::run(cfg),
         config::Command::Multitask(cfg) => tasks::multitask::run(cfg),

@@ -65,7 +65,7 @@ impl ModelAssets {
         config
             .validate()
             .with_context(|| format!("checking {}", files.config.display()))?;
-        let pipeline = Pipeline::from_files(&files)?;
+        let pipeline = Pipeline::from_files(&files, config.hidden_size)?;
         let limit = config.max_tokens();
         let max_len = match max_seq_length {
             Some(n) if n > limit => {
@@ -108,6 +108,20 @@ impl ModelAssets {
             tokenizer,
             weights,
         })
+    }
+
+    /// The prompt to prepend ([`Pipeline::resolve_prompt`]), refused when it leaves too
+    /// little room for the sentence ([`TextTokenizer::check_prompt`]).
+    pub fn prompt(&self, prompt: Option<&str>, name: Option<&str>) -> Result<Option<String>> {
+        let text = self.pipeline.resolve_prompt(prompt, name)?;
+        if let Some(t) = &text {
+            let name = match prompt {
+                Some(_) => None,
+                None => name.or(self.pipeline.default_prompt_name.as_deref()),
+            };
+            self.tokenizer.check_prompt(t, name)?;
+        }
+        Ok(text)
     }
 
     /// The inference encoder in `dtype`: for the BERT family the fast path, loaded one layer

@@ -124,6 +124,22 @@ impl DenseLayer {
     /// `linear.bias`).
     pub fn load(config: &Path, weights: &Path) -> Result<Self> {
         let c: DenseConfig = read_json(config)?;
+        for (field, n) in [
+            ("in_features", c.in_features),
+            ("out_features", c.out_features),
+        ] {
+            if n == 0 {
+                bail!(
+                    "{}: {field} is 0; a Dense module needs at least one {}",
+                    config.display(),
+                    if field == "in_features" {
+                        "input"
+                    } else {
+                        "output"
+                    }
+                );
+            }
+        }
         let activation = DenseActivation::parse(c.activation_function.as_deref())
             .with_context(|| format!("{}", config.display()))?;
         let tensors = candle_core::safetensors::load(weights, &candle_core::Device::Cpu)
@@ -141,9 +157,12 @@ impl DenseLayer {
                     shape
                 );
             }
-            Ok(t.to_dtype(candle_core::DType::F32)?
+            let v = t
+                .to_dtype(candle_core::DType::F32)?
                 .flatten_all()?
-                .to_vec1::<f32>()?)
+                .to_vec1::<f32>()?;
+            crate::finite::check_weight(&v, shape, name, weights)?;
+            Ok(v)
         };
         let weight = get("linear.weight", &[c.out_features, c.in_features])?;
         let bias = if c.bias {
@@ -175,6 +194,9 @@ impl DenseLayer {
 
 #[derive(Deserialize)]
 struct PoolingConfig {
+    /// The width of the token vectors it pools: the encoder's.
+    #[serde(default)]
+    word_embedding_dimension: Option<usize>,
     /// sentence-transformers 5+: one mode name (or a list of them).
     #[serde(default)]
     pooling_mode: Option<serde_json::Value>,
@@ -210,8 +232,10 @@ struct SentenceBertConfig {
 }
 
 impl Pipeline {
-    /// Reads the pipeline from the model's files; plain BERT gets the defaults.
-    pub fn from_files(files: &ModelFiles) -> Result<Self> {
+    /// Reads the pipeline from the model's files; plain BERT gets the defaults. `hidden` is
+    /// the encoder's width (`hidden_size` in `config.json`): the Pooling module must declare
+    /// it, and the first Dense module must take it.
+    pub fn from_files(files: &ModelFiles, hidden: usize) -> Result<Self> {
         let mut p = Pipeline::default();
         if let Some(path) = &files.modules {
             let mut dense = files.dense.iter();
@@ -234,11 +258,15 @@ impl Pipeline {
                         };
                         let layer = DenseLayer::load(&f.config, &f.weights)
                             .with_context(|| format!("loading Dense module {}", m.path))?;
-                        let want = p.dense.last().map(|d: &DenseLayer| d.out_features);
-                        if let Some(w) = want.filter(|&w| w != layer.in_features) {
+                        let (want, from) = match p.dense.last() {
+                            Some(d) => (d.out_features, "the Dense module before it gives"),
+                            None => (hidden, "the encoder gives (hidden_size in config.json)"),
+                        };
+                        if want != layer.in_features {
                             bail!(
-                                "Dense module {} takes {} values but the module before it gives {w}",
-                                m.path,
+                                "{}: in_features is {} but {from} {want} values; the module \
+                                 belongs to another model",
+                                f.config.display(),
                                 layer.in_features
                             );
                         }
@@ -255,6 +283,13 @@ impl Pipeline {
         }
         if let Some(path) = &files.pooling_config {
             let c: PoolingConfig = read_json(path)?;
+            if let Some(d) = c.word_embedding_dimension.filter(|&d| d != hidden) {
+                bail!(
+                    "{}: word_embedding_dimension is {d} but the encoder gives {hidden} values \
+                     (hidden_size in config.json); the module belongs to another model",
+                    path.display()
+                );
+            }
             p.include_prompt = c.include_prompt;
             p.pooling = match &c.pooling_mode {
                 Some(mode) => {

@@ -1,9 +1,9 @@
 //! sentence-transformers' `modules.json`: which module folders (Pooling, Dense, ...) a model
 //! folder has. Read by the hub resolver (to know which files to fetch) and by the pipeline.
 
-use std::path::Path;
+use std::path::{Component, Path};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 /// One entry of `modules.json`.
@@ -24,9 +24,25 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-/// The modules `modules.json` lists, in order.
+/// The modules `modules.json` lists, in order. A module path that leaves the model folder
+/// (absolute, or with a `..` part) is an error, as in sentence-transformers.
 pub fn modules(path: &Path) -> Result<Vec<Module>> {
-    read_json(path)
+    let modules: Vec<Module> = read_json(path)?;
+    for m in &modules {
+        let inside = Path::new(&m.path)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+        if !inside {
+            bail!(
+                "{}: the {} module's path {:?} is outside the model folder; a module must \
+                 live in a folder inside the model's",
+                path.display(),
+                m.kind.rsplit('.').next().unwrap_or(&m.kind),
+                m.path
+            );
+        }
+    }
+    Ok(modules)
 }
 
 /// The folders of the Dense modules listed in `modules.json`, in order.

@@ -304,6 +304,49 @@ impl TextTokenizer {
     }
 }
 
+/// Fewest tokens a prompt must leave for the sentence after it.
+pub const MIN_SENTENCE_TOKENS: usize = 8;
+
+/// A prompt so long that too few tokens are left for the sentence: every sentence would be
+/// cut to (almost) nothing and get (almost) the same vector.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the prompt{} takes {tokens} tokens (with the special tokens) of the {max_len} the model \
+     reads, which leaves {} for each sentence, fewer than {MIN_SENTENCE_TOKENS}: every sentence \
+     would be cut to (almost) nothing and get (almost) the same vector",
+    name.as_ref().map(|n| format!(" {n:?}")).unwrap_or_default(),
+    max_len.saturating_sub(*tokens)
+)]
+pub struct PromptTooLong {
+    /// The prompt's name in the model's `config_sentence_transformers.json`, if it has one.
+    pub name: Option<String>,
+    /// Its tokens with the special ones (at most `max_len`: it is cut there).
+    pub tokens: usize,
+    pub max_len: usize,
+}
+
+impl TextTokenizer {
+    /// Fails with [`PromptTooLong`] when `prompt`, prepended to every sentence, leaves fewer
+    /// than [`MIN_SENTENCE_TOKENS`] tokens for it. `name` is the prompt's name, if any.
+    pub fn check_prompt(&self, prompt: &str, name: Option<&str>) -> Result<()> {
+        let e = self.encode(&[prompt])?.remove(0);
+        let tokens = if e.truncated {
+            self.max_len
+        } else {
+            e.ids.len()
+        };
+        if tokens + MIN_SENTENCE_TOKENS > self.max_len {
+            return Err(PromptTooLong {
+                name: name.map(str::to_string),
+                tokens,
+                max_len: self.max_len,
+            }
+            .into());
+        }
+        Ok(())
+    }
+}
+
 /// A sentence the tokenizer could not handle; `index` is its position in the texts given.
 #[derive(Debug)]
 pub struct TokenizeError {
@@ -356,11 +399,19 @@ fn tail_at_whitespace(text: &str, budget: usize) -> &str {
     }
 }
 
-/// Names the sentence of a [`TokenizeError`] with `describe(index)`; other errors pass.
+/// Names the sentence of a [`TokenizeError`] (or of a vector that is not finite, a
+/// [`crate::finite::NonFiniteOutput`]) with `describe(index)`; other errors pass.
 pub fn name_sentence(e: anyhow::Error, describe: impl Fn(usize) -> String) -> anyhow::Error {
-    match e.downcast_ref::<TokenizeError>() {
-        Some(t) => {
-            let what = describe(t.index);
+    let index = e
+        .downcast_ref::<TokenizeError>()
+        .map(|t| t.index)
+        .or_else(|| {
+            e.downcast_ref::<crate::finite::NonFiniteOutput>()
+                .map(|n| n.index)
+        });
+    match index {
+        Some(i) => {
+            let what = describe(i);
             e.context(what)
         }
         None => e,

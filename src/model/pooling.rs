@@ -110,8 +110,18 @@ impl Pooling {
 }
 
 /// Scales `v` to unit L2 norm (a zero vector stays zero): sentence-transformers' `Normalize`.
+/// Values so large that their squares overflow are scaled down first, so a finite vector
+/// never becomes zeros.
 pub fn normalize_l2(v: &mut [f32]) {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm.is_infinite() {
+        let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        if max.is_finite() {
+            v.iter_mut().for_each(|x| *x /= max);
+            return normalize_l2(v);
+        }
+    }
+    let norm = norm.max(1e-12);
     v.iter_mut().for_each(|x| *x /= norm);
 }
 
@@ -175,5 +185,13 @@ mod tests {
         let mut z = [0.0f32; 2];
         normalize_l2(&mut z);
         assert_eq!(z, [0.0, 0.0]);
+        // Squares that overflow f32 still give a unit vector, not zeros.
+        let mut big = [3e38f32, -3e38f32];
+        normalize_l2(&mut big);
+        let h = std::f32::consts::FRAC_1_SQRT_2;
+        assert!(
+            (big[0] - h).abs() < 1e-6 && (big[1] + h).abs() < 1e-6,
+            "{big:?}"
+        );
     }
 }

@@ -52,6 +52,51 @@ impl FromStr for Dtype {
     }
 }
 
+/// What `FETCH_ML_KERNEL` means for `dtype`: nothing when unset or when it names a kernel of
+/// `dtype`; a note to print when it names a kernel of the other dtype, or any kernel under
+/// f32 (which has one), since it is then ignored; an error when it names no kernel at all.
+pub fn kernel_override_note(dtype: Dtype) -> Result<Option<String>, QuantError> {
+    let Some(name) = std::env::var("FETCH_ML_KERNEL")
+        .ok()
+        .map(|v| v.trim().to_ascii_lowercase())
+        .filter(|v| !v.is_empty())
+    else {
+        return Ok(None);
+    };
+    let int8 = Int8Kernel::named(&name).is_some();
+    let bf16 = Bf16Kernel::named(&name).is_some();
+    let int8_names = Int8Kernel::all()
+        .map(Int8Kernel::name)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let bf16_names = Bf16Kernel::all()
+        .map(Bf16Kernel::name)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !int8 && !bf16 {
+        return Err(QuantError(format!(
+            "FETCH_ML_KERNEL={name} names no kernel; expected one of {int8_names} (int8) or \
+             {bf16_names} (bf16)"
+        )));
+    }
+    let applies = match dtype {
+        Dtype::F32 => false,
+        Dtype::Int8 => int8,
+        Dtype::Bf16 => bf16,
+    };
+    if applies {
+        return Ok(None);
+    }
+    let choices = match dtype {
+        Dtype::F32 => "f32 has one kernel and no choice".to_string(),
+        Dtype::Int8 => format!("the int8 kernels are {int8_names}"),
+        Dtype::Bf16 => format!("the bf16 kernels are {bf16_names}"),
+    };
+    Ok(Some(format!(
+        "FETCH_ML_KERNEL={name} is ignored: the dense layers run in {dtype}, and {choices}"
+    )))
+}
+
 /// The name of the kernel that runs the dense layers for `dtype` ("gemm-f32" for f32), as
 /// `FETCH_ML_KERNEL` and the CPU decide; "unavailable" when the override cannot be honoured.
 pub fn kernel_name(dtype: Dtype) -> &'static str {

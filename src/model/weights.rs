@@ -194,7 +194,9 @@ impl WeightFile {
                 shape.dims()
             )
         }
-        Ok(Some(t.to_dtype(DType::F32)?))
+        let t = t.to_dtype(DType::F32)?;
+        crate::finite::check_tensor(&t, &file_name, &self.path)?;
+        Ok(Some(t))
     }
 
     /// A fingerprint of the whole file: `xxh3-128:` and the XXH3 128-bit hash of every byte

@@ -98,8 +98,7 @@ impl Backend {
                 "cannot truncate the vectors to {n} dimensions: the model has {dimension}"
             );
         }
-        let prompt =
-            pipeline.resolve_prompt(served.prompt.as_deref(), served.prompt_name.as_deref())?;
+        let prompt = assets.prompt(served.prompt.as_deref(), served.prompt_name.as_deref())?;
         let keep_end = assets.tokenizer.keeping_end()?;
         Ok(Self {
             normalize: served.normalize.unwrap_or(pipeline.normalize),
@@ -158,7 +157,8 @@ impl Backend {
     pub fn embed(&self, embedder: &Embedder, encoded: &[Encoded]) -> Result<Vec<Vec<f32>>> {
         self.check_fault(encoded)?;
         Ok(embedder
-            .embed_encoded(encoded)?
+            .embed_encoded(encoded)
+            .map_err(name_input)?
             .into_iter()
             .map(|e| e.vector)
             .collect())
@@ -171,7 +171,8 @@ impl Backend {
         let model = self
             .multitask()
             .context("no multitask model is served (--checkpoint)")?;
-        let [a, b] = crate::train::evaluate::predict_probs(model, encoded, self.batch_size, None)?;
+        let [a, b] = crate::train::evaluate::predict_probs(model, encoded, self.batch_size, None)
+            .map_err(name_input)?;
         Ok(a.into_iter().zip(b).map(|(a, b)| [a, b]).collect())
     }
 
@@ -192,8 +193,7 @@ impl Backend {
             None => Ok(self.prompt.clone()),
             Some(n) => self
                 .assets
-                .pipeline
-                .resolve_prompt(None, Some(n))
+                .prompt(None, Some(n))
                 .map_err(|e| ApiError::invalid("prompt_name", format!("{e:#}"))),
         }
     }
@@ -333,4 +333,10 @@ fn fault_token() -> Option<u32> {
 #[cfg(not(feature = "test-support"))]
 fn fault_token() -> Option<u32> {
     None
+}
+
+/// Names the input of an error about one input (a vector that is not finite) by its position
+/// in the request, as the other errors about one input do.
+fn name_input(e: anyhow::Error) -> anyhow::Error {
+    crate::tokenize::name_sentence(e, |i| format!("input {i}"))
 }

@@ -126,6 +126,8 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
     }
     let mut assets = ModelAssets::from_files(model_files, cfg.max_seq_length)?;
     assets.tokenizer.set_truncate_side(cfg.truncate_side)?;
+    // Checked before the weights load: a prompt too long for the sentence fails at once.
+    let prompt = assets.prompt(cfg.prompt.as_deref(), cfg.prompt_name.as_deref())?;
     let device = Device::Cpu;
     // The float32 dense weights are dropped once converted: only one copy stays resident.
     let encoder = assets.inference_encoder(cfg.dtype, &device)?;
@@ -136,7 +138,7 @@ pub fn run(cfg: &EmbedConfig) -> Result<()> {
             encoder.kernel_name()
         );
     }
-    let (embedder, dimension) = embedder(cfg, &assets, &encoder)?;
+    let (embedder, dimension) = embedder(cfg, &assets, &encoder, prompt)?;
     let meta = meta(cfg, &assets, &embedder, dimension, fingerprint, job.clone());
     embed_all(
         cfg,
@@ -226,6 +228,7 @@ fn embedder<'a>(
     cfg: &EmbedConfig,
     assets: &'a ModelAssets,
     encoder: &'a InferenceEncoder,
+    prompt: Option<String>,
 ) -> Result<(Embedder<'a>, usize)> {
     let mut embedder = Embedder::new(
         encoder,
@@ -244,9 +247,7 @@ fn embedder<'a>(
         embedder.truncate_dim = Some(n);
         dimension = n;
     }
-    embedder.prompt = assets
-        .pipeline
-        .resolve_prompt(cfg.prompt.as_deref(), cfg.prompt_name.as_deref())?;
+    embedder.prompt = prompt;
     if let (Some(p), None, None) = (&embedder.prompt, &cfg.prompt, &cfg.prompt_name) {
         crate::note!("note: the model's default prompt {p:?} is prepended to every sentence");
     }

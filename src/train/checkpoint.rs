@@ -63,6 +63,11 @@ pub enum CheckpointError {
     },
     #[error("{path}: tensor {name} is listed as trained in {META_FILE} but missing from the file")]
     MissingTensor { path: String, name: String },
+    #[error(
+        "{path} is missing: the checkpoint folder has its {META_FILE} but not its weights; copy \
+         the whole folder that was saved, or train again"
+    )]
+    MissingWeights { path: String },
 }
 /// A u8 tensor in `model.safetensors` holding the heads' label lists as JSON, so that an edit
 /// of the lists in `checkpoint.json` (which would silently relabel predictions) is caught.
@@ -209,7 +214,14 @@ impl Checkpoint {
             }
             .into());
         }
-        let weights = Arc::new(WeightFile::open(&dir.join(WEIGHTS_FILE))?);
+        let weights_path = dir.join(WEIGHTS_FILE);
+        if !weights_path.exists() {
+            return Err(CheckpointError::MissingWeights {
+                path: weights_path.display().to_string(),
+            }
+            .into());
+        }
+        let weights = Arc::new(WeightFile::open(&weights_path)?);
         // Checkpoints before the label tensor have none; theirs cannot be checked.
         if let Some(saved) = weights.raw_bytes(LABELS_TENSOR)? {
             let listed = serde_json::to_vec(&meta.heads.labels)?;

@@ -31,6 +31,14 @@ pub fn compute_features(
     let parts = parts?;
     let order: Vec<usize> = batches.concat();
     let sorted = Tensor::cat(&parts, 0)?;
+    // A NaN vector would pass through the heads' ReLU as 0: finite, and wrong.
+    let rows = sorted.to_vec2::<f32>()?;
+    crate::finite::check_rows(rows.iter().map(Vec::as_slice), "vector").map_err(|n| {
+        crate::finite::NonFiniteOutput {
+            index: order[n.index],
+            ..n
+        }
+    })?;
     // Row r of `sorted` is example order[r]; invert the permutation.
     let mut inverse = vec![0u32; order.len()];
     for (r, &i) in order.iter().enumerate() {
@@ -50,8 +58,13 @@ pub fn cached_features(
     let Some(cache) = cache else {
         return compute_features(model, &data.encoded, batch_size);
     };
+    // A cached vector that is not finite (a damaged cache) is computed again.
     let missing: Vec<usize> = (0..data.texts.len())
-        .filter(|&i| cache.get(&data.texts[i]).is_none())
+        .filter(|&i| {
+            cache
+                .get(&data.texts[i])
+                .is_none_or(|v| crate::finite::non_finite(v).is_some())
+        })
         .collect();
     if !missing.is_empty() {
         let encoded: Vec<Encoded> = missing.iter().map(|&i| data.encoded[i].clone()).collect();
@@ -90,7 +103,10 @@ pub fn predict_probs(
     };
     let logits = model.head_logits(features, None)?;
     let probs = |t: usize| -> Result<Vec<Vec<f32>>> {
-        Ok(candle_nn::ops::softmax_last_dim(&logits[t])?.to_vec2::<f32>()?)
+        let p = candle_nn::ops::softmax_last_dim(&logits[t])?.to_vec2::<f32>()?;
+        let what = ["class probabilities", "sentiment probabilities"][t];
+        crate::finite::check_rows(p.iter().map(Vec::as_slice), what)?;
+        Ok(p)
     };
     Ok([probs(0)?, probs(1)?])
 }

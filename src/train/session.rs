@@ -59,6 +59,9 @@ pub struct DataPart {
     pub prepared: Prepared,
 }
 
+/// Fewer training rows than this get a warning: a head fits them exactly.
+const FEW_ROWS: usize = 10;
+
 /// The model files and both data sets of a run, validated.
 pub struct Setup {
     pub assets: ModelAssets,
@@ -84,6 +87,16 @@ impl Setup {
             return Err(NoEvalSet.into());
         }
         let labels = train.label_sets();
+        let rows = train.examples.len();
+        if rows < FEW_ROWS {
+            crate::note!(
+                "warning: {} has only {rows} row{}: the heads will fit {} (loss near 0) and learn \
+                 little that carries over to other sentences",
+                train.name,
+                if rows == 1 { "" } else { "s" },
+                if rows == 1 { "it" } else { "them" }
+            );
+        }
         for t in 0..2 {
             if labels[t].is_empty() {
                 bail!(

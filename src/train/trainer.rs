@@ -98,16 +98,41 @@ pub use super::prepared::Prepared;
 /// The loss stopped being a finite number: training stops before anything is saved.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "training diverged at epoch {epoch}, step {step}: the loss is {loss} (class {}, sentiment {}). \
+    "training diverged at epoch {epoch}, step {step}: the loss is {loss} (class {}, sentiment {}){}. \
      Nothing was saved",
     heads[0],
-    heads[1]
+    heads[1],
+    if self.weights_overflow() {
+        ": each head's loss is finite, so the loss weights make their weighted sum overflow"
+    } else {
+        ""
+    }
 )]
 pub struct Diverged {
     pub epoch: usize,
     pub step: usize,
     pub loss: f64,
+    /// Each head's loss, before the loss weights.
     pub heads: [f64; 2],
+}
+
+/// Training left the model computing numbers that are not finite, although the loss was
+/// finite (the last update overflowed, as with a far too large learning rate): a trained
+/// tensor holds one, or the evaluation set's outputs do. Training stops; nothing is saved.
+#[derive(Debug, thiserror::Error)]
+#[error("training diverged by step {step}: {what}. Nothing was saved")]
+pub struct DivergedWeights {
+    pub step: usize,
+    /// What is not finite.
+    pub what: String,
+}
+
+impl Diverged {
+    /// True when the heads' own losses are finite and only their weighted sum is not: the
+    /// loss weights, not the learning rates, are at fault.
+    pub fn weights_overflow(&self) -> bool {
+        self.heads.iter().all(|h| h.is_finite())
+    }
 }
 
 /// What one epoch did.

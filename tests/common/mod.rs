@@ -196,3 +196,26 @@ pub fn param_bits(model: &fetch_ml::model::multitask::MultiTaskModel) -> Vec<(St
         })
         .collect()
 }
+
+/// A tiny model in `dir/cat-model` whose word "cat" has an embedding of 3e38 in every channel:
+/// the embeddings' LayerNorm overflows on its token, so a sentence holding "cat" gets a NaN
+/// vector while every other sentence gets a finite one (the toy data never says "cat").
+pub fn cat_poisoned_model(dir: &Path) -> PathBuf {
+    use candle_core::{Device, Tensor};
+    let model = dir.join("cat-model");
+    TinyBert::default().write(&model).unwrap();
+    let cat = fetch_ml::testutil::vocab()
+        .iter()
+        .position(|w| w == "cat")
+        .unwrap();
+    let path = model.join("model.safetensors");
+    let mut w = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let name = "embeddings.word_embeddings.weight";
+    let h = w[name].dims()[1];
+    let mut v: Vec<f32> = w[name].flatten_all().unwrap().to_vec1().unwrap();
+    v[cat * h..(cat + 1) * h].iter_mut().for_each(|x| *x = 3e38);
+    let t = Tensor::from_vec(v, w[name].dims(), &Device::Cpu).unwrap();
+    w.insert(name.into(), t);
+    candle_core::safetensors::save(&w, &path).unwrap();
+    model
+}

@@ -6,6 +6,7 @@
 mod common;
 
 mod batching;
+mod faults;
 mod harness;
 mod lifecycle;
 mod limits;

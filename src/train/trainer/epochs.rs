@@ -9,7 +9,7 @@ use rand::SeedableRng;
 
 use super::state::{Best, Inputs, Trainer};
 use super::step::trace_rss;
-use super::{epoch_batches, BestCheckpoint, EpochReport, StepEval, TrainOutcome};
+use super::{epoch_batches, BestCheckpoint, DivergedWeights, EpochReport, StepEval, TrainOutcome};
 use crate::output::progress_bar;
 use crate::train::evaluate::evaluate;
 use crate::train::metrics::HeadMetrics;
@@ -108,6 +108,21 @@ impl Trainer<'_> {
         let s = self.s;
         outcome.steps = self.step;
         if let Some(best) = self.best.take() {
+            let metric = s.keep_best.expect("best implies keep_best").name();
+            if outcome.stopped_early {
+                let n = self.stale_evals;
+                crate::note!(
+                    "early stop after step {}: {n} evaluation{} in a row did not improve {metric}",
+                    self.step,
+                    if n == 1 { "" } else { "s" }
+                );
+            }
+            crate::note!(
+                "keeping the weights of step {} (epoch {}), the best {metric}: {:.4}",
+                best.step,
+                best.epoch,
+                best.value
+            );
             for (v, w) in self.vars.iter().zip(&best.weights) {
                 v.set(w)?;
             }
@@ -125,7 +140,58 @@ impl Trainer<'_> {
         }
         outcome.evaluations = std::mem::take(&mut self.evaluations);
         self.model.encoder.sparse().enable(false);
+        self.check_finite()?;
+        self.check_last_update(s.batch_size.min(self.data.texts.len()))?;
         Ok(outcome)
+    }
+
+    /// Fails with [`DivergedWeights`] when a trained tensor holds a value that is not finite.
+    /// One pass over the trained weights; run before each evaluation and at the end.
+    fn check_finite(&self) -> Result<()> {
+        for p in self.model.registry.params() {
+            let Some(var) = p.var else { continue };
+            let values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            if let Some(bad) = crate::finite::non_finite(&values) {
+                return Err(DivergedWeights {
+                    step: self.step,
+                    what: format!(
+                        "tensor {} holds {} ({} of its {} values are not finite numbers)",
+                        p.name,
+                        bad.kind(),
+                        bad.count,
+                        bad.len
+                    ),
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails with [`DivergedWeights`] when the logits of the first `rows` training examples
+    /// are not finite. Each step's loss checks the update before it; this checks the last one
+    /// (at the cost of one batch's forward pass), so a model that overflows is not saved.
+    fn check_last_update(&self, rows: usize) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let idx: Vec<usize> = (0..rows).collect();
+        for (t, logits) in self.logits(&idx)?.iter().enumerate() {
+            let v = logits.to_vec2::<f32>()?;
+            if let Err(n) = crate::finite::check_rows(v.iter().map(Vec::as_slice), "logits") {
+                return Err(DivergedWeights {
+                    step: self.step,
+                    what: format!(
+                        "the {} logits of training example {} are not finite numbers, although \
+                         the weights are",
+                        crate::data::TASKS[t],
+                        n.index + 1
+                    ),
+                }
+                .into());
+            }
+        }
+        Ok(())
     }
 
     /// Evaluates now; with `--keep-best`, remembers the weights when the metric improved.
@@ -134,11 +200,27 @@ impl Trainer<'_> {
         let Some(e) = self.eval else {
             return Ok(None);
         };
+        self.check_finite()?;
         let metrics = evaluate(
             self.model,
             e,
             self.s.batch_size,
             self.eval_features.as_ref(),
+        )
+        .map_err(
+            |err| match err.downcast_ref::<crate::finite::NonFiniteOutput>() {
+                Some(n) => DivergedWeights {
+                    step: self.step,
+                    what: format!(
+                        "the {} of evaluation example {} are not finite numbers, although the \
+                         weights are",
+                        n.what,
+                        n.index + 1
+                    ),
+                }
+                .into(),
+                None => err,
+            },
         )?;
         self.evaluations.push(StepEval {
             step: self.step,

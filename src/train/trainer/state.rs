@@ -121,12 +121,24 @@ fn heads_inputs(
     cache: Option<&mut EmbeddingCache>,
 ) -> Result<(Inputs, Option<Tensor>)> {
     let num_layers = model.encoder.num_layers();
-    if s.cache_features && model.plan.encoder_frozen(num_layers) {
+    let frozen = model.plan.encoder_frozen(num_layers);
+    if cache.is_some() && !(s.cache_features && frozen) {
+        crate::note!(
+            "note: the embedding cache is not used: part of the encoder trains, so the \
+             sentence vectors change at every step; it is used only with the whole encoder \
+             frozen"
+        );
+    }
+    if s.cache_features && frozen {
         let mut cache = cache;
-        let train = cached_features(model, data, s.batch_size, cache.as_deref_mut())?;
+        let train = cached_features(model, data, s.batch_size, cache.as_deref_mut())
+            .map_err(|e| name_example(e, data, "training"))?;
         // Evaluation vectors are cached too.
         let eval = match eval {
-            Some(e) => Some(cached_features(model, e, s.batch_size, cache)?),
+            Some(e) => Some(
+                cached_features(model, e, s.batch_size, cache)
+                    .map_err(|err| name_example(err, e, "evaluation"))?,
+            ),
             None => None,
         };
         return Ok((Inputs::Features(train), eval));
@@ -188,4 +200,13 @@ fn class_weights(
         Ok(Some(Tensor::new(w, dev)?))
     };
     Ok([w(0)?, w(1)?])
+}
+
+/// Names the example of an error about one example of `data` (the `set` data) by its
+/// position and the start of its text.
+fn name_example(e: anyhow::Error, data: &Prepared, set: &str) -> anyhow::Error {
+    crate::tokenize::name_sentence(e, |i| {
+        let text: String = data.texts[i].chars().take(60).collect();
+        format!("{set} example {} ({text:?})", i + 1)
+    })
 }

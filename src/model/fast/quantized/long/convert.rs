@@ -39,8 +39,9 @@ fn norm(n: &CandleNorm) -> Result<Norm> {
 }
 
 /// The dense layers `parts` stacked into one product (their output rows concatenated in
-/// order), in `dtype`; absent biases are zeros. One part is shared, not copied, in f32.
-fn fused(parts: &[&CandleDense], dtype: quant::Dtype) -> Result<Dense> {
+/// order), in `dtype`; absent biases are zeros. `normed`: the input is a LayerNorm's output
+/// (int8 then gives its outlier token rows a second pass). One part is shared, not copied, in f32.
+fn fused(parts: &[&CandleDense], dtype: quant::Dtype, normed: bool) -> Result<Dense> {
     let bias = |d: &CandleDense| match &d.bias {
         Some(b) => Ok(b.clone()),
         None => Tensor::zeros(d.out_dim(), candle_core::DType::F32, d.weight.device()),
@@ -58,7 +59,7 @@ fn fused(parts: &[&CandleDense], dtype: quant::Dtype) -> Result<Dense> {
             )?,
         },
     };
-    Dense::new(&lin, dtype)
+    Dense::new(&lin, dtype, normed)
 }
 
 /// The attention of a layer with `heads` heads of `head_dim`.
@@ -108,11 +109,11 @@ pub(super) fn modernbert(e: ModernBertEncoder, dtype: quant::Dtype) -> Result<Pa
         };
         out.push(Layer {
             attn_norm: l.attn_norm.as_ref().map(norm).transpose()?,
-            qkv: fused(&[&l.wqkv], dtype)?,
-            out: fused(&[&l.wo], dtype)?,
+            qkv: fused(&[&l.wqkv], dtype, true)?,
+            out: fused(&[&l.wo], dtype, false)?,
             mlp_norm: norm(&l.mlp_norm)?,
-            ffn_in: fused(&[&l.wi], dtype)?,
-            ffn_out: fused(&[&l.mlp_wo], dtype)?,
+            ffn_in: fused(&[&l.wi], dtype, true)?,
+            ffn_out: fused(&[&l.mlp_wo], dtype, false)?,
             rope: Some(rope),
             spec: spec(heads, head_dim, None, window),
         });
@@ -150,11 +151,11 @@ pub(super) fn nomic_bert(e: NomicBertEncoder, dtype: quant::Dtype) -> Result<Par
     for l in layers {
         out.push(Layer {
             attn_norm: Some(norm(&l.norm1)?),
-            qkv: fused(&[&l.wqkv], dtype)?,
-            out: fused(&[&l.out_proj], dtype)?,
+            qkv: fused(&[&l.wqkv], dtype, true)?,
+            out: fused(&[&l.out_proj], dtype, false)?,
             mlp_norm: norm(&l.norm2)?,
-            ffn_in: fused(&[&l.fc12, &l.fc11], dtype)?,
-            ffn_out: fused(&[&l.fc2], dtype)?,
+            ffn_in: fused(&[&l.fc12, &l.fc11], dtype, true)?,
+            ffn_out: fused(&[&l.fc2], dtype, false)?,
             rope: Some(0),
             spec: spec(heads, head_dim, None, None),
         });
@@ -198,11 +199,11 @@ pub(super) fn jina_bert(e: JinaBertEncoder, dtype: quant::Dtype) -> Result<Parts
     for l in layers {
         out.push(Layer {
             attn_norm: Some(norm(&l.attn_norm)?),
-            qkv: fused(&[&l.query, &l.key, &l.value], dtype)?,
-            out: fused(&[&l.output], dtype)?,
+            qkv: fused(&[&l.query, &l.key, &l.value], dtype, true)?,
+            out: fused(&[&l.output], dtype, false)?,
             mlp_norm: norm(&l.layernorm)?,
-            ffn_in: fused(&[&l.gated_layers], dtype)?,
-            ffn_out: fused(&[&l.wo], dtype)?,
+            ffn_in: fused(&[&l.gated_layers], dtype, true)?,
+            ffn_out: fused(&[&l.wo], dtype, false)?,
             rope: None,
             spec: spec(heads, head_dim, Some(slopes.clone()), None),
         });

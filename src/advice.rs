@@ -15,90 +15,100 @@ use crate::train::trainer::{Diverged, DivergedWeights};
 
 /// One line of advice per typed cause in `e`'s chain that a flag can fix, outermost first.
 pub fn advice(e: &anyhow::Error) -> Vec<String> {
-    let mut out = Vec::new();
-    for cause in e.chain() {
-        let line = if let Some(h) = cause.downcast_ref::<HubError>() {
-            hub(h)
-        } else if let Some(l) = cause.downcast_ref::<LoadError>() {
-            Some(match l {
-                LoadError::SeqLengthOverLimit { limit, .. } => {
-                    format!("pass --max-seq-length {limit} or less")
-                }
-                LoadError::SeqLengthTooShort { .. } => "pass --max-seq-length 2 or more".into(),
-                LoadError::ModelSeqLengthTooShort { .. } => {
-                    "pass --max-seq-length N to override the model's value".into()
-                }
-            })
-        } else if cause.downcast_ref::<NoEvalSet>().is_some() {
-            Some(
-                "--eval-every and --keep-best evaluate during training: pass --eval-file with \
-                 --train-file"
-                    .into(),
-            )
-        } else if cause.downcast_ref::<OtherJob>().is_some() {
-            Some(
-                "pass --overwrite to replace it with this run's output (the shard is embedded \
-                 again), or choose another --output"
-                    .into(),
-            )
-        } else if let Some(d) = cause.downcast_ref::<Diverged>() {
-            Some(if d.weights_overflow() {
-                "pass smaller --loss-weights (only their ratio matters; 1,1 is the default)".into()
-            } else {
-                "try a lower --lr or --head-lr".into()
-            })
-        } else if cause.downcast_ref::<DivergedWeights>().is_some() {
-            Some("try a lower --lr or --head-lr".into())
-        } else if let Some(c) = cause.downcast_ref::<ChunkError>() {
-            Some(match c {
-                ChunkError::OverLimit { limit, .. } => format!(
-                    "pass --chunk-tokens {limit} or less (--max-seq-length raises the limit up to \
-                     the model's)"
-                ),
-                ChunkError::NoRoom { .. } => {
-                    "pass a smaller --chunk-overlap or a larger --chunk-tokens".into()
-                }
-            })
-        } else if cause.downcast_ref::<TrainableDtype>().is_some() {
-            Some("drop --dtype, or freeze the encoder (--freeze encoder)".into())
-        } else if let Some(p) = cause.downcast_ref::<UnknownPrompt>() {
-            Some(if p.known.is_empty() {
-                "pass the prompt's text with --prompt".into()
-            } else {
-                "pass one of them to --prompt-name, or the text itself with --prompt".into()
-            })
-        } else if cause.downcast_ref::<PromptTooLong>().is_some() {
-            Some(
-                "pass a shorter --prompt (or --prompt-name), or a larger --max-seq-length up to \
-                 the model's limit"
-                    .into(),
-            )
-        } else if let Some(f) = cause.downcast_ref::<FreezeError>() {
-            match f {
-                FreezeError::TooManyLayers { layers, .. } => {
-                    Some(format!("pass --freeze-layers between 0 and {layers}"))
-                }
-                FreezeError::NoneWithOthers => Some("drop none from --freeze".into()),
-                _ => None,
+    e.chain()
+        .filter_map(|cause| inputs(cause).or_else(|| training(cause)))
+        .collect()
+}
+
+/// Advice for a cause about the model, its inputs or its outputs.
+fn inputs(cause: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if let Some(h) = cause.downcast_ref::<HubError>() {
+        hub(h)
+    } else if let Some(l) = cause.downcast_ref::<LoadError>() {
+        Some(match l {
+            LoadError::SeqLengthOverLimit { limit, .. } => {
+                format!("pass --max-seq-length {limit} or less")
             }
-        } else if let Some(c) = cause.downcast_ref::<CheckpointError>() {
-            match c {
-                CheckpointError::NotACheckpoint { .. } => {
-                    Some("--checkpoint takes a folder that --save wrote".into())
-                }
-                CheckpointError::BaseShape { want, .. }
-                | CheckpointError::BaseWeights { want, .. } => Some(format!(
+            LoadError::SeqLengthTooShort { .. } => "pass --max-seq-length 2 or more".into(),
+            LoadError::ModelSeqLengthTooShort { .. } => {
+                "pass --max-seq-length N to override the model's value".into()
+            }
+        })
+    } else if cause.downcast_ref::<OtherJob>().is_some() {
+        Some(
+            "pass --overwrite to replace it with this run's output (the shard is embedded \
+             again), or choose another --output"
+                .into(),
+        )
+    } else if let Some(c) = cause.downcast_ref::<ChunkError>() {
+        Some(match c {
+            ChunkError::OverLimit { limit, .. } => format!(
+                "pass --chunk-tokens {limit} or less (--max-seq-length raises the limit up to \
+                 the model's)"
+            ),
+            ChunkError::NoRoom { .. } => {
+                "pass a smaller --chunk-overlap or a larger --chunk-tokens".into()
+            }
+        })
+    } else if let Some(p) = cause.downcast_ref::<UnknownPrompt>() {
+        Some(if p.known.is_empty() {
+            "pass the prompt's text with --prompt".into()
+        } else {
+            "pass one of them to --prompt-name, or the text itself with --prompt".into()
+        })
+    } else if cause.downcast_ref::<PromptTooLong>().is_some() {
+        Some(
+            "pass a shorter --prompt (or --prompt-name), or a larger --max-seq-length up to \
+             the model's limit"
+                .into(),
+        )
+    } else {
+        None
+    }
+}
+
+/// Advice for a cause about training, freezing or checkpoints.
+fn training(cause: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if cause.downcast_ref::<NoEvalSet>().is_some() {
+        Some(
+            "--eval-every and --keep-best evaluate during training: pass --eval-file with \
+             --train-file"
+                .into(),
+        )
+    } else if let Some(d) = cause.downcast_ref::<Diverged>() {
+        Some(if d.weights_overflow() {
+            "pass smaller --loss-weights (only their ratio matters; 1,1 is the default)".into()
+        } else {
+            "try a lower --lr or --head-lr".into()
+        })
+    } else if cause.downcast_ref::<DivergedWeights>().is_some() {
+        Some("try a lower --lr or --head-lr".into())
+    } else if cause.downcast_ref::<TrainableDtype>().is_some() {
+        Some("drop --dtype, or freeze the encoder (--freeze encoder)".into())
+    } else if let Some(f) = cause.downcast_ref::<FreezeError>() {
+        match f {
+            FreezeError::TooManyLayers { layers, .. } => {
+                Some(format!("pass --freeze-layers between 0 and {layers}"))
+            }
+            FreezeError::NoneWithOthers => Some("drop none from --freeze".into()),
+            _ => None,
+        }
+    } else if let Some(c) = cause.downcast_ref::<CheckpointError>() {
+        match c {
+            CheckpointError::NotACheckpoint { .. } => {
+                Some("--checkpoint takes a folder that --save wrote".into())
+            }
+            CheckpointError::BaseShape { want, .. } | CheckpointError::BaseWeights { want, .. } => {
+                Some(format!(
                     "pass --model {} (the base model the checkpoint was trained on)",
                     want.id
-                )),
-                _ => None,
+                ))
             }
-        } else {
-            None
-        };
-        out.extend(line);
+            _ => None,
+        }
+    } else {
+        None
     }
-    out
 }
 
 fn hub(h: &HubError) -> Option<String> {

@@ -237,50 +237,7 @@ impl Pipeline {
     /// it, and the first Dense module must take it.
     pub fn from_files(files: &ModelFiles, hidden: usize) -> Result<Self> {
         let mut p = Pipeline::default();
-        if let Some(path) = &files.modules {
-            let mut dense = files.dense.iter();
-            for m in modules(path)? {
-                let kind = m.kind.rsplit('.').next().unwrap_or(&m.kind);
-                match kind {
-                    "Transformer" | "Pooling" => {}
-                    "Dense" if p.normalize => bail!(
-                        "{} lists a Dense module after Normalize, which fetch-ml does not \
-                         implement; its embeddings would be wrong, so the model is refused",
-                        path.display()
-                    ),
-                    "Dense" => {
-                        let Some(f) = dense.next() else {
-                            bail!(
-                                "{}: the files of Dense module {} were not found",
-                                path.display(),
-                                m.path
-                            )
-                        };
-                        let layer = DenseLayer::load(&f.config, &f.weights)
-                            .with_context(|| format!("loading Dense module {}", m.path))?;
-                        let (want, from) = match p.dense.last() {
-                            Some(d) => (d.out_features, "the Dense module before it gives"),
-                            None => (hidden, "the encoder gives (hidden_size in config.json)"),
-                        };
-                        if want != layer.in_features {
-                            bail!(
-                                "{}: in_features is {} but {from} {want} values; the module \
-                                 belongs to another model",
-                                f.config.display(),
-                                layer.in_features
-                            );
-                        }
-                        p.dense.push(layer);
-                    }
-                    "Normalize" => p.normalize = true,
-                    other => bail!(
-                        "{} lists a {other} module, which fetch-ml does not implement; its \
-                         embeddings would be wrong, so the model is refused",
-                        path.display()
-                    ),
-                }
-            }
-        }
+        p.read_modules(files, hidden)?;
         if let Some(path) = &files.pooling_config {
             let c: PoolingConfig = read_json(path)?;
             if let Some(d) = c.word_embedding_dimension.filter(|&d| d != hidden) {
@@ -318,6 +275,56 @@ impl Pipeline {
             p.lowercase_input = c.do_lower_case;
         }
         Ok(p)
+    }
+
+    /// The modules `modules.json` lists, in order: Dense layers (each checked against the
+    /// width before it) and Normalize; any other module is refused.
+    fn read_modules(&mut self, files: &ModelFiles, hidden: usize) -> Result<()> {
+        if let Some(path) = &files.modules {
+            let mut dense = files.dense.iter();
+            for m in modules(path)? {
+                let kind = m.kind.rsplit('.').next().unwrap_or(&m.kind);
+                match kind {
+                    "Transformer" | "Pooling" => {}
+                    "Dense" if self.normalize => bail!(
+                        "{} lists a Dense module after Normalize, which fetch-ml does not \
+                         implement; its embeddings would be wrong, so the model is refused",
+                        path.display()
+                    ),
+                    "Dense" => {
+                        let Some(f) = dense.next() else {
+                            bail!(
+                                "{}: the files of Dense module {} were not found",
+                                path.display(),
+                                m.path
+                            )
+                        };
+                        let layer = DenseLayer::load(&f.config, &f.weights)
+                            .with_context(|| format!("loading Dense module {}", m.path))?;
+                        let (want, from) = match self.dense.last() {
+                            Some(d) => (d.out_features, "the Dense module before it gives"),
+                            None => (hidden, "the encoder gives (hidden_size in config.json)"),
+                        };
+                        if want != layer.in_features {
+                            bail!(
+                                "{}: in_features is {} but {from} {want} values; the module \
+                                 belongs to another model",
+                                f.config.display(),
+                                layer.in_features
+                            );
+                        }
+                        self.dense.push(layer);
+                    }
+                    "Normalize" => self.normalize = true,
+                    other => bail!(
+                        "{} lists a {other} module, which fetch-ml does not implement; its \
+                         embeddings would be wrong, so the model is refused",
+                        path.display()
+                    ),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The vector width after pooling and the Dense layers, for an encoder of `hidden`.

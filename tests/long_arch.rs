@@ -5,10 +5,11 @@
 //! `nomic_bert` and `jina_bert` models run here on the same weights. Each runs as one packed
 //! batch of sequences of 1 to 1,100 tokens (longer than ModernBERT's window and than 1,024)
 //! through task 1's encoder (the fast path, tiled attention) and the training path
-//! (composite attention), trains with every tensor getting a gradient, freezes exactly what `--freeze-layers 1`
-//! names, round-trips a checkpoint and an export, and runs in the binary in f32, bf16 and
-//! int8 (the fast path's own tests are in `tests/long_fast.rs`). A sentence-transformers folder on ModernBERT (`st-modernbert`)
-//! matches sentence-transformers' `encode` with nomic's prompts and `truncate_dim`.
+//! (composite attention), trains with every tensor getting a gradient, freezes exactly what
+//! `--freeze-layers 1` names, round-trips a checkpoint and an export, and runs in the binary
+//! in f32, bf16 and int8 (the fast path's own tests are in `tests/long_fast.rs`). A
+//! sentence-transformers folder on ModernBERT (`st-modernbert`) matches
+//! sentence-transformers' `encode` with nomic's prompts and `truncate_dim`.
 
 mod common;
 

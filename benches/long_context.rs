@@ -12,7 +12,7 @@
 //! tokens), ms per 1,000 tokens, the GFLOP of the dense layers (2 per multiply-add) and of the
 //! attention (QK^T and PV over the keys each query sees: the whole sequence in global layers,
 //! the window in local ones), the whole pass's GFLOP/s, and the attention alone: its seconds
-//! and GFLOP/s.
+//! and GFLOP/s (its products in bf16 with `--dtype bf16`, as the encoder runs them).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -26,7 +26,7 @@ use fetch_ml::model::encoder::LongConfig;
 use fetch_ml::model::fast::{PackedEncoder, Workspace};
 use fetch_ml::model::modernbert::LayerKind;
 use fetch_ml::model::pooling::Pooling;
-use fetch_ml::model::quant::Dtype;
+use fetch_ml::model::quant::{Bf16Kernel, Dtype};
 use fetch_ml::tokenize::Encoded;
 
 struct Args {
@@ -152,7 +152,7 @@ fn input(t: usize, vocab: usize) -> Encoded {
 }
 
 /// The attention kernel alone on random Q, K, V of `t` tokens for every layer, in seconds.
-fn attention_seconds(cfg: &BertConfig, kinds: &[Kind], t: usize) -> f64 {
+fn attention_seconds(cfg: &BertConfig, kinds: &[Kind], t: usize, dtype: Dtype) -> f64 {
     let h = cfg.hidden_size;
     let heads = cfg.num_attention_heads;
     let qkv: Vec<f32> = (0..t * 3 * h)
@@ -167,6 +167,11 @@ fn attention_seconds(cfg: &BertConfig, kinds: &[Kind], t: usize) -> f64 {
             scale: 1.0 / ((h / heads) as f32).sqrt(),
             alibi: k.alibi.then(|| alibi_slopes(heads)),
             window: k.window,
+            // As the encoder runs it: bf16 products with --dtype bf16, else f32.
+            bf16: match dtype {
+                Dtype::Bf16 => Bf16Kernel::select().ok(),
+                _ => None,
+            },
         };
         attend_packed(&qkv, &[0, t], &spec, &mut ctx).expect("attention");
     }
@@ -193,7 +198,7 @@ fn main() -> anyhow::Result<()> {
             best = best.min(start.elapsed().as_secs_f64());
             assert!(v[0].iter().all(|x| x.is_finite()));
         }
-        let attn = attention_seconds(&cfg, &kinds, t);
+        let attn = attention_seconds(&cfg, &kinds, t, a.dtype);
         let (dense, attention) = gflop(&cfg, &kinds, t);
         let line = serde_json::json!({
             "tool": "fetch-ml",

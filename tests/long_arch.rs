@@ -4,11 +4,12 @@
 //! (outputs stored by the script), NomicBERT and JinaBERT against candle-transformers'
 //! `nomic_bert` and `jina_bert` models run here on the same weights. Each runs as one packed
 //! batch of sequences of 1 to 1,100 tokens (longer than ModernBERT's window and than 1,024)
-//! through the inference path (tiled attention) and the training path (composite attention),
-//! trains with every tensor getting a gradient, freezes exactly what `--freeze-layers 1`
-//! names, round-trips a checkpoint and an export, and runs in the binary in f32, bf16 and
-//! int8 (the fast path's own tests are in `tests/long_fast.rs`). A sentence-transformers folder on ModernBERT (`st-modernbert`)
-//! matches sentence-transformers' `encode` with nomic's prompts and `truncate_dim`.
+//! through task 1's encoder (the fast path, tiled attention) and the training path
+//! (composite attention), trains with every tensor getting a gradient, freezes exactly what
+//! `--freeze-layers 1` names, round-trips a checkpoint and an export, and runs in the binary
+//! in f32, bf16 and int8 (the fast path's own tests are in `tests/long_fast.rs`). A
+//! sentence-transformers folder on ModernBERT (`st-modernbert`) matches
+//! sentence-transformers' `encode` with nomic's prompts and `truncate_dim`.
 
 mod common;
 
@@ -84,7 +85,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// Our last hidden states of `seqs` as one packed batch: (inference path, training path
+/// Our last hidden states of `seqs` as one packed batch: (task 1's fast path, training path
 /// with dropout off), each `[T * hidden]`.
 fn ours(a: &ModelAssets, seqs: &[Encoded]) -> (Vec<f32>, Vec<f32>) {
     let items: Vec<&Encoded> = seqs.iter().collect();
@@ -103,7 +104,7 @@ fn ours(a: &ModelAssets, seqs: &[Encoded]) -> (Vec<f32>, Vec<f32>) {
 
 /// Checks both our paths against `want` (`[T * hidden]`), sequence by sequence.
 fn check(name: &str, what: &str, got: &(Vec<f32>, Vec<f32>), want: &[f32]) {
-    for (path, x) in [("inference (tiled)", &got.0), ("training", &got.1)] {
+    for (path, x) in [("fast (task 1)", &got.0), ("training", &got.1)] {
         let d = max_diff(x, want);
         let big = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         eprintln!("{name} {what}: {path} path, max abs diff {d:.2e} (largest value {big:.1})");

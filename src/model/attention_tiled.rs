@@ -28,6 +28,9 @@ use rayon::prelude::*;
 
 use kernels::math::{self, BlockRow, RunningRow};
 use kernels::matmul::{matmul, MatMut, MatRef, Parallelism};
+use kernels::quant::{AlignedVec, Bf16Kernel};
+
+mod bf16;
 
 /// Query rows per task.
 pub const QUERY_TILE: usize = 128;
@@ -45,6 +48,9 @@ pub struct AttentionSpec {
     pub alibi: Option<Vec<f32>>,
     /// Keys farther than this from the query (in its own sequence) are not attended.
     pub window: Option<usize>,
+    /// Both products of each block in bf16 on this kernel (f32 sums; the softmax stays f32),
+    /// as `--dtype bf16` runs them; `None`: f32 products.
+    pub bf16: Option<Bf16Kernel>,
 }
 
 /// Buffers that do not fit the sequences or the heads.
@@ -66,6 +72,8 @@ pub enum AttentionError {
     Offsets(Vec<usize>),
     #[error("attention: {slopes} ALiBi slopes for {heads} heads")]
     Slopes { slopes: usize, heads: usize },
+    #[error("attention: this CPU lacks the {0} kernel")]
+    Kernel(&'static str),
 }
 
 /// The attention context `ctx` (`[T, heads * head_dim]`) of packed `qkv` rows
@@ -104,10 +112,18 @@ pub fn attend_packed(
             });
         }
     }
+    if let Some(k) = spec.bf16.filter(|k| !k.supported()) {
+        return Err(AttentionError::Kernel(k.name()));
+    }
+    // bf16: each (sequence, head)'s keys and values packed once, in blocks of KEY_TILE.
+    let packs = match spec.bf16 {
+        Some(_) => bf16::pack(qkv, offsets, spec),
+        None => Vec::new(),
+    };
     // One task per (sequence, query tile), owning that tile's rows of `ctx`.
     let mut tasks: Vec<(Tile, &mut [f32])> = Vec::new();
     let mut rest = ctx;
-    for w in offsets.windows(2) {
+    for (seq, w) in offsets.windows(2).enumerate() {
         let (start, len) = (w[0], w[1] - w[0]);
         for q0 in (0..len).step_by(QUERY_TILE) {
             let rows = QUERY_TILE.min(len - q0);
@@ -115,6 +131,7 @@ pub fn attend_packed(
             rest = tail;
             tasks.push((
                 Tile {
+                    seq,
                     start,
                     len,
                     q0,
@@ -128,15 +145,36 @@ pub fn attend_packed(
         .into_par_iter()
         .for_each_init(Scratch::default, |scratch, (tile, out)| {
             for head in 0..spec.heads {
-                attend_tile(qkv, spec, &tile, head, scratch, out);
+                let products = match spec.bf16 {
+                    Some(kernel) => Products::Bf16 {
+                        kernel,
+                        blocks: &packs[tile.seq * spec.heads + head],
+                    },
+                    None => Products::F32,
+                };
+                attend_tile(qkv, spec, &tile, head, products, scratch, out);
             }
         });
     Ok(())
 }
 
+/// How the two products of a block are computed.
+#[derive(Clone, Copy)]
+enum Products<'a> {
+    /// f32, on strided views of Q, K and V.
+    F32,
+    /// bf16 on `kernel`, against the (sequence, head)'s packed key and value blocks.
+    Bf16 {
+        kernel: Bf16Kernel,
+        blocks: &'a [bf16::Block],
+    },
+}
+
 /// The query rows `q0..q0 + rows` of the sequence at row `start` of `len` tokens.
 #[derive(Debug, Clone, Copy)]
 struct Tile {
+    /// Index of the sequence in the batch.
+    seq: usize,
     start: usize,
     len: usize,
     q0: usize,
@@ -154,6 +192,9 @@ struct Scratch {
     rows: Vec<RunningRow>,
     /// Each row's rescale factor for the current block.
     rescale: Vec<f32>,
+    /// bf16: the tile's queries, and a block's weights, as kernel rows.
+    q16: AlignedVec<u16>,
+    p16: AlignedVec<u16>,
 }
 
 /// The keys query tile `tile` may see: all of its sequence, or those within the window.
@@ -171,12 +212,15 @@ fn key_range(tile: &Tile, window: Option<usize>) -> (usize, usize) {
 /// tile's rows of the context, `[rows, heads * d]`). Per block of keys: the scores
 /// `scale * Q K^T` as one product, the running softmax row by row
 /// ([`math::softmax_block_row`], with ALiBi and the window), then `O = O * rescale + P V` as
-/// one product; Q, K and V are read in place (strided views of the packed rows).
+/// one product. In f32, Q, K and V are read in place (strided views of the packed rows); in
+/// bf16 the blocks are those of the packing ([`bf16::pack`], aligned to `KEY_TILE`).
+#[allow(clippy::too_many_arguments)]
 fn attend_tile(
     qkv: &[f32],
     spec: &AttentionSpec,
     tile: &Tile,
     head: usize,
+    products: Products,
     sc: &mut Scratch,
     out: &mut [f32],
 ) {
@@ -194,12 +238,35 @@ fn attend_tile(
     sc.s.resize(rows * KEY_TILE, 0.0);
     let slope = spec.alibi.as_ref().map_or(0.0, |s| s[head]);
     let (lo, hi) = key_range(tile, spec.window);
-    let mut k0 = lo;
+    let mut k0 = match products {
+        Products::F32 => lo,
+        Products::Bf16 { .. } => {
+            bf16::queries(qkv, at(tile.q0, 0), ld, rows, d, &mut sc.q16);
+            lo / KEY_TILE * KEY_TILE
+        }
+    };
     while k0 < hi {
-        let nk = KEY_TILE.min(hi - k0);
-        let k = MatRef::rows(&qkv[at(k0, 1)..], nk, d, ld);
-        let mut s = MatMut::rows(&mut sc.s, rows, nk, KEY_TILE);
-        matmul(&mut s, false, q, k.t(), spec.scale, Parallelism::None);
+        let nk = match products {
+            Products::F32 => KEY_TILE.min(hi - k0),
+            Products::Bf16 { .. } => KEY_TILE.min(tile.len - k0),
+        };
+        match products {
+            Products::F32 => {
+                let k = MatRef::rows(&qkv[at(k0, 1)..], nk, d, ld);
+                let mut s = MatMut::rows(&mut sc.s, rows, nk, KEY_TILE);
+                matmul(&mut s, false, q, k.t(), spec.scale, Parallelism::None);
+            }
+            Products::Bf16 { kernel, blocks } => {
+                let keys = &blocks[k0 / KEY_TILE].keys;
+                let s = &mut sc.s;
+                bf16::product(kernel, &sc.q16, rows, keys, spec.scale, false, s, KEY_TILE);
+            }
+        }
+        // bf16: the padded width of the weights' rows.
+        let kp = nk.next_multiple_of(2);
+        if let Products::Bf16 { .. } = products {
+            sc.p16.resize(rows * kp);
+        }
         for i in 0..rows {
             let qi = tile.q0 + i;
             let (vlo, vhi) = match spec.window {
@@ -214,17 +281,33 @@ fn attend_tile(
                 slope,
             };
             let row = &mut sc.s[i * KEY_TILE..i * KEY_TILE + nk];
-            sc.rescale[i] = math::softmax_block_row(row, block, &mut sc.rows[i]);
+            sc.rescale[i] = match products {
+                Products::F32 => math::softmax_block_row(row, block, &mut sc.rows[i]),
+                // The weights straight into the bf16 rows of the values' product.
+                Products::Bf16 { .. } => {
+                    let out = &mut sc.p16[i * kp..(i + 1) * kp];
+                    math::softmax_block_row_bf16(row, block, &mut sc.rows[i], out)
+                }
+            };
         }
         for (o, &r) in sc.o.chunks_exact_mut(d).zip(&sc.rescale) {
             if r != 1.0 {
                 o.iter_mut().for_each(|v| *v *= r);
             }
         }
-        let p = MatRef::rows(&sc.s, rows, nk, KEY_TILE);
-        let v = MatRef::rows(&qkv[at(k0, 2)..], nk, d, ld);
-        let mut o = MatMut::rows(&mut sc.o, rows, d, d);
-        matmul(&mut o, true, p, v, 1.0, Parallelism::None);
+        match products {
+            Products::F32 => {
+                let p = MatRef::rows(&sc.s, rows, nk, KEY_TILE);
+                let v = MatRef::rows(&qkv[at(k0, 2)..], nk, d, ld);
+                let mut o = MatMut::rows(&mut sc.o, rows, d, d);
+                matmul(&mut o, true, p, v, 1.0, Parallelism::None);
+            }
+            Products::Bf16 { kernel, blocks } => {
+                let values = &blocks[k0 / KEY_TILE].values;
+                debug_assert_eq!(values.kp, kp);
+                bf16::product(kernel, &sc.p16, rows, values, 1.0, true, &mut sc.o, d);
+            }
+        }
         k0 += nk;
     }
     for i in 0..rows {

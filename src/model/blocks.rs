@@ -195,6 +195,7 @@ pub fn self_attention(
                 scale: 1.0 / (head_dim as f32).sqrt(),
                 alibi: pos.alibi.map(<[f32]>::to_vec),
                 window: pos.window,
+                bf16: None,
             };
             let mut ctx = vec![0f32; t * hidden];
             attend_packed(&v, offsets, &spec, &mut ctx)

@@ -172,3 +172,61 @@ fn bad_buffers_are_errors() {
     let e = attend_packed(&[0.0; 48], &[0, 2], &spec, &mut ctx).unwrap_err();
     assert!(matches!(e, AttentionError::Slopes { .. }), "{e}");
 }
+
+/// bf16 products on every bf16 kernel this CPU has: close to the full-matrix attention
+/// (bf16 rounds Q, K, V and the weights to 8 bits of mantissa), and a sequence's context
+/// bit-identical alone and inside the packed batch.
+#[test]
+fn bf16_products_are_close_and_batch_invariant() {
+    use kernels::quant::Bf16Kernel;
+    let lengths = [1, 5, 64, 300, 600];
+    let (heads, d) = (2, 32);
+    let (qkv, offsets) = random_qkv(&lengths, heads * d, 3);
+    for kernel in Bf16Kernel::all() {
+        if !kernel.supported() {
+            eprintln!("SKIPPED: bf16 kernel {} (this CPU lacks it)", kernel.name());
+            continue;
+        }
+        for (what, alibi, window) in [
+            ("plain", None, None),
+            ("alibi", Some(alibi_slopes(heads)), None),
+            ("window 64", None, Some(64)),
+        ] {
+            let spec = AttentionSpec {
+                heads,
+                head_dim: d,
+                scale: 1.0 / (d as f32).sqrt(),
+                alibi,
+                window,
+                bf16: Some(kernel),
+            };
+            let mut ctx = vec![f32::NAN; qkv.len() / 3];
+            attend_packed(&qkv, &offsets, &spec, &mut ctx).unwrap();
+            let want = reference(&qkv, &offsets, &spec);
+            let diff = max_diff(&ctx, &want);
+            let mean = ctx
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .sum::<f32>()
+                / ctx.len() as f32;
+            eprintln!(
+                "bf16 attention ({}), {what}: max abs diff {diff:.2e}, mean {mean:.2e}",
+                kernel.name()
+            );
+            assert!(diff <= 0.02 && mean <= 2e-3, "{what}: {diff} (mean {mean})");
+            // The 300-token sequence alone.
+            let hidden = heads * d;
+            let (a, b) = (offsets[3], offsets[4]);
+            let alone = &qkv[a * 3 * hidden..b * 3 * hidden];
+            let mut one = vec![0f32; (b - a) * hidden];
+            attend_packed(alone, &[0, b - a], &spec, &mut one).unwrap();
+            assert!(
+                one.iter()
+                    .zip(&ctx[a * hidden..b * hidden])
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{what}: the sequence's context changed with its batch"
+            );
+        }
+    }
+}

@@ -20,7 +20,7 @@ pub(crate) mod avx2;
 mod glu;
 mod online;
 pub use glu::{glu_row, glu_rows, sigmoid, silu, Glu};
-pub use online::{softmax_block_row, BlockRow, RunningRow};
+pub use online::{softmax_block_row, softmax_block_row_bf16, BlockRow, RunningRow};
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
 

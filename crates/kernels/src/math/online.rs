@@ -119,28 +119,71 @@ multiversion! {
 pub fn softmax_block_row(s: &mut [f32], at: BlockRow, state: &mut RunningRow) -> f32 {
     let mut rescale = 1.0;
     #[cfg(target_arch = "x86_64")]
-    if crate::cpu::has_avx512f() {
-        // SAFETY: the CPU has avx512f.
-        unsafe { block_row_avx512(s, at, state, &mut rescale) };
+    if crate::cpu::level() == crate::cpu::Level::Avx512 {
+        // SAFETY: level Avx512 means the CPU has avx512f, bw, dq and vl.
+        unsafe { block_row_avx512(s, at, state, &mut rescale, None) };
         return rescale;
     }
     block_row(s, at, state, &mut rescale);
     rescale
 }
 
+/// As [`softmax_block_row`], and the weights rounded to bf16 (to nearest even, as
+/// [`crate::quant::to_bf16`]) into `out`, whose values past `s.len()` are zeroed: a row of the
+/// bf16 product with the block's values. Panics when `out` is shorter than `s`.
+pub fn softmax_block_row_bf16(
+    s: &mut [f32],
+    at: BlockRow,
+    state: &mut RunningRow,
+    out: &mut [u16],
+) -> f32 {
+    assert!(
+        out.len() >= s.len(),
+        "softmax_block_row_bf16: {} outputs for {} weights",
+        out.len(),
+        s.len()
+    );
+    let mut rescale = 1.0;
+    out[s.len()..].fill(0);
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::level() == crate::cpu::Level::Avx512 {
+        // SAFETY: level Avx512 means the CPU has avx512f, bw, dq and vl; `out` covers `s`.
+        unsafe { block_row_avx512(s, at, state, &mut rescale, Some(out)) };
+        return rescale;
+    }
+    block_row(s, at, state, &mut rescale);
+    for (o, &v) in out.iter_mut().zip(s.iter()) {
+        *o = crate::quant::to_bf16(v);
+    }
+    rescale
+}
+
 /// [`block_row`] in AVX-512: 16 keys a lane, the tail masked, the same arithmetic as the
-/// portable version's (`exp16` is [`exp`] on 16 lanes) up to the order of the sum's lanes.
+/// portable version's (`exp16` is [`exp`] on 16 lanes) up to the order of the sum's lanes;
+/// with `out16`, the weights also as bf16 bits.
 ///
 /// # Safety
-/// The CPU has avx512f.
+/// The CPU has avx512f, avx512bw, avx512dq and avx512vl; `out16`, when given, is at least as
+/// long as `s`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn block_row_avx512(s: &mut [f32], at: BlockRow, state: &mut RunningRow, out: &mut f32) {
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn block_row_avx512(
+    s: &mut [f32],
+    at: BlockRow,
+    state: &mut RunningRow,
+    out: &mut f32,
+    mut out16: Option<&mut [u16]>,
+) {
     use super::avx512::{exp16, lane_mask};
     use std::arch::x86_64::*;
     let n = s.len();
     let lo = at.lo.clamp(at.k0, at.k0 + n) - at.k0;
     let hi = at.hi.clamp(at.k0, at.k0 + n) - at.k0;
+    if let Some(o) = out16.as_deref_mut() {
+        assert!(o.len() >= n, "bf16 weights: {} outputs for {n}", o.len());
+        o[..lo.min(hi)].fill(0);
+        o[hi.max(lo)..n].fill(0);
+    }
     if lo >= hi {
         s.fill(0.0);
         *out = 1.0;
@@ -176,15 +219,26 @@ unsafe fn block_row_avx512(s: &mut [f32], at: BlockRow, state: &mut RunningRow, 
     }
     let new_max = state.max.max(_mm512_reduce_max_ps(mx));
     let nm = _mm512_set1_ps(new_max);
+    let (c7fff, one) = (_mm512_set1_epi32(0x7fff), _mm512_set1_epi32(1));
     let mut sum = _mm512_setzero_ps();
+    let o16 = out16.map(|o| o[lo..].as_mut_ptr());
     i = 0;
     while i < m {
         let mask = lane_mask(i, m);
-        // SAFETY: as above.
+        // SAFETY: as above; `o16` points at element `lo` of an output at least `n` long
+        // (asserted), so its lanes i..min(i + 16, m) lie within it.
         unsafe {
             let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p.add(i)), nm));
             sum = _mm512_mask_add_ps(sum, mask, sum, e);
             _mm512_mask_storeu_ps(p.add(i), mask, e);
+            if let Some(o) = o16 {
+                // Round to nearest even: add 0x7fff plus the lowest kept bit, keep the top
+                // half (the weights are finite).
+                let b = _mm512_castps_si512(e);
+                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), one);
+                let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(c7fff, lsb)));
+                _mm256_mask_storeu_epi16(o.add(i) as *mut i16, mask, _mm512_cvtepi32_epi16(r));
+            }
         }
         i += 16;
     }
@@ -201,7 +255,7 @@ mod tests {
     /// The AVX-512 row kernel against the portable one (when the CPU has AVX-512).
     #[test]
     fn vector_and_portable_rows_agree() {
-        if !crate::cpu::has_avx512f() {
+        if crate::cpu::level() != crate::cpu::Level::Avx512 {
             eprintln!("SKIPPED: this CPU lacks AVX-512");
             return;
         }
@@ -225,7 +279,7 @@ mod tests {
             let (mut ra, mut rb) = (0.0, 0.0);
             block_row(&mut a, at, &mut sa, &mut ra);
             // SAFETY: checked above that the CPU has avx512f.
-            unsafe { block_row_avx512(&mut b, at, &mut sb, &mut rb) };
+            unsafe { block_row_avx512(&mut b, at, &mut sb, &mut rb, None) };
             assert!((ra - rb).abs() <= 1e-6 * ra, "rescale {ra} vs {rb}");
             assert!(
                 (sa.max - sb.max).abs() <= 1e-6 * sa.max.abs(),
@@ -288,6 +342,36 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The bf16 weights are the f32 weights rounded, on the vector and portable paths alike,
+    /// with zeros outside the window and in the padding.
+    #[test]
+    fn bf16_weights_are_the_rounded_weights() {
+        let scores: Vec<f32> = (0..45).map(|j| ((j * 5 % 19) as f32 - 9.0) / 4.0).collect();
+        let at = BlockRow {
+            q: 20,
+            k0: 0,
+            lo: 4,
+            hi: 40,
+            slope: 0.125,
+        };
+        let mut s = scores.clone();
+        let mut out = vec![7u16; 48];
+        let mut state = RunningRow::default();
+        softmax_block_row_bf16(&mut s, at, &mut state, &mut out);
+        for j in 0..48 {
+            let want = if j < 45 {
+                crate::quant::to_bf16(s[j])
+            } else {
+                0
+            };
+            assert_eq!(out[j], want, "weight {j}");
+        }
+        assert!(out[..4].iter().chain(&out[40..]).all(|&v| v == 0));
+        let (mut s2, mut state2) = (scores, RunningRow::default());
+        softmax_block_row(&mut s2, at, &mut state2);
+        assert_eq!(s, s2);
     }
 
     /// A block wholly outside the window changes nothing.

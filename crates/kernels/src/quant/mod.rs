@@ -42,6 +42,7 @@ use std::fmt;
 
 pub use aligned::{AlignedVec, Plain};
 pub use bf16::{bf16_rows, from_bf16, to_bf16, Bf16};
+pub use block::bf16_block;
 pub use epilogue::Activation;
 pub use int8::{Int8, MAX_INT8_K};
 pub use kernel::{Bf16Kernel, Int8Kernel, Kernel};
@@ -52,6 +53,7 @@ pub use walk::{product, Packed, PackedBf16, PackedI8, Rows};
 
 mod aligned;
 mod bf16;
+mod block;
 mod epilogue;
 #[cfg(target_arch = "x86_64")]
 mod epilogue_avx2;

@@ -141,7 +141,7 @@ impl LongEncoder {
             quant::Dtype::Bf16 if bf16.supported() => bf16.name(),
             _ => bail!("this CPU lacks the instructions of the requested {dtype} kernel"),
         };
-        let parts = match encoder {
+        let mut parts = match encoder {
             Encoder::Bert(_) => {
                 bail!("fast path: a BERT-family encoder runs on FastEncoder, not LongEncoder")
             }
@@ -149,6 +149,13 @@ impl LongEncoder {
             Encoder::NomicBert(e) => convert::nomic_bert(e, dtype)?,
             Encoder::JinaBert(e) => convert::jina_bert(e, dtype)?,
         };
+        if dtype == quant::Dtype::Bf16 {
+            // The attention's products in bf16 too (its softmax stays f32).
+            parts
+                .layers
+                .iter_mut()
+                .for_each(|l| l.spec.bf16 = Some(bf16));
+        }
         Ok(Self {
             dtype,
             kernel,

@@ -75,6 +75,7 @@ fn spec(
         scale: 1.0 / (head_dim as f32).sqrt(),
         alibi,
         window,
+        bf16: None,
     }
 }
 

@@ -39,7 +39,8 @@ use self::shutdown::Signals;
 
 /// Serves until SIGTERM or Ctrl-C, then answers what was accepted and returns.
 pub fn run(cfg: &ServeConfig) -> Result<()> {
-    logging::init(cfg.log_format);
+    // Dropped last, after the runtime: what is still in the captured stderr gets logged.
+    let _stderr = logging::init(cfg.log_format);
     // Each request is tokenized on its own blocking thread: the tokenizer's own parallel
     // loops would queue behind the batches on the inference thread pool.
     tokenizers::utils::parallelism::set_parallelism(false);

@@ -115,3 +115,48 @@ fn sixty_four_clients_get_their_own_vectors_in_their_order() {
     }
     assert!(m.contains("fetch_ml_queue_size"), "{m}");
 }
+
+/// 32 clients at once, one sentence per request (the case batching exists for), f32: each
+/// gets its own vector (within 1e-6 of task 1's, whatever batch and forward pass it ran in),
+/// and the 96 requests were served in fewer batches than requests.
+#[test]
+fn thirty_two_single_sentence_clients_share_batches_and_get_their_own_vectors() {
+    let Some(model) = minilm() else { return };
+    let texts = Arc::new(sentences(96, 23, ENGLISH));
+    let want = Arc::new(task1(&model, &["--dtype", "f32"], &texts));
+    let server = Server::start(&["--model", model.to_str().unwrap(), "--dtype", "f32"]);
+    let clients = 32;
+    let barrier = Arc::new(Barrier::new(clients));
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            let (texts, want, barrier) = (texts.clone(), want.clone(), barrier.clone());
+            let url = format!("{}/embed", server.base);
+            std::thread::spawn(move || {
+                let agent = agent();
+                barrier.wait();
+                for r in 0..3 {
+                    let i = 3 * c + r;
+                    let body = json!({ "inputs": texts[i] }).to_string();
+                    let reply = send(&agent, "POST", &url, Some(&body))
+                        .unwrap_or_else(|e| panic!("client {c}: {e}"));
+                    assert_eq!(reply.status, 200, "client {c}: {}", reply.body);
+                    let v = reply.json();
+                    assert_eq!(v.as_array().map(Vec::len), Some(1), "client {c}: {v}");
+                    let what = format!("client {c} request {r}");
+                    assert_same("f32", &floats(&v[0]), &want[i], &what);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("a client failed");
+    }
+    let m = server.get("/metrics").body;
+    let requests = metric(&m, "fetch_ml_batch_requests_sum");
+    let batches = metric(&m, "fetch_ml_batch_requests_count");
+    assert_eq!(requests, 96.0, "{m}");
+    assert!(
+        batches < requests,
+        "{batches} batches for {requests} requests: none held more than one\n{m}"
+    );
+}

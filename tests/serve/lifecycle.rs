@@ -279,3 +279,38 @@ fn the_deployment_manifest_starts_a_server() {
         );
     }
 }
+
+/// With `--log-format json`, what the library prints on stderr while the server runs (here
+/// the note naming the kernel of a checkpoint's encoder converted to int8) arrives as a JSON
+/// event like every other line, and the last lines are not lost at exit.
+#[test]
+fn library_notes_become_json_events_with_log_format_json() {
+    let (_m, model) = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = crate::predict::tiny_checkpoint(dir.path(), &model);
+    let mut server = Server::start(&[
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--dtype",
+        "int8",
+        "--log-format",
+        "json",
+    ]);
+    let r = server.post_json("/predict", &json!({"inputs": "i love pizza"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(server.stop().success());
+    let log = server.log();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let note = events
+        .iter()
+        .find(|e| e.to_string().contains("dense layers on the"))
+        .unwrap_or_else(|| panic!("no event with the kernel note:\n{log}"));
+    assert!(note["level"].is_string(), "{note}");
+    assert!(
+        events.last().unwrap().to_string().contains("stopped"),
+        "the last event is the shutdown's:\n{log}"
+    );
+}

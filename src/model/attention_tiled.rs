@@ -267,29 +267,7 @@ fn attend_tile(
         if let Products::Bf16 { .. } = products {
             sc.p16.resize(rows * kp);
         }
-        for i in 0..rows {
-            let qi = tile.q0 + i;
-            let (vlo, vhi) = match spec.window {
-                Some(w) => (qi.saturating_sub(w), (qi + w + 1).min(tile.len)),
-                None => (0, tile.len),
-            };
-            let block = BlockRow {
-                q: qi,
-                k0,
-                lo: vlo,
-                hi: vhi,
-                slope,
-            };
-            let row = &mut sc.s[i * KEY_TILE..i * KEY_TILE + nk];
-            sc.rescale[i] = match products {
-                Products::F32 => math::softmax_block_row(row, block, &mut sc.rows[i]),
-                // The weights straight into the bf16 rows of the values' product.
-                Products::Bf16 { .. } => {
-                    let out = &mut sc.p16[i * kp..(i + 1) * kp];
-                    math::softmax_block_row_bf16(row, block, &mut sc.rows[i], out)
-                }
-            };
-        }
+        softmax_rows(sc, products, spec, tile, (k0, nk, kp), slope);
         for (o, &r) in sc.o.chunks_exact_mut(d).zip(&sc.rescale) {
             if r != 1.0 {
                 o.iter_mut().for_each(|v| *v *= r);
@@ -310,6 +288,56 @@ fn attend_tile(
         }
         k0 += nk;
     }
+    normalise_into(sc, rows, d, hidden, head, out);
+}
+
+/// The running softmax of one key block's scores (`sc.s`), row by row: each row's rescale
+/// factor into `sc.rescale`, and in bf16 its weights into the rows of `sc.p16`. `block` is
+/// (first key, keys, padded width of the bf16 rows).
+fn softmax_rows(
+    sc: &mut Scratch,
+    products: Products,
+    spec: &AttentionSpec,
+    tile: &Tile,
+    block: (usize, usize, usize),
+    slope: f32,
+) {
+    let (k0, nk, kp) = block;
+    for i in 0..tile.rows {
+        let qi = tile.q0 + i;
+        let (vlo, vhi) = match spec.window {
+            Some(w) => (qi.saturating_sub(w), (qi + w + 1).min(tile.len)),
+            None => (0, tile.len),
+        };
+        let block = BlockRow {
+            q: qi,
+            k0,
+            lo: vlo,
+            hi: vhi,
+            slope,
+        };
+        let row = &mut sc.s[i * KEY_TILE..i * KEY_TILE + nk];
+        sc.rescale[i] = match products {
+            Products::F32 => math::softmax_block_row(row, block, &mut sc.rows[i]),
+            // The weights straight into the bf16 rows of the values' product.
+            Products::Bf16 { .. } => {
+                let out = &mut sc.p16[i * kp..(i + 1) * kp];
+                math::softmax_block_row_bf16(row, block, &mut sc.rows[i], out)
+            }
+        };
+    }
+}
+
+/// The tile's rows of the context: the running sums `sc.o` divided by each row's softmax sum,
+/// into head `head`'s columns of `out`.
+fn normalise_into(
+    sc: &Scratch,
+    rows: usize,
+    d: usize,
+    hidden: usize,
+    head: usize,
+    out: &mut [f32],
+) {
     for i in 0..rows {
         // Every query sees at least itself, so the sum is positive.
         let inv = 1.0 / sc.rows[i].sum;

@@ -4,7 +4,7 @@
 #
 #   bash bench/run.sh [--parts all|embed,startup,train] [--file SENTENCES] [--repeat N]
 #                     [--threads N] [--batch-size N] [--examples N] [--limit N] [--no-check]
-#                     [--no-length-grouping] [--dtype f32|bf16|int8]
+#                     [--no-length-grouping] [--dtype f32|bf16|int8] [--baseline BIN]
 #
 #   --parts      what to run, comma-separated: embed, startup, train, quant, or all [all]
 #   --file       sentence file for the embedding part [bench/data/sentences-2k.txt]
@@ -15,6 +15,11 @@
 #   --limit      embed only the first N sentences of --file (smoke tests)
 #   --no-check   skip the cosine comparison of the two tools' vectors
 #   --dtype      fetch-ml's --dtype in the embed part [f32]
+#   --baseline   quant part: another fetch-ml build (e.g. of the commit before a change), timed
+#                side by side with this one (runs alternate, best of --repeat each) for every
+#                dtype; prints this/baseline per dtype and whether their vectors are the same
+#                bytes. Build it apart: git archive REV | tar -x -C /tmp/base && (cd /tmp/base
+#                && CARGO_TARGET_DIR=/tmp/base-target cargo build --release)
 #   --no-length-grouping  train part: plain shuffled batches in both tools (passes fetch-ml's
 #                flag of that name and st_train.py's); default: both group by length
 #
@@ -55,6 +60,7 @@ examples=320
 limit=
 check=1
 embed_dtype=f32
+baseline=
 grouping=()
 startup_ours=5
 startup_theirs=3
@@ -71,6 +77,8 @@ while [ $# -gt 0 ]; do
     --threads) threads=$2; shift 2 ;;
     --dtype) embed_dtype=$2; shift 2 ;;
     --dtype=*) embed_dtype=${1#*=}; shift ;;
+    --baseline) baseline=$2; shift 2 ;;
+    --baseline=*) baseline=${1#*=}; shift ;;
     --threads=*) threads=${1#*=}; shift ;;
     --batch-size) batch=$2; shift 2 ;;
     --batch-size=*) batch=${1#*=}; shift ;;
@@ -92,6 +100,7 @@ done
 
 die() { echo "error: $*" >&2; exit 1; }
 [ -x "$BIN" ] || die "$BIN not found: build it with cargo build --release"
+[ -z "$baseline" ] || [ -x "$baseline" ] || die "--baseline $baseline is not an executable"
 [ -f "$MODEL/model.safetensors" ] || die "no model at $MODEL: run scripts/fetch-minilm.sh"
 [ -x "$PY" ] || die "no Python venv at $PY: run bash bench/setup-python.sh"
 [ -x /usr/bin/time ] || die "GNU time missing: apt-get install -y time"
@@ -143,6 +152,9 @@ echo "load average now: $(cut -d' ' -f1-3 /proc/loadavg) (anything well above 0 
 rev=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')
 dirty=$(git -C "$repo" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo ', work tree modified' || true)
 echo "fetch-ml: $("$BIN" --version) at $BIN (built $(date -r "$BIN" '+%Y-%m-%d %H:%M'), repo $rev$dirty)"
+if [ -n "$baseline" ]; then
+  echo "baseline: $("$baseline" --version) at $baseline (built $(date -r "$baseline" '+%Y-%m-%d %H:%M'))"
+fi
 "$PY" - <<'PY'
 import platform, torch, transformers, sentence_transformers
 print(f"python {platform.python_version()}, torch {torch.__version__}, transformers "
@@ -158,20 +170,39 @@ if want quant; then
   n=$(grep -c '[^[:space:]]' "$file")
   echo "== quantized inference: $n sentences from $file (best of $repeat)"
   echo "CPU flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_vnni|avx_vnni|avx512_bf16|amx_bf16|amx_int8)$' | tr '\n' ' ')"
-  declare -A q_sps q_rss
+  declare -A q_sps q_rss b_sps
   for dtype in f32 bf16 int8; do
     cmd=("${ours_env[@]}" "$BIN" --task=1 --model "$MODEL" --input "$file" --format jsonl
          --output "$work/ours-$dtype.jsonl" --batch-size "$batch" --dtype "$dtype")
     show_cmd "${cmd[@]}"
-    best=0
+    base_cmd=()
+    if [ -n "$baseline" ]; then
+      base_cmd=("${ours_env[@]}" "$baseline" --task=1 --model "$MODEL" --input "$file"
+                --format jsonl --output "$work/base-$dtype.jsonl" --batch-size "$batch"
+                --dtype "$dtype")
+      show_cmd "${base_cmd[@]}"
+    fi
+    best=0 best_base=0
     for r in $(seq 1 "$repeat"); do
       run_timed "$work/q.out" "$work/q.err" "${cmd[@]}"
       sps=$(calc "$n / $WALL")
       echo "  run $r fetch-ml $dtype: $sps sentences/s (wall $WALL s), peak RSS $RSS_MB MB"
       if better "$sps" "$best"; then best=$sps; q_rss[$dtype]=$RSS_MB; fi
+      if [ -n "$baseline" ]; then
+        run_timed "$work/b.out" "$work/b.err" "${base_cmd[@]}"
+        sps=$(calc "$n / $WALL")
+        echo "  run $r baseline $dtype: $sps sentences/s (wall $WALL s), peak RSS $RSS_MB MB"
+        if better "$sps" "$best_base"; then best_base=$sps; fi
+      fi
     done
     q_sps[$dtype]=$best
     grep -h kernel "$work/q.err" | head -1 | sed 's/^/  /' || true
+    if [ -n "$baseline" ]; then
+      b_sps[$dtype]=$best_base
+      if cmp -s "$work/ours-$dtype.jsonl" "$work/base-$dtype.jsonl"; then same="the same bytes"
+      else same="NOT the same bytes"; fi
+      echo "  $dtype this build / baseline: $(calc "$best / $best_base")x ($best vs $best_base sentences/s); vectors: $same"
+    fi
   done
   ort_cmd=("$PY" "$here/ort_embed.py" --model "$MODEL" --file "$file" --threads "$threads"
            --batch-size "$batch" --work-dir "$work/ort")
@@ -190,6 +221,9 @@ if want quant; then
   echo "  onnxruntime fp32 $best_fp, int8 $best_i8 sentences/s (encode loop)"
   echo "  ratios: fetch-ml int8 / onnxruntime int8 $(calc "${q_sps[int8]} / $best_i8")x; bf16 / f32 $(calc "${q_sps[bf16]} / ${q_sps[f32]}")x; int8 / f32 $(calc "${q_sps[int8]} / ${q_sps[f32]}")x"
   summary+=("quant    int8 ours/onnxruntime-int8 $(calc "${q_sps[int8]} / $best_i8")x (${q_sps[int8]} vs $best_i8 sentences/s); bf16/f32 $(calc "${q_sps[bf16]} / ${q_sps[f32]}")x")
+  if [ -n "$baseline" ]; then
+    summary+=("quant    this build / baseline: f32 $(calc "${q_sps[f32]} / ${b_sps[f32]}")x, bf16 $(calc "${q_sps[bf16]} / ${b_sps[bf16]}")x, int8 $(calc "${q_sps[int8]} / ${b_sps[int8]}")x")
+  fi
   "$PY" - "$work" <<'PY'
 import json, sys
 import numpy as np

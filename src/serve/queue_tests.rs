@@ -174,10 +174,7 @@ fn answers_go_to_their_own_requests_and_a_failure_only_to_its_own() {
 }
 
 /// A queue whose batcher runs `run` on its own thread until the queue is closed.
-fn started<'s, 'e: 's>(
-    scope: &'s std::thread::Scope<'s, 'e>,
-    run: &'e RunFn<'e>,
-) -> Queue {
+fn started<'s, 'e: 's>(scope: &'s std::thread::Scope<'s, 'e>, run: &'e RunFn<'e>) -> Queue {
     let (tx, rx) = mpsc::channel();
     let depth = Arc::new(AtomicUsize::new(0));
     let b = Batcher::new(rx, depth.clone(), policy(1000));

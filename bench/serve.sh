@@ -86,7 +86,7 @@ if [ -n "$INFINITY" ]; then
       echo "exporting $MODEL to ONNX for infinity's optimum engine ($onnx)"
       mkdir -p "$onnx"
       for f in "$MODEL"/*; do ln -sfn "$(realpath "$f")" "$onnx/"; done
-      (cd bench && "$BENCH_PY" -c 'import sys, ort_embed; ort_embed.export(sys.argv[1], sys.argv[2])' \
+      (cd bench && PYTHONDONTWRITEBYTECODE=1 "$BENCH_PY" -c 'import sys, ort_embed; ort_embed.export(sys.argv[1], sys.argv[2])' \
         "$(realpath "../$MODEL")" "$(realpath "../$onnx")/model.onnx") > "$WORK/onnx-export.log" 2>&1 \
         || { echo "ONNX export failed (see $WORK/onnx-export.log)" >&2; exit 1; }
     fi

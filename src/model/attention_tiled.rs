@@ -258,7 +258,6 @@ fn attend_tile(
     sc.rows.resize(rows, RunningRow::default());
     sc.rescale.resize(rows, 1.0);
     sc.s.resize(rows * KEY_TILE, 0.0);
-    let slope = spec.alibi.as_ref().map_or(0.0, |s| s[head]);
     let (lo, hi) = key_range(tile, spec.window);
     let mut k0 = match products {
         // A multiple of the key panels' 16 (keys before `lo` weigh 0 in the softmax).
@@ -286,37 +285,7 @@ fn attend_tile(
         }
         // bf16: the padded width of the weights' rows.
         let kp = nk.next_multiple_of(2);
-        if let Products::Bf16 { .. } = products {
-            sc.p16.resize(rows * kp);
-        }
-        for i in 0..rows {
-            let qi = tile.q0 + i;
-            let (vlo, vhi) = match spec.window {
-                Some(w) => (qi.saturating_sub(w), (qi + w + 1).min(tile.len)),
-                None => (0, tile.len),
-            };
-            let block = BlockRow {
-                q: qi,
-                k0,
-                lo: vlo,
-                hi: vhi,
-                slope,
-            };
-            let row = &mut sc.s[i * KEY_TILE..i * KEY_TILE + nk];
-            sc.rescale[i] = match products {
-                Products::F32 { .. } => math::softmax_block_row(row, block, &mut sc.rows[i]),
-                // The weights straight into the bf16 rows of the values' product.
-                Products::Bf16 { .. } => {
-                    let out = &mut sc.p16[i * kp..(i + 1) * kp];
-                    math::softmax_block_row_bf16(row, block, &mut sc.rows[i], out)
-                }
-            };
-        }
-        for (o, &r) in sc.o.chunks_exact_mut(d).zip(&sc.rescale) {
-            if r != 1.0 {
-                o.iter_mut().for_each(|v| *v *= r);
-            }
-        }
+        softmax_block(spec, tile, head, (k0, nk, kp), products, sc);
         match products {
             Products::F32 { kv } => {
                 let p = (&sc.s[..], KEY_TILE);
@@ -336,6 +305,52 @@ fn attend_tile(
         let dst = &mut out[i * hidden + head * d..i * hidden + (head + 1) * d];
         for (o, v) in dst.iter_mut().zip(&sc.o[i * d..(i + 1) * d]) {
             *o = v * inv;
+        }
+    }
+}
+
+/// The running softmax of every row of a block's scores (`sc.s`, keys `k0..k0 + nk`), with
+/// ALiBi and the window; the rows' accumulated values rescaled. bf16: the weights also as
+/// bf16 rows of `kp` values in `sc.p16`.
+fn softmax_block(
+    spec: &AttentionSpec,
+    tile: &Tile,
+    head: usize,
+    (k0, nk, kp): (usize, usize, usize),
+    products: Products,
+    sc: &mut Scratch,
+) {
+    let slope = spec.alibi.as_ref().map_or(0.0, |s| s[head]);
+    if let Products::Bf16 { .. } = products {
+        sc.p16.resize(tile.rows * kp);
+    }
+    for i in 0..tile.rows {
+        let qi = tile.q0 + i;
+        let (lo, hi) = match spec.window {
+            Some(w) => (qi.saturating_sub(w), (qi + w + 1).min(tile.len)),
+            None => (0, tile.len),
+        };
+        let block = BlockRow {
+            q: qi,
+            k0,
+            lo,
+            hi,
+            slope,
+        };
+        let row = &mut sc.s[i * KEY_TILE..i * KEY_TILE + nk];
+        sc.rescale[i] = match products {
+            Products::F32 { .. } => math::softmax_block_row(row, block, &mut sc.rows[i]),
+            // The weights straight into the bf16 rows of the values' product.
+            Products::Bf16 { .. } => {
+                let out = &mut sc.p16[i * kp..(i + 1) * kp];
+                math::softmax_block_row_bf16(row, block, &mut sc.rows[i], out)
+            }
+        };
+    }
+    let d = spec.head_dim;
+    for (o, &r) in sc.o.chunks_exact_mut(d).zip(&sc.rescale) {
+        if r != 1.0 {
+            o.iter_mut().for_each(|v| *v *= r);
         }
     }
 }

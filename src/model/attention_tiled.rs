@@ -18,16 +18,17 @@
 //!
 //! Each parallel task owns the output rows of one query tile of one sequence (a contiguous
 //! block of the output) and runs its heads one after the other: per block of keys, the scores
-//! and the weighted values are two products (`kernels::matmul`, the `gemm` crate, on strided
-//! views of the packed Q, K and V: nothing is copied), and the running softmax is the kernel
-//! crate's vectorised row kernel ([`math::softmax_block_row`]). A row's result depends only
+//! and the weighted values are two products (`kernels::attention_blocks`: AVX-512 register
+//! tiles on Q, K and V where they lie, else `gemm`; in bf16 the dense layers' kernels, see
+//! `bf16.rs`), and the running softmax is the kernel crate's vectorised row kernel
+//! ([`math::softmax_block_row`]). A row's result depends only
 //! on its own sequence (the blocks start at the sequence's first key), so it does not change
 //! with the batch.
 
 use rayon::prelude::*;
 
+use kernels::attention_blocks::{self as blocks, HeadKv};
 use kernels::math::{self, BlockRow, RunningRow};
-use kernels::matmul::{matmul, MatMut, MatRef, Parallelism};
 use kernels::quant::{AlignedVec, Bf16Kernel};
 
 mod bf16;
@@ -116,9 +117,10 @@ pub fn attend_packed(
         return Err(AttentionError::Kernel(k.name()));
     }
     // bf16: each (sequence, head)'s keys and values packed once, in blocks of KEY_TILE.
-    let packs = match spec.bf16 {
-        Some(_) => bf16::pack(qkv, offsets, spec),
-        None => Vec::new(),
+    // f32: each (sequence, head)'s keys transposed and values compact, once.
+    let (packs, kvs) = match spec.bf16 {
+        Some(_) => (bf16::pack(qkv, offsets, spec), Vec::new()),
+        None => (Vec::new(), head_kvs(qkv, offsets, spec)),
     };
     // One task per (sequence, query tile), owning that tile's rows of `ctx`.
     let mut tasks: Vec<(Tile, &mut [f32])> = Vec::new();
@@ -145,12 +147,13 @@ pub fn attend_packed(
         .into_par_iter()
         .for_each_init(Scratch::default, |scratch, (tile, out)| {
             for head in 0..spec.heads {
+                let i = tile.seq * spec.heads + head;
                 let products = match spec.bf16 {
                     Some(kernel) => Products::Bf16 {
                         kernel,
-                        blocks: &packs[tile.seq * spec.heads + head],
+                        blocks: &packs[i],
                     },
-                    None => Products::F32,
+                    None => Products::F32 { kv: &kvs[i] },
                 };
                 attend_tile(qkv, spec, &tile, head, products, scratch, out);
             }
@@ -158,11 +161,30 @@ pub fn attend_packed(
     Ok(())
 }
 
+/// Every (sequence, head)'s keys and values for the f32 products, indexed
+/// `sequence * heads + head`.
+fn head_kvs(qkv: &[f32], offsets: &[usize], spec: &AttentionSpec) -> Vec<HeadKv> {
+    let (heads, d) = (spec.heads, spec.head_dim);
+    let hidden = heads * d;
+    let ld = 3 * hidden;
+    let jobs: Vec<(usize, usize, usize)> = offsets
+        .windows(2)
+        .flat_map(|w| (0..heads).map(move |h| (w[0], w[1] - w[0], h)))
+        .collect();
+    jobs.into_par_iter()
+        .map(|(start, len, head)| {
+            let at = |part: usize| start * ld + part * hidden + head * d;
+            let (k, v) = (&qkv[at(1)..], &qkv[at(2)..]);
+            HeadKv::new((k, ld), (v, ld), len, d)
+        })
+        .collect()
+}
+
 /// How the two products of a block are computed.
 #[derive(Clone, Copy)]
 enum Products<'a> {
-    /// f32, on strided views of Q, K and V.
-    F32,
+    /// f32, against the (sequence, head)'s keys and values laid out once.
+    F32 { kv: &'a HeadKv },
     /// bf16 on `kernel`, against the (sequence, head)'s packed key and value blocks.
     Bf16 {
         kernel: Bf16Kernel,
@@ -212,8 +234,9 @@ fn key_range(tile: &Tile, window: Option<usize>) -> (usize, usize) {
 /// tile's rows of the context, `[rows, heads * d]`). Per block of keys: the scores
 /// `scale * Q K^T` as one product, the running softmax row by row
 /// ([`math::softmax_block_row`], with ALiBi and the window), then `O = O * rescale + P V` as
-/// one product. In f32, Q, K and V are read in place (strided views of the packed rows); in
-/// bf16 the blocks are those of the packing ([`bf16::pack`], aligned to `KEY_TILE`).
+/// one product. In f32, Q, K and V are read in place from the packed rows
+/// ([`kernels::attention_blocks`]); in bf16 the blocks are those of the packing
+/// ([`bf16::pack`], aligned to `KEY_TILE`).
 #[allow(clippy::too_many_arguments)]
 fn attend_tile(
     qkv: &[f32],
@@ -229,17 +252,16 @@ fn attend_tile(
     let ld = 3 * hidden;
     let rows = tile.rows;
     let at = |row: usize, part: usize| (tile.start + row) * ld + part * hidden + head * d;
-    let q = MatRef::rows(&qkv[at(tile.q0, 0)..], rows, d, ld);
     sc.o.clear();
     sc.o.resize(rows * d, 0.0);
     sc.rows.clear();
     sc.rows.resize(rows, RunningRow::default());
     sc.rescale.resize(rows, 1.0);
     sc.s.resize(rows * KEY_TILE, 0.0);
-    let slope = spec.alibi.as_ref().map_or(0.0, |s| s[head]);
     let (lo, hi) = key_range(tile, spec.window);
     let mut k0 = match products {
-        Products::F32 => lo,
+        // A multiple of the key panels' 16 (keys before `lo` weigh 0 in the softmax).
+        Products::F32 { .. } => lo / blocks::PANEL * blocks::PANEL,
         Products::Bf16 { .. } => {
             bf16::queries(qkv, at(tile.q0, 0), ld, rows, d, &mut sc.q16);
             lo / KEY_TILE * KEY_TILE
@@ -247,14 +269,13 @@ fn attend_tile(
     };
     while k0 < hi {
         let nk = match products {
-            Products::F32 => KEY_TILE.min(hi - k0),
+            Products::F32 { .. } => KEY_TILE.min(hi - k0),
             Products::Bf16 { .. } => KEY_TILE.min(tile.len - k0),
         };
         match products {
-            Products::F32 => {
-                let k = MatRef::rows(&qkv[at(k0, 1)..], nk, d, ld);
-                let mut s = MatMut::rows(&mut sc.s, rows, nk, KEY_TILE);
-                matmul(&mut s, false, q, k.t(), spec.scale, Parallelism::None);
+            Products::F32 { kv } => {
+                let (q, s) = ((&qkv[at(tile.q0, 0)..], ld), (&mut sc.s[..], KEY_TILE));
+                blocks::scores(q, kv, (k0, nk), rows, spec.scale, s);
             }
             Products::Bf16 { kernel, blocks } => {
                 let keys = &blocks[k0 / KEY_TILE].keys;
@@ -264,21 +285,11 @@ fn attend_tile(
         }
         // bf16: the padded width of the weights' rows.
         let kp = nk.next_multiple_of(2);
-        if let Products::Bf16 { .. } = products {
-            sc.p16.resize(rows * kp);
-        }
-        softmax_rows(sc, products, spec, tile, (k0, nk, kp), slope);
-        for (o, &r) in sc.o.chunks_exact_mut(d).zip(&sc.rescale) {
-            if r != 1.0 {
-                o.iter_mut().for_each(|v| *v *= r);
-            }
-        }
+        softmax_block(spec, tile, head, (k0, nk, kp), products, sc);
         match products {
-            Products::F32 => {
-                let p = MatRef::rows(&sc.s, rows, nk, KEY_TILE);
-                let v = MatRef::rows(&qkv[at(k0, 2)..], nk, d, ld);
-                let mut o = MatMut::rows(&mut sc.o, rows, d, d);
-                matmul(&mut o, true, p, v, 1.0, Parallelism::None);
+            Products::F32 { kv } => {
+                let p = (&sc.s[..], KEY_TILE);
+                blocks::weighted_values(p, kv, (k0, nk), rows, (&mut sc.o[..], d));
             }
             Products::Bf16 { kernel, blocks } => {
                 let values = &blocks[k0 / KEY_TILE].values;
@@ -289,43 +300,6 @@ fn attend_tile(
         k0 += nk;
     }
     normalise_into(sc, rows, d, hidden, head, out);
-}
-
-/// The running softmax of one key block's scores (`sc.s`), row by row: each row's rescale
-/// factor into `sc.rescale`, and in bf16 its weights into the rows of `sc.p16`. `block` is
-/// (first key, keys, padded width of the bf16 rows).
-fn softmax_rows(
-    sc: &mut Scratch,
-    products: Products,
-    spec: &AttentionSpec,
-    tile: &Tile,
-    block: (usize, usize, usize),
-    slope: f32,
-) {
-    let (k0, nk, kp) = block;
-    for i in 0..tile.rows {
-        let qi = tile.q0 + i;
-        let (vlo, vhi) = match spec.window {
-            Some(w) => (qi.saturating_sub(w), (qi + w + 1).min(tile.len)),
-            None => (0, tile.len),
-        };
-        let block = BlockRow {
-            q: qi,
-            k0,
-            lo: vlo,
-            hi: vhi,
-            slope,
-        };
-        let row = &mut sc.s[i * KEY_TILE..i * KEY_TILE + nk];
-        sc.rescale[i] = match products {
-            Products::F32 => math::softmax_block_row(row, block, &mut sc.rows[i]),
-            // The weights straight into the bf16 rows of the values' product.
-            Products::Bf16 { .. } => {
-                let out = &mut sc.p16[i * kp..(i + 1) * kp];
-                math::softmax_block_row_bf16(row, block, &mut sc.rows[i], out)
-            }
-        };
-    }
 }
 
 /// The tile's rows of the context: the running sums `sc.o` divided by each row's softmax sum,
@@ -344,6 +318,52 @@ fn normalise_into(
         let dst = &mut out[i * hidden + head * d..i * hidden + (head + 1) * d];
         for (o, v) in dst.iter_mut().zip(&sc.o[i * d..(i + 1) * d]) {
             *o = v * inv;
+        }
+    }
+}
+
+/// The running softmax of every row of a block's scores (`sc.s`, keys `k0..k0 + nk`), with
+/// ALiBi and the window; the rows' accumulated values rescaled. bf16: the weights also as
+/// bf16 rows of `kp` values in `sc.p16`.
+fn softmax_block(
+    spec: &AttentionSpec,
+    tile: &Tile,
+    head: usize,
+    (k0, nk, kp): (usize, usize, usize),
+    products: Products,
+    sc: &mut Scratch,
+) {
+    let slope = spec.alibi.as_ref().map_or(0.0, |s| s[head]);
+    if let Products::Bf16 { .. } = products {
+        sc.p16.resize(tile.rows * kp);
+    }
+    for i in 0..tile.rows {
+        let qi = tile.q0 + i;
+        let (lo, hi) = match spec.window {
+            Some(w) => (qi.saturating_sub(w), (qi + w + 1).min(tile.len)),
+            None => (0, tile.len),
+        };
+        let block = BlockRow {
+            q: qi,
+            k0,
+            lo,
+            hi,
+            slope,
+        };
+        let row = &mut sc.s[i * KEY_TILE..i * KEY_TILE + nk];
+        sc.rescale[i] = match products {
+            Products::F32 { .. } => math::softmax_block_row(row, block, &mut sc.rows[i]),
+            // The weights straight into the bf16 rows of the values' product.
+            Products::Bf16 { .. } => {
+                let out = &mut sc.p16[i * kp..(i + 1) * kp];
+                math::softmax_block_row_bf16(row, block, &mut sc.rows[i], out)
+            }
+        };
+    }
+    let d = spec.head_dim;
+    for (o, &r) in sc.o.chunks_exact_mut(d).zip(&sc.rescale) {
+        if r != 1.0 {
+            o.iter_mut().for_each(|v| *v *= r);
         }
     }
 }

@@ -9,10 +9,12 @@
 //!   portable).
 //! - [`matmul`]: f32 products (the `gemm` crate) on checked strided views.
 //! - [`attention`]: one attention head, and the per-(sequence, head) parallel driver.
+//! - [`attention_blocks`]: the two f32 products of a block of tiled attention.
 //! - [`quant`]: int8 and bf16 dense layers: packing, one tile walker for both precisions,
 //!   one kernel file per instruction set listed in one table per precision, the epilogues.
 
 pub mod attention;
+pub mod attention_blocks;
 pub mod consts;
 pub mod cpu;
 pub mod math;

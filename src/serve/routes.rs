@@ -23,6 +23,7 @@ use super::body::BodyLimits;
 use super::config::{ApiKey, Limits};
 use super::errors::{respond, ApiError, ErrorKind};
 use super::handlers;
+use super::linger::linger;
 use super::queue::Queue;
 use super::types;
 
@@ -91,7 +92,8 @@ async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
     axum::Json(ApiDoc::openapi())
 }
 
-/// Every route, with the API key check and the request metrics.
+/// Every route, with the API key check, the request metrics and the lingering read of
+/// bodies answered early.
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/embeddings", post(handlers::openai_embeddings))
@@ -106,6 +108,7 @@ pub fn router(app: Arc<App>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), check_key))
         .layer(middleware::from_fn_with_state(app.clone(), record))
+        .layer(middleware::from_fn_with_state(app.clone(), linger))
         .with_state(app)
 }
 

@@ -6,6 +6,7 @@
 mod common;
 
 mod batching;
+mod early;
 mod faults;
 mod harness;
 mod lifecycle;

@@ -174,7 +174,9 @@ fn head_kvs(qkv: &[f32], offsets: &[usize], spec: &AttentionSpec) -> Vec<HeadKv>
     jobs.into_par_iter()
         .map(|(start, len, head)| {
             let at = |part: usize| start * ld + part * hidden + head * d;
-            let (k, v) = (&qkv[at(1)..], &qkv[at(2)..]);
+            // An empty sequence (equal offsets) starts past the end: no keys.
+            let part = |p: usize| qkv.get(at(p)..).unwrap_or_default();
+            let (k, v) = (part(1), part(2));
             HeadKv::new((k, ld), (v, ld), len, d)
         })
         .collect()

@@ -53,8 +53,9 @@ pub struct Backend {
     pub dimension: usize,
     pub model_ref: ModelRef,
     pub served: ServedModel,
-    /// A token id whose batches fail on purpose (FETCH_ML_SERVE_FAULT_TOKEN, tests only).
-    fault_token: Option<u32>,
+    /// A token id whose batches fail (or panic) on purpose (FETCH_ML_SERVE_FAULT_TOKEN, tests
+    /// only).
+    fault_token: Option<Fault>,
 }
 
 impl Backend {
@@ -177,11 +178,14 @@ impl Backend {
     }
 
     fn check_fault(&self, encoded: &[Encoded]) -> Result<()> {
-        if let Some(t) = self.fault_token {
+        if let Some(Fault { token: t, panics }) = self.fault_token {
             if encoded.iter().any(|e| e.ids.contains(&t)) {
-                anyhow::bail!(
-                    "a batch with token {t} fails on purpose (FETCH_ML_SERVE_FAULT_TOKEN)"
-                );
+                let why =
+                    format!("a batch with token {t} fails on purpose (FETCH_ML_SERVE_FAULT_TOKEN)");
+                if panics {
+                    panic!("{why}");
+                }
+                anyhow::bail!(why);
             }
         }
         Ok(())
@@ -321,17 +325,30 @@ pub fn finish_vector(mut v: Vec<f32>, dimensions: Option<usize>, normalize: bool
     v
 }
 
-/// The token id of FETCH_ML_SERVE_FAULT_TOKEN, honoured only in builds for the tests.
+/// A token whose batches fail: with an error, or (`panic:ID`) with a panic.
+#[derive(Debug, Clone, Copy)]
+struct Fault {
+    token: u32,
+    panics: bool,
+}
+
+/// The token of FETCH_ML_SERVE_FAULT_TOKEN (`ID` or `panic:ID`), honoured only in builds for
+/// the tests.
 #[cfg(feature = "test-support")]
-fn fault_token() -> Option<u32> {
-    std::env::var("FETCH_ML_SERVE_FAULT_TOKEN")
-        .ok()?
-        .parse()
-        .ok()
+fn fault_token() -> Option<Fault> {
+    let v = std::env::var("FETCH_ML_SERVE_FAULT_TOKEN").ok()?;
+    let (panics, id) = match v.strip_prefix("panic:") {
+        Some(id) => (true, id),
+        None => (false, v.as_str()),
+    };
+    Some(Fault {
+        token: id.parse().ok()?,
+        panics,
+    })
 }
 
 #[cfg(not(feature = "test-support"))]
-fn fault_token() -> Option<u32> {
+fn fault_token() -> Option<Fault> {
     None
 }
 

@@ -1,8 +1,10 @@
 //! Early answers keep their connection: a request answered before its body was read (413 for a
-//! declared size, 401, 404, 405, 429, 503) has the rest of its body read and dropped, within
-//! `--body-timeout` and up to a bound, before the answer goes out. Without this the server
-//! closes a connection with unread bytes, the kernel resets it, and a client still writing its
-//! body gets "broken pipe" instead of the answer (nginx's lingering close does the same job).
+//! declared size, 401, 404, 405, 503) gets its answer at once, and the rest of its body is read
+//! and dropped in the background, within `--body-timeout` and up to a bound. Without this the
+//! server closes a connection with unread bytes, the kernel resets it, and a client still
+//! writing its body gets "broken pipe" instead of the answer (nginx's lingering close does the
+//! same job). A client that asked `Expect: 100-continue` and was answered before the server
+//! read anything has not sent its body: its connection is closed instead.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -11,7 +13,8 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
+use axum::http::header::{CONNECTION, CONTENT_LENGTH, EXPECT};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use http_body::{Frame, SizeHint};
@@ -20,34 +23,58 @@ use http_body_util::BodyExt;
 use super::routes::App;
 
 /// The most bytes read and dropped after an early answer: four times `--max-body-bytes`, and at
-/// least 16 MiB. A client sending more gets the answer, then a closed connection.
+/// least 16 MiB. A client declaring more gets the answer and `Connection: close`.
 pub fn linger_bytes(max_body_bytes: usize) -> usize {
     max_body_bytes.saturating_mul(4).max(16 << 20)
 }
 
-/// The middleware: hands the handler a body it can read as usual, and after the answer reads
-/// whatever the handler left (except after a 408, whose client is too slow to wait for).
+/// The middleware: hands the handler a body it can read as usual; after the answer, whatever
+/// the handler left is read and dropped by a task of its own, or the connection is closed.
 pub async fn linger(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let expects = headers
+        .get(EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let cap = linger_bytes(app.body.max_bytes);
+    let over_cap = declared(headers).is_some_and(|n| n > cap as u64);
     let (parts, body) = req.into_parts();
-    let slot = Arc::new(Mutex::new(Some(body)));
+    let slot = Arc::new(Mutex::new(Slot {
+        body: Some(body),
+        polled: false,
+    }));
     let req = Request::from_parts(parts, Body::new(Shared(slot.clone())));
-    let response = next.run(req).await;
-    let rest = slot.lock().expect("body slot").take();
-    if let Some(rest) = rest {
-        if response.status() != StatusCode::REQUEST_TIMEOUT {
-            let limits = app.body;
-            drain(rest, linger_bytes(limits.max_bytes), limits.timeout).await;
-        }
+    let mut response = next.run(req).await;
+    let (rest, polled) = {
+        let mut slot = slot.lock().expect("body slot");
+        (slot.body.take(), slot.polled)
+    };
+    let Some(rest) = rest else {
+        return response;
+    };
+    if http_body::Body::is_end_stream(&rest) {
+        return response;
     }
+    // A slow client (408), one that would send more than the bound, or one still waiting for
+    // "100 Continue": no reading; hyper closes the connection once the answer is out.
+    if response.status() == StatusCode::REQUEST_TIMEOUT || over_cap || (expects && !polled) {
+        let close = HeaderValue::from_static("close");
+        response.headers_mut().insert(CONNECTION, close);
+        return response;
+    }
+    tokio::spawn(drain(rest, cap, app.body.timeout));
     response
+}
+
+/// The body length a request declares.
+fn declared(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Reads and drops `body` until its end, `cap` bytes, an error or `limit`, whichever is first.
 async fn drain(mut body: Body, cap: usize, limit: Duration) {
-    use http_body::Body as _;
-    if body.is_end_stream() {
-        return;
-    }
     let mut seen = 0usize;
     let read = async {
         while let Some(Ok(frame)) = body.frame().await {
@@ -62,9 +89,15 @@ async fn drain(mut body: Body, cap: usize, limit: Duration) {
     }
 }
 
-/// The request's body, read through a slot the middleware keeps: what the handler does not
-/// read stays in the slot when the handler drops this.
-struct Shared(Arc<Mutex<Option<Body>>>);
+/// The request's body, kept where the middleware can take back what the handler leaves.
+struct Slot {
+    body: Option<Body>,
+    /// Whether the handler asked for any of it (which made hyper send "100 Continue").
+    polled: bool,
+}
+
+/// The body the handler reads: what it does not read stays in the slot when it drops this.
+struct Shared(Arc<Mutex<Slot>>);
 
 impl http_body::Body for Shared {
     type Data = Bytes;
@@ -75,7 +108,8 @@ impl http_body::Body for Shared {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let mut slot = self.0.lock().expect("body slot");
-        match slot.as_mut() {
+        slot.polled = true;
+        match slot.body.as_mut() {
             Some(body) => Pin::new(body).poll_frame(cx),
             None => Poll::Ready(None),
         }
@@ -83,12 +117,15 @@ impl http_body::Body for Shared {
 
     fn is_end_stream(&self) -> bool {
         let slot = self.0.lock().expect("body slot");
-        slot.as_ref().is_none_or(http_body::Body::is_end_stream)
+        slot.body
+            .as_ref()
+            .is_none_or(http_body::Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
         let slot = self.0.lock().expect("body slot");
-        slot.as_ref()
+        slot.body
+            .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), http_body::Body::size_hint)
     }
 }

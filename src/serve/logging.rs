@@ -28,7 +28,13 @@ pub fn init(format: LogFormat) -> Option<StderrEvents> {
             None
         }
         LogFormat::Json => {
-            let json = builder.json().flatten_event(true).with_current_span(false);
+            // A log that cannot be written must not report that on stderr: in JSON mode stderr
+            // is the capture pipe, whose lines are logged again (a loop at full speed).
+            let json = builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .log_internal_errors(false);
             match StderrEvents::capture() {
                 Ok((log, events)) => {
                     let _ = json.with_writer(Mutex::new(log)).try_init();
@@ -90,7 +96,7 @@ impl Drop for StderrEvents {
 
 /// One line the library printed, as an event at the level its first word suggests.
 fn event(line: &str) {
-    if line.is_empty() {
+    if line.is_empty() || line.starts_with("[tracing-subscriber]") {
         return;
     }
     let lower = line.to_ascii_lowercase();

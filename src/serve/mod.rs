@@ -53,7 +53,12 @@ pub fn run(cfg: &ServeConfig) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(cfg))
+    let result = runtime.block_on(serve(cfg));
+    if let (Err(e), config::LogFormat::Json) = (&result, cfg.log_format) {
+        // For the log collector; the caller prints the error and its advice as text after.
+        tracing::error!(error = format!("{e:#}"), "the server stopped with an error");
+    }
+    result
 }
 
 async fn serve(cfg: &ServeConfig) -> Result<()> {
@@ -99,10 +104,12 @@ async fn serve(cfg: &ServeConfig) -> Result<()> {
     if let Some(e) = failure.lock().expect("failure lock").take() {
         return Err(e);
     }
+    // The handle first, then the queue: the loader sets `ready` before it stores the handle,
+    // so a batcher this joins always has its queue closed here.
+    let thread = batcher.lock().expect("batcher lock").take();
     if let Some(ready) = app.ready.get() {
         ready.queue.close();
     }
-    let thread = batcher.lock().expect("batcher lock").take();
     if let Some(t) = thread {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
@@ -143,8 +150,8 @@ fn load_in_background(
                     backend.batch_size,
                 );
                 let (queue, thread) = Queue::start(backend.clone(), policy);
-                *batcher.lock().expect("batcher lock") = Some(thread);
                 let _ = app.ready.set(Ready { backend, queue });
+                *batcher.lock().expect("batcher lock") = Some(thread);
             }
             Err(e) => {
                 tracing::error!(error = format!("{e:#}"), "loading the model failed");

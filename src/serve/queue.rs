@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -127,7 +127,9 @@ impl Queue {
                 let embedder = Mutex::new(backend.embedder());
                 let run = |job: Job, encoded: &[Encoded], pass: usize| match job {
                     Job::Embed => {
-                        let mut embedder = embedder.lock().expect("embedder lock");
+                        // A panic in an earlier batch (answered as that batch's 500) left
+                        // nothing half-done here: the embedder is settings and references.
+                        let mut embedder = embedder.lock().unwrap_or_else(PoisonError::into_inner);
                         embedder.batch_size = pass;
                         backend.embed(&embedder, encoded).map(Rows::Vectors)
                     }
@@ -334,7 +336,7 @@ fn answer(batch: Vec<Entry>, run: &dyn Fn(Job, &[Encoded]) -> anyhow::Result<Row
         replies.push(e.reply);
         encoded.extend(e.encoded);
     }
-    let together = guarded(|| run(job, &encoded));
+    let together = guarded(|| counted(run(job, &encoded)?, encoded.len()));
     let ready = Instant::now();
     metrics::inference_time(ready - start);
     match together {
@@ -353,7 +355,7 @@ fn answer(batch: Vec<Entry>, run: &dyn Fn(Job, &[Encoded]) -> anyhow::Result<Row
             for (reply, n) in replies.into_iter().zip(sizes) {
                 let own = &encoded[start..start + n];
                 start += n;
-                let result = guarded(|| run(job, own));
+                let result = guarded(|| counted(run(job, own)?, own.len()));
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "a request's batch failed");
                 }
@@ -373,7 +375,18 @@ fn guarded(f: impl FnOnce() -> anyhow::Result<Rows>) -> Result<Rows, String> {
     }
 }
 
-/// `rows` cut into consecutive parts of `sizes`.
+/// `rows`, if there is one per input (else a request would get another's rows, or none).
+fn counted(rows: Rows, inputs: usize) -> anyhow::Result<Rows> {
+    let n = match &rows {
+        Rows::Vectors(v) => v.len(),
+        Rows::Probabilities(p) => p.len(),
+    };
+    anyhow::ensure!(n == inputs, "the model gave {n} rows for {inputs} inputs");
+    Ok(rows)
+}
+
+/// `rows` cut into consecutive parts of `sizes` (as many rows as the sizes sum to).
+
 fn split(rows: Rows, sizes: &[usize]) -> Vec<Rows> {
     fn cut<T>(mut all: Vec<T>, sizes: &[usize]) -> Vec<Vec<T>> {
         let mut parts = Vec::with_capacity(sizes.len());

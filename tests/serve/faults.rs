@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::common::cat_poisoned_model;
-use crate::harness::Server;
+use crate::harness::{assert_same, floats, task1, tiny, tiny_id, Server};
 use crate::predict::tiny_checkpoint;
 
 #[test]
@@ -48,6 +48,38 @@ fn a_non_finite_vector_fails_only_its_own_request() {
             .status,
         200
     );
+}
+
+/// A panic inside the model answers 500 to its own request; every later request, alone or
+/// batched with others, still gets its vectors (a panic once left the embedder's lock poisoned,
+/// and every later request got a 500).
+#[test]
+fn a_panic_in_the_model_fails_only_its_own_request() {
+    let (_d, model) = tiny();
+    let fault = format!("panic:{}", tiny_id("battery"));
+    let server = Server::spawn(&["--model", model.to_str().unwrap()], |c| {
+        c.env("FETCH_ML_SERVE_FAULT_TOKEN", &fault);
+    });
+    server.wait_ready();
+    let texts = ["the game is good", "hello world", "my phone"];
+    let want = task1(&model, &[], &texts.map(String::from));
+    for round in 0..3 {
+        let m = server
+            .post_json("/embed", &json!({"inputs": ["my battery"]}))
+            .tei_error(500);
+        assert!(m.contains("fails on purpose"), "round {round}: {m}");
+        let r = server.post_json("/embed", &json!({ "inputs": texts }));
+        assert_eq!(r.status, 200, "round {round}, after a panic: {}", r.body);
+        for (i, w) in want.iter().enumerate() {
+            assert_same(
+                "f32",
+                &floats(&r.json()[i]),
+                w,
+                &format!("round {round}, input {i}"),
+            );
+        }
+    }
+    assert_eq!(server.get("/health").status, 200);
 }
 
 #[test]

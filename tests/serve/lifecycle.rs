@@ -314,3 +314,74 @@ fn library_notes_become_json_events_with_log_format_json() {
         "the last event is the shutdown's:\n{log}"
     );
 }
+
+/// User plus system CPU time of process `pid` so far, in clock ticks (/proc/PID/stat).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of the file (utime, stime) are 11 and 12 after the name.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// With `--log-format json` and a log reader that went away (a collector that exited), a
+/// failed log write is not reported through the captured stderr, which would log it again:
+/// that loop once kept a core busy for good. The idle server must stay idle.
+#[test]
+fn a_log_reader_that_goes_away_leaves_the_server_idle() {
+    let (_d, model) = tiny();
+    let (reader, writer) = std::io::pipe().unwrap();
+    let fault = crate::harness::tiny_id("battery").to_string();
+    let server = Server::spawn(
+        &["--model", model.to_str().unwrap(), "--log-format", "json"],
+        |c| {
+            c.env("FETCH_ML_SERVE_FAULT_TOKEN", &fault).stderr(writer);
+        },
+    );
+    server.wait_ready();
+    drop(reader);
+    // A failing request logs an error and a warning, whose writes fail.
+    server
+        .post_json("/embed", &json!({"inputs": ["my battery"]}))
+        .tei_error(500);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(server.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(server.pid()) - before;
+    // A busy core is 100 ticks a second; an idle server uses next to none.
+    assert!(used < 30, "the idle server used {used} ticks of CPU in 3 s");
+    assert_eq!(server.get("/health").status, 200);
+}
+
+/// With `--log-format json`, an error that stops the server (its port is taken) is a JSON
+/// event for the log collector, then the plain `error:` and `to fix:` lines.
+#[test]
+fn a_fatal_error_is_a_json_event_too() {
+    let (_d, model) = tiny();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let status = fetch_ml()
+        .args(["--task=serve", "--model", model.to_str().unwrap()])
+        .args(["--port", &port, "--log-format", "json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .status()
+        .unwrap();
+    assert!(!status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let (json, plain): (Vec<&str>, Vec<&str>) = text.lines().partition(|l| l.starts_with('{'));
+    assert!(
+        plain
+            .first()
+            .is_some_and(|l| l.starts_with("error: ") && l.contains("--port")),
+        "{text}"
+    );
+    let event = json
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("no JSON error event:\n{text}"));
+    assert!(event.to_string().contains(&port), "{event}");
+}

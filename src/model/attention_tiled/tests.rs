@@ -256,3 +256,28 @@ fn head_sizes_of_real_models_match_plain_attention() {
         }
     }
 }
+
+/// Empty sequences (equal offsets) first, between and last hold no rows and change nothing
+/// for the others, in f32 and every bf16 kernel this CPU runs.
+#[test]
+fn empty_sequences_are_skipped() {
+    use kernels::quant::Bf16Kernel;
+    let (heads, d) = (2, 16);
+    let (qkv, _) = random_qkv(&[7, 20], heads * d, 9);
+    let offsets = [0, 0, 7, 7, 27, 27];
+    let kernels = Bf16Kernel::all().into_iter().filter(|k| k.supported());
+    for bf16 in std::iter::once(None).chain(kernels.map(Some)) {
+        let spec = AttentionSpec {
+            heads,
+            head_dim: d,
+            scale: 0.25,
+            bf16,
+            ..Default::default()
+        };
+        let mut ctx = vec![f32::NAN; qkv.len() / 3];
+        attend_packed(&qkv, &offsets, &spec, &mut ctx).unwrap();
+        let mut plain = vec![f32::NAN; qkv.len() / 3];
+        attend_packed(&qkv, &[0, 7, 27], &spec, &mut plain).unwrap();
+        assert_eq!(ctx, plain, "{:?}", bf16.map(|k| k.name()));
+    }
+}

@@ -386,7 +386,6 @@ fn counted(rows: Rows, inputs: usize) -> anyhow::Result<Rows> {
 }
 
 /// `rows` cut into consecutive parts of `sizes` (as many rows as the sizes sum to).
-
 fn split(rows: Rows, sizes: &[usize]) -> Vec<Rows> {
     fn cut<T>(mut all: Vec<T>, sizes: &[usize]) -> Vec<Vec<T>> {
         let mut parts = Vec::with_capacity(sizes.len());

@@ -265,7 +265,7 @@ fn empty_sequences_are_skipped() {
     let (heads, d) = (2, 16);
     let (qkv, _) = random_qkv(&[7, 20], heads * d, 9);
     let offsets = [0, 0, 7, 7, 27, 27];
-    let kernels = Bf16Kernel::all().into_iter().filter(|k| k.supported());
+    let kernels = Bf16Kernel::all().filter(|k| k.supported());
     for bf16 in std::iter::once(None).chain(kernels.map(Some)) {
         let spec = AttentionSpec {
             heads,

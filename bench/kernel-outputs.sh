@@ -43,11 +43,13 @@ EOF
       esac
       for spec in f32:gemm $(printf 'int8:%s ' $INT8) $(printf 'bf16:%s ' $BF16); do
         local dtype=${spec%%:*} kernel=${spec#*:}
-        if [ "$kernel" = portable ] && [ "$set" = 2k ] && [[ " $PORTABLE_2K " != *" $model "* ]]; then
+        local out="$dir/$model-$set-$dtype-$kernel.npy"
+        if [ "$kernel" = portable ] && [ "$set" = 2k ] \
+            && [[ " $PORTABLE_2K " != *" $model "* ]]; then
           echo "$model $set $dtype $kernel: not run (PORTABLE_2K)"
+          rm -f "$out" "$out.log" "$out.meta.jsonl"
           continue
         fi
-        local out="$dir/$model-$set-$dtype-$kernel.npy"
         local env=()
         [ "$dtype" != f32 ] && env=(FETCH_ML_KERNEL="$kernel")
         if env "${env[@]}" "$bin" --task=1 --model "$repo/models/$model" --input "$file" \

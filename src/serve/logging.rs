@@ -16,9 +16,13 @@ use super::config::LogFormat;
 /// Installs the log subscriber (once per process; later calls do nothing). With JSON, stderr
 /// is captured until the returned guard is dropped.
 pub fn init(format: LogFormat) -> Option<StderrEvents> {
+    // A log that cannot be written must not report that on stderr: in JSON mode stderr is the
+    // capture pipe, whose lines are logged again (a loop at full speed), and in text mode the
+    // report itself would panic on a closed stderr (`eprintln!`), in whichever thread logged.
     let builder = tracing_subscriber::fmt()
         .with_max_level(Level::INFO)
-        .with_target(false);
+        .with_target(false)
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => {
             let _ = builder
@@ -28,13 +32,7 @@ pub fn init(format: LogFormat) -> Option<StderrEvents> {
             None
         }
         LogFormat::Json => {
-            // A log that cannot be written must not report that on stderr: in JSON mode stderr
-            // is the capture pipe, whose lines are logged again (a loop at full speed).
-            let json = builder
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
-                .log_internal_errors(false);
+            let json = builder.json().flatten_event(true).with_current_span(false);
             match StderrEvents::capture() {
                 Ok((log, events)) => {
                     let _ = json.with_writer(Mutex::new(log)).try_init();

@@ -50,8 +50,8 @@ fn a_non_finite_vector_fails_only_its_own_request() {
     );
 }
 
-/// A panic inside the model answers 500 to its own request; every later request, alone or
-/// batched with others, still gets its vectors (a panic once left the embedder's lock poisoned,
+/// A panic inside the model answers 500 to its own request; every later request still gets
+/// its vectors (a panic once left the embedder's lock poisoned,
 /// and every later request got a 500).
 #[test]
 fn a_panic_in_the_model_fails_only_its_own_request() {

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{FromRequest, Request};
-use axum::http::header::CONTENT_LENGTH;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
 
@@ -38,12 +37,7 @@ impl<T: DeserializeOwned> FromRequest<Arc<App>> for JsonBody<T> {
                 ),
             )
         };
-        let declared = req
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limits.max_bytes as u64) {
+        if super::linger::declared(req.headers()).is_some_and(|n| n > limits.max_bytes as u64) {
             return Err(too_large());
         }
         let body = Limited::new(req.into_body(), limits.max_bytes);

@@ -35,7 +35,7 @@ pub fn linger_bytes(max_body_bytes: usize) -> usize {
 }
 
 /// The middleware: hands the handler a body it can read as usual; after the answer, whatever
-/// the handler left is read and dropped by a task of its own, or the connection is closed.
+/// the handler left is read and dropped by a task of its own (not after a 408).
 pub async fn linger(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let headers = req.headers();
     // hyper honours Expect (and sends "100 Continue" when the body is first read) from HTTP/1.1.
@@ -78,7 +78,7 @@ pub async fn linger(State(app): State<Arc<App>>, req: Request, next: Next) -> Re
 }
 
 /// The body length a request declares.
-fn declared(headers: &HeaderMap) -> Option<u64> {
+pub(super) fn declared(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

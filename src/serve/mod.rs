@@ -14,6 +14,7 @@ pub mod config;
 pub mod errors;
 pub mod handlers;
 pub mod http;
+pub mod inputs;
 pub mod linger;
 pub mod logging;
 pub mod metrics;

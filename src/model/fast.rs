@@ -29,6 +29,7 @@ use super::pooling::Pooling;
 use super::quant;
 use crate::tokenize::Encoded;
 
+mod dense_f32;
 mod in_flight;
 mod quantized;
 #[cfg(test)]
@@ -76,6 +77,8 @@ fn view<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 }
 
 /// `dst[r, col .. col + out] = x[r, ..] W^T + b` for `rows` rows; `dst` has row stride `ld`.
+/// `W` is read in place from the candle tensor (`[out, in]`); the inference encoders keep
+/// theirs transposed instead ([`dense_f32::F32Linear`]), which gives the same bits faster.
 fn linear(
     x: &[f32],
     rows: usize,
@@ -85,7 +88,28 @@ fn linear(
     col: usize,
 ) -> Result<()> {
     let (out, in_dim) = lin.weight.dims2()?;
-    if x.len() < rows * in_dim || dst.len() < rows * ld || col + out > ld {
+    view(&lin.weight, |w| {
+        view(&lin.bias, |b| {
+            let rhs = MatRef::transposed(w, in_dim, out, in_dim);
+            product(x, rows, rhs, b, dst, ld, col)
+        })
+    })??
+}
+
+/// `dst[r, col .. col + out] = x[r, ..] rhs + bias` for `rows` rows, `rhs` the `[in, out]`
+/// view of a dense layer's weights (either layout: the gemm crate's sums for an element do
+/// not depend on the strides, so both give the same bits).
+fn product(
+    x: &[f32],
+    rows: usize,
+    rhs: MatRef<'_>,
+    bias: &[f32],
+    dst: &mut [f32],
+    ld: usize,
+    col: usize,
+) -> Result<()> {
+    let (in_dim, out) = rhs.shape();
+    if x.len() < rows * in_dim || dst.len() < rows * ld || col + out > ld || bias.len() != out {
         bail!("fast path: linear layer buffer sizes do not match");
     }
     if rows == 1 {
@@ -93,22 +117,18 @@ fn linear(
         // otherwise than its matrix kernels: the row goes twice through a 2-row product, so
         // that it gets the bits it has in any other batch.
         let (x2, mut d2) = (x[..in_dim].repeat(2), vec![0f32; 2 * out]);
-        linear(&x2, 2, lin, &mut d2, out, 0)?;
+        product(&x2, 2, rhs, bias, &mut d2, out, 0)?;
         dst[col..col + out].copy_from_slice(&d2[..out]);
         return Ok(());
     }
-    view(&lin.bias, |b| {
-        for r in 0..rows {
-            dst[r * ld + col..r * ld + col + out].copy_from_slice(b);
-        }
-    })?;
-    view(&lin.weight, |w| {
-        let mut out_view = MatMut::rows(&mut dst[col..], rows, out, ld);
-        let lhs = MatRef::rows(x, rows, in_dim, in_dim);
-        let rhs = MatRef::transposed(w, in_dim, out, in_dim);
-        let par = parallelism(rows * out * in_dim);
-        matmul(&mut out_view, true, lhs, rhs, 1.0, par)
-    })
+    for r in 0..rows {
+        dst[r * ld + col..r * ld + col + out].copy_from_slice(bias);
+    }
+    let mut out_view = MatMut::rows(&mut dst[col..], rows, out, ld);
+    let lhs = MatRef::rows(x, rows, in_dim, in_dim);
+    let par = parallelism(rows * out * in_dim);
+    matmul(&mut out_view, true, lhs, rhs, 1.0, par);
+    Ok(())
 }
 
 /// MPNet's relative position bias table `[buckets, heads]` as values, with the buckets of

@@ -1,8 +1,9 @@
-//! The inference encoder in a chosen arithmetic ([`FastEncoder`]): float32 runs the packed
-//! path of the parent module as it is; int8 and bf16 convert each layer's dense weights at
-//! load (Q, K and V fused) and run them on the [`quant`] kernels, with embeddings, attention,
-//! LayerNorm and pooling in float32 on the parent's kernels.
+//! The inference encoder in a chosen arithmetic ([`FastEncoder`]): each layer's dense weights
+//! are converted at load (Q, K and V fused), to float32 stored transposed
+//! ([`super::dense_f32`]) or to int8 or bf16 for the [`quant`] kernels, with embeddings,
+//! attention, LayerNorm and pooling in float32 on the parent's kernels.
 
+use super::dense_f32::F32Linear;
 use super::*;
 
 mod long;
@@ -23,8 +24,8 @@ impl PackedEncoder for FastEncoder {
 
 /// One dense layer of the quantized encoder, in the arithmetic it runs in.
 enum Dense {
-    /// Kept in float32 (the gemm path of [`linear`]).
-    F32(Linear),
+    /// float32, its weights transposed (the gemm path of [`product`]).
+    F32(F32Linear),
     Int8(quant::Int8Linear),
     Bf16(quant::Bf16Linear),
 }
@@ -54,7 +55,7 @@ impl Dense {
     /// [`quant::ROW_OUTLIER_RATIO`]).
     fn new(lin: &Linear, dtype: quant::Dtype, normed: bool) -> Result<Self> {
         if dtype == quant::Dtype::F32 {
-            return Ok(Dense::F32(lin.clone()));
+            return Ok(Dense::F32(F32Linear::new(lin)?));
         }
         let (out, inp) = lin.weight.dims2()?;
         let w = lin.weight.flatten_all()?.to_vec1::<f32>()?;
@@ -85,9 +86,9 @@ impl Dense {
         let qa = act.map_or(quant::Activation::None, quant_act);
         match self {
             Dense::F32(lin) => {
-                linear(x, rows, lin, dst, ld, col)?;
+                lin.forward(x, rows, dst, ld, col)?;
                 if let Some(act) = act {
-                    let (out, _) = lin.weight.dims2()?;
+                    let out = lin.out();
                     if col != 0 || ld != out {
                         bail!("fast path: a fused activation needs a dense output");
                     }
@@ -141,14 +142,16 @@ impl QuantLayer {
     }
 }
 
-/// The encoder with int8 or bf16 dense layers; embeddings, LayerNorms, softmax and pooling
-/// stay float32. It holds no float32 copy of the dense weights.
+/// The encoder with converted dense layers (float32 transposed, int8 or bf16); embeddings,
+/// LayerNorms, softmax and pooling stay float32. It holds no copy of the checkpoint's dense
+/// weights.
 struct QuantEncoder {
     embeddings: BertEmbeddings,
     layers: Vec<QuantLayer>,
     relative_bias: Option<RelativeBias>,
     config: BertConfig,
     kernels: Kernels,
+    dtype: quant::Dtype,
 }
 
 /// The inference encoder in a chosen arithmetic ([`quant::Dtype`]).
@@ -166,18 +169,12 @@ struct QuantEncoder {
 pub struct FastEncoder {
     dtype: quant::Dtype,
     kernel: &'static str,
-    inner: Inner,
-}
-
-enum Inner {
-    /// The float32 fast path of [`BertEncoder::forward_packed`], unchanged.
-    F32(BertEncoder),
-    Quant(QuantEncoder),
+    inner: QuantEncoder,
 }
 
 impl FastEncoder {
-    /// Takes over `encoder` and converts its dense layers to `dtype` (f32 keeps them as they
-    /// are). The float32 dense weights are dropped unless another handle shares them (candle
+    /// Takes over `encoder` and converts its dense layers to `dtype` (f32 transposes them).
+    /// The float32 dense weights are dropped unless another handle shares them (candle
     /// tensors are reference counted: see [`FastEncoder::from_encoder`]). Fails when
     /// `FETCH_ML_KERNEL` asks for a kernel this CPU lacks.
     pub fn new(encoder: BertEncoder, dtype: quant::Dtype) -> Result<Self> {
@@ -214,13 +211,6 @@ impl FastEncoder {
             quant::Dtype::Int8 => kernels.int8.name(),
             quant::Dtype::Bf16 => kernels.bf16.name(),
         };
-        if dtype == quant::Dtype::F32 {
-            return Ok(Self {
-                dtype,
-                kernel,
-                inner: Inner::F32(encoder),
-            });
-        }
         let BertEncoder {
             embeddings,
             layers,
@@ -235,13 +225,14 @@ impl FastEncoder {
         Ok(Self {
             dtype,
             kernel,
-            inner: Inner::Quant(QuantEncoder {
+            inner: QuantEncoder {
                 embeddings,
                 layers: qlayers,
                 relative_bias,
                 config,
                 kernels,
-            }),
+                dtype,
+            },
         })
     }
 
@@ -250,9 +241,6 @@ impl FastEncoder {
     /// process never holds the whole float32 model (peak memory: the embeddings, one float32
     /// layer and the converted layers).
     pub fn load(vb: VarBuilder, cfg: &BertConfig, dtype: quant::Dtype) -> Result<Self> {
-        if dtype == quant::Dtype::F32 {
-            return Self::new(BertEncoder::load(vb, cfg)?, dtype);
-        }
         let empty = BertEncoder {
             embeddings: BertEmbeddings::load(vb.pp("embeddings"), cfg)?,
             layers: Vec::new(),
@@ -260,12 +248,9 @@ impl FastEncoder {
             config: cfg.clone(),
         };
         let mut fast = Self::new(empty, dtype)?;
-        let Inner::Quant(q) = &mut fast.inner else {
-            bail!("fast path: a {dtype} encoder without quantized layers")
-        };
         for i in 0..cfg.num_hidden_layers {
             let layer = BertLayer::load(vb.pp(crate::model::names::layer_prefix(i)), cfg)?;
-            q.layers.push(QuantLayer::new(&layer, dtype)?);
+            fast.inner.layers.push(QuantLayer::new(&layer, dtype)?);
         }
         Ok(fast)
     }
@@ -286,10 +271,7 @@ impl FastEncoder {
     }
 
     pub fn config(&self) -> &BertConfig {
-        match &self.inner {
-            Inner::F32(e) => &e.config,
-            Inner::Quant(q) => &q.config,
-        }
+        &self.inner.config
     }
 
     /// Last hidden states of `seqs`, packed, as [`BertEncoder::forward_packed`].
@@ -298,10 +280,7 @@ impl FastEncoder {
         seqs: &[&Encoded],
         ws: &'w mut Workspace,
     ) -> Result<&'w [f32]> {
-        match &self.inner {
-            Inner::F32(e) => e.forward_packed(seqs, ws),
-            Inner::Quant(q) => q.forward_packed(seqs, ws),
-        }
+        self.inner.forward_packed(seqs, ws)
     }
 }
 
@@ -318,7 +297,8 @@ fn note_amx_refused() {
     }
 }
 
-/// Rows per FFN chunk of the quantized encoder: 128 x 1536 f32 intermediates are 768 KB.
+/// Rows per FFN chunk of the int8 and bf16 encoders: 128 x 1536 f32 intermediates are 768 KB.
+/// (float32 takes [`FFN_ROWS_F32`], as the gemm crate packs the weights' panels per product.)
 const FFN_ROWS: usize = 128;
 
 impl QuantEncoder {
@@ -327,8 +307,12 @@ impl QuantEncoder {
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let offs = offsets(seqs);
         let t = *offs.last().expect("offsets");
-        // The FFN runs FFN_ROWS rows at a time: its intermediate needs no more.
-        let inter_rows = t.min(FFN_ROWS);
+        // The FFN runs `chunk` rows at a time: its intermediate needs no more.
+        let chunk = match self.dtype {
+            quant::Dtype::F32 => FFN_ROWS_F32,
+            _ => FFN_ROWS,
+        };
+        let inter_rows = t.min(chunk);
         grow_all(ws, t, h, inter, inter_rows);
         embed_packed(&self.embeddings, cfg, seqs, &offs, &mut ws.x[..t * h])?;
         let bias = BiasTable::new(self.relative_bias.as_ref(), &offs)?;
@@ -356,11 +340,11 @@ impl QuantEncoder {
                 .forward(ctx, t, tmp, h, 0, None, k, scratch)?;
             layer_norm_rows(tmp, Some(x), &layer.attn_norm, h)?;
             // The attention block's output is now in `tmp`; the FFN writes its result to `x`,
-            // FFN_ROWS rows at a time (rows are independent), so that the [rows, inter]
+            // `chunk` rows at a time (rows are independent), so that the [rows, inter]
             // intermediate stays in cache between the two products.
             let mut r0 = 0;
             while r0 < t {
-                let n = FFN_ROWS.min(t - r0);
+                let n = chunk.min(t - r0);
                 let (xin, xout) = (&tmp[r0 * h..(r0 + n) * h], &mut x[r0 * h..(r0 + n) * h]);
                 let mid = &mut mid[..n * inter];
                 layer

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use super::bert::{BertConfig, BertEmbeddings, BertEncoder, BertLayer, LayerNorm, Linear};
 use kernels::attention::{attend_head, for_each_head, head_views, HeadSplit};
 use kernels::math;
-use kernels::matmul::{matmul, parallelism, MatMut, MatRef};
+use kernels::matmul::{matmul, matmul_column_tasks, parallelism, MatMut, MatRef, Parallelism};
 
 use super::mpnet::{self, RelativeBias};
 use super::pooling::Pooling;
@@ -91,18 +91,27 @@ fn linear(
     view(&lin.weight, |w| {
         view(&lin.bias, |b| {
             let rhs = MatRef::transposed(w, in_dim, out, in_dim);
-            product(x, rows, rhs, b, dst, ld, col)
+            product(x, rows, rhs, false, b, dst, ld, col)
         })
     })??
 }
 
+/// Products of at most this many rows run as [`matmul_column_tasks`] in blocks of
+/// [`COLUMN_BLOCK`] columns (above 64: see there).
+const COLUMN_TASK_ROWS: usize = 256;
+const COLUMN_BLOCK: usize = 128;
+
 /// `dst[r, col .. col + out] = x[r, ..] rhs + bias` for `rows` rows, `rhs` the `[in, out]`
 /// view of a dense layer's weights (either layout: the gemm crate's sums for an element do
-/// not depend on the strides, so both give the same bits).
+/// not depend on the strides, so both give the same bits). `row_major`: `rhs` is stored
+/// `[in, out]`, and a product of a few rows runs as [`matmul_column_tasks`] (which keeps the
+/// bits only on that layout).
+#[allow(clippy::too_many_arguments)]
 fn product(
     x: &[f32],
     rows: usize,
     rhs: MatRef<'_>,
+    row_major: bool,
     bias: &[f32],
     dst: &mut [f32],
     ld: usize,
@@ -117,7 +126,7 @@ fn product(
         // otherwise than its matrix kernels: the row goes twice through a 2-row product, so
         // that it gets the bits it has in any other batch.
         let (x2, mut d2) = (x[..in_dim].repeat(2), vec![0f32; 2 * out]);
-        product(&x2, 2, rhs, bias, &mut d2, out, 0)?;
+        product(&x2, 2, rhs, row_major, bias, &mut d2, out, 0)?;
         dst[col..col + out].copy_from_slice(&d2[..out]);
         return Ok(());
     }
@@ -127,7 +136,13 @@ fn product(
     let mut out_view = MatMut::rows(&mut dst[col..], rows, out, ld);
     let lhs = MatRef::rows(x, rows, in_dim, in_dim);
     let par = parallelism(rows * out * in_dim);
-    matmul(&mut out_view, true, lhs, rhs, 1.0, par);
+    if row_major && rows <= COLUMN_TASK_ROWS && matches!(par, Parallelism::Rayon(_)) {
+        // A few sentences' tokens: blocks of columns as rayon tasks, so that a thread held
+        // up elsewhere does not hold up the product (the server's one-request batches).
+        matmul_column_tasks(&mut out_view, true, lhs, rhs, 1.0, COLUMN_BLOCK);
+    } else {
+        matmul(&mut out_view, true, lhs, rhs, 1.0, par);
+    }
     Ok(())
 }
 

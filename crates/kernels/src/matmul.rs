@@ -176,6 +176,50 @@ pub fn matmul(
     }
 }
 
+/// As [`matmul`] (on one thread each), the columns cut into blocks that run as rayon tasks:
+/// threads that fall behind (a core busy elsewhere) leave their blocks to the others, where
+/// the gemm crate's own split hands each thread a fixed share and waits for the slowest.
+/// Blocks are `block` columns wide, the last one taking the remainder (so `block` to
+/// `2 * block - 1` wide). With `block` above 64 and `rhs` row-major (`[k, n]` at a row
+/// stride, as the inference encoders store their weights), each element gets the bits
+/// [`matmul`] gives it: the crate's k blocking depends on k, except for products at most
+/// 64 wide and 64 tall, which no block is. (On a column-major `rhs`, two-row products came
+/// out otherwise: `fetch_ml`'s checkpoint-layout path does not use this.)
+pub fn matmul_column_tasks(
+    dst: &mut MatMut<'_>,
+    accumulate: bool,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    beta: f32,
+    block: usize,
+) {
+    use rayon::prelude::*;
+    let (m, n) = (dst.rows, dst.cols);
+    assert!(
+        lhs.rows == m && rhs.rows == lhs.cols && rhs.cols == n && block > 0,
+        "matmul_column_tasks: [{m}, {n}] = [{}, {}] x [{}, {}] in blocks of {block}",
+        lhs.rows,
+        lhs.cols,
+        rhs.rows,
+        rhs.cols
+    );
+    let blocks = (n / block).max(1);
+    let parts: Vec<(MatMut<'_>, MatRef<'_>)> = (0..blocks)
+        .map(|b| {
+            let c0 = b * block;
+            let w = if b + 1 == blocks { n - c0 } else { block };
+            // SAFETY: columns c0..c0 + w of dst's rows lie inside dst (c0 + w <= cols <= ld),
+            // which this function borrows uniquely; the blocks' columns are disjoint.
+            let d = unsafe { MatMut::from_raw(dst.ptr.add(c0), m, w, dst.ld) };
+            let r = MatRef::new(&rhs.data[c0 * rhs.cs..], rhs.rows, w, rhs.rs, rhs.cs);
+            (d, r)
+        })
+        .collect();
+    parts
+        .into_par_iter()
+        .for_each(|(mut d, r)| matmul(&mut d, accumulate, lhs, r, beta, Parallelism::None));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +245,11 @@ mod tests {
             }
             assert_eq!(c[i * ld], 1.0, "columns outside the view untouched");
         }
+        // The same product in column blocks of 3 (the last one 4 wide): the same bits.
+        let mut c2 = vec![1f32; m * ld];
+        let mut dst2 = MatMut::rows(&mut c2[2..], m, n, ld);
+        matmul_column_tasks(&mut dst2, true, lhs, rhs, 0.5, 3);
+        assert!(c.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()));
         let refused = std::panic::catch_unwind(|| MatRef::rows(&a, m + 1, k, ld));
         assert!(refused.is_err(), "a view past its slice");
     }

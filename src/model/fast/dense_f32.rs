@@ -61,7 +61,7 @@ impl F32Linear {
         col: usize,
     ) -> Result<()> {
         let rhs = MatRef::rows(&self.wt, self.inp, self.out, self.out);
-        product(x, rows, rhs, &self.bias, dst, ld, col)
+        product(x, rows, rhs, true, &self.bias, dst, ld, col)
     }
 }
 
@@ -73,7 +73,8 @@ mod tests {
 
     /// The transposed layer against `linear` on the checkpoint's layout, at the layer shapes
     /// of MiniLM, MPNet and nomic-embed (its gated FFN is 6,144 wide), for row counts from
-    /// one sentence's token to a batch's: the same bits, into a strided output.
+    /// one sentence's token to a batch's (up to 256 rows in column tasks, more in the gemm
+    /// crate's own split): the same bits, into a strided output.
     #[test]
     fn transposed_weights_give_the_bits_of_the_checkpoint_layout() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(21);

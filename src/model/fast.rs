@@ -3,14 +3,17 @@
 //! The sentences of a batch are concatenated without padding (`offsets` marks where each
 //! starts), so no work is spent on padding and a sentence's result does not depend on its
 //! batch, bit for bit (the gemm crate's products give a row the same bits for any row count
-//! but one, whose matrix-vector path `linear` avoids). Dense layers are `gemm` calls over all
-//! tokens (the FFN over chunks of rows, which bounds its intermediate), with the bias preloaded into the output; attention runs per
+//! but one, whose matrix-vector path [`product`] avoids). Dense layers are `gemm` products
+//! over all tokens (the FFN over chunks of rows, which bounds its intermediate; a few rows'
+//! product as column tasks), with the bias preloaded into the output; attention runs per
 //! (sentence, head) in parallel, reading Q, K and V in place from the fused projection
 //! buffer; GELU, softmax and LayerNorm are the vectorised kernels of the kernel crate
 //! (`kernels::math`). Buffers live in a [`Workspace`] that grows with the batches and is
-//! reused, so a run allocates almost nothing per batch. Weights are read in place from the
-//! candle tensors. The training path (candle ops with a backward pass) is in [`super::bert`].
-//! [`FastEncoder`], the same encoder with int8 or bf16 dense layers, is in `fast/quantized.rs`.
+//! reused, so a run allocates almost nothing per batch. [`BertEncoder::forward_packed`]
+//! reads the weights in place from the candle tensors (the multitask model, whose encoder
+//! may train, runs it); [`FastEncoder`] (`fast/quantized.rs`), task 1's and the server's
+//! encoder, converts them at load: float32 transposed (`fast/dense_f32.rs`), int8 or bf16.
+//! The training path (candle ops with a backward pass) is in [`super::bert`].
 
 use std::borrow::Cow;
 
@@ -91,27 +94,24 @@ fn linear(
     view(&lin.weight, |w| {
         view(&lin.bias, |b| {
             let rhs = MatRef::transposed(w, in_dim, out, in_dim);
-            product(x, rows, rhs, false, b, dst, ld, col)
+            product(x, rows, rhs, b, dst, ld, col)
         })
     })??
 }
 
-/// Products of at most this many rows run as [`matmul_column_tasks`] in blocks of
-/// [`COLUMN_BLOCK`] columns (above 64: see there).
+/// Products of at most this many rows run as [`matmul_column_tasks`].
 const COLUMN_TASK_ROWS: usize = 256;
-const COLUMN_BLOCK: usize = 128;
 
 /// `dst[r, col .. col + out] = x[r, ..] rhs + bias` for `rows` rows, `rhs` the `[in, out]`
-/// view of a dense layer's weights (either layout: the gemm crate's sums for an element do
-/// not depend on the strides, so both give the same bits). `row_major`: `rhs` is stored
-/// `[in, out]`, and a product of a few rows runs as [`matmul_column_tasks`] (which keeps the
-/// bits only on that layout).
-#[allow(clippy::too_many_arguments)]
+/// view of a dense layer's weights, in the checkpoint's layout (`[out, in]` storage) or
+/// transposed (`[in, out]`). The two give the same bits wherever `out x rows` is above 256
+/// (every layer of a real model, two rows or more): below that, the gemm crate sums the
+/// checkpoint layout with other kernels. On the transposed layout a product of a few rows
+/// runs as [`matmul_column_tasks`].
 fn product(
     x: &[f32],
     rows: usize,
     rhs: MatRef<'_>,
-    row_major: bool,
     bias: &[f32],
     dst: &mut [f32],
     ld: usize,
@@ -126,7 +126,7 @@ fn product(
         // otherwise than its matrix kernels: the row goes twice through a 2-row product, so
         // that it gets the bits it has in any other batch.
         let (x2, mut d2) = (x[..in_dim].repeat(2), vec![0f32; 2 * out]);
-        product(&x2, 2, rhs, row_major, bias, &mut d2, out, 0)?;
+        product(&x2, 2, rhs, bias, &mut d2, out, 0)?;
         dst[col..col + out].copy_from_slice(&d2[..out]);
         return Ok(());
     }
@@ -136,10 +136,11 @@ fn product(
     let mut out_view = MatMut::rows(&mut dst[col..], rows, out, ld);
     let lhs = MatRef::rows(x, rows, in_dim, in_dim);
     let par = parallelism(rows * out * in_dim);
-    if row_major && rows <= COLUMN_TASK_ROWS && matches!(par, Parallelism::Rayon(_)) {
-        // A few sentences' tokens: blocks of columns as rayon tasks, so that a thread held
-        // up elsewhere does not hold up the product (the server's one-request batches).
-        matmul_column_tasks(&mut out_view, true, lhs, rhs, 1.0, COLUMN_BLOCK);
+    if let (true, Parallelism::Rayon(threads)) = (rows <= COLUMN_TASK_ROWS, par) {
+        // A few sentences' tokens: blocks of columns as rayon tasks, two per thread, so that
+        // a thread held up elsewhere does not hold up the product (the server's one-request
+        // batches). On the checkpoint layout this is the plain product.
+        matmul_column_tasks(&mut out_view, true, lhs, rhs, 1.0, 2 * threads);
     } else {
         matmul(&mut out_view, true, lhs, rhs, 1.0, par);
     }

@@ -176,42 +176,52 @@ pub fn matmul(
     }
 }
 
-/// As [`matmul`] (on one thread each), the columns cut into blocks that run as rayon tasks:
-/// threads that fall behind (a core busy elsewhere) leave their blocks to the others, where
-/// the gemm crate's own split hands each thread a fixed share and waits for the slowest.
-/// Blocks are `block` columns wide, the last one taking the remainder (so `block` to
-/// `2 * block - 1` wide). With `block` above 64 and `rhs` row-major (`[k, n]` at a row
-/// stride, as the inference encoders store their weights), each element gets the bits
-/// [`matmul`] gives it: the crate's k blocking depends on k, except for products at most
-/// 64 wide and 64 tall, which no block is. (On a column-major `rhs`, two-row products came
-/// out otherwise: `fetch_ml`'s checkpoint-layout path does not use this.)
+/// As [`matmul`] (on one thread each), the columns cut into about `tasks` blocks that run as
+/// rayon tasks: threads that fall behind (a core busy elsewhere) leave their blocks to the
+/// others, where the gemm crate's own split hands each thread a fixed share and waits for the
+/// slowest. Blocks are `ceil(n / tasks)` columns wide but at least [`MIN_BLOCK`], the last
+/// one taking the remainder.
+///
+/// Each element gets the bits [`matmul`] gives it when `rhs` is row-major (`[k, n]` at a row
+/// stride, as the inference encoders store their weights): the crate sums an element in k
+/// order, in k blocks that depend on k alone, except in products at most 64 wide and 64 tall
+/// (which no block is). On another layout, or an empty product, this is plain [`matmul`]
+/// (on a column-major `rhs` the crate takes other kernels for small products, and blocks
+/// would change the bits).
 pub fn matmul_column_tasks(
     dst: &mut MatMut<'_>,
     accumulate: bool,
     lhs: MatRef<'_>,
     rhs: MatRef<'_>,
     beta: f32,
-    block: usize,
+    tasks: usize,
 ) {
     use rayon::prelude::*;
-    let (m, n) = (dst.rows, dst.cols);
+    let (m, n, k) = (dst.rows, dst.cols, lhs.cols);
     assert!(
-        lhs.rows == m && rhs.rows == lhs.cols && rhs.cols == n && block > 0,
-        "matmul_column_tasks: [{m}, {n}] = [{}, {}] x [{}, {}] in blocks of {block}",
+        lhs.rows == m && rhs.rows == k && rhs.cols == n,
+        "matmul_column_tasks: [{m}, {n}] = [{}, {}] x [{}, {}]",
         lhs.rows,
         lhs.cols,
         rhs.rows,
         rhs.cols
     );
-    let blocks = (n / block).max(1);
+    let block = n.div_ceil(tasks.max(1)).max(MIN_BLOCK);
+    if m == 0 || k == 0 || n < 2 * block || rhs.cs != 1 {
+        let par = parallelism(m * n * k);
+        return matmul(dst, accumulate, lhs, rhs, beta, par);
+    }
+    let blocks = n / block;
     let parts: Vec<(MatMut<'_>, MatRef<'_>)> = (0..blocks)
         .map(|b| {
             let c0 = b * block;
             let w = if b + 1 == blocks { n - c0 } else { block };
-            // SAFETY: columns c0..c0 + w of dst's rows lie inside dst (c0 + w <= cols <= ld),
-            // which this function borrows uniquely; the blocks' columns are disjoint.
+            // SAFETY: m > 0 and c0 + w <= n = cols <= ld, so columns c0..c0 + w of dst's m
+            // rows lie inside the slice dst was made from (checked by its constructor); this
+            // function borrows dst uniquely and the blocks' columns are disjoint.
             let d = unsafe { MatMut::from_raw(dst.ptr.add(c0), m, w, dst.ld) };
-            let r = MatRef::new(&rhs.data[c0 * rhs.cs..], rhs.rows, w, rhs.rs, rhs.cs);
+            // rhs has k > 0 rows and cs == 1: column c0 of row 0 is element c0 < n.
+            let r = MatRef::new(&rhs.data[c0..], k, w, rhs.rs, 1);
             (d, r)
         })
         .collect();
@@ -219,6 +229,10 @@ pub fn matmul_column_tasks(
         .into_par_iter()
         .for_each(|(mut d, r)| matmul(&mut d, accumulate, lhs, r, beta, Parallelism::None));
 }
+
+/// The narrowest block of [`matmul_column_tasks`]: above the 64 columns under which the gemm
+/// crate blocks k by another rule.
+pub const MIN_BLOCK: usize = 80;
 
 #[cfg(test)]
 mod tests {
@@ -245,12 +259,98 @@ mod tests {
             }
             assert_eq!(c[i * ld], 1.0, "columns outside the view untouched");
         }
-        // The same product in column blocks of 3 (the last one 4 wide): the same bits.
-        let mut c2 = vec![1f32; m * ld];
-        let mut dst2 = MatMut::rows(&mut c2[2..], m, n, ld);
-        matmul_column_tasks(&mut dst2, true, lhs, rhs, 0.5, 3);
-        assert!(c.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()));
         let refused = std::panic::catch_unwind(|| MatRef::rows(&a, m + 1, k, ld));
         assert!(refused.is_err(), "a view past its slice");
+    }
+
+    /// Column tasks on row-major weights against one product, at the shapes of real layers
+    /// and at widths that are no multiple of a block, for row counts around the gemm crate's
+    /// tile sizes, on a pool of two threads: the same bits. A column-major `rhs` and empty
+    /// products fall back to `matmul`.
+    #[test]
+    fn column_tasks_keep_the_bits_of_one_product() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let shapes = [
+            (384, 384),
+            (768, 3072),
+            (3072, 768),
+            (768, 6144),
+            (768, 1000),
+            (1000, 200),
+        ];
+        for (k, n) in shapes {
+            let rows = 300;
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let w: Vec<f32> = (0..k * n)
+                .map(|i| (((i * 104729) % 977) as f32 / 488.0 - 1.0) * 0.05)
+                .collect();
+            for m in [2, 3, 7, 39, 64, 65, 200, 300] {
+                let lhs = MatRef::rows(&x, m, k, k);
+                let rhs = MatRef::rows(&w, k, n, n);
+                let mut one = vec![0.5f32; m * n];
+                matmul(
+                    &mut MatMut::rows(&mut one, m, n, n),
+                    true,
+                    lhs,
+                    rhs,
+                    1.0,
+                    Parallelism::Rayon(2),
+                );
+                for tasks in [1, 2, 4, 7] {
+                    let mut split = vec![0.5f32; m * n];
+                    pool.install(|| {
+                        let mut d = MatMut::rows(&mut split, m, n, n);
+                        matmul_column_tasks(&mut d, true, lhs, rhs, 1.0, tasks)
+                    });
+                    let same = one
+                        .iter()
+                        .zip(&split)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "k {k}, n {n}, {m} rows in {tasks} tasks: other bits");
+                }
+            }
+        }
+        // Column-major weights, and empty products.
+        let (m, k, n) = (5, 4, 300);
+        let x: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.25).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32).collect();
+        let (lhs, rhs) = (MatRef::rows(&x, m, k, k), MatRef::rows(&w, n, k, k).t());
+        let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+        matmul(
+            &mut MatMut::rows(&mut a, m, n, n),
+            false,
+            lhs,
+            rhs,
+            1.0,
+            Parallelism::None,
+        );
+        matmul_column_tasks(&mut MatMut::rows(&mut b, m, n, n), false, lhs, rhs, 1.0, 4);
+        assert_eq!(a, b);
+        let mut none: Vec<f32> = Vec::new();
+        let empty = MatRef::rows(&x, 0, k, k);
+        matmul_column_tasks(
+            &mut MatMut::rows(&mut none, 0, n, n),
+            false,
+            empty,
+            rhs,
+            1.0,
+            4,
+        );
+        let mut zero_k = vec![3f32; m * n];
+        let (lhs0, rhs0) = (MatRef::rows(&x, m, 0, k), MatRef::rows(&w, 0, n, n));
+        matmul_column_tasks(
+            &mut MatMut::rows(&mut zero_k, m, n, n),
+            true,
+            lhs0,
+            rhs0,
+            1.0,
+            4,
+        );
+        assert!(zero_k.iter().all(|&v| v == 3.0), "k = 0 adds nothing");
     }
 }

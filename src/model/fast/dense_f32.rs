@@ -4,8 +4,9 @@
 //! on one thread, in every product with a small row count (a sentence's 40 tokens, say), so
 //! a one-sentence pass spent about 40% of its time packing and did not scale to a second
 //! thread. Stored `[in, out]`, the weights are read where they lie. The sums of an element
-//! are the same (the crate's k blocking depends on k and the caches, not on strides), so the
-//! vectors keep their bits: see the tests.
+//! are the same (in k order, in k blocks that depend on k and the caches), so the vectors
+//! keep their bits; [`super::product`] says where that stops (products too small for any
+//! real layer), and the tests check it.
 
 use candle_core::Result;
 
@@ -61,7 +62,7 @@ impl F32Linear {
         col: usize,
     ) -> Result<()> {
         let rhs = MatRef::rows(&self.wt, self.inp, self.out, self.out);
-        product(x, rows, rhs, true, &self.bias, dst, ld, col)
+        product(x, rows, rhs, &self.bias, dst, ld, col)
     }
 }
 

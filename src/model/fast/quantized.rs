@@ -255,8 +255,9 @@ impl FastEncoder {
         Ok(fast)
     }
 
-    /// As [`FastEncoder::new`] for an encoder the caller keeps (its tensors are shared, not
-    /// copied; the float32 weights then stay in memory as long as the caller's encoder does).
+    /// As [`FastEncoder::new`] for an encoder the caller keeps: the converted dense layers are
+    /// copies in every dtype (f32's transposed), so the caller's float32 weights are held
+    /// beside them for as long as its encoder lives; embeddings and LayerNorms are shared.
     pub fn from_encoder(encoder: &BertEncoder, dtype: quant::Dtype) -> Result<Self> {
         Self::new(encoder.clone(), dtype)
     }

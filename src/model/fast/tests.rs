@@ -7,7 +7,8 @@ use candle_core::Device;
 use rand::{Rng, SeedableRng};
 
 /// Both layouts of a dense layer (`linear` on the checkpoint's `[out, in]`, and the inference
-/// encoders' transposed [`F32Linear`], whose products of up to 256 rows run as column tasks)
+/// encoders' transposed [`F32Linear`], whose products of up to 256 rows run as column tasks,
+/// on a pool of two threads)
 /// on the first `m` rows of 700, for every `m` a batch or an FFN chunk can have, at the layer
 /// shapes of all-MiniLM-L6-v2, all-mpnet-base-v2 and nomic-embed and at widths that are no
 /// multiple of the column block, against all 700 at once: the same bits. (A single row used
@@ -40,7 +41,7 @@ fn linear_rows_do_not_depend_on_the_row_count() {
         let x: Vec<f32> = (0..rows * inp)
             .map(|_| rng.random_range(-2.0..2.0))
             .collect();
-        type Run<'a> = Box<dyn Fn(&[f32], usize, &mut [f32]) + 'a>;
+        type Run<'a> = Box<dyn Fn(&[f32], usize, &mut [f32]) + Sync + 'a>;
         let layouts: [(&str, Run); 2] = [
             (
                 "checkpoint",
@@ -51,13 +52,18 @@ fn linear_rows_do_not_depend_on_the_row_count() {
                 Box::new(|x, m, d| t.forward(x, m, d, out, 0).unwrap()),
             ),
         ];
+        // Two threads whatever the machine, so that the column tasks run.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
         for (name, run) in &layouts {
             let mut all = vec![0f32; rows * out];
-            run(&x, rows, &mut all);
+            pool.install(|| run(&x, rows, &mut all));
             for m in [1, 2, 3, 7, 16, 17, 64, 65, 129, 256, 257, 511, 512, 513] {
                 // The window starts at row 5, so the rows also change places within the tiles.
                 let mut part = vec![0f32; m * out];
-                run(&x[5 * inp..(5 + m) * inp], m, &mut part);
+                pool.install(|| run(&x[5 * inp..(5 + m) * inp], m, &mut part));
                 let want = &all[5 * out..(5 + m) * out];
                 let same = part
                     .iter()

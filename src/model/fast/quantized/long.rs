@@ -121,7 +121,8 @@ impl LongEncoder {
         Self::with_kernels(encoder, dtype, k.int8, k.bf16)
     }
 
-    /// As [`LongEncoder::new`] for an encoder the caller keeps (tensors shared, not copied).
+    /// As [`LongEncoder::new`] for an encoder the caller keeps (the converted dense layers are
+    /// copies in every dtype, f32's transposed; the rest is shared).
     pub fn from_encoder(encoder: &Encoder, dtype: quant::Dtype) -> Result<Self> {
         Self::new(encoder.clone(), dtype)
     }

@@ -40,7 +40,7 @@ fn norm(n: &CandleNorm) -> Result<Norm> {
 
 /// The dense layers `parts` stacked into one product (their output rows concatenated in
 /// order), in `dtype`; absent biases are zeros. `normed`: the input is a LayerNorm's output
-/// (int8 then gives its outlier token rows a second pass). One part is shared, not copied, in f32.
+/// (int8 then gives its outlier token rows a second pass).
 fn fused(parts: &[&CandleDense], dtype: quant::Dtype, normed: bool) -> Result<Dense> {
     let bias = |d: &CandleDense| match &d.bias {
         Some(b) => Ok(b.clone()),

@@ -117,7 +117,7 @@ fn sixty_four_clients_get_their_own_vectors_in_their_order() {
 }
 
 /// 32 clients at once, one sentence per request (the case batching exists for), f32: each
-/// gets its own vector (within 1e-6 of task 1's, whatever batch and forward pass it ran in),
+/// gets its own vector (task 1's bits, whatever batch and forward pass it ran in),
 /// and the 96 requests were served in fewer batches than requests.
 #[test]
 fn thirty_two_single_sentence_clients_share_batches_and_get_their_own_vectors() {

@@ -1,5 +1,5 @@
-//! The server's vectors equal `--task=1 --format jsonl`'s: bit for bit with int8 and bf16,
-//! within 1e-6 with f32; from `/embed`, from `/v1/embeddings` as floats and as base64, from
+//! The server's vectors equal `--task=1 --format jsonl`'s, bit for bit in every dtype;
+//! from `/embed`, from `/v1/embeddings` as floats and as base64, from
 //! token ids, and truncated to `dimensions`.
 
 use serde_json::json;

@@ -192,6 +192,34 @@ fn quantized_fast_paths_are_close_to_f32_and_batch_invariant() {
     }
 }
 
+/// f32 (dense weights transposed, few-row products as column tasks): each sequence's pooled
+/// vector is bit-identical alone and inside the packed batch, as in the other dtypes.
+#[test]
+fn f32_fast_path_is_batch_invariant() {
+    for name in ARCHS {
+        let a = assets(name);
+        let enc = a.frozen(&Device::Cpu).unwrap();
+        let f32 = LongEncoder::from_encoder(&enc, Dtype::F32).unwrap();
+        for (set, seqs) in sets(name) {
+            let items: Vec<&Encoded> = seqs.iter().collect();
+            let mut ws = Workspace::default();
+            let pooled = f32.pooled_packed(&items, Pooling::Mean, &mut ws).unwrap();
+            assert!(
+                items.len() > 1,
+                "{name} {set}: a batch of several sequences"
+            );
+            for (s, item) in items.iter().enumerate() {
+                let alone = f32.pooled_packed(&[item], Pooling::Mean, &mut ws).unwrap();
+                assert_eq!(
+                    bits(&alone[0]),
+                    bits(&pooled[s]),
+                    "{name} {set} f32: sequence {s} changed with its batch"
+                );
+            }
+        }
+    }
+}
+
 /// A frozen multitask model on a long-context encoder runs its inference in bf16 and int8,
 /// close to f32.
 #[test]

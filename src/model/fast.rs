@@ -3,7 +3,8 @@
 //! The sentences of a batch are concatenated without padding (`offsets` marks where each
 //! starts), so no work is spent on padding and a sentence's result does not depend on its
 //! batch, bit for bit (the gemm crate's products give a row the same bits for any row count
-//! but one, whose matrix-vector path [`product`] avoids). Dense layers are `gemm` products
+//! but one, whose matrix-vector path [`product`] avoids; on the checkpoint's layout, layers
+//! of tiny test models, with `out x rows` at most 256, are the exception: see [`product`]). Dense layers are `gemm` products
 //! over all tokens (the FFN over chunks of rows, which bounds its intermediate; a few rows'
 //! product as column tasks), with the bias preloaded into the output; attention runs per
 //! (sentence, head) in parallel, reading Q, K and V in place from the fused projection

@@ -183,11 +183,13 @@ pub fn matmul(
 /// one taking the remainder.
 ///
 /// Each element gets the bits [`matmul`] gives it when `rhs` is row-major (`[k, n]` at a row
-/// stride, as the inference encoders store their weights): the crate sums an element in k
-/// order, in k blocks that depend on k alone, except in products at most 64 wide and 64 tall
-/// (which no block is). On another layout, or an empty product, this is plain [`matmul`]
-/// (on a column-major `rhs` the crate takes other kernels for small products, and blocks
-/// would change the bits).
+/// stride, as the inference encoders store their weights) and there are two rows or more
+/// (one row takes the crate's matrix-vector path): the crate sums an element in k order, in
+/// k blocks that depend on k alone, except in products at most 64 wide and 64 tall (which no
+/// block is). On another layout, for an empty product, or when `n` makes fewer than two
+/// blocks, this is plain [`matmul`], split over threads as [`parallelism`] says (on a
+/// column-major `rhs` the crate takes other kernels for small products, and blocks would
+/// change the bits).
 pub fn matmul_column_tasks(
     dst: &mut MatMut<'_>,
     accumulate: bool,
@@ -265,8 +267,7 @@ mod tests {
 
     /// Column tasks on row-major weights against one product, at the shapes of real layers
     /// and at widths that are no multiple of a block, for row counts around the gemm crate's
-    /// tile sizes, on a pool of two threads: the same bits. A column-major `rhs` and empty
-    /// products fall back to `matmul`.
+    /// tile sizes, on a pool of two threads: the same bits.
     #[test]
     fn column_tasks_keep_the_bits_of_one_product() {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -315,7 +316,11 @@ mod tests {
                 }
             }
         }
-        // Column-major weights, and empty products.
+    }
+
+    /// Column-major weights and empty products fall back to one `matmul`.
+    #[test]
+    fn column_tasks_fall_back_to_one_product() {
         let (m, k, n) = (5, 4, 300);
         let x: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.25).collect();
         let w: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32).collect();

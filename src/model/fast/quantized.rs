@@ -22,7 +22,7 @@ impl PackedEncoder for FastEncoder {
     }
 }
 
-/// One dense layer of the quantized encoder, in the arithmetic it runs in.
+/// One dense layer of the inference encoder, in the arithmetic it runs in.
 enum Dense {
     /// float32, its weights transposed (the gemm path of [`product`]).
     F32(F32Linear),
@@ -50,7 +50,7 @@ fn quant_act(act: HiddenAct) -> quant::Activation {
 }
 
 impl Dense {
-    /// Quantizes `lin` (weights `[out, in]`) as `dtype` says; `normed`: its input is a
+    /// Converts `lin` (weights `[out, in]`) to `dtype` (f32: transposed); `normed`: its input is a
     /// LayerNorm's output, whose outlier dimensions get int8 token rows a second pass (see
     /// [`quant::ROW_OUTLIER_RATIO`]).
     fn new(lin: &Linear, dtype: quant::Dtype, normed: bool) -> Result<Self> {
@@ -106,7 +106,7 @@ impl Dense {
     }
 }
 
-/// One encoder layer with quantized dense layers; LayerNorms stay float32.
+/// One encoder layer with converted dense layers; LayerNorms stay float32.
 struct QuantLayer {
     /// Q, K and V fused into one `[3H, H]` product.
     qkv: Dense,

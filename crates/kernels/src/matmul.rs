@@ -129,6 +129,25 @@ pub fn parallelism(flops: usize) -> Parallelism {
     }
 }
 
+/// (m, n, k) of `dst = lhs x rhs`; panics when the shapes do not match.
+fn check_shapes(
+    what: &str,
+    dst: &MatMut<'_>,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+) -> (usize, usize, usize) {
+    let (m, n, k) = (dst.rows, dst.cols, lhs.cols);
+    assert!(
+        lhs.rows == m && rhs.rows == k && rhs.cols == n,
+        "{what}: [{m}, {n}] = [{}, {}] x [{}, {}]",
+        lhs.rows,
+        lhs.cols,
+        rhs.rows,
+        rhs.cols
+    );
+    (m, n, k)
+}
+
 /// `dst = [dst +] beta * lhs * rhs`: with `accumulate` the product is added to what `dst`
 /// holds. Panics when the shapes do not match (`lhs` m x k, `rhs` k x n, `dst` m x n).
 pub fn matmul(
@@ -139,15 +158,7 @@ pub fn matmul(
     beta: f32,
     par: Parallelism,
 ) {
-    let (m, n, k) = (dst.rows, dst.cols, lhs.cols);
-    assert!(
-        lhs.rows == m && rhs.rows == k && rhs.cols == n,
-        "matmul: [{m}, {n}] = [{}, {}] x [{}, {}]",
-        lhs.rows,
-        lhs.cols,
-        rhs.rows,
-        rhs.cols
-    );
+    let (m, n, k) = check_shapes("matmul", dst, lhs, rhs);
     // SAFETY: the views' constructors checked that every element they address lies in their
     // slices; `dst` borrows its elements uniquely, so it overlaps neither input nor another
     // thread's output.
@@ -199,15 +210,7 @@ pub fn matmul_column_tasks(
     tasks: usize,
 ) {
     use rayon::prelude::*;
-    let (m, n, k) = (dst.rows, dst.cols, lhs.cols);
-    assert!(
-        lhs.rows == m && rhs.rows == k && rhs.cols == n,
-        "matmul_column_tasks: [{m}, {n}] = [{}, {}] x [{}, {}]",
-        lhs.rows,
-        lhs.cols,
-        rhs.rows,
-        rhs.cols
-    );
+    let (m, n, k) = check_shapes("matmul_column_tasks", dst, lhs, rhs);
     let block = n.div_ceil(tasks.max(1)).max(MIN_BLOCK);
     if m == 0 || k == 0 || n < 2 * block || rhs.cs != 1 {
         let par = parallelism(m * n * k);

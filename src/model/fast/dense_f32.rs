@@ -6,7 +6,7 @@
 //! thread. Stored `[in, out]`, the weights are read where they lie. The sums of an element
 //! are the same (in k order, in k blocks that depend on k and the caches), so the vectors
 //! keep their bits; [`super::product`] says where that stops (products too small for any
-//! real layer), and the tests check it.
+//! real layer), and `fast/tests.rs` checks it.
 
 use candle_core::Result;
 
@@ -63,56 +63,5 @@ impl F32Linear {
     ) -> Result<()> {
         let rhs = MatRef::rows(&self.wt, self.inp, self.out, self.out);
         product(x, rows, rhs, &self.bias, dst, ld, col)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Tensor};
-    use rand::{Rng, SeedableRng};
-
-    /// The transposed layer against `linear` on the checkpoint's layout, at the layer shapes
-    /// of MiniLM, MPNet and nomic-embed (its gated FFN is 6,144 wide), for row counts from
-    /// one sentence's token to a batch's (up to 256 rows in column tasks, more in the gemm
-    /// crate's own split): the same bits, into a strided output.
-    #[test]
-    fn transposed_weights_give_the_bits_of_the_checkpoint_layout() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
-        let shapes = [
-            (1152, 384),
-            (1536, 384),
-            (384, 1536),
-            (768, 3072),
-            (6144, 768),
-        ];
-        for (out, inp) in shapes {
-            let w: Vec<f32> = (0..out * inp)
-                .map(|_| rng.random_range(-0.1..0.1))
-                .collect();
-            let b: Vec<f32> = (0..out).map(|_| rng.random_range(-0.1..0.1)).collect();
-            let lin = Linear {
-                weight: Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap(),
-                bias: Tensor::from_vec(b, out, &Device::Cpu).unwrap(),
-            };
-            let t = F32Linear::new(&lin).unwrap();
-            assert_eq!(t.out(), out);
-            for rows in [1, 2, 39, 200, 600] {
-                let x: Vec<f32> = (0..rows * inp)
-                    .map(|_| rng.random_range(-2.0..2.0))
-                    .collect();
-                let ld = out + 3;
-                let mut want = vec![0f32; rows * ld];
-                let mut got = vec![0f32; rows * ld];
-                super::super::linear(&x, rows, &lin, &mut want, ld, 1).unwrap();
-                t.forward(&x, rows, &mut got, ld, 1).unwrap();
-                let same = got
-                    .iter()
-                    .zip(&want)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "[{out}, {inp}] on {rows} rows: the layouts differ");
-                assert!(got.iter().any(|v| *v != 0.0), "something was written");
-            }
-        }
     }
 }

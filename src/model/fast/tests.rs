@@ -4,7 +4,68 @@
 use super::dense_f32::F32Linear;
 use super::*;
 use candle_core::Device;
+use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// A dense layer `[out, inp]` of random weights and biases.
+fn random_linear(rng: &mut StdRng, out: usize, inp: usize) -> Linear {
+    let w: Vec<f32> = (0..out * inp)
+        .map(|_| rng.random_range(-0.1..0.1))
+        .collect();
+    let b: Vec<f32> = (0..out).map(|_| rng.random_range(-0.1..0.1)).collect();
+    Linear {
+        weight: Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap(),
+        bias: Tensor::from_vec(b, out, &Device::Cpu).unwrap(),
+    }
+}
+
+/// `rows` rows of `inp` random inputs.
+fn random_rows(rng: &mut StdRng, rows: usize, inp: usize) -> Vec<f32> {
+    (0..rows * inp)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect()
+}
+
+/// The transposed layer against `linear` on the checkpoint's layout, at the layer shapes of
+/// MiniLM, MPNet and nomic-embed (its gated FFN is 6,144 wide), for row counts from one
+/// sentence's token to a batch's (up to 256 rows in column tasks, more in the gemm crate's own
+/// split), on a pool of two threads: the same bits, into a strided output.
+#[test]
+fn transposed_weights_give_the_bits_of_the_checkpoint_layout() {
+    let mut rng = StdRng::seed_from_u64(21);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let shapes = [
+        (1152, 384),
+        (1536, 384),
+        (384, 1536),
+        (768, 3072),
+        (6144, 768),
+    ];
+    for (out, inp) in shapes {
+        let lin = random_linear(&mut rng, out, inp);
+        let t = F32Linear::new(&lin).unwrap();
+        assert_eq!(t.out(), out);
+        for rows in [1, 2, 39, 200, 600] {
+            let x = random_rows(&mut rng, rows, inp);
+            let ld = out + 3;
+            let mut want = vec![0f32; rows * ld];
+            let mut got = vec![0f32; rows * ld];
+            pool.install(|| {
+                linear(&x, rows, &lin, &mut want, ld, 1).unwrap();
+                t.forward(&x, rows, &mut got, ld, 1).unwrap();
+            });
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "[{out}, {inp}] on {rows} rows: the layouts differ");
+            assert!(got.iter().any(|v| *v != 0.0), "something was written");
+        }
+    }
+}
 
 /// Both layouts of a dense layer (`linear` on the checkpoint's `[out, in]`, and the inference
 /// encoders' transposed [`F32Linear`], whose products of up to 256 rows run as column tasks,
@@ -17,7 +78,7 @@ use rand::{Rng, SeedableRng};
 /// 1e-7.)
 #[test]
 fn linear_rows_do_not_depend_on_the_row_count() {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut rng = StdRng::seed_from_u64(9);
     let rows = 700;
     let shapes = [
         (384, 384),
@@ -29,18 +90,9 @@ fn linear_rows_do_not_depend_on_the_row_count() {
         (200, 1000),
     ];
     for (out, inp) in shapes {
-        let w: Vec<f32> = (0..out * inp)
-            .map(|_| rng.random_range(-0.1..0.1))
-            .collect();
-        let b: Vec<f32> = (0..out).map(|_| rng.random_range(-0.1..0.1)).collect();
-        let lin = Linear {
-            weight: Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap(),
-            bias: Tensor::from_vec(b, out, &Device::Cpu).unwrap(),
-        };
+        let lin = random_linear(&mut rng, out, inp);
         let t = F32Linear::new(&lin).unwrap();
-        let x: Vec<f32> = (0..rows * inp)
-            .map(|_| rng.random_range(-2.0..2.0))
-            .collect();
+        let x = random_rows(&mut rng, rows, inp);
         type Run<'a> = Box<dyn Fn(&[f32], usize, &mut [f32]) + Sync + 'a>;
         let layouts: [(&str, Run); 2] = [
             (

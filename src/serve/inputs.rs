@@ -55,16 +55,21 @@ fn text_schema() -> ObjectBuilder {
         .min_length(Some(1))
 }
 
+/// A non-empty list of non-empty texts.
+fn texts_schema(description: &str) -> ArrayBuilder {
+    ArrayBuilder::new()
+        .items(text_schema())
+        .min_items(Some(1))
+        .description(Some(description))
+}
+
 impl utoipa::PartialSchema for Inputs {
     fn schema() -> RefOr<Schema> {
         OneOfBuilder::new()
             .item(text_schema().description(Some("One text")))
-            .item(
-                ArrayBuilder::new()
-                    .items(text_schema())
-                    .min_items(Some(1))
-                    .description(Some("Several texts (at most --max-client-batch-size)")),
-            )
+            .item(texts_schema(
+                "Several texts (at most --max-client-batch-size)",
+            ))
             .description(Some("A non-empty text, or a non-empty list of them"))
             .into()
     }
@@ -127,12 +132,7 @@ impl utoipa::PartialSchema for OpenAiInput {
         let ids = || ArrayBuilder::new().items(id()).min_items(Some(1));
         OneOfBuilder::new()
             .item(text_schema().description(Some("One text")))
-            .item(
-                ArrayBuilder::new()
-                    .items(text_schema())
-                    .min_items(Some(1))
-                    .description(Some("Several texts")),
-            )
+            .item(texts_schema("Several texts"))
             .item(ids().description(Some(
                 "One input as token ids, special tokens included (as /tokenize gives them)",
             )))

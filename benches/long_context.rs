@@ -6,13 +6,14 @@
 //! too. Run by hand, or from bench/long.sh:
 //!
 //!     cargo bench --bench long_context -- MODEL_DIR [--dtype f32|bf16|int8]
-//!         [--lengths 512,1024,2048,4096,8192] [--repeat 1] [--threads N]
+//!         [--lengths 512,1024,2048,4096,8192] [--repeat 1] [--threads N] [--attention-only]
 //!
 //! One JSON line per length: seconds (best of --repeat, after one warm-up input of 128
 //! tokens), ms per 1,000 tokens, the GFLOP of the dense layers (2 per multiply-add) and of the
 //! attention (QK^T and PV over the keys each query sees: the whole sequence in global layers,
 //! the window in local ones), the whole pass's GFLOP/s, and the attention alone: its seconds
-//! and GFLOP/s (its products in bf16 with `--dtype bf16`, as the encoder runs them).
+//! and GFLOP/s (its products in bf16 with `--dtype bf16`, as the encoder runs them), best of
+//! --repeat too. `--attention-only` times the attention alone (no model is loaded).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -35,6 +36,8 @@ struct Args {
     lengths: Vec<usize>,
     repeat: usize,
     threads: Option<usize>,
+    /// Time the attention kernel only (no model pass).
+    attention_only: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -45,6 +48,7 @@ fn args() -> anyhow::Result<Args> {
         lengths: vec![512, 1024, 2048, 4096, 8192],
         repeat: 1,
         threads: None,
+        attention_only: false,
     };
     while let Some(x) = it.next() {
         let mut val = || {
@@ -61,6 +65,7 @@ fn args() -> anyhow::Result<Args> {
             }
             "--repeat" => a.repeat = val()?.parse()?,
             "--threads" => a.threads = Some(val()?.parse()?),
+            "--attention-only" => a.attention_only = true,
             _ if a.model.as_os_str().is_empty() => a.model = x.into(),
             _ => anyhow::bail!("unexpected argument {x}"),
         }
@@ -185,6 +190,24 @@ fn main() -> anyhow::Result<()> {
     let assets = ModelAssets::load(&ModelRef::new(a.model.to_str().unwrap()), None)?;
     let cfg = assets.config.clone();
     let kinds = kinds(&cfg)?;
+    if a.attention_only {
+        for &t in &a.lengths {
+            let attn = (0..a.repeat.max(1))
+                .map(|_| attention_seconds(&cfg, &kinds, t, a.dtype))
+                .fold(f64::INFINITY, f64::min);
+            let (_, attention) = gflop(&cfg, &kinds, t);
+            let line = serde_json::json!({
+                "tool": "fetch-ml",
+                "dtype": a.dtype.name(),
+                "threads": threads,
+                "tokens": t,
+                "attention_seconds": attn,
+                "attention_gflops": attention / attn,
+            });
+            println!("{line}");
+        }
+        return Ok(());
+    }
     let encoder = assets.inference_encoder(a.dtype, &Device::Cpu)?;
     let mut ws = Workspace::default();
     let warm = input(128, cfg.vocab_size);
@@ -198,7 +221,9 @@ fn main() -> anyhow::Result<()> {
             best = best.min(start.elapsed().as_secs_f64());
             assert!(v[0].iter().all(|x| x.is_finite()));
         }
-        let attn = attention_seconds(&cfg, &kinds, t, a.dtype);
+        let attn = (0..a.repeat.max(1))
+            .map(|_| attention_seconds(&cfg, &kinds, t, a.dtype))
+            .fold(f64::INFINITY, f64::min);
         let (dense, attention) = gflop(&cfg, &kinds, t);
         let line = serde_json::json!({
             "tool": "fetch-ml",

@@ -3,11 +3,12 @@
 //! The sentences of a batch are concatenated without padding (`offsets`, the
 //! `cu_seqlens` of flash-attention: sequence `i` is rows `offsets[i]..offsets[i + 1]`) and
 //! each token attends to the tokens of its own sequence only. Queries are taken in tiles of
-//! [`QUERY_TILE`] rows and keys in tiles of [`KEY_TILE`]; a running (online) softmax keeps,
+//! [`QUERY_TILE`] rows and keys in blocks of [`F32_KEY_TILE`] (f32) or [`KEY_TILE`] (bf16); a
+//! running (online) softmax keeps,
 //! per query row, the largest score so far, the sum of exponentials and the weighted sum of
 //! values, rescaling them when a larger score arrives (Milakov and Gimelshein, 2018; the
 //! flash-attention recurrence). So a task never holds more than one
-//! `QUERY_TILE x KEY_TILE` block of scores, whatever the sequence length: memory grows with
+//! `QUERY_TILE x F32_KEY_TILE` block of scores, whatever the sequence length: memory grows with
 //! the tokens, not with their square.
 //!
 //! Position information comes in three forms: rotary embeddings, applied to the queries and
@@ -19,7 +20,8 @@
 //! Each parallel task owns the output rows of one query tile of one sequence (a contiguous
 //! block of the output) and runs its heads one after the other: per block of keys, the scores
 //! and the weighted values are two products (`kernels::attention_blocks`: AVX-512 register
-//! tiles on Q, K and V where they lie, else `gemm`; in bf16 the dense layers' kernels, see
+//! tiles on the head's queries (copied compact), keys and values, else `gemm`; in bf16 the
+//! dense layers' kernels, see
 //! `bf16.rs`), and the running softmax is the kernel crate's vectorised row kernel
 //! ([`math::softmax_block_row`]). A row's result depends only
 //! on its own sequence (the blocks start at the sequence's first key), so it does not change
@@ -35,8 +37,12 @@ mod bf16;
 
 /// Query rows per task.
 pub const QUERY_TILE: usize = 128;
-/// Keys per block of scores.
+/// Keys per block of scores (bf16, whose key and value blocks are packed to it).
 pub const KEY_TILE: usize = 256;
+/// Keys per block of scores in f32: longer rows spread each row's fixed cost (its two
+/// reductions and the rescale) over more keys; 512 ran 1-15% faster than 256 on an 8,192-token
+/// nomic shape (Xeon, BENCHMARKS.md).
+pub const F32_KEY_TILE: usize = 512;
 
 /// What the attention of one layer looks like.
 #[derive(Debug, Clone, Default)]
@@ -208,7 +214,7 @@ struct Tile {
 /// One task's working memory: a few tiles, whatever the sequence length.
 #[derive(Default)]
 struct Scratch {
-    /// Scores, then weights, `[rows, KEY_TILE]`.
+    /// Scores, then weights, `[rows, keys per block]`.
     s: Vec<f32>,
     /// Weighted sums of values, `[rows, d]`.
     o: Vec<f32>,
@@ -216,6 +222,8 @@ struct Scratch {
     rows: Vec<RunningRow>,
     /// Each row's rescale factor for the current block.
     rescale: Vec<f32>,
+    /// f32: the tile's queries of the current head, compact (`[rows, d]`).
+    q: Vec<f32>,
     /// bf16: the tile's queries, and a block's weights, as kernel rows.
     q16: AlignedVec<u16>,
     p16: AlignedVec<u16>,
@@ -259,11 +267,22 @@ fn attend_tile(
     sc.rows.clear();
     sc.rows.resize(rows, RunningRow::default());
     sc.rescale.resize(rows, 1.0);
-    sc.s.resize(rows * KEY_TILE, 0.0);
+    // Keys per block, and the stride of the block's scores in `sc.s`.
+    let kt = match products {
+        Products::F32 { .. } => F32_KEY_TILE,
+        Products::Bf16 { .. } => KEY_TILE,
+    };
+    sc.s.resize(rows * kt, 0.0);
     let (lo, hi) = key_range(tile, spec.window);
     let mut k0 = match products {
         // A multiple of the key panels' 16 (keys before `lo` weigh 0 in the softmax).
-        Products::F32 { .. } => lo / blocks::PANEL * blocks::PANEL,
+        Products::F32 { .. } => {
+            sc.q.clear();
+            for i in 0..rows {
+                sc.q.extend_from_slice(&qkv[at(tile.q0 + i, 0)..][..d]);
+            }
+            lo / blocks::PANEL * blocks::PANEL
+        }
         Products::Bf16 { .. } => {
             bf16::queries(qkv, at(tile.q0, 0), ld, rows, d, &mut sc.q16);
             lo / KEY_TILE * KEY_TILE
@@ -271,12 +290,12 @@ fn attend_tile(
     };
     while k0 < hi {
         let nk = match products {
-            Products::F32 { .. } => KEY_TILE.min(hi - k0),
+            Products::F32 { .. } => kt.min(hi - k0),
             Products::Bf16 { .. } => KEY_TILE.min(tile.len - k0),
         };
         match products {
             Products::F32 { kv } => {
-                let (q, s) = ((&qkv[at(tile.q0, 0)..], ld), (&mut sc.s[..], KEY_TILE));
+                let (q, s) = ((&sc.q[..], d), (&mut sc.s[..], kt));
                 blocks::scores(q, kv, (k0, nk), rows, spec.scale, s);
             }
             Products::Bf16 { kernel, blocks } => {
@@ -287,10 +306,10 @@ fn attend_tile(
         }
         // bf16: the padded width of the weights' rows.
         let kp = nk.next_multiple_of(2);
-        softmax_block(spec, tile, head, (k0, nk, kp), products, sc);
+        softmax_block(spec, tile, head, (k0, nk, kp, kt), products, sc);
         match products {
             Products::F32 { kv } => {
-                let p = (&sc.s[..], KEY_TILE);
+                let p = (&sc.s[..], kt);
                 blocks::weighted_values(p, kv, (k0, nk), rows, (&mut sc.o[..], d));
             }
             Products::Bf16 { kernel, blocks } => {
@@ -331,7 +350,7 @@ fn softmax_block(
     spec: &AttentionSpec,
     tile: &Tile,
     head: usize,
-    (k0, nk, kp): (usize, usize, usize),
+    (k0, nk, kp, kt): (usize, usize, usize, usize),
     products: Products,
     sc: &mut Scratch,
 ) {
@@ -352,7 +371,7 @@ fn softmax_block(
             hi,
             slope,
         };
-        let row = &mut sc.s[i * KEY_TILE..i * KEY_TILE + nk];
+        let row = &mut sc.s[i * kt..i * kt + nk];
         sc.rescale[i] = match products {
             Products::F32 { .. } => math::softmax_block_row(row, block, &mut sc.rows[i]),
             // The weights straight into the bf16 rows of the values' product.

@@ -8,7 +8,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::consts::{ERF_CLAMP, ERF_P, ERF_Q, EXP_MAX, EXP_MIN, EXP_P, LN2_HI, LN2_LO};
+use crate::consts::{ERF_CLAMP, ERF_P, ERF_Q, EXP_MIN, EXP_P, LN2_HI, LN2_LO};
 
 /// The mask of the 16-lane chunk starting at `i` of `n` values.
 #[inline(always)]
@@ -20,15 +20,24 @@ pub(crate) fn lane_mask(i: usize, n: usize) -> u16 {
     }
 }
 
-/// [`super::exp`] on 16 lanes (the same reduction and polynomial, with FMAs).
+/// [`super::exp`] on 16 lanes (the same reduction and polynomial, with FMAs, the same bits) for
+/// values at most 0 (or NaN), as a softmax's `s - max` are: the upper clamp, which cannot act
+/// on them, is left out. `max` returns its second operand when either is NaN: x last, so NaN
+/// propagates (as the portable `clamp` does) and a NaN or infinite row gives NaN.
 #[inline(always)]
-pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
+pub(crate) unsafe fn exp16_nonpositive(x: __m512) -> __m512 {
+    // SAFETY: the caller runs with avx512f (this function's contract).
+    unsafe { exp16_in_range(_mm512_max_ps(_mm512_set1_ps(EXP_MIN), x)) }
+}
+
+/// `exp` of values already clamped to `EXP_MIN..=EXP_MAX` (or NaN). The power of two is
+/// applied with `scalef`, one instruction where building its bits took four; `n` stays
+/// within -126..=127 there, so the product is the same.
+#[inline(always)]
+unsafe fn exp16_in_range(x: __m512) -> __m512 {
     // SAFETY: the caller runs with avx512f (this function's contract).
     unsafe {
         let c = |v: f32| _mm512_set1_ps(v);
-        // max/min return their second operand when either is NaN: x last, so NaN propagates
-        // (as the portable `clamp` does) and a NaN or infinite row gives NaN, not a number.
-        let x = _mm512_min_ps(c(EXP_MAX), _mm512_max_ps(c(EXP_MIN), x));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(
             _mm512_fmadd_ps(x, c(std::f32::consts::LOG2_E), c(0.5)),
         );
@@ -39,11 +48,7 @@ pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
             p = _mm512_fmadd_ps(p, r, c(k));
         }
         let y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, c(1.0)));
-        let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-            _mm512_cvtps_epi32(n),
-            _mm512_set1_epi32(127),
-        ));
-        _mm512_mul_ps(y, _mm512_castsi512_ps(e))
+        _mm512_scalef_ps(y, n)
     }
 }
 
@@ -71,7 +76,7 @@ pub(crate) unsafe fn softmax(row: &mut [f32]) {
         let m = lane_mask(i, n);
         // SAFETY: as above.
         unsafe {
-            let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), max));
+            let e = exp16_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), max));
             sum = _mm512_mask_add_ps(sum, m, sum, e);
             _mm512_mask_storeu_ps(p.add(i), m, e);
         }

@@ -159,7 +159,7 @@ pub fn softmax_block_row_bf16(
 }
 
 /// [`block_row`] in AVX-512: 16 keys a lane, the tail masked, the same arithmetic as the
-/// portable version's (`exp16` is [`exp`] on 16 lanes) up to the order of the sum's lanes;
+/// portable version's (`exp16_nonpositive` is [`exp`] on 16 lanes) up to the order of the sum's lanes;
 /// with `out16`, the weights also as bf16 bits.
 ///
 /// # Safety
@@ -174,7 +174,7 @@ unsafe fn block_row_avx512(
     out: &mut f32,
     mut out16: Option<&mut [u16]>,
 ) {
-    use super::avx512::{exp16, lane_mask};
+    use super::avx512::{exp16_nonpositive, lane_mask};
     use std::arch::x86_64::*;
     let n = s.len();
     let lo = at.lo.clamp(at.k0, at.k0 + n) - at.k0;
@@ -200,48 +200,68 @@ unsafe fn block_row_avx512(
     );
     let (q, slope) = (_mm512_set1_ps(at.q as f32), _mm512_set1_ps(at.slope));
     let first = (at.k0 + lo) as f32;
-    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+    // Four vectors per step, each into its own accumulator: one chain of dependent max (or
+    // add) instructions would wait on its own latency at every vector.
+    let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
     let mut i = 0;
     while i < m {
-        let mask = lane_mask(i, m);
-        // SAFETY: the mask covers elements i..min(i + 16, m) of `row` only.
-        unsafe {
-            let mut v = _mm512_maskz_loadu_ps(mask, p.add(i));
-            if at.slope != 0.0 {
-                let k = _mm512_add_ps(_mm512_set1_ps(first + i as f32), iota);
-                let dist = _mm512_abs_ps(_mm512_sub_ps(q, k));
-                v = _mm512_fnmadd_ps(slope, dist, v);
-                _mm512_mask_storeu_ps(p.add(i), mask, v);
+        for (u, acc) in mx.iter_mut().enumerate() {
+            let j = i + 16 * u;
+            if j >= m {
+                break;
             }
-            mx = _mm512_mask_max_ps(mx, mask, mx, v);
+            let mask = lane_mask(j, m);
+            // SAFETY: the mask covers elements j..min(j + 16, m) of `row` only.
+            unsafe {
+                let mut v = _mm512_maskz_loadu_ps(mask, p.add(j));
+                if at.slope != 0.0 {
+                    let k = _mm512_add_ps(_mm512_set1_ps(first + j as f32), iota);
+                    let dist = _mm512_abs_ps(_mm512_sub_ps(q, k));
+                    v = _mm512_fnmadd_ps(slope, dist, v);
+                    _mm512_mask_storeu_ps(p.add(j), mask, v);
+                }
+                *acc = _mm512_mask_max_ps(*acc, mask, *acc, v);
+            }
         }
-        i += 16;
+        i += 64;
     }
+    let mx = _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3]));
     let new_max = state.max.max(_mm512_reduce_max_ps(mx));
     let nm = _mm512_set1_ps(new_max);
     let (c7fff, one) = (_mm512_set1_epi32(0x7fff), _mm512_set1_epi32(1));
-    let mut sum = _mm512_setzero_ps();
+    let mut sums = [_mm512_setzero_ps(); 4];
     let o16 = out16.map(|o| o[lo..].as_mut_ptr());
     i = 0;
     while i < m {
-        let mask = lane_mask(i, m);
-        // SAFETY: as above; `o16` points at element `lo` of an output at least `n` long
-        // (asserted), so its lanes i..min(i + 16, m) lie within it.
-        unsafe {
-            let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p.add(i)), nm));
-            sum = _mm512_mask_add_ps(sum, mask, sum, e);
-            _mm512_mask_storeu_ps(p.add(i), mask, e);
-            if let Some(o) = o16 {
-                // Round to nearest even: add 0x7fff plus the lowest kept bit, keep the top
-                // half (the weights are finite).
-                let b = _mm512_castps_si512(e);
-                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), one);
-                let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(c7fff, lsb)));
-                _mm256_mask_storeu_epi16(o.add(i) as *mut i16, mask, _mm512_cvtepi32_epi16(r));
+        for (u, sum) in sums.iter_mut().enumerate() {
+            let j = i + 16 * u;
+            if j >= m {
+                break;
+            }
+            let mask = lane_mask(j, m);
+            // SAFETY: as above; `o16` points at element `lo` of an output at least `n` long
+            // (asserted), so its lanes j..min(j + 16, m) lie within it.
+            unsafe {
+                let e = exp16_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p.add(j)), nm));
+                *sum = _mm512_mask_add_ps(*sum, mask, *sum, e);
+                _mm512_mask_storeu_ps(p.add(j), mask, e);
+                if let Some(o) = o16 {
+                    // Round to nearest even: add 0x7fff plus the lowest kept bit, keep the
+                    // top half (the weights are finite).
+                    let b = _mm512_castps_si512(e);
+                    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), one);
+                    let r =
+                        _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(c7fff, lsb)));
+                    _mm256_mask_storeu_epi16(o.add(j) as *mut i16, mask, _mm512_cvtepi32_epi16(r));
+                }
             }
         }
-        i += 16;
+        i += 64;
     }
+    let sum = _mm512_add_ps(
+        _mm512_add_ps(sums[0], sums[1]),
+        _mm512_add_ps(sums[2], sums[3]),
+    );
     let rescale = exp(state.max - new_max);
     state.sum = state.sum * rescale + _mm512_reduce_add_ps(sum);
     state.max = new_max;

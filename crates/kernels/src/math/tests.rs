@@ -101,3 +101,41 @@ fn slice_kernels_match_scalar_maths() {
         }
     }
 }
+
+/// The AVX-512 exp of a softmax (`scalef` applying the power of two) is as accurate as the
+/// portable `exp` on `-87..=0`, clamps below as it does, and keeps NaN.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn vector_exp_is_accurate() {
+    use std::arch::x86_64::*;
+    if crate::cpu::level() != crate::cpu::Level::Avx512 {
+        eprintln!("SKIPPED: this CPU lacks AVX-512");
+        return;
+    }
+    let xs: Vec<f32> = (0..=87_000)
+        .map(|i| -(i as f32) / 1000.0)
+        .chain([-86.99, -87.01, -1e30, f32::NEG_INFINITY, -0.0, f32::NAN])
+        .collect();
+    let mut worst = 0f64;
+    for chunk in xs.chunks(16) {
+        let mut lanes = [0f32; 16];
+        lanes[..chunk.len()].copy_from_slice(chunk);
+        let mut got = [0f32; 16];
+        // SAFETY: the CPU has AVX-512 (checked above); both arrays hold 16 values.
+        unsafe {
+            let e = avx512::exp16_nonpositive(_mm512_loadu_ps(lanes.as_ptr()));
+            _mm512_storeu_ps(got.as_mut_ptr(), e);
+        }
+        for (&x, g) in chunk.iter().zip(got) {
+            match x {
+                x if x.is_nan() => assert!(g.is_nan(), "exp(NaN) gave {g}"),
+                x if x < -87.0 => assert_eq!(g, exp(-87.0), "exp({x}) is not clamped"),
+                x => {
+                    let want = (x as f64).exp();
+                    worst = worst.max(((g as f64 - want) / want).abs());
+                }
+            }
+        }
+    }
+    assert!(worst < 3e-7, "max relative error {worst}");
+}

@@ -13,7 +13,7 @@
 //! attention (QK^T and PV over the keys each query sees: the whole sequence in global layers,
 //! the window in local ones), the whole pass's GFLOP/s, and the attention alone: its seconds
 //! and GFLOP/s (its products in bf16 with `--dtype bf16`, as the encoder runs them), best of
-//! --repeat too. `--attention-only` times the attention alone (no model is loaded).
+//! --repeat too. `--attention-only` times the attention alone (the weights are not loaded).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -191,6 +191,8 @@ fn main() -> anyhow::Result<()> {
     let cfg = assets.config.clone();
     let kinds = kinds(&cfg)?;
     if a.attention_only {
+        // A warm-up (the thread pool's start, first touches), as the model's pass has.
+        attention_seconds(&cfg, &kinds, 128, a.dtype);
         for &t in &a.lengths {
             let attn = (0..a.repeat.max(1))
                 .map(|_| attention_seconds(&cfg, &kinds, t, a.dtype))

@@ -40,8 +40,9 @@ pub const QUERY_TILE: usize = 128;
 /// Keys per block of scores (bf16, whose key and value blocks are packed to it).
 pub const KEY_TILE: usize = 256;
 /// Keys per block of scores in f32: longer rows spread each row's fixed cost (its two
-/// reductions and the rescale) over more keys; 512 ran 1-15% faster than 256 on an 8,192-token
-/// nomic shape (Xeon, BENCHMARKS.md).
+/// reductions and the rescale) over more keys. 512 ran 1-15% faster than 256 in alternating
+/// runs of the attention alone on the nomic shape (2,048 to 8,192 tokens; BENCHMARKS.md,
+/// "Long-context encoders").
 pub const F32_KEY_TILE: usize = 512;
 
 /// What the attention of one layer looks like.
@@ -244,9 +245,10 @@ fn key_range(tile: &Tile, window: Option<usize>) -> (usize, usize) {
 /// tile's rows of the context, `[rows, heads * d]`). Per block of keys: the scores
 /// `scale * Q K^T` as one product, the running softmax row by row
 /// ([`math::softmax_block_row`], with ALiBi and the window), then `O = O * rescale + P V` as
-/// one product. In f32, Q, K and V are read in place from the packed rows
-/// ([`kernels::attention_blocks`]); in bf16 the blocks are those of the packing
-/// ([`bf16::pack`], aligned to `KEY_TILE`).
+/// one product. In f32 the head's queries are copied compact once (`sc.q`) and the keys and
+/// values are the layer's [`HeadKv`] (keys transposed, values compact), in blocks of
+/// [`F32_KEY_TILE`]; in bf16 the blocks are those of the packing ([`bf16::pack`], aligned to
+/// `KEY_TILE`).
 #[allow(clippy::too_many_arguments)]
 fn attend_tile(
     qkv: &[f32],

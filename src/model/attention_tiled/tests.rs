@@ -94,6 +94,14 @@ fn tiled_matches_plain_attention() {
             },
         ),
         (
+            // Wider than a block of keys: a query's window spans two.
+            "window 300",
+            AttentionSpec {
+                window: Some(300),
+                ..base.clone()
+            },
+        ),
+        (
             "window 3 + alibi",
             AttentionSpec {
                 window: Some(3),

@@ -20,10 +20,11 @@ pub(crate) fn lane_mask(i: usize, n: usize) -> u16 {
     }
 }
 
-/// [`super::exp`] on 16 lanes (the same reduction and polynomial, with FMAs, the same bits) for
-/// values at most 0 (or NaN), as a softmax's `s - max` are: the upper clamp, which cannot act
-/// on them, is left out. `max` returns its second operand when either is NaN: x last, so NaN
-/// propagates (as the portable `clamp` does) and a NaN or infinite row gives NaN.
+/// [`super::exp`] on 16 lanes (the same reduction and polynomial, with FMAs, so the last bit
+/// can differ) for values at most 0 (or NaN), as a softmax's `s - max` are: the upper clamp,
+/// which cannot act on them, is left out. `max` returns its second operand when either is
+/// NaN: x last, so NaN propagates (as the portable `clamp` does) and a NaN or infinite row
+/// gives NaN.
 #[inline(always)]
 pub(crate) unsafe fn exp16_nonpositive(x: __m512) -> __m512 {
     // SAFETY: the caller runs with avx512f (this function's contract).
@@ -32,7 +33,7 @@ pub(crate) unsafe fn exp16_nonpositive(x: __m512) -> __m512 {
 
 /// `exp` of values already clamped to `EXP_MIN..=EXP_MAX` (or NaN). The power of two is
 /// applied with `scalef`, one instruction where building its bits took four; `n` stays
-/// within -126..=127 there, so the product is the same.
+/// within -126..=127 there, so the result has the bits the four gave.
 #[inline(always)]
 unsafe fn exp16_in_range(x: __m512) -> __m512 {
     // SAFETY: the caller runs with avx512f (this function's contract).

@@ -342,6 +342,41 @@ mod avx512 {
     ) {
         let (pp, vp, op) = (p.as_ptr(), v.as_ptr(), o.as_mut_ptr());
         let nv = d / 16;
+        // Keys in runs of VALUE_RUN, each run over every row tile: the run's values stay in L1
+        // while the row tiles read them. Each output is still summed in key order (a run
+        // continues from the sums stored by the last), so the result is the same.
+        let mut j0 = 0;
+        while j0 < nk {
+            let nj = VALUE_RUN.min(nk - j0);
+            // SAFETY: keys j0..j0 + nj < nk: columns of p, rows of v.
+            let (pj, vj) = unsafe { (pp.add(j0), vp.add(j0 * ldv)) };
+            // SAFETY: as this function's.
+            unsafe { values_run(pj, ldp, vj, ldv, rows, nj, nv, op, ldo) };
+            j0 += nj;
+        }
+    }
+
+    /// Keys per run of [`weighted_values`]: 128 keys of 64 values are 32 KB.
+    const VALUE_RUN: usize = 128;
+
+    /// [`weighted_values`] for `nk` keys from `p` and `v` (`nv` vectors of 16 values a row).
+    ///
+    /// # Safety
+    /// avx512f; rows `0..rows` of `p` (`nk` values at stride ldp) and of `o` (`16 * nv`
+    /// values at stride ldo), and `nk` rows of `v` (`16 * nv` values at stride ldv) exist.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn values_run(
+        pp: *const f32,
+        ldp: usize,
+        vp: *const f32,
+        ldv: usize,
+        rows: usize,
+        nk: usize,
+        nv: usize,
+        op: *mut f32,
+        ldo: usize,
+    ) {
         let mut i0 = 0;
         while i0 < rows {
             let r = MR.min(rows - i0);

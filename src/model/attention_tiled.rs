@@ -129,27 +129,7 @@ pub fn attend_packed(
         Some(_) => (bf16::pack(qkv, offsets, spec), Vec::new()),
         None => (Vec::new(), head_kvs(qkv, offsets, spec)),
     };
-    // One task per (sequence, query tile), owning that tile's rows of `ctx`.
-    let mut tasks: Vec<(Tile, &mut [f32])> = Vec::new();
-    let mut rest = ctx;
-    for (seq, w) in offsets.windows(2).enumerate() {
-        let (start, len) = (w[0], w[1] - w[0]);
-        for q0 in (0..len).step_by(QUERY_TILE) {
-            let rows = QUERY_TILE.min(len - q0);
-            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(rows * hidden);
-            rest = tail;
-            tasks.push((
-                Tile {
-                    seq,
-                    start,
-                    len,
-                    q0,
-                    rows,
-                },
-                mine,
-            ));
-        }
-    }
+    let mut tasks = tiles(offsets, hidden, ctx);
     let run = |scratch: &mut Scratch, tile: &Tile, head: usize, out: &mut [f32]| {
         let i = tile.seq * spec.heads + head;
         let products = match spec.bf16 {
@@ -173,6 +153,30 @@ pub fn attend_packed(
             });
     }
     Ok(())
+}
+
+/// One task per (sequence, query tile), owning that tile's rows of `ctx` (`hidden` values
+/// a row).
+fn tiles<'a>(offsets: &[usize], hidden: usize, ctx: &'a mut [f32]) -> Vec<(Tile, &'a mut [f32])> {
+    let mut tasks = Vec::new();
+    let mut rest = ctx;
+    for (seq, w) in offsets.windows(2).enumerate() {
+        let (start, len) = (w[0], w[1] - w[0]);
+        for q0 in (0..len).step_by(QUERY_TILE) {
+            let rows = QUERY_TILE.min(len - q0);
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(rows * hidden);
+            rest = tail;
+            let tile = Tile {
+                seq,
+                start,
+                len,
+                q0,
+                rows,
+            };
+            tasks.push((tile, mine));
+        }
+    }
+    tasks
 }
 
 /// Every (sequence, head)'s keys and values for the f32 products, indexed

@@ -1,13 +1,12 @@
 //! Memory-bounded multi-head self-attention over packed sequences (inference).
 //!
-//! The sentences of a batch are concatenated without padding (`offsets`, the
-//! `cu_seqlens` of flash-attention: sequence `i` is rows `offsets[i]..offsets[i + 1]`) and
-//! each token attends to the tokens of its own sequence only. Queries are taken in tiles of
-//! [`QUERY_TILE`] rows and keys in blocks of [`F32_KEY_TILE`] (f32) or [`KEY_TILE`] (bf16); a
-//! running (online) softmax keeps,
-//! per query row, the largest score so far, the sum of exponentials and the weighted sum of
-//! values, rescaling them when a larger score arrives (Milakov and Gimelshein, 2018; the
-//! flash-attention recurrence). So a task never holds more than one
+//! The sentences of a batch are concatenated without padding (`offsets`, the `cu_seqlens` of
+//! flash-attention: sequence `i` is rows `offsets[i]..offsets[i + 1]`) and each token attends
+//! to the tokens of its own sequence only. Queries are taken in tiles of [`QUERY_TILE`] rows
+//! and keys in blocks of [`F32_KEY_TILE`] (f32) or [`KEY_TILE`] (bf16); a running (online)
+//! softmax keeps, per query row, the largest score so far, the sum of exponentials and the
+//! weighted sum of values, rescaling them when a larger score arrives (Milakov and
+//! Gimelshein, 2018; the flash-attention recurrence). So a task never holds more than one
 //! `QUERY_TILE x F32_KEY_TILE` block of scores, whatever the sequence length: memory grows with
 //! the tokens, not with their square.
 //!
@@ -40,8 +39,8 @@ pub const QUERY_TILE: usize = 128;
 /// Keys per block of scores (bf16, whose key and value blocks are packed to it).
 pub const KEY_TILE: usize = 256;
 /// Keys per block of scores in f32: longer rows spread each row's fixed cost (its two
-/// reductions and the rescale) over more keys. 512 ran 1-15% faster than 256 in alternating
-/// runs of the attention alone on the nomic shape (2,048 to 8,192 tokens; BENCHMARKS.md,
+/// reductions and the rescale) over more keys. 512 ran 1-9% faster than 256 in one process
+/// taking turns, the attention alone on the nomic shape (2,048 to 8,192 tokens; BENCHMARKS.md,
 /// "Long-context encoders").
 pub const F32_KEY_TILE: usize = 512;
 
@@ -142,9 +141,9 @@ pub fn attend_packed(
         attend_tile(qkv, spec, tile, head, products, scratch, out);
     };
     // Heads in turn, each over every tile in parallel: the tasks running at once read the same
-    // head's keys and values (4 MB at 8,192 tokens), which then stay in cache, where running
-    // each tile's heads in turn cycled through all heads' (48 MB) and fetched them again for
-    // every tile.
+    // head's keys and values (4 MB at 8,192 tokens), which then stay in L3, where running each
+    // tile's heads in turn cycled through all heads' (48 MB) and fetched them again for every
+    // tile.
     for head in 0..spec.heads {
         tasks
             .par_iter_mut()

@@ -348,7 +348,7 @@ mod avx512 {
         let mut j0 = 0;
         while j0 < nk {
             let nj = VALUE_RUN.min(nk - j0);
-            // SAFETY: keys j0..j0 + nj < nk: columns of p, rows of v.
+            // SAFETY: keys j0..j0 + nj <= nk: columns of p, rows of v.
             let (pj, vj) = unsafe { (pp.add(j0), vp.add(j0 * ldv)) };
             // SAFETY: as this function's.
             unsafe { values_run(pj, ldp, vj, ldv, rows, nj, nv, op, ldo) };

@@ -240,7 +240,8 @@ fn bf16_products_are_close_and_batch_invariant() {
 }
 
 /// Head sizes of the real models (64; 32 and 48 too, and 8 on `gemm`): the f32 tiles against
-/// the full-matrix attention, with ALiBi and a window.
+/// the full-matrix attention, with ALiBi and a window; and the 1,030-token sequence (three
+/// f32 key blocks) alone gives the bits it gives inside the batch.
 #[test]
 fn head_sizes_of_real_models_match_plain_attention() {
     for d in [8, 32, 48, 64] {
@@ -261,6 +262,17 @@ fn head_sizes_of_real_models_match_plain_attention() {
             let diff = max_diff(&ctx, &reference(&qkv, &offsets, &spec));
             eprintln!("tiled attention, head size {d}, window {window:?}: max abs diff {diff:.2e}");
             assert!(diff <= 1e-5, "head size {d}: max abs diff {diff}");
+            let hidden = heads * d;
+            let (a, b) = (offsets[4], offsets[5]);
+            let mut one = vec![0f32; (b - a) * hidden];
+            let alone = &qkv[a * 3 * hidden..b * 3 * hidden];
+            attend_packed(alone, &[0, b - a], &spec, &mut one).unwrap();
+            assert!(
+                one.iter()
+                    .zip(&ctx[a * hidden..b * hidden])
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "head size {d}, window {window:?}: the sequence's context changed with its batch"
+            );
         }
     }
 }

@@ -57,6 +57,29 @@ fn random_qkv(lengths: &[usize], hidden: usize, seed: u64) -> (Vec<f32>, Vec<usi
     (qkv, offsets)
 }
 
+/// Panics unless sequence `i` of the packed batch, attended alone, gives the bits of its rows
+/// of the batch's context `ctx`.
+fn assert_alone_is_the_same(
+    qkv: &[f32],
+    offsets: &[usize],
+    i: usize,
+    spec: &AttentionSpec,
+    ctx: &[f32],
+    what: &str,
+) {
+    let hidden = spec.heads * spec.head_dim;
+    let (a, b) = (offsets[i], offsets[i + 1]);
+    let mut one = vec![0f32; (b - a) * hidden];
+    let alone = &qkv[a * 3 * hidden..b * 3 * hidden];
+    attend_packed(alone, &[0, b - a], spec, &mut one).unwrap();
+    assert!(
+        one.iter()
+            .zip(&ctx[a * hidden..b * hidden])
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "{what}: the sequence's context changed with its batch"
+    );
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
@@ -224,17 +247,7 @@ fn bf16_products_are_close_and_batch_invariant() {
             );
             assert!(diff <= 0.02 && mean <= 2e-3, "{what}: {diff} (mean {mean})");
             // The 300-token sequence alone.
-            let hidden = heads * d;
-            let (a, b) = (offsets[3], offsets[4]);
-            let alone = &qkv[a * 3 * hidden..b * 3 * hidden];
-            let mut one = vec![0f32; (b - a) * hidden];
-            attend_packed(alone, &[0, b - a], &spec, &mut one).unwrap();
-            assert!(
-                one.iter()
-                    .zip(&ctx[a * hidden..b * hidden])
-                    .all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{what}: the sequence's context changed with its batch"
-            );
+            assert_alone_is_the_same(&qkv, &offsets, 3, &spec, &ctx, what);
         }
     }
 }
@@ -262,17 +275,8 @@ fn head_sizes_of_real_models_match_plain_attention() {
             let diff = max_diff(&ctx, &reference(&qkv, &offsets, &spec));
             eprintln!("tiled attention, head size {d}, window {window:?}: max abs diff {diff:.2e}");
             assert!(diff <= 1e-5, "head size {d}: max abs diff {diff}");
-            let hidden = heads * d;
-            let (a, b) = (offsets[4], offsets[5]);
-            let mut one = vec![0f32; (b - a) * hidden];
-            let alone = &qkv[a * 3 * hidden..b * 3 * hidden];
-            attend_packed(alone, &[0, b - a], &spec, &mut one).unwrap();
-            assert!(
-                one.iter()
-                    .zip(&ctx[a * hidden..b * hidden])
-                    .all(|(x, y)| x.to_bits() == y.to_bits()),
-                "head size {d}, window {window:?}: the sequence's context changed with its batch"
-            );
+            let what = format!("head size {d}, window {window:?}");
+            assert_alone_is_the_same(&qkv, &offsets, 4, &spec, &ctx, &what);
         }
     }
 }

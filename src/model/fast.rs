@@ -4,12 +4,12 @@
 //! starts), so no work is spent on padding and a sentence's result does not depend on its
 //! batch, bit for bit (the gemm crate's products give a row the same bits for any row count
 //! but one, whose matrix-vector path [`product`] avoids; on the checkpoint's layout, layers
-//! of tiny test models, with `out x rows` at most 256, are the exception: see [`product`]). Dense layers are `gemm` products
-//! over all tokens (the FFN over chunks of rows, which bounds its intermediate; a few rows'
-//! product as column tasks), with the bias preloaded into the output; attention runs per
-//! (sentence, head) in parallel, reading Q, K and V in place from the fused projection
-//! buffer; GELU, softmax and LayerNorm are the vectorised kernels of the kernel crate
-//! (`kernels::math`). Buffers live in a [`Workspace`] that grows with the batches and is
+//! of tiny test models, with `out x rows` at most 256, are the exception: see [`product`]).
+//! Dense layers are `gemm` products over all tokens (the FFN over chunks of rows, which
+//! bounds its intermediate; a few rows' product as column tasks), with the bias preloaded
+//! into the output; attention runs per (sentence, head) in parallel, reading Q, K and V in
+//! place from the fused projection buffer; GELU, softmax and LayerNorm are the vectorised
+//! kernels of the kernel crate (`kernels::math`). Buffers live in a [`Workspace`] that grows with the batches and is
 //! reused, so a run allocates almost nothing per batch. [`BertEncoder::forward_packed`]
 //! reads the weights in place from the candle tensors (the multitask model, whose encoder
 //! may train, runs it); [`FastEncoder`] (`fast/quantized.rs`), task 1's and the server's

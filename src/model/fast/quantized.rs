@@ -151,7 +151,8 @@ struct QuantEncoder {
     relative_bias: Option<RelativeBias>,
     config: BertConfig,
     kernels: Kernels,
-    dtype: quant::Dtype,
+    /// Rows per FFN chunk: [`FFN_ROWS_F32`] in float32, [`FFN_ROWS`] in int8 and bf16.
+    ffn_rows: usize,
 }
 
 /// The inference encoder in a chosen arithmetic ([`quant::Dtype`]).
@@ -231,7 +232,10 @@ impl FastEncoder {
                 relative_bias,
                 config,
                 kernels,
-                dtype,
+                ffn_rows: match dtype {
+                    quant::Dtype::F32 => FFN_ROWS_F32,
+                    _ => FFN_ROWS,
+                },
             },
         })
     }
@@ -309,10 +313,7 @@ impl QuantEncoder {
         let offs = offsets(seqs);
         let t = *offs.last().expect("offsets");
         // The FFN runs `chunk` rows at a time: its intermediate needs no more.
-        let chunk = match self.dtype {
-            quant::Dtype::F32 => FFN_ROWS_F32,
-            _ => FFN_ROWS,
-        };
+        let chunk = self.ffn_rows;
         let inter_rows = t.min(chunk);
         grow_all(ws, t, h, inter, inter_rows);
         embed_packed(&self.embeddings, cfg, seqs, &offs, &mut ws.x[..t * h])?;

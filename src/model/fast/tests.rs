@@ -80,6 +80,11 @@ fn transposed_weights_give_the_bits_of_the_checkpoint_layout() {
 fn linear_rows_do_not_depend_on_the_row_count() {
     let mut rng = StdRng::seed_from_u64(9);
     let rows = 700;
+    // Two threads whatever the machine, so that the column tasks run.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
     let shapes = [
         (384, 384),
         (1536, 384),
@@ -104,11 +109,6 @@ fn linear_rows_do_not_depend_on_the_row_count() {
                 Box::new(|x, m, d| t.forward(x, m, d, out, 0).unwrap()),
             ),
         ];
-        // Two threads whatever the machine, so that the column tasks run.
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
         for (name, run) in &layouts {
             let mut all = vec![0f32; rows * out];
             pool.install(|| run(&x, rows, &mut all));

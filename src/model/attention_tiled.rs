@@ -233,6 +233,8 @@ struct Scratch {
     rows: Vec<RunningRow>,
     /// Each row's rescale factor for the current block.
     rescale: Vec<f32>,
+    /// f32: each row's largest score in the current block (from the scores' product).
+    maxes: Vec<f32>,
     /// f32: the tile's queries of the current head, compact (`[rows, d]`).
     q: Vec<f32>,
     /// bf16: the tile's queries, and a block's weights, as kernel rows.
@@ -279,6 +281,7 @@ fn attend_tile(
     sc.rows.clear();
     sc.rows.resize(rows, RunningRow::default());
     sc.rescale.resize(rows, 1.0);
+    sc.maxes.resize(rows, f32::NEG_INFINITY);
     // Keys per block, and the stride of the block's scores in `sc.s`.
     let kt = match products {
         Products::F32 { .. } => F32_KEY_TILE,
@@ -308,7 +311,7 @@ fn attend_tile(
         match products {
             Products::F32 { kv } => {
                 let (q, s) = ((&sc.q[..], d), (&mut sc.s[..], kt));
-                blocks::scores(q, kv, (k0, nk), rows, spec.scale, s);
+                blocks::scores(q, kv, (k0, nk), rows, spec.scale, s, &mut sc.maxes);
             }
             Products::Bf16 { kernel, blocks } => {
                 let keys = &blocks[k0 / KEY_TILE].keys;
@@ -376,12 +379,17 @@ fn softmax_block(
             Some(w) => (qi.saturating_sub(w), (qi + w + 1).min(tile.len)),
             None => (0, tile.len),
         };
+        let max = match products {
+            Products::F32 { .. } => Some(sc.maxes[i]),
+            Products::Bf16 { .. } => None,
+        };
         let block = BlockRow {
             q: qi,
             k0,
             lo,
             hi,
             slope,
+            max,
         };
         let row = &mut sc.s[i * kt..i * kt + nk];
         sc.rescale[i] = match products {

@@ -107,8 +107,10 @@ fn compact(x: &[f32], ld: usize, n: usize, d: usize) -> Vec<f32> {
 }
 
 /// `s[i * lds + j] = scale * dot(q_i, k_{k0 + j})` for `i < rows`, `j < nk`, with `q_i =
-/// q[i * ldq..][..d]`. Panics when a slice is too small for the sizes given, the keys
-/// `k0..k0 + nk` are not in `kv`, or `k0` is not a multiple of [`PANEL`].
+/// q[i * ldq..][..d]`, and `maxes[i]` the largest of row `i`'s scores (taken as they are
+/// stored, so the softmax needs no pass of its own to find it). Panics when a slice is too
+/// small for the sizes given, the keys `k0..k0 + nk` are not in `kv`, or `k0` is not a
+/// multiple of [`PANEL`].
 pub fn scores(
     (q, ldq): (&[f32], usize),
     kv: &HeadKv,
@@ -116,6 +118,7 @@ pub fn scores(
     rows: usize,
     scale: f32,
     (s, lds): (&mut [f32], usize),
+    maxes: &mut [f32],
 ) {
     let d = kv.d;
     kv.check_block(k0, nk);
@@ -125,7 +128,13 @@ pub fn scores(
     );
     check("queries", q.len(), rows, d, ldq);
     check("scores", s.len(), rows, nk, lds);
+    assert!(
+        maxes.len() >= rows,
+        "attention block: {} maxima for {rows} rows",
+        maxes.len()
+    );
     if rows == 0 || nk == 0 {
+        maxes[..rows].fill(f32::NEG_INFINITY);
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -134,13 +143,16 @@ pub fn scores(
         // SAFETY: panels are laid out only at level Avx512 with d a multiple of 16 (`vector`);
         // the operands were checked above, and `kt` holds the panels of keys k0..k0 + nk
         // rounded up to 16 (the last panel is zero-padded).
-        unsafe { avx512::scores(q, ldq, kt, rows, nk, d, scale, s, lds) };
+        unsafe { avx512::scores(q, ldq, kt, rows, nk, d, scale, s, lds, maxes) };
         return;
     }
     let k = &kv.keys[k0 * d..(k0 + nk) * d];
-    let mut dst = MatMut::rows(s, rows, nk, lds);
+    let mut dst = MatMut::rows(&mut *s, rows, nk, lds);
     let (lhs, rhs) = (MatRef::rows(q, rows, d, ldq), MatRef::rows(k, nk, d, d).t());
     matmul(&mut dst, false, lhs, rhs, scale, Parallelism::None);
+    for (i, m) in maxes[..rows].iter_mut().enumerate() {
+        *m = s[i * lds..i * lds + nk].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    }
 }
 
 /// `o[i * ldo + c] += sum_j p[i * ldp + j] * v_{k0 + j}[c]` for `i < rows`, `c < d`, `j <
@@ -182,12 +194,12 @@ mod avx512 {
     const MR: usize = 6;
 
     /// One tile of scores: rows `i0..i0 + R`, keys `j0..j0 + 16 * N` (those below `nk`
-    /// stored).
+    /// stored, and taken into the rows' lane-wise maxima `lanes[r]`, row `i0 + r`).
     ///
     /// # Safety
     /// avx512f; rows `i0..i0 + R` of `q` (d values at stride ldq) and of `s` (keys below
     /// `nk` at stride lds) exist; `kt` holds the panels of keys `j0..j0 + 16 * N` (`d * 16`
-    /// values each, from panel `j0 / 16`).
+    /// values each, from panel `j0 / 16`); `lanes` holds `R` vectors.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     unsafe fn scores_tile<const R: usize, const N: usize>(
@@ -196,8 +208,8 @@ mod avx512 {
         kt: *const f32,
         (i0, j0, nk, d): (usize, usize, usize, usize),
         scale: f32,
-        s: *mut f32,
-        lds: usize,
+        (s, lds): (*mut f32, usize),
+        lanes: *mut __m512,
     ) {
         // SAFETY: every address below is within the operands this function's contract names.
         unsafe {
@@ -217,11 +229,15 @@ mod avx512 {
             }
             let sc = _mm512_set1_ps(scale);
             for (r, a) in acc.iter().enumerate() {
+                let mut mx = *lanes.add(r);
                 for (x, v) in a.iter().enumerate() {
                     let j = j0 + 16 * x;
                     let m = lane_mask(j.min(nk), nk);
-                    _mm512_mask_storeu_ps(s.add((i0 + r) * lds + j), m, _mm512_mul_ps(*v, sc));
+                    let v = _mm512_mul_ps(*v, sc);
+                    _mm512_mask_storeu_ps(s.add((i0 + r) * lds + j), m, v);
+                    mx = _mm512_mask_max_ps(mx, m, mx, v);
                 }
+                *lanes.add(r) = mx;
             }
         }
     }
@@ -243,8 +259,43 @@ mod avx512 {
         scale: f32,
         s: &mut [f32],
         lds: usize,
+        maxes: &mut [f32],
     ) {
-        let (qp, kp, sp) = (q.as_ptr(), kt.as_ptr(), s.as_mut_ptr());
+        // Rows in chunks of MAX_ROWS, whose lane-wise maxima stay on the stack.
+        let mut lanes = [_mm512_set1_ps(f32::NEG_INFINITY); MAX_ROWS];
+        for c0 in (0..rows).step_by(MAX_ROWS) {
+            let n = MAX_ROWS.min(rows - c0);
+            lanes[..n].fill(_mm512_set1_ps(f32::NEG_INFINITY));
+            // SAFETY: rows c0..c0 + n of q and s exist (as this function's contract); `lanes`
+            // holds n vectors.
+            unsafe {
+                let (qc, sc) = (q.as_ptr().add(c0 * ldq), s.as_mut_ptr().add(c0 * lds));
+                scores_rows(qc, ldq, kt.as_ptr(), (n, nk, d), scale, (sc, lds), lanes.as_mut_ptr())
+            };
+            for (m, l) in maxes[c0..c0 + n].iter_mut().zip(&lanes[..n]) {
+                *m = _mm512_reduce_max_ps(*l);
+            }
+        }
+    }
+
+    /// Rows per chunk of [`scores`]: their maxima, 16 lanes each, are 8 KB.
+    const MAX_ROWS: usize = 128;
+
+    /// [`scores`] of `rows` rows, their lane-wise maxima into `lanes[0..rows]`.
+    ///
+    /// # Safety
+    /// avx512f; rows `0..rows` of `q` (d values at stride ldq) and `s` (`nk` at stride lds)
+    /// exist, `kt` holds the panels of `nk` keys rounded up to 16, and `lanes` `rows` vectors.
+    #[inline(always)]
+    unsafe fn scores_rows(
+        qp: *const f32,
+        ldq: usize,
+        kp: *const f32,
+        (rows, nk, d): (usize, usize, usize),
+        scale: f32,
+        (sp, lds): (*mut f32, usize),
+        lanes: *mut __m512,
+    ) {
         let mut j0 = 0;
         while j0 < nk {
             let nv = ((nk - j0).div_ceil(16)).min(4);
@@ -252,6 +303,8 @@ mod avx512 {
             while i0 < rows {
                 let r = MR.min(rows - i0);
                 let at = (i0, j0, nk, d);
+                // SAFETY: i0 + r <= rows.
+                let ln = unsafe { lanes.add(i0) };
                 macro_rules! tile {
                     ($($rr:literal),*; $($nn:literal),*) => {
                         tile!(@rows [$($rr),*] [$($nn),*])
@@ -261,10 +314,10 @@ mod avx512 {
                     };
                     (@cols $rr:literal [$($nn:literal),*]) => {
                         match nv {
-                            // SAFETY: the tile's rows lie in q and s (i0 + r <= rows), its
-                            // keys j0..j0 + 16 * nv in the panels of nk keys rounded up.
+                            // SAFETY: the tile's rows lie in q, s and lanes (i0 + r <= rows),
+                            // its keys j0..j0 + 16 * nv in the panels of nk keys rounded up.
                             $($nn => unsafe {
-                                scores_tile::<$rr, $nn>(qp, ldq, kp, at, scale, sp, lds)
+                                scores_tile::<$rr, $nn>(qp, ldq, kp, at, scale, (sp, lds), ln)
                             },)*
                             _ => unreachable!(),
                         }
@@ -426,13 +479,17 @@ mod tests {
                 (13, 0, 70),
                 (128, 32, 256),
                 (6, 64, 64),
+                // Past one chunk of rows' maxima.
+                (131, 16, 33),
             ] {
                 let n = k0 + nk + 9;
                 let (ldq, ldk, lds) = (3 * d + 5, 3 * d + 1, nk + 3);
                 let (q, k, v) = (data(rows * ldq, 1), data(n * ldk, 2), data(n * ldk, 4));
                 let kv = HeadKv::new((&k, ldk), (&v, ldk), n, d);
                 let mut s = vec![f32::NAN; rows * lds];
-                scores((&q, ldq), &kv, (k0, nk), rows, 0.5, (&mut s, lds));
+                let mut maxes = vec![f32::NAN; rows + 1];
+                let (qs, ss) = ((&q[..], ldq), (&mut s[..], lds));
+                scores(qs, &kv, (k0, nk), rows, 0.5, ss, &mut maxes);
                 for i in 0..rows {
                     for j in 0..nk {
                         let want: f64 = 0.5
@@ -446,7 +503,11 @@ mod tests {
                         );
                     }
                     assert!(s[i * lds + nk].is_nan(), "scores wrote past the keys");
+                    let row = &s[i * lds..i * lds + nk];
+                    let want = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    assert_eq!(maxes[i], want, "d {d}: the maximum of row {i}");
                 }
+                assert!(maxes[rows].is_nan(), "scores wrote a maximum past the rows");
                 let (ldp, ldo) = (nk + 2, d + 4);
                 let p = data(rows * ldp, 3);
                 let mut o = data(rows * ldo, 5);
@@ -473,10 +534,28 @@ mod tests {
         }
     }
 
+    /// Scores all below 0, in a block whose last panel of keys is padded with zeros: the
+    /// padding is not a score, and no maximum is 0.
+    #[test]
+    fn maxima_skip_the_padded_keys() {
+        let (rows, n, d) = (9, 21, 32);
+        let q: Vec<f32> = data(rows * d, 1).iter().map(|x| x.abs() + 0.5).collect();
+        let k: Vec<f32> = data(n * d, 2).iter().map(|x| -x.abs() - 0.5).collect();
+        let kv = HeadKv::new((&k, d), (&k, d), n, d);
+        let (mut s, mut maxes) = (vec![0f32; rows * n], vec![0f32; rows]);
+        scores((&q, d), &kv, (0, n), rows, 0.125, (&mut s, n), &mut maxes);
+        for (i, m) in maxes.iter().enumerate() {
+            let want = s[i * n..(i + 1) * n].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            assert!(want < 0.0, "row {i}: a score at or above 0");
+            assert_eq!(*m, want, "row {i}");
+        }
+    }
+
     #[test]
     #[should_panic(expected = "attention block")]
     fn short_operands_panic() {
         let kv = HeadKv::new((&[0.0; 16], 16), (&[0.0; 16], 16), 1, 16);
-        scores((&[0.0; 16], 16), &kv, (0, 2), 1, 1.0, (&mut [0f32; 4], 4));
+        let (q, s) = ((&[0.0; 16][..], 16), (&mut [0f32; 4][..], 4));
+        scores(q, &kv, (0, 2), 1, 1.0, s, &mut [0.0]);
     }
 }

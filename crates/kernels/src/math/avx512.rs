@@ -31,27 +31,33 @@ pub(crate) unsafe fn exp16_nonpositive(x: __m512) -> __m512 {
     unsafe { exp16_in_range(_mm512_max_ps(_mm512_set1_ps(EXP_MIN), x)) }
 }
 
-/// `exp` of values already clamped to `EXP_MIN..=EXP_MAX` (or NaN). The power of two is
-/// applied with `scalef`, one instruction where building its bits took four; `n` stays
-/// within -126..=127 there, so the result has the bits the four gave.
+/// `exp` of values already clamped to `EXP_MIN..=EXP_MAX` (or NaN). `n = round(x log2 e)`
+/// comes from adding 1.5 * 2^23 in the FMA that multiplies (the sum's last bit is then the
+/// integer, rounded to nearest) and subtracting it again: two instructions where `roundscale`
+/// takes two on one port and its FMA a third. The polynomial is [`super::exp`]'s, in Horner
+/// form to the end (`1 + r (1 + r P)`, one instruction fewer than `P r^2 + r + 1`), and the
+/// power of two is applied with `scalef`; `n` stays within -126..=127 there.
 #[inline(always)]
 unsafe fn exp16_in_range(x: __m512) -> __m512 {
     // SAFETY: the caller runs with avx512f (this function's contract).
     unsafe {
         let c = |v: f32| _mm512_set1_ps(v);
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(
-            _mm512_fmadd_ps(x, c(std::f32::consts::LOG2_E), c(0.5)),
-        );
+        let magic = c(ROUND_MAGIC);
+        let n = _mm512_sub_ps(_mm512_fmadd_ps(x, c(std::f32::consts::LOG2_E), magic), magic);
         let r = _mm512_fnmadd_ps(n, c(LN2_HI), x);
         let r = _mm512_fnmadd_ps(n, c(LN2_LO), r);
         let mut p = c(EXP_P[0]);
         for &k in &EXP_P[1..] {
             p = _mm512_fmadd_ps(p, r, c(k));
         }
-        let y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, c(1.0)));
+        let y = _mm512_fmadd_ps(_mm512_fmadd_ps(p, r, c(1.0)), r, c(1.0));
         _mm512_scalef_ps(y, n)
     }
 }
+
+/// 1.5 * 2^23: added to an f32 of magnitude below 2^22, it leaves that value rounded to the
+/// nearest integer in the sum's last bits.
+const ROUND_MAGIC: f32 = 12_582_912.0;
 
 /// Softmax of one row in place.
 ///

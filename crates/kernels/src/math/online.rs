@@ -30,7 +30,10 @@ impl Default for RunningRow {
 
 /// Where a block of scores sits: the query's position `q` in its sequence, the block's first
 /// key `k0`, the keys the query may see (`lo..hi`, positions in the sequence), and the ALiBi
-/// slope (0 for none: `-slope * |q - k|` is added to each score).
+/// slope (0 for none: `-slope * |q - k|` is added to each score). `max`, when the caller has
+/// it ([`crate::attention_blocks::scores`] gives it), is the largest of the block's scores as
+/// given; it spares the row a pass where it is the largest visible one (no ALiBi, every key
+/// of the block visible) and is ignored elsewhere.
 #[derive(Debug, Clone, Copy)]
 pub struct BlockRow {
     pub q: usize,
@@ -38,6 +41,15 @@ pub struct BlockRow {
     pub lo: usize,
     pub hi: usize,
     pub slope: f32,
+    pub max: Option<f32>,
+}
+
+impl BlockRow {
+    /// `max`, where it is the largest visible score of the block's `n` keys.
+    fn known_max(&self, n: usize) -> Option<f32> {
+        let whole = self.lo <= self.k0 && self.hi >= self.k0 + n;
+        self.max.filter(|_| whole && self.slope == 0.0)
+    }
 }
 
 const LANES: usize = 16;
@@ -101,7 +113,8 @@ multiversion! {
                 *v -= at.slope * (q - k).abs();
             }
         }
-        let new_max = state.max.max(lane_max(&s[lo..hi]));
+        let block_max = at.known_max(n).unwrap_or_else(|| lane_max(&s[lo..hi]));
+        let new_max = state.max.max(block_max);
         let rescale = exp(state.max - new_max);
         let sum = exp_sum(&mut s[lo..hi], new_max);
         s[..lo].fill(0.0);
@@ -193,8 +206,13 @@ unsafe fn block_row_avx512(
     head.fill(0.0);
     tail.fill(0.0);
     let first = (at.k0 + lo) as f32;
-    // SAFETY: the CPU has the features (this function's contract); `row` is the slice given.
-    let new_max = state.max.max(unsafe { vector::max_pass(row, at, first) });
+    let block_max = match at.known_max(n) {
+        Some(m) => m,
+        // SAFETY: the CPU has the features (this function's contract); `row` is the slice
+        // given.
+        None => unsafe { vector::max_pass(row, at, first) },
+    };
+    let new_max = state.max.max(block_max);
     let o16 = out16.map(|o| &mut o[lo..hi]);
     // SAFETY: as above; `o16`, when given, is as long as `row` (asserted above: `hi <= n`).
     let sum = unsafe { vector::exp_pass(row, new_max, o16) };
@@ -330,6 +348,7 @@ mod tests {
                 lo: lo + 3,
                 hi: hi + 3,
                 slope,
+                max: None,
             };
             let start = RunningRow { max: 0.5, sum: 1.5 };
             let (mut a, mut b) = (scores.clone(), scores);
@@ -354,6 +373,45 @@ mod tests {
                     "n {n}: {x} vs {y}"
                 );
             }
+        }
+    }
+
+    /// A block's maximum from the caller gives the bits the row's own pass gives where every
+    /// key is visible without ALiBi; elsewhere (a window cutting the block, a slope) it is
+    /// not the visible maximum and is ignored, here a wrong one.
+    #[test]
+    fn a_known_maximum_is_used_only_where_it_holds() {
+        let scores: Vec<f32> = (0..100).map(|j| ((j * 13 % 29) as f32 - 14.0) / 5.0).collect();
+        let top = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        for (lo, hi, slope, max) in [
+            (0, 200, 0.0, top),
+            (10, 200, 0.0, 1e3),
+            (0, 60, 0.0, 1e3),
+            (0, 200, 0.25, 1e3),
+        ] {
+            let at = BlockRow {
+                q: 40,
+                k0: 0,
+                lo,
+                hi,
+                slope,
+                max: None,
+            };
+            let known = BlockRow {
+                max: Some(max),
+                ..at
+            };
+            let start = RunningRow { max: 0.5, sum: 1.5 };
+            let (mut a, mut b) = (scores.clone(), scores.clone());
+            let (mut sa, mut sb) = (start, start);
+            let ra = softmax_block_row(&mut a, at, &mut sa);
+            let rb = softmax_block_row(&mut b, known, &mut sb);
+            assert_eq!((a, sa, ra), (b, sb, rb), "window {lo}..{hi}, slope {slope}");
+            let (mut c, mut sc, mut rc) = (scores.clone(), start, 0.0);
+            let (mut d, mut sd, mut rd) = (scores.clone(), start, 0.0);
+            block_row(&mut c, at, &mut sc, &mut rc);
+            block_row(&mut d, known, &mut sd, &mut rd);
+            assert_eq!((c, sc, rc), (d, sd, rd), "portable: {lo}..{hi}, slope {slope}");
         }
     }
 
@@ -386,6 +444,7 @@ mod tests {
                 lo,
                 hi,
                 slope,
+                max: None,
             };
             softmax_block_row(&mut a, at(0), &mut state);
             let r = softmax_block_row(&mut b, at(19), &mut state);
@@ -417,6 +476,7 @@ mod tests {
             lo: 4,
             hi: 40,
             slope: 0.125,
+            max: None,
         };
         let mut s = scores.clone();
         let mut out = vec![7u16; 48];
@@ -447,6 +507,7 @@ mod tests {
             lo: 0,
             hi: 50,
             slope: 0.0,
+            max: None,
         };
         assert_eq!(softmax_block_row(&mut s, at, &mut state), 1.0);
         assert!(s.iter().all(|&v| v == 0.0));

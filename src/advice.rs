@@ -10,6 +10,7 @@ use crate::model::multitask::TrainableDtype;
 use crate::pipeline::UnknownPrompt;
 use crate::tokenize::PromptTooLong;
 use crate::train::checkpoint::CheckpointError;
+use crate::train::memory::RowTooLong;
 use crate::train::session::NoEvalSet;
 use crate::train::trainer::{Diverged, DivergedWeights};
 
@@ -83,6 +84,12 @@ fn training(cause: &(dyn std::error::Error + 'static)) -> Option<String> {
         })
     } else if cause.downcast_ref::<DivergedWeights>().is_some() {
         Some("try a lower --lr or --head-lr".into())
+    } else if let Some(r) = cause.downcast_ref::<RowTooLong>() {
+        Some(format!(
+            "pass --max-seq-length {} or less, or freeze more of the encoder (--freeze-layers, \
+             --freeze encoder)",
+            r.fits
+        ))
     } else if cause.downcast_ref::<TrainableDtype>().is_some() {
         Some("drop --dtype, or freeze the encoder (--freeze encoder)".into())
     } else if let Some(f) = cause.downcast_ref::<FreezeError>() {

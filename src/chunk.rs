@@ -7,8 +7,10 @@
 //! special tokens, the prompt's tokens (every window carries the prompt), then the run. Each
 //! window knows its number and the characters of the input it covers (from the tokenizer's
 //! offsets; counted in characters, not bytes, so `text[start:end]` in Python is the window).
-//! Merging weighs each window's vector by its token count and, when the model normalises,
-//! normalises the mean.
+//! Merging weighs each window's vector by its token count (all the tokens the model saw:
+//! special tokens and prompt included, overlapping tokens in both windows that hold them:
+//! the mean a mean pooling over the windows' tokens would give) and, when the model
+//! normalises, normalises the mean.
 
 use std::ops::Range;
 
@@ -50,7 +52,7 @@ pub struct ChunkSpec {
 /// Window sizes that cannot work. The messages name no flags; the CLI adds them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChunkError {
-    #[error("windows of {tokens} tokens are longer than the model's limit of {limit} tokens")]
+    #[error("windows of {tokens} tokens are longer than the max length of {limit} tokens")]
     OverLimit { tokens: usize, limit: usize },
     #[error(
         "windows of {tokens} tokens leave {room} for text after {fixed} special and prompt \
@@ -107,13 +109,46 @@ impl<'a> Chunker<'a> {
         let specials = untruncated
             .get_post_processor()
             .map_or(0, |p| p.added_tokens(false));
-        Ok(Self {
+        let chunker = Self {
             tokenizer,
             untruncated,
             spec,
             prompt,
             specials,
-        })
+        };
+        // What every window spends before its text is known now, so sizes with no room for
+        // the text are refused before any input is read, not at the first long one.
+        let fixed = specials + chunker.prompt_tokens();
+        chunker.check_room(fixed)?;
+        Ok(chunker)
+    }
+
+    /// The prompt's tokens alone (0 without one; a tokenizer error counts none, and the
+    /// input that meets it names it).
+    fn prompt_tokens(&self) -> usize {
+        let Some(prompt) = self.prompt.as_deref().filter(|p| !p.is_empty()) else {
+            return 0;
+        };
+        let prepared = self.tokenizer.prepare(prompt);
+        guarded(|| self.untruncated.encode(prepared.as_str(), false))
+            .ok()
+            .and_then(|e| e.ok())
+            .map_or(0, |e| e.len())
+    }
+
+    /// The tokens left for text in a window after `fixed` special and prompt tokens, when
+    /// more than the overlap.
+    fn check_room(&self, fixed: usize) -> Result<usize, ChunkError> {
+        let room = self.spec.tokens.saturating_sub(fixed);
+        if room <= self.spec.overlap {
+            return Err(ChunkError::NoRoom {
+                tokens: self.spec.tokens,
+                fixed,
+                room,
+                overlap: self.spec.overlap,
+            });
+        }
+        Ok(room)
     }
 
     pub fn spec(&self) -> ChunkSpec {
@@ -150,16 +185,7 @@ impl<'a> Chunker<'a> {
         if fixed + content <= self.spec.tokens {
             return Ok(vec![self.window(&enc, p, 0..content, &chars, 0, index)?]);
         }
-        let room = self.spec.tokens.saturating_sub(fixed);
-        if room <= self.spec.overlap {
-            return Err(ChunkError::NoRoom {
-                tokens: self.spec.tokens,
-                fixed,
-                room,
-                overlap: self.spec.overlap,
-            }
-            .into());
-        }
+        let room = self.check_room(fixed)?;
         let step = room - self.spec.overlap;
         let mut windows = Vec::new();
         let mut start = 0;

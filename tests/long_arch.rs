@@ -527,3 +527,62 @@ fn sentence_transformers_modernbert_prompts_and_truncate_dim() {
     assert!(truncated.iter().all(|v| v.len() == 8));
     assert_vectors("st-modernbert --truncate-dim 8", &truncated, &r.truncate_8);
 }
+
+/// A JinaBERT folder laid out as jina-embeddings-v2-base-code (`mlp.up_gated_layer`, same
+/// config keys) is refused by that name, not as a missing tensor.
+#[test]
+fn jina_code_layout_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("jina_bert");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let weights = dir.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let extra = Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap();
+    tensors.insert("encoder.layer.0.mlp.up_gated_layer.weight".into(), extra);
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let o = run(fetch_ml()
+        .args(["--task=1", "-s", "hello", "--model"])
+        .arg(dir.path()));
+    common::fails_with(&o, &["jina-embeddings-v2-base-code", "mlp.up_gated_layer"]);
+}
+
+/// A training row whose attention (kept for the backward pass) cannot fit in the memory
+/// available is refused before training, naming its line and the length that fits; with the
+/// encoder frozen nothing is kept, and the same run trains.
+#[test]
+fn a_row_too_long_to_train_is_refused_by_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rows = toy_rows(16, 7);
+    rows[2]["text"] = "the quick brown fox jumps over the lazy dog "
+        .repeat(40)
+        .into();
+    let train = dir.path().join("train.jsonl");
+    write_jsonl(&train, &rows);
+    let task2 = |extra: &[&str]| {
+        run(fetch_ml()
+            .env("FETCH_ML_MEMORY_AVAILABLE", "4000000")
+            .args(["--task=2", "--threads=2", "--epochs=1", "--format=json"])
+            .arg("--train-file")
+            .arg(&train)
+            .arg("--model")
+            .arg(fixture("nomic_bert"))
+            .arg("--save")
+            .arg(dir.path().join("ck"))
+            .args(extra))
+    };
+    let err = common::fails_with(
+        &task2(&[]),
+        &[
+            "train.jsonl, line 3 has",
+            "memory available",
+            "to fix: pass --max-seq-length",
+        ],
+    );
+    assert!(!err.contains("line 1 "), "{err}");
+    ok(&task2(&["--freeze", "encoder"]));
+}

@@ -28,6 +28,9 @@ pub struct CardInfo<'a> {
     pub normalize: bool,
     /// The class and sentiment heads' labels, in logit order.
     pub labels: &'a [Vec<String>; 2],
+    /// The architecture is not built into transformers (NomicBERT, JinaBERT): Python runs it
+    /// only with the model's own code from the Hub.
+    pub remote_code: bool,
 }
 
 /// A hub id as given; a local folder by its name only (not its path on this machine).
@@ -82,6 +85,14 @@ The labels and probabilities match `fetch-ml --task=2 --checkpoint CK` on the ch
 folder was exported from, to float rounding.
 "#;
 
+/// What the card says of an architecture that transformers does not have built in.
+const REMOTE_NOTE: &str = "
+  This architecture is not built into transformers: `trust_remote_code=True` runs the model's
+  own code, which `config.json`'s `auto_map` names and Python fetches from the Hugging Face
+  Hub. Without it transformers refuses the folder (NomicBERT) or builds a plain BERT that
+  leaves the gated feed-forward layers unused and gives other vectors (JinaBERT). fetch-ml
+  itself needs no remote code.";
+
 /// The text of `README.md`.
 pub fn model_card(info: &CardInfo) -> String {
     let base = base_name(info.base_model);
@@ -118,9 +129,9 @@ tags: [sentence-transformers, feature-extraction, text-classification, fetch-ml]
 Written by `fetch-ml --task=2 --export` (fetch-ml {version}); the encoder was fine-tuned from
 {base}.
 
-- A sentence-transformers model ({modules}): `SentenceTransformer("DIR")` loads it and gives
-  the fine-tuned sentence vectors ({dim} dimensions). `fetch-ml --task=1 --model DIR` gives the
-  same vectors.
+- A sentence-transformers model ({modules}): `SentenceTransformer("DIR"{remote})` loads it and
+  gives the fine-tuned sentence vectors ({dim} dimensions). `fetch-ml --task=1 --model DIR`
+  gives the same vectors.{remote_note}
 - Two classification heads in `heads.safetensors`, described by `heads.json` (layers, label
   names in logit order): `class` ({class_labels}) and `sentiment` ({sentiment_labels}). Each
   is `linear -> ReLU -> (dropout, training only) -> linear`, giving logits; softmax gives
@@ -135,6 +146,12 @@ the Pooling module (module 1), {dim} numbers per sentence. {encode_note}
 
 {PYTHON_RECIPE}"#,
         version = env!("CARGO_PKG_VERSION"),
+        remote = if info.remote_code {
+            ", trust_remote_code=True"
+        } else {
+            ""
+        },
+        remote_note = if info.remote_code { REMOTE_NOTE } else { "" },
         dim = info.dimension,
         class_labels = labels(0),
         sentiment_labels = labels(1),
@@ -154,6 +171,7 @@ mod tests {
             dimension: 384,
             normalize: true,
             labels: &labels,
+            remote_code: false,
         });
         assert!(card.starts_with("---\n"), "front matter first");
         assert!(!card.contains(d.path().to_str().unwrap()), "no local path");
@@ -163,5 +181,26 @@ mod tests {
         assert!(is_own_card(&p));
         std::fs::write(&p, "# mine\n").unwrap();
         assert!(!is_own_card(&p));
+    }
+
+    /// NomicBERT and JinaBERT need the model's own code in Python; the card says how, and
+    /// the others' cards do not.
+    #[test]
+    fn remote_code_is_named_where_needed() {
+        let labels = [vec!["a".to_string()], vec!["b".into()]];
+        let card = |remote_code| {
+            model_card(&CardInfo {
+                base_model: "x/y",
+                dimension: 8,
+                normalize: false,
+                labels: &labels,
+                remote_code,
+            })
+        };
+        let (remote, plain) = (card(true), card(false));
+        assert!(remote.contains(r#"SentenceTransformer("DIR", trust_remote_code=True)"#));
+        assert!(remote.contains("auto_map"));
+        assert!(plain.contains(r#"SentenceTransformer("DIR")"#));
+        assert!(!plain.contains("trust_remote_code"));
     }
 }

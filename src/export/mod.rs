@@ -108,6 +108,10 @@ fn write_folder(
         dimension: hidden,
         normalize,
         labels: &model.spec.labels,
+        remote_code: matches!(
+            assets.config.arch,
+            Architecture::NomicBert | Architecture::JinaBert
+        ),
     });
     std::fs::write(out.join(card::CARD_FILE), card).context("writing README.md")?;
     for f in ["model.safetensors", HEADS_WEIGHTS] {

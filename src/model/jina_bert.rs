@@ -133,6 +133,17 @@ pub struct JinaBertEncoder {
 impl JinaBertEncoder {
     /// Loads the encoder (names as in the module doc).
     pub fn load(vb: VarBuilder, cfg: &BertConfig, own: &JinaBertConfig) -> Result<Self> {
+        // jina-embeddings-v2-base-code (jina-bert-v2-qk-post-norm) has the same config keys
+        // and another layout: refused by name rather than as a missing tensor.
+        let code = format!("{}.mlp.up_gated_layer.weight", layer_prefix(0));
+        if vb.contains_tensor(&code) {
+            candle_core::bail!(
+                "the weights hold {code}: the layout of jina-embeddings-v2-base-code \
+                 (jina-bert-v2-qk-post-norm: mlp.up_gated_layer, mlp.down_layer, attention \
+                 layer_norm_q/k), which fetch-ml does not run; it runs JinaBERT as \
+                 jina-embeddings-v2-base-en and small-en lay it out (mlp.gated_layers)"
+            );
+        }
         let h = cfg.hidden_size;
         let emb = vb.pp("embeddings");
         let std = cfg.initializer_range;

@@ -11,15 +11,16 @@ use crate::chunk::{CharSlicer, ChunkMode, Chunker};
 use crate::columnar::{npy_sidecar, NpySink, ParquetSink, Row, RowWindow};
 use crate::config::{EmbedConfig, OutputFormat};
 use crate::embed::{Embedded, Embedder, Embedding};
-use crate::input::{SentenceReader, MAX_LINE_BYTES};
+use crate::input::SentenceReader;
 use crate::job::{Existing, FileSum, Job, ModelId, OtherJob, Settings};
 use crate::loader::ModelAssets;
 use crate::model::encoder::InferenceEncoder;
 use crate::model::quant::Dtype;
 use crate::output::{progress_bar, Output};
-use crate::shard::{Shard, ShardSpec};
+use crate::shard::ShardSpec;
 use crate::tokenize::name_sentence;
 
+use super::notes;
 use super::printer::{Meta, Printer};
 
 /// Sentences read and embedded per step (and per Parquet row group); bounds memory whatever
@@ -202,23 +203,16 @@ fn embed_all(
         crate::job::write_record(files, job, count as u64, sums)?;
     }
     if let Some(s) = shard {
-        note_shard_done(s, &reader, names, count);
+        notes::shard_done(s, &reader, names, count, cfg.chunking);
     }
-    if reader.clipped_lines() > 0 {
-        crate::note!(
-            "note: {} line(s) were longer than {} MiB; only their first {} MiB was read",
-            reader.clipped_lines(),
-            MAX_LINE_BYTES >> 20,
-            MAX_LINE_BYTES >> 20
-        );
-    }
-    if truncated > 0 {
-        crate::note!(
-            "note: {truncated} of {count} sentence(s) were longer than {max_seq_length} tokens and \
-             were truncated; --max-seq-length sets the limit (at most {})",
-            assets.config.max_tokens()
-        );
-    }
+    let cut = notes::Cut {
+        clipped_lines: reader.clipped_lines(),
+        truncated,
+        count,
+        max_seq_length,
+        model_max: assets.config.max_tokens(),
+    };
+    notes::cuts(cfg, &cut, embedder.prompt.as_deref());
     Ok(())
 }
 
@@ -287,25 +281,6 @@ fn meta(
         chunk_overlap: cfg.chunking.map(|c| c.overlap),
         chunks: cfg.chunking.map(|c| c.mode.name()),
     }
-}
-
-/// The closing line of a shard: the input lines it covered and where its sentences went.
-fn note_shard_done(s: Shard, reader: &SentenceReader, names: &[String], count: usize) {
-    let (first, last) = reader.lines_read();
-    let lines = if first > last {
-        "no lines".to_string()
-    } else {
-        format!("lines {first}-{last}")
-    };
-    let to = if names.is_empty() {
-        "standard output".to_string()
-    } else {
-        names.join(" + ")
-    };
-    crate::note!(
-        "shard {s}: {lines} of {}: {count} sentence(s) written to {to}",
-        reader.name()
-    );
 }
 
 /// Whether a sharded run writes a completion record: formats other than Parquet (which holds

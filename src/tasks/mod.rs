@@ -2,6 +2,7 @@
 
 pub mod embed;
 pub mod multitask;
+mod notes;
 mod printer;
 pub mod report;
 pub mod scenarios;

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod embedding_cache;
 pub mod evaluate;
 pub mod loss;
+pub mod memory;
 pub mod metrics;
 mod prefix_cache;
 pub mod prepared;

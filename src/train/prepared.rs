@@ -11,6 +11,8 @@ pub struct Prepared {
     pub texts: Vec<String>,
     pub encoded: Vec<Encoded>,
     pub labels: Vec<[Option<u32>; 2]>,
+    /// Each example's line in its file (1-based).
+    pub lines: Vec<usize>,
 }
 
 impl Prepared {
@@ -31,6 +33,7 @@ impl Prepared {
             texts: texts.iter().map(|t| t.to_string()).collect(),
             encoded,
             labels,
+            lines: data.examples.iter().map(|e| e.line).collect(),
         })
     }
 }

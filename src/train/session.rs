@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::embedding_cache::{CacheKey, EmbeddingCache};
 use super::evaluate::evaluate;
+use super::memory;
 use super::metrics::HeadMetrics;
 use super::trainer::{train, EpochReport, Prepared, TrainOutcome, TrainSettings};
 use super::verify::{FreezeCheck, ParamCounts, Snapshot};
@@ -184,6 +185,7 @@ pub fn fit(
     settings: &TrainSettings,
     on_epoch: &mut dyn FnMut(&EpochReport),
 ) -> Result<RunResult> {
+    check_memory(model, setup)?;
     let parameters = ParamCounts::of(model);
     let snapshot = Snapshot::take(model)?;
     let eval = setup.eval.as_ref().map(|e| &e.prepared);
@@ -216,4 +218,27 @@ pub fn fit(
         eval: final_eval,
         freeze_check,
     })
+}
+
+/// Refuses a run whose longest training row's attention cannot fit in memory while the
+/// encoder trains ([`memory`]); nothing to check when it is frozen or the memory unknown.
+fn check_memory(model: &MultiTaskModel, setup: &Setup) -> Result<()> {
+    let layers = setup.assets.config.num_hidden_layers;
+    let heads = setup.assets.config.num_attention_heads;
+    let trainable = layers.saturating_sub(model.plan.frozen_layers());
+    let p = &setup.train.prepared;
+    let longest = p
+        .encoded
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, e)| e.ids.len());
+    let (Some((i, e)), Some(available)) = (longest, memory::available()) else {
+        return Ok(());
+    };
+    if model.plan.encoder_frozen(layers) {
+        return Ok(());
+    }
+    let row = || format!("{}, line {}", setup.train.name, p.lines[i]);
+    memory::check_row(row, e.ids.len(), (trainable, heads), available)?;
+    Ok(())
 }

@@ -20,8 +20,9 @@ pub(crate) fn lane_mask(i: usize, n: usize) -> u16 {
     }
 }
 
-/// [`super::exp`] on 16 lanes (the same reduction and polynomial, with FMAs, so the last bit
-/// can differ) for values at most 0 (or NaN), as a softmax's `s - max` are: the upper clamp,
+/// [`super::exp`] on 16 lanes (the same range reduction and polynomial, with FMAs and `n`
+/// rounded to nearest, so the last bit can differ) for values at most 0 (or NaN), as a
+/// softmax's `s - max` are: the upper clamp,
 /// which cannot act on them, is left out. `max` returns its second operand when either is
 /// NaN: x last, so NaN propagates (as the portable `clamp` does) and a NaN or infinite row
 /// gives NaN.
@@ -43,7 +44,10 @@ unsafe fn exp16_in_range(x: __m512) -> __m512 {
     unsafe {
         let c = |v: f32| _mm512_set1_ps(v);
         let magic = c(ROUND_MAGIC);
-        let n = _mm512_sub_ps(_mm512_fmadd_ps(x, c(std::f32::consts::LOG2_E), magic), magic);
+        let n = _mm512_sub_ps(
+            _mm512_fmadd_ps(x, c(std::f32::consts::LOG2_E), magic),
+            magic,
+        );
         let r = _mm512_fnmadd_ps(n, c(LN2_HI), x);
         let r = _mm512_fnmadd_ps(n, c(LN2_LO), r);
         let mut p = c(EXP_P[0]);

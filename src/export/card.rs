@@ -87,11 +87,12 @@ folder was exported from, to float rounding.
 
 /// What the card says of an architecture that transformers does not have built in.
 const REMOTE_NOTE: &str = "
-  This architecture is not built into transformers: `trust_remote_code=True` runs the model's
-  own code, which `config.json`'s `auto_map` names and Python fetches from the Hugging Face
-  Hub. Without it transformers refuses the folder (NomicBERT) or builds a plain BERT that
-  leaves the gated feed-forward layers unused and gives other vectors (JinaBERT). fetch-ml
-  itself needs no remote code.";
+  This architecture's layout is not transformers' own: `trust_remote_code=True` runs the
+  model's code, which `config.json`'s `auto_map` names and Python fetches from the Hugging
+  Face Hub. Without it (transformers 5.24, sentence-transformers 6.2) a NomicBERT folder stops
+  with size mismatches (transformers' `nomic_bert` reads other config keys and names) and a
+  JinaBERT folder loads as a plain BERT whose feed-forward layers are freshly initialised:
+  other vectors. fetch-ml itself needs no remote code.";
 
 /// The text of `README.md`.
 pub fn model_card(info: &CardInfo) -> String {

@@ -85,11 +85,12 @@ fn training(cause: &(dyn std::error::Error + 'static)) -> Option<String> {
     } else if cause.downcast_ref::<DivergedWeights>().is_some() {
         Some("try a lower --lr or --head-lr".into())
     } else if let Some(r) = cause.downcast_ref::<RowTooLong>() {
-        Some(format!(
-            "pass --max-seq-length {} or less, or freeze more of the encoder (--freeze-layers, \
-             --freeze encoder)",
-            r.fits
-        ))
+        Some(match r.fits {
+            0 => "train with the encoder frozen, or on a machine with more memory".into(),
+            n => {
+                format!("pass --max-seq-length {n} or less, or train fewer of the encoder's layers")
+            }
+        })
     } else if cause.downcast_ref::<TrainableDtype>().is_some() {
         Some("drop --dtype, or freeze the encoder (--freeze encoder)".into())
     } else if let Some(f) = cause.downcast_ref::<FreezeError>() {

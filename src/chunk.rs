@@ -123,17 +123,27 @@ impl<'a> Chunker<'a> {
         Ok(chunker)
     }
 
-    /// The prompt's tokens alone (0 without one; a tokenizer error counts none, and the
-    /// input that meets it names it).
+    /// The prompt's tokens as [`Self::split`] counts them: those that end inside it, in front
+    /// of a word (alone, a byte-level tokenizer makes a trailing space a token of its own,
+    /// which in front of text joins the word). 0 without a prompt; a tokenizer error counts
+    /// none, and the input that meets it names it.
     fn prompt_tokens(&self) -> usize {
         let Some(prompt) = self.prompt.as_deref().filter(|p| !p.is_empty()) else {
             return 0;
         };
-        let prepared = self.tokenizer.prepare(prompt);
-        guarded(|| self.untruncated.encode(prepared.as_str(), false))
-            .ok()
-            .and_then(|e| e.ok())
-            .map_or(0, |e| e.len())
+        let whole = format!("{prompt}a");
+        let prepared = self.tokenizer.prepare(&whole);
+        let chars = CharMap::new(&whole, self.tokenizer.lowercases_input(), prompt);
+        guarded(|| {
+            self.untruncated
+                .encode_char_offsets(prepared.as_str(), false)
+        })
+        .ok()
+        .and_then(|e| e.ok())
+        .map_or(0, |e| {
+            let offsets = e.get_offsets();
+            offsets.iter().take_while(|o| chars.in_prompt(o.1)).count()
+        })
     }
 
     /// The tokens left for text in a window after `fixed` special and prompt tokens, when

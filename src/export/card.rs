@@ -88,7 +88,8 @@ folder was exported from, to float rounding.
 /// What the card says of an architecture that transformers does not have built in.
 const REMOTE_NOTE: &str = "
   This architecture's layout is not transformers' own: `trust_remote_code=True` runs the
-  model's code, which `config.json`'s `auto_map` names and Python fetches from the Hugging
+  model's code, which `config.json`'s `auto_map` names (when the base model's config has
+  one, as the published models' do; fetch-ml copies it) and Python fetches from the Hugging
   Face Hub. Without it (transformers 5.24, sentence-transformers 6.2) a NomicBERT folder stops
   with size mismatches (transformers' `nomic_bert` reads other config keys and names) and a
   JinaBERT folder loads as a plain BERT whose feed-forward layers are freshly initialised:

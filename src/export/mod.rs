@@ -103,15 +103,22 @@ fn write_folder(
         &out.join(HEADS_FILE),
         &heads_json(model, hidden, provenance),
     )?;
+    let remote_code = matches!(
+        assets.config.arch,
+        Architecture::NomicBert | Architecture::JinaBert
+    );
+    if remote_code && !has_auto_map(&assets.files.config) {
+        crate::note!(
+            "note: the base model's config.json has no auto_map, so Python cannot find this \
+             architecture's code even with trust_remote_code=True; fetch-ml loads the export"
+        );
+    }
     let card = card::model_card(&card::CardInfo {
         base_model: &provenance.base_model,
         dimension: hidden,
         normalize,
         labels: &model.spec.labels,
-        remote_code: matches!(
-            assets.config.arch,
-            Architecture::NomicBert | Architecture::JinaBert
-        ),
+        remote_code,
     });
     std::fs::write(out.join(card::CARD_FILE), card).context("writing README.md")?;
     for f in ["model.safetensors", HEADS_WEIGHTS] {
@@ -120,6 +127,14 @@ fn write_folder(
             .with_context(|| format!("writing {f}"))?;
     }
     Ok(())
+}
+
+/// Whether a `config.json` names the model's own Python code (`auto_map`).
+fn has_auto_map(config: &Path) -> bool {
+    std::fs::read_to_string(config)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v.get("auto_map").is_some())
 }
 
 /// The base model's files that the export keeps as they are: config, tokenizer, and

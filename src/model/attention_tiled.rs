@@ -233,8 +233,10 @@ struct Scratch {
     rows: Vec<RunningRow>,
     /// Each row's rescale factor for the current block.
     rescale: Vec<f32>,
-    /// f32: each row's largest score in the current block (from the scores' product).
+    /// f32: each row's largest score in the current block, when the scores' product gave
+    /// them (`maxes_known`).
     maxes: Vec<f32>,
+    maxes_known: bool,
     /// f32: the tile's queries of the current head, compact (`[rows, d]`).
     q: Vec<f32>,
     /// bf16: the tile's queries, and a block's weights, as kernel rows.
@@ -311,7 +313,8 @@ fn attend_tile(
         match products {
             Products::F32 { kv } => {
                 let (q, s) = ((&sc.q[..], d), (&mut sc.s[..], kt));
-                blocks::scores(q, kv, (k0, nk), rows, spec.scale, s, &mut sc.maxes);
+                sc.maxes_known =
+                    blocks::scores(q, kv, (k0, nk), rows, spec.scale, s, &mut sc.maxes);
             }
             Products::Bf16 { kernel, blocks } => {
                 let keys = &blocks[k0 / KEY_TILE].keys;
@@ -380,7 +383,7 @@ fn softmax_block(
             None => (0, tile.len),
         };
         let max = match products {
-            Products::F32 { .. } => Some(sc.maxes[i]),
+            Products::F32 { .. } => sc.maxes_known.then(|| sc.maxes[i]),
             Products::Bf16 { .. } => None,
         };
         let block = BlockRow {

@@ -53,7 +53,7 @@ pub(super) struct Cut {
 pub(super) fn cuts(cfg: &EmbedConfig, cut: &Cut, prompt: Option<&str>) {
     let left = cfg.truncate_side == TruncateSide::Left;
     if cut.clipped_lines > 0 {
-        let tail = match left {
+        let tail = match left && cfg.chunking.is_none() {
             true => " (--truncate-side left keeps the last tokens of that MiB)",
             false => "",
         };
@@ -82,7 +82,7 @@ pub(super) fn cuts(cfg: &EmbedConfig, cut: &Cut, prompt: Option<&str>) {
     if let (true, Some(p)) = (left, prompt) {
         crate::note!(
             "note: --truncate-side left cut the start of those {truncated}, and with it the \
-             prompt {p:?}: only the shorter sentences carry it"
+             prompt {p:?} (or its start): only the shorter sentences carry it whole"
         );
     }
 }

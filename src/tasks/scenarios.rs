@@ -53,6 +53,9 @@ pub fn run(cfg: &ScenariosConfig) -> Result<()> {
     let layers = setup.assets.config.num_hidden_layers;
     let n = cfg.layers_n.unwrap_or(layers / 2);
     check_scenarios(cfg, layers, n)?;
+    for sc in &cfg.scenarios {
+        crate::train::session::check_memory(&setup, &sc.plan(layers, n)?)?;
+    }
     let s = &t.settings;
     crate::note!(
         "comparing {} scenario(s) on {} ({} rows), evaluated on {}: {} epoch(s), batch {}, seed {}, model {}",

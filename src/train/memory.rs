@@ -2,16 +2,18 @@
 //! the memory available is refused with the length that fits, not left to the kernel's
 //! out-of-memory killer.
 //!
-//! Training runs a plain attention per sequence and keeps about five tensors of
-//! `heads x tokens x tokens` f32 values per trainable layer (scores, weights, their
-//! gradients' inputs). For one row of `t` tokens that is `layers x 5 x heads x t^2 x 4`
-//! bytes: a lower bound of a batch's needs (other rows and activations come on top), so a
-//! refusal is certain to be right.
+//! Training runs a plain attention per sequence (candle ops), whose graph keeps at least
+//! three `heads x tokens x tokens` f32 tensors per trainable layer until the backward pass:
+//! the scores, the scaled scores and the softmax weights (a position bias or attention
+//! dropout keeps one more each, and the backward pass makes a few more for one layer at a
+//! time). For one row of `t` tokens that is at least `layers x 3 x heads x t^2 x 4` bytes: a
+//! lower bound of a batch's needs (other rows and activations come on top), so a row refused
+//! by it cannot train in that memory.
 
 use std::path::Path;
 
-/// Bytes kept per trainable layer, head and token pair.
-const BYTES_PER_PAIR: u64 = 5 * 4;
+/// Bytes kept per trainable layer, head and token pair, at least: three f32 tensors.
+const BYTES_PER_PAIR: u64 = 3 * 4;
 
 /// Overrides the memory available, in bytes (for tests, and for hosts whose limits are read
 /// wrongly).
@@ -20,9 +22,10 @@ pub const MEMORY_ENV: &str = "FETCH_ML_MEMORY_AVAILABLE";
 /// A row too long to train on in the memory available.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "{row} has {tokens} tokens: training keeps about {need_mb} MB of attention for it \
-     ({layers} trainable layers x 5 x {heads} heads x tokens^2 x 4 bytes), more than the \
-     {available_mb} MB of memory available; rows of up to {fits} tokens fit"
+    "{row} has {tokens} tokens: training keeps at least {need_mb} MB of attention for it \
+     ({layers} trainable layers x 3 x {heads} heads x tokens^2 x 4 bytes), more than the \
+     {available_mb} MB of memory available; {}",
+    fits_text(*.fits)
 )]
 pub struct RowTooLong {
     pub row: String,
@@ -31,9 +34,21 @@ pub struct RowTooLong {
     pub heads: usize,
     pub need_mb: u64,
     pub available_mb: u64,
-    /// The longest row that fits.
+    /// The longest row that fits (0: none).
     pub fits: usize,
 }
+
+fn fits_text(fits: usize) -> String {
+    match fits {
+        0 => "no row fits while the encoder trains".into(),
+        n => format!("rows of up to {n} tokens fit"),
+    }
+}
+
+/// The override of the memory available is not a number of bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{MEMORY_ENV}={0:?} is not a number of bytes (for example 8000000000)")]
+pub struct BadMemoryOverride(pub String);
 
 /// The attention memory training keeps for one row of `tokens` tokens.
 pub fn attention_bytes(layers: usize, heads: usize, tokens: usize) -> u64 {
@@ -66,20 +81,22 @@ pub fn check_row(
 }
 
 /// The memory available to this process: the override, else the smaller of the system's
-/// available memory and the cgroup's room (`memory.max` less `memory.current`); `None` when
-/// neither can be read.
-pub fn available() -> Option<u64> {
+/// available memory and its cgroup's room; `None` when neither can be read.
+pub fn available() -> Result<Option<u64>, BadMemoryOverride> {
     if let Ok(v) = std::env::var(MEMORY_ENV) {
-        return v.trim().parse().ok();
+        return v.trim().parse().map(Some).map_err(|_| BadMemoryOverride(v));
     }
     let system = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| meminfo_available(&m));
-    let cgroup = cgroup_room(Path::new("/sys/fs/cgroup"));
-    match (system, cgroup) {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|c| cgroup_dir(&c))
+        .and_then(|d| cgroup_room(&Path::new("/sys/fs/cgroup").join(d)));
+    Ok(match (system, cgroup) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
-    }
+    })
 }
 
 /// `MemAvailable` of a `/proc/meminfo` text, in bytes.
@@ -89,12 +106,28 @@ fn meminfo_available(text: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// A cgroup v2 folder's limit less its use (`None` without a limit).
+/// This process's cgroup v2 folder (relative to the cgroup root) from `/proc/self/cgroup`'s
+/// `0::/path` line; `None` under cgroup v1.
+fn cgroup_dir(text: &str) -> Option<String> {
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(path.trim().trim_start_matches('/').to_string())
+}
+
+/// A cgroup v2 folder's limit less what it uses and cannot reclaim (`memory.current` less
+/// `inactive_file` of `memory.stat`: page cache such as the weights file's counts as used
+/// but is given back); `None` without a limit.
 fn cgroup_room(dir: &Path) -> Option<u64> {
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
     let max: u64 = read("memory.max")?.trim().parse().ok()?;
     let current: u64 = read("memory.current")?.trim().parse().ok()?;
-    Some(max.saturating_sub(current))
+    let inactive = read("memory.stat")
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("inactive_file "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    Some(max.saturating_sub(current.saturating_sub(inactive)))
 }
 
 #[cfg(test)]
@@ -103,18 +136,21 @@ mod tests {
 
     #[test]
     fn a_row_is_refused_only_past_the_memory_and_told_what_fits() {
-        // 12 layers, 12 heads, 1,000 tokens: 2.88 GB.
-        assert_eq!(attention_bytes(12, 12, 1000), 2_880_000_000);
+        // 12 layers, 12 heads, 1,000 tokens: 1.728 GB.
+        assert_eq!(attention_bytes(12, 12, 1000), 1_728_000_000);
         let name = || "train.jsonl, line 3".to_string();
-        assert!(check_row(name, 1000, (12, 12), 2_880_000_000).is_ok());
+        assert!(check_row(name, 1000, (12, 12), 1_728_000_000).is_ok());
         assert!(check_row(name, 1000, (0, 12), 1).is_ok(), "nothing trains");
-        let e = check_row(name, 1000, (12, 12), 720_000_000).unwrap_err();
+        let e = check_row(name, 1000, (12, 12), 432_000_000).unwrap_err();
         assert_eq!(e.fits, 500);
-        assert!(attention_bytes(12, 12, e.fits) <= 720_000_000);
-        assert!(attention_bytes(12, 12, e.fits + 1) > 720_000_000);
+        assert!(attention_bytes(12, 12, e.fits) <= 432_000_000);
+        assert!(attention_bytes(12, 12, e.fits + 1) > 432_000_000);
         assert!(e
             .to_string()
             .contains("train.jsonl, line 3 has 1000 tokens"));
+        let none = check_row(name, 1000, (12, 12), 100).unwrap_err();
+        assert_eq!(none.fits, 0);
+        assert!(none.to_string().contains("no row fits"));
     }
 
     #[test]
@@ -128,5 +164,16 @@ mod tests {
         assert_eq!(cgroup_room(d.path()), None, "no limit");
         std::fs::write(d.path().join("memory.max"), "1000\n").unwrap();
         assert_eq!(cgroup_room(d.path()), Some(900));
+        std::fs::write(d.path().join("memory.stat"), "anon 10\ninactive_file 60\n").unwrap();
+        assert_eq!(
+            cgroup_room(d.path()),
+            Some(960),
+            "reclaimable cache is room"
+        );
+        assert_eq!(
+            cgroup_dir("0::/user.slice/x\n"),
+            Some("user.slice/x".into())
+        );
+        assert_eq!(cgroup_dir("12:memory:/docker/abc\n"), None, "cgroup v1");
     }
 }

@@ -17,7 +17,7 @@ use super::verify::{FreezeCheck, ParamCounts, Snapshot};
 use crate::data::{DataSource, Dataset, TASKS};
 use crate::hub::ModelRef;
 use crate::loader::ModelAssets;
-use crate::model::freeze::FreezePart;
+use crate::model::freeze::{FreezePart, FreezePlan};
 use crate::model::multitask::{HeadsSpec, MultiTaskModel};
 use crate::model::quant::Dtype;
 
@@ -185,7 +185,7 @@ pub fn fit(
     settings: &TrainSettings,
     on_epoch: &mut dyn FnMut(&EpochReport),
 ) -> Result<RunResult> {
-    check_memory(model, setup)?;
+    check_memory(setup, &model.plan)?;
     let parameters = ParamCounts::of(model);
     let snapshot = Snapshot::take(model)?;
     let eval = setup.eval.as_ref().map(|e| &e.prepared);
@@ -221,23 +221,24 @@ pub fn fit(
 }
 
 /// Refuses a run whose longest training row's attention cannot fit in memory while the
-/// encoder trains ([`memory`]); nothing to check when it is frozen or the memory unknown.
-fn check_memory(model: &MultiTaskModel, setup: &Setup) -> Result<()> {
+/// encoder trains under `plan` ([`memory`]); nothing to check when it is frozen or the
+/// memory unknown. Task 3 checks every scenario's plan before the first trains.
+pub fn check_memory(setup: &Setup, plan: &FreezePlan) -> Result<()> {
     let layers = setup.assets.config.num_hidden_layers;
     let heads = setup.assets.config.num_attention_heads;
-    let trainable = layers.saturating_sub(model.plan.frozen_layers());
+    if plan.encoder_frozen(layers) {
+        return Ok(());
+    }
+    let trainable = layers.saturating_sub(plan.frozen_layers());
     let p = &setup.train.prepared;
     let longest = p
         .encoded
         .iter()
         .enumerate()
         .max_by_key(|(_, e)| e.ids.len());
-    let (Some((i, e)), Some(available)) = (longest, memory::available()) else {
+    let (Some((i, e)), Some(available)) = (longest, memory::available()?) else {
         return Ok(());
     };
-    if model.plan.encoder_frozen(layers) {
-        return Ok(());
-    }
     let row = || format!("{}, line {}", setup.train.name, p.lines[i]);
     memory::check_row(row, e.ids.len(), (trainable, heads), available)?;
     Ok(())

@@ -107,10 +107,11 @@ fn compact(x: &[f32], ld: usize, n: usize, d: usize) -> Vec<f32> {
 }
 
 /// `s[i * lds + j] = scale * dot(q_i, k_{k0 + j})` for `i < rows`, `j < nk`, with `q_i =
-/// q[i * ldq..][..d]`, and `maxes[i]` the largest of row `i`'s scores (taken as they are
-/// stored, so the softmax needs no pass of its own to find it). Panics when a slice is too
-/// small for the sizes given, the keys `k0..k0 + nk` are not in `kv`, or `k0` is not a
-/// multiple of [`PANEL`].
+/// q[i * ldq..][..d]`. Returns whether it also wrote `maxes[i]`, the largest of row `i`'s
+/// scores: the AVX-512 tiles take it as they store the scores, so the softmax needs no pass
+/// of its own to find it; `gemm` does not (a pass here would cost what it saves there).
+/// Panics when a slice is too small for the sizes given, the keys `k0..k0 + nk` are not in
+/// `kv`, or `k0` is not a multiple of [`PANEL`].
 pub fn scores(
     (q, ldq): (&[f32], usize),
     kv: &HeadKv,
@@ -119,7 +120,7 @@ pub fn scores(
     scale: f32,
     (s, lds): (&mut [f32], usize),
     maxes: &mut [f32],
-) {
+) -> bool {
     let d = kv.d;
     kv.check_block(k0, nk);
     assert!(
@@ -135,7 +136,7 @@ pub fn scores(
     );
     if rows == 0 || nk == 0 {
         maxes[..rows].fill(f32::NEG_INFINITY);
-        return;
+        return true;
     }
     #[cfg(target_arch = "x86_64")]
     if kv.panels {
@@ -144,17 +145,13 @@ pub fn scores(
         // the operands were checked above, and `kt` holds the panels of keys k0..k0 + nk
         // rounded up to 16 (the last panel is zero-padded).
         unsafe { avx512::scores(q, ldq, kt, rows, nk, d, scale, s, lds, maxes) };
-        return;
+        return true;
     }
     let k = &kv.keys[k0 * d..(k0 + nk) * d];
-    let mut dst = MatMut::rows(&mut *s, rows, nk, lds);
+    let mut dst = MatMut::rows(s, rows, nk, lds);
     let (lhs, rhs) = (MatRef::rows(q, rows, d, ldq), MatRef::rows(k, nk, d, d).t());
     matmul(&mut dst, false, lhs, rhs, scale, Parallelism::None);
-    for (i, m) in maxes[..rows].iter_mut().enumerate() {
-        *m = s[i * lds..i * lds + nk]
-            .iter()
-            .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    }
+    false
 }
 
 /// `o[i * ldo + c] += sum_j p[i * ldp + j] * v_{k0 + j}[c]` for `i < rows`, `c < d`, `j <
@@ -264,7 +261,8 @@ mod avx512 {
         maxes: &mut [f32],
     ) {
         // Rows in chunks of MAX_ROWS, whose lane-wise maxima stay on the stack.
-        let mut lanes = [_mm512_set1_ps(f32::NEG_INFINITY); MAX_ROWS];
+        // Filled per chunk below.
+        let mut lanes = [_mm512_setzero_ps(); MAX_ROWS];
         for c0 in (0..rows).step_by(MAX_ROWS) {
             let n = MAX_ROWS.min(rows - c0);
             lanes[..n].fill(_mm512_set1_ps(f32::NEG_INFINITY));
@@ -313,7 +311,8 @@ mod avx512 {
             while i0 < rows {
                 let r = MR.min(rows - i0);
                 let at = (i0, j0, nk, d);
-                // SAFETY: i0 + r <= rows.
+                // SAFETY: i0 < rows, at most the vectors `lanes` holds (this function's
+                // contract; MAX_ROWS from `scores`).
                 let ln = unsafe { lanes.add(i0) };
                 macro_rules! tile {
                     ($($rr:literal),*; $($nn:literal),*) => {

@@ -8,7 +8,8 @@
 //! 4 x 16 in AVX-512, combined in a fixed order), so that the row vectorises and its result
 //! depends on its own scores only. A block's maximum may come with the scores instead
 //! ([`BlockRow::max`], from the f32 scores' product): a maximum is exact in any order, so the
-//! weights are the same bits either way.
+//! weights are the same bits either way for rows without NaN (a NaN row gives NaN either
+//! way).
 
 use super::exp;
 use crate::cpu::multiversion;

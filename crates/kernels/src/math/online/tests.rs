@@ -69,6 +69,9 @@ fn a_known_maximum_is_used_only_where_it_holds() {
         (10, 200, 0.0, 1e3),
         (0, 60, 0.0, 1e3),
         (0, 200, 0.25, 1e3),
+        // One key short of the block at either end.
+        (0, 99, 0.0, 1e3),
+        (1, 200, 0.0, 1e3),
     ] {
         let at = BlockRow {
             q: 40,
@@ -98,6 +101,21 @@ fn a_known_maximum_is_used_only_where_it_holds() {
             "portable: {lo}..{hi}, slope {slope}"
         );
     }
+    // Where it holds it is taken as given, not found again: a wrong one shows.
+    let at = BlockRow {
+        q: 40,
+        k0: 0,
+        lo: 0,
+        hi: 100,
+        slope: 0.0,
+        max: Some(top + 1.0),
+    };
+    let mut state = RunningRow::default();
+    softmax_block_row(&mut scores.clone(), at, &mut state);
+    assert_eq!(state.max, top + 1.0);
+    let (mut portable, mut rescale) = (RunningRow::default(), 0.0);
+    block_row(&mut scores.clone(), at, &mut portable, &mut rescale);
+    assert_eq!(portable.max, top + 1.0);
 }
 
 /// Two blocks through the running softmax give the weights of one softmax over both.

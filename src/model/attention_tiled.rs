@@ -233,10 +233,9 @@ struct Scratch {
     rows: Vec<RunningRow>,
     /// Each row's rescale factor for the current block.
     rescale: Vec<f32>,
-    /// f32: each row's largest score in the current block, when the scores' product gave
-    /// them (`maxes_known`).
+    /// f32: each row's largest score in the current block, when the scores' product gives
+    /// them.
     maxes: Vec<f32>,
-    maxes_known: bool,
     /// f32: the tile's queries of the current head, compact (`[rows, d]`).
     q: Vec<f32>,
     /// bf16: the tile's queries, and a block's weights, as kernel rows.
@@ -310,21 +309,22 @@ fn attend_tile(
             Products::F32 { .. } => kt.min(hi - k0),
             Products::Bf16 { .. } => KEY_TILE.min(tile.len - k0),
         };
-        match products {
+        // Whether `sc.maxes` holds the block's row maxima.
+        let maxes = match products {
             Products::F32 { kv } => {
                 let (q, s) = ((&sc.q[..], d), (&mut sc.s[..], kt));
-                sc.maxes_known =
-                    blocks::scores(q, kv, (k0, nk), rows, spec.scale, s, &mut sc.maxes);
+                blocks::scores(q, kv, (k0, nk), rows, spec.scale, s, &mut sc.maxes)
             }
             Products::Bf16 { kernel, blocks } => {
                 let keys = &blocks[k0 / KEY_TILE].keys;
                 let s = &mut sc.s;
                 bf16::product(kernel, &sc.q16, rows, keys, spec.scale, false, s, KEY_TILE);
+                false
             }
-        }
+        };
         // bf16: the padded width of the weights' rows.
         let kp = nk.next_multiple_of(2);
-        softmax_block(spec, tile, head, (k0, nk, kp, kt), products, sc);
+        softmax_block(spec, tile, head, (k0, nk, kp, kt), (products, maxes), sc);
         match products {
             Products::F32 { kv } => {
                 let p = (&sc.s[..], kt);
@@ -362,14 +362,14 @@ fn normalise_into(
 }
 
 /// The running softmax of every row of a block's scores (`sc.s`, keys `k0..k0 + nk`), with
-/// ALiBi and the window; the rows' accumulated values rescaled. bf16: the weights also as
-/// bf16 rows of `kp` values in `sc.p16`.
+/// ALiBi and the window; the rows' accumulated values rescaled. `maxes`: `sc.maxes` holds
+/// the block's row maxima. bf16: the weights also as bf16 rows of `kp` values in `sc.p16`.
 fn softmax_block(
     spec: &AttentionSpec,
     tile: &Tile,
     head: usize,
     (k0, nk, kp, kt): (usize, usize, usize, usize),
-    products: Products,
+    (products, maxes): (Products, bool),
     sc: &mut Scratch,
 ) {
     let slope = spec.alibi.as_ref().map_or(0.0, |s| s[head]);
@@ -382,17 +382,13 @@ fn softmax_block(
             Some(w) => (qi.saturating_sub(w), (qi + w + 1).min(tile.len)),
             None => (0, tile.len),
         };
-        let max = match products {
-            Products::F32 { .. } => sc.maxes_known.then(|| sc.maxes[i]),
-            Products::Bf16 { .. } => None,
-        };
         let block = BlockRow {
             q: qi,
             k0,
             lo,
             hi,
             slope,
-            max,
+            max: maxes.then(|| sc.maxes[i]),
         };
         let row = &mut sc.s[i * kt..i * kt + nk];
         sc.rescale[i] = match products {

@@ -260,8 +260,8 @@ mod avx512 {
         lds: usize,
         maxes: &mut [f32],
     ) {
-        // Rows in chunks of MAX_ROWS, whose lane-wise maxima stay on the stack.
-        // Filled per chunk below.
+        // Rows in chunks of MAX_ROWS, whose lane-wise maxima stay on the stack (set to -inf
+        // per chunk).
         let mut lanes = [_mm512_setzero_ps(); MAX_ROWS];
         for c0 in (0..rows).step_by(MAX_ROWS) {
             let n = MAX_ROWS.min(rows - c0);

@@ -131,8 +131,14 @@ fn product(
         dst[col..col + out].copy_from_slice(&d2[..out]);
         return Ok(());
     }
-    for r in 0..rows {
-        dst[r * ld + col..r * ld + col + out].copy_from_slice(bias);
+    // A layer without bias (ModernBERT, NomicBERT, JinaBERT's attention) writes its products
+    // without a pass that fills the rows with zeros and without reading them back: the sums
+    // are the same (0 + s = s), but for the sign of an exact zero.
+    let with_bias = bias.iter().any(|&b| b != 0.0);
+    if with_bias {
+        for r in 0..rows {
+            dst[r * ld + col..r * ld + col + out].copy_from_slice(bias);
+        }
     }
     let mut out_view = MatMut::rows(&mut dst[col..], rows, out, ld);
     let lhs = MatRef::rows(x, rows, in_dim, in_dim);
@@ -141,9 +147,9 @@ fn product(
         // A few sentences' tokens: blocks of columns as rayon tasks, two per thread, so that
         // a thread held up elsewhere does not hold up the product (the server's one-request
         // batches). On the checkpoint layout this is the plain product.
-        matmul_column_tasks(&mut out_view, true, lhs, rhs, 1.0, 2 * threads);
+        matmul_column_tasks(&mut out_view, with_bias, lhs, rhs, 1.0, 2 * threads);
     } else {
-        matmul(&mut out_view, true, lhs, rhs, 1.0, par);
+        matmul(&mut out_view, with_bias, lhs, rhs, 1.0, par);
     }
     Ok(())
 }

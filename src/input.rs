@@ -11,6 +11,9 @@ use anyhow::{bail, Context, Result};
 
 use crate::shard::{self, Shard};
 
+mod line;
+use line::{read_line_bounded, read_line_tail};
+
 /// The sentences shipped with the tool, used when no input is given.
 pub const DEFAULT_SENTENCES: &str = include_str!("../data/sentences.txt");
 
@@ -40,8 +43,9 @@ impl InputSource {
 }
 
 /// Lines longer than this many bytes are cut to their first `MAX_LINE_BYTES` (at a character
-/// boundary), so one huge line cannot take unbounded memory; the rest of the line is still
-/// read and checked for UTF-8, but not kept. No tokenizer keeps 512 tokens' worth of text
+/// boundary; their last, for sentences whose left end is cut: [`SentenceReader::keep_line_ends`]),
+/// so one huge line cannot take unbounded memory; the rest of the line is still read and
+/// checked for UTF-8, but not kept. No tokenizer keeps 512 tokens' worth of text
 /// beyond this, so a cut line loses nothing the model would have seen unless it is almost all
 /// whitespace; its `truncated` flag is set either way.
 pub const MAX_LINE_BYTES: usize = 1 << 20;
@@ -70,6 +74,8 @@ pub struct SentenceReader {
     owner: Option<Shard>,
     /// Lines before the first one read (a byte-range shard starts past them).
     first_line: usize,
+    /// Whether a line cut at [`MAX_LINE_BYTES`] keeps its end rather than its start.
+    keep_ends: bool,
 }
 
 impl SentenceReader {
@@ -139,12 +145,7 @@ impl SentenceReader {
                 ),
             };
         if let Some(s) = owner {
-            share = format!(
-                "{} is not a regular file, so it is read whole: lines L (0-based) with L mod {} = {}",
-                source.describe(),
-                s.count,
-                s.index
-            );
+            share = read_whole(source, s);
         }
         let reader = Self {
             lines,
@@ -158,8 +159,15 @@ impl SentenceReader {
             clipped_lines: 0,
             owner,
             first_line,
+            keep_ends: false,
         };
         Ok((reader, share))
+    }
+
+    /// Lines cut at [`MAX_LINE_BYTES`] keep their last bytes from here on (for sentences
+    /// whose left end is cut), not their first.
+    pub fn keep_line_ends(&mut self) {
+        self.keep_ends = true;
     }
 
     /// The 1-based numbers of the first and last line read so far (`first > last` when none).
@@ -232,7 +240,11 @@ impl SentenceReader {
         let mut buf = Vec::new();
         while out.len() < max && bytes < CHUNK_BYTES {
             buf.clear();
-            let line = read_line_bounded(reader.as_mut(), MAX_LINE_BYTES, &mut buf)
+            let read = match self.keep_ends {
+                true => read_line_tail,
+                false => read_line_bounded,
+            };
+            let line = read(reader.as_mut(), MAX_LINE_BYTES, &mut buf)
                 .with_context(|| format!("reading {}", self.name))?;
             if line.bytes == 0 {
                 break;
@@ -262,6 +274,16 @@ impl SentenceReader {
     }
 }
 
+/// Describes the share of a source that is not a regular file: read whole, split by line.
+fn read_whole(source: &InputSource, s: Shard) -> String {
+    format!(
+        "{} is not a regular file, so it is read whole: lines L (0-based) with L mod {} = {}",
+        source.describe(),
+        s.count,
+        s.index
+    )
+}
+
 fn open_file(path: &Path) -> Result<File> {
     File::open(path).with_context(|| format!("--input {}: cannot open the file", path.display()))
 }
@@ -279,104 +301,9 @@ fn line_text<'a>(raw: &'a [u8], name: &str, line_no: usize) -> Result<&'a str> {
     }
 }
 
-/// What [`read_line_bounded`] read.
-#[derive(Debug, Default, PartialEq)]
-struct LineRead {
-    /// Bytes consumed, line ending included; 0 at the end of the input.
-    bytes: u64,
-    /// True when the line was longer than the limit and only its head was kept.
-    clipped: bool,
-    /// 1-based byte column of the first invalid UTF-8 byte in the part that was not kept.
-    bad_utf8_at: Option<u64>,
-}
-
-/// Reads one line into `buf`, keeping at most `keep` bytes of it (cut back to a character
-/// boundary) and streaming past the rest while checking that it is UTF-8.
-fn read_line_bounded(
-    r: &mut dyn BufRead,
-    keep: usize,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<LineRead> {
-    let mut res = LineRead::default();
-    // Bytes of a character split across the kept part or a chunk boundary.
-    let mut carry: Vec<u8> = Vec::new();
-    let mut scratch: Vec<u8> = Vec::new();
-    loop {
-        let avail = match r.fill_buf() {
-            Ok(a) => a,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if avail.is_empty() {
-            break;
-        }
-        let (chunk, done) = match avail.iter().position(|&b| b == b'\n') {
-            Some(i) => (&avail[..=i], true),
-            None => (avail, false),
-        };
-        let n = chunk.len();
-        let room = keep.saturating_sub(buf.len());
-        let tail: &[u8] = if res.clipped {
-            chunk
-        } else if n <= room {
-            buf.extend_from_slice(chunk);
-            &[]
-        } else {
-            buf.extend_from_slice(&chunk[..room]);
-            res.clipped = true;
-            // Cut the kept part back to a character boundary; the cut bytes start the tail.
-            let cut = match std::str::from_utf8(buf) {
-                Ok(_) => buf.len(),
-                Err(e) if e.error_len().is_none() => e.valid_up_to(),
-                // Invalid bytes in the kept part are reported when the line is decoded.
-                Err(_) => buf.len(),
-            };
-            carry.extend_from_slice(&buf[cut..]);
-            buf.truncate(cut);
-            &chunk[room..]
-        };
-        if res.clipped && res.bad_utf8_at.is_none() {
-            let before = res.bytes + (n - tail.len()) as u64 - carry.len() as u64;
-            scratch.clear();
-            scratch.extend_from_slice(&carry);
-            scratch.extend_from_slice(tail);
-            carry.clear();
-            match std::str::from_utf8(&scratch) {
-                Ok(_) => {}
-                Err(e) if e.error_len().is_none() => {
-                    carry.extend_from_slice(&scratch[e.valid_up_to()..])
-                }
-                Err(e) => res.bad_utf8_at = Some(before + e.valid_up_to() as u64 + 1),
-            }
-        }
-        res.bytes += n as u64;
-        r.consume(n);
-        if done {
-            break;
-        }
-    }
-    if !carry.is_empty() && res.bad_utf8_at.is_none() {
-        res.bad_utf8_at = Some(res.bytes - carry.len() as u64 + 1);
-    }
-    Ok(res)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn read_all_lines(data: &[u8], keep: usize) -> Vec<(Vec<u8>, LineRead)> {
-        let mut r = BufReader::with_capacity(7, data);
-        let mut out = Vec::new();
-        loop {
-            let mut buf = Vec::new();
-            let l = read_line_bounded(&mut r, keep, &mut buf).unwrap();
-            if l.bytes == 0 {
-                return out;
-            }
-            out.push((buf, l));
-        }
-    }
 
     #[test]
     fn a_chunk_holds_a_bounded_number_of_bytes() {
@@ -392,35 +319,5 @@ mod tests {
         let source = InputSource::Sentences(vec!["short".to_string(); 5000]);
         let mut r = SentenceReader::open(&source).unwrap();
         assert_eq!(r.next_chunk(4096).unwrap().len(), 4096);
-    }
-
-    #[test]
-    fn long_lines_are_cut_at_a_character_boundary_and_still_checked() {
-        let text = "héllo wörld\nshort\n".as_bytes();
-        let lines = read_all_lines(text, 3);
-        assert_eq!(lines.len(), 2);
-        // "hé" is 3 bytes: h + 2-byte é.
-        assert_eq!(lines[0].0, "hé".as_bytes());
-        assert!(lines[0].1.clipped);
-        assert_eq!(lines[0].1.bad_utf8_at, None);
-        assert_eq!(lines[0].1.bytes, "héllo wörld\n".len() as u64);
-        assert_eq!(lines[1].0, b"sho");
-        // "h" + the first byte of é: the cut falls inside the character.
-        let lines = read_all_lines(text, 2);
-        assert_eq!(lines[0].0, b"h");
-        assert_eq!(lines[0].1.bad_utf8_at, None);
-        // An invalid byte far beyond the kept part is still found, at its column.
-        let mut bad = vec![b'a'; 40];
-        bad[30] = 0xff;
-        bad.push(b'\n');
-        let lines = read_all_lines(&bad, 4);
-        assert_eq!(lines[0].1.bad_utf8_at, Some(31));
-        // A character cut off by the end of the input is invalid too.
-        let lines = read_all_lines(&[b'a', b'b', b'c', 0xc3], 2);
-        assert_eq!(lines[0].1.bad_utf8_at, Some(4));
-        // Short lines are kept whole.
-        let lines = read_all_lines(b"abc\r\n", 100);
-        assert_eq!(lines[0].0, b"abc\r\n");
-        assert!(!lines[0].1.clipped);
     }
 }

@@ -55,7 +55,8 @@ fn a_prompt_counts_as_it_tokenizes_in_front_of_text() {
 
 /// The notes say what was cut and what sets the limit: with windows nothing is cut at the max
 /// length, so a line past the reader's 1 MiB is noted as such and no note points at
-/// `--max-seq-length`; with `--truncate-side left` and a prompt, the cut inputs lost the
+/// `--max-seq-length`, and from the left it keeps the line's last MiB; with
+/// `--truncate-side left` and a prompt, the cut inputs lost the
 /// prompt and a note says so (the right side keeps it).
 #[test]
 fn notes_name_what_was_cut() {
@@ -73,6 +74,31 @@ fn notes_name_what_was_cut() {
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(err.contains("only their first 1 MiB was read"), "{err}");
     assert!(!err.contains("--max-seq-length"), "{err}");
+    // Cut from the left, the line keeps its last MiB: the text written ends as the line does.
+    let end = "the line ends here";
+    std::fs::write(&input, format!("{line}{end}\nshort\n")).unwrap();
+    let o = run(fetch_ml()
+        .args(["--task=1", "--format=jsonl", "--truncate-side=left", "-i"])
+        .arg(&input)
+        .arg("--model")
+        .arg(&model));
+    let rows: Vec<serde_json::Value> = ok(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let text = rows[0]["text"].as_str().unwrap();
+    assert!(text.ends_with(end), "{}", &text[text.len() - 40..]);
+    assert_eq!(
+        text.len(),
+        (1 << 20) - 1,
+        "the last MiB less its line ending"
+    );
+    assert_eq!(rows[1]["text"], "short");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        err.contains("only their last 1 MiB was kept (--truncate-side left)"),
+        "{err}"
+    );
     let cut = |side: &str| {
         let o = run(fetch_ml()
             .args([

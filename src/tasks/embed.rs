@@ -164,6 +164,9 @@ fn embed_all(
     let max_seq_length = meta.max_seq_length;
     let shard = cfg.shard.as_ref().map(|s| s.shard);
     let (mut reader, share) = SentenceReader::open_shard(&cfg.input, shard)?;
+    if cfg.truncate_side == crate::tokenize::TruncateSide::Left {
+        reader.keep_line_ends();
+    }
     if let Some(s) = shard {
         crate::note!("shard {s}: {share}");
     }

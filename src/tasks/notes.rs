@@ -53,15 +53,14 @@ pub(super) struct Cut {
 pub(super) fn cuts(cfg: &EmbedConfig, cut: &Cut, prompt: Option<&str>) {
     let left = cfg.truncate_side == TruncateSide::Left;
     if cut.clipped_lines > 0 {
-        let tail = match left && cfg.chunking.is_none() {
-            true => " (--truncate-side left keeps the last tokens of that MiB)",
-            false => "",
+        let mib = MAX_LINE_BYTES >> 20;
+        let kept = match left {
+            true => format!("last {mib} MiB was kept (--truncate-side left)"),
+            false => format!("first {mib} MiB was read"),
         };
         crate::note!(
-            "note: {} line(s) were longer than {} MiB; only their first {} MiB was read{tail}",
-            cut.clipped_lines,
-            MAX_LINE_BYTES >> 20,
-            MAX_LINE_BYTES >> 20
+            "note: {} line(s) were longer than {mib} MiB; only their {kept}",
+            cut.clipped_lines
         );
     }
     // With windows nothing is cut at the max length.

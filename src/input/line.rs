@@ -1,0 +1,265 @@
+//! One line of input, read with a bound on the bytes kept: its head (or, for a sentence whose
+//! left end is cut, its tail), the rest streamed past and checked for UTF-8.
+
+use std::io::BufRead;
+
+/// What [`read_line_bounded`] read.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct LineRead {
+    /// Bytes consumed, line ending included; 0 at the end of the input.
+    pub bytes: u64,
+    /// True when the line was longer than the limit and only its head (or tail) was kept.
+    pub clipped: bool,
+    /// 1-based byte column of the first invalid UTF-8 byte in the part that was not kept (and,
+    /// from [`read_line_tail`] on a cut line, in the part kept too, whose columns the line's
+    /// decoding would count from the cut).
+    pub bad_utf8_at: Option<u64>,
+}
+
+/// Reads one line into `buf`, keeping at most `keep` bytes of it (cut back to a character
+/// boundary) and streaming past the rest while checking that it is UTF-8.
+pub(super) fn read_line_bounded(
+    r: &mut dyn BufRead,
+    keep: usize,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<LineRead> {
+    let mut res = LineRead::default();
+    // Bytes of a character split across the kept part or a chunk boundary.
+    let mut carry: Vec<u8> = Vec::new();
+    let mut scratch: Vec<u8> = Vec::new();
+    loop {
+        let avail = match r.fill_buf() {
+            Ok(a) => a,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if avail.is_empty() {
+            break;
+        }
+        let (chunk, done) = match avail.iter().position(|&b| b == b'\n') {
+            Some(i) => (&avail[..=i], true),
+            None => (avail, false),
+        };
+        let n = chunk.len();
+        let room = keep.saturating_sub(buf.len());
+        let tail: &[u8] = if res.clipped {
+            chunk
+        } else if n <= room {
+            buf.extend_from_slice(chunk);
+            &[]
+        } else {
+            buf.extend_from_slice(&chunk[..room]);
+            res.clipped = true;
+            // Cut the kept part back to a character boundary; the cut bytes start the tail.
+            let cut = match std::str::from_utf8(buf) {
+                Ok(_) => buf.len(),
+                Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                // Invalid bytes in the kept part are reported when the line is decoded.
+                Err(_) => buf.len(),
+            };
+            carry.extend_from_slice(&buf[cut..]);
+            buf.truncate(cut);
+            &chunk[room..]
+        };
+        if res.clipped && res.bad_utf8_at.is_none() {
+            let before = res.bytes + (n - tail.len()) as u64 - carry.len() as u64;
+            scratch.clear();
+            scratch.extend_from_slice(&carry);
+            scratch.extend_from_slice(tail);
+            carry.clear();
+            match std::str::from_utf8(&scratch) {
+                Ok(_) => {}
+                Err(e) if e.error_len().is_none() => {
+                    carry.extend_from_slice(&scratch[e.valid_up_to()..])
+                }
+                Err(e) => res.bad_utf8_at = Some(before + e.valid_up_to() as u64 + 1),
+            }
+        }
+        res.bytes += n as u64;
+        r.consume(n);
+        if done {
+            break;
+        }
+    }
+    if !carry.is_empty() && res.bad_utf8_at.is_none() {
+        res.bad_utf8_at = Some(res.bytes - carry.len() as u64 + 1);
+    }
+    Ok(res)
+}
+
+/// Reads one line into `buf`, keeping at most its last `keep` bytes (from a character
+/// boundary; the line ending counts, as in [`read_line_bounded`]). The bytes dropped from its
+/// front are checked for UTF-8 as they go, and `buf` never holds much more than `2 * keep`.
+pub(super) fn read_line_tail(
+    r: &mut dyn BufRead,
+    keep: usize,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<LineRead> {
+    let mut res = LineRead::default();
+    // Bytes dropped from the line's front so far.
+    let mut dropped = 0u64;
+    loop {
+        let avail = match r.fill_buf() {
+            Ok(a) => a,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if avail.is_empty() {
+            break;
+        }
+        let (chunk, done) = match avail.iter().position(|&b| b == b'\n') {
+            Some(i) => (&avail[..=i], true),
+            None => (avail, false),
+        };
+        let n = chunk.len();
+        buf.extend_from_slice(chunk);
+        res.bytes += n as u64;
+        r.consume(n);
+        if buf.len() > 2 * keep {
+            dropped += drop_front(buf, buf.len() - keep, dropped, &mut res);
+        }
+        if done {
+            break;
+        }
+    }
+    if buf.len() > keep {
+        dropped += drop_front(buf, buf.len() - keep, dropped, &mut res);
+    }
+    if res.clipped && res.bad_utf8_at.is_none() {
+        if let Err(e) = std::str::from_utf8(buf) {
+            res.bad_utf8_at = Some(dropped + e.valid_up_to() as u64 + 1);
+        }
+    }
+    Ok(res)
+}
+
+/// Drops `buf`'s first `n` bytes and the continuation bytes right after them (so that the
+/// kept part starts a character), marks the line cut, and records the first invalid UTF-8 byte
+/// of those dropped (`before` bytes of the line were dropped earlier). Returns the bytes
+/// dropped.
+fn drop_front(buf: &mut Vec<u8>, n: usize, before: u64, res: &mut LineRead) -> u64 {
+    let mut d = n;
+    while d < buf.len() && buf[d] & 0xc0 == 0x80 {
+        d += 1;
+    }
+    if res.bad_utf8_at.is_none() {
+        if let Err(e) = std::str::from_utf8(&buf[..d]) {
+            res.bad_utf8_at = Some(before + e.valid_up_to() as u64 + 1);
+        }
+    }
+    buf.drain(..d);
+    res.clipped = true;
+    d as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::BufReader;
+
+    use super::*;
+
+    type Read = fn(&mut dyn BufRead, usize, &mut Vec<u8>) -> std::io::Result<LineRead>;
+
+    fn read_all_lines(data: &[u8], keep: usize) -> Vec<(Vec<u8>, LineRead)> {
+        read_all_with(read_line_bounded, data, keep)
+    }
+
+    /// Every line of `data` through `read`, from a reader that hands out 7 bytes at a time.
+    fn read_all_with(read: Read, data: &[u8], keep: usize) -> Vec<(Vec<u8>, LineRead)> {
+        let mut r = BufReader::with_capacity(7, data);
+        let mut out = Vec::new();
+        loop {
+            let mut buf = Vec::new();
+            let l = read(&mut r, keep, &mut buf).unwrap();
+            if l.bytes == 0 {
+                return out;
+            }
+            out.push((buf, l));
+        }
+    }
+
+    #[test]
+    fn long_lines_are_cut_at_a_character_boundary_and_still_checked() {
+        let text = "héllo wörld\nshort\n".as_bytes();
+        let lines = read_all_lines(text, 3);
+        assert_eq!(lines.len(), 2);
+        // "hé" is 3 bytes: h + 2-byte é.
+        assert_eq!(lines[0].0, "hé".as_bytes());
+        assert!(lines[0].1.clipped);
+        assert_eq!(lines[0].1.bad_utf8_at, None);
+        assert_eq!(lines[0].1.bytes, "héllo wörld\n".len() as u64);
+        assert_eq!(lines[1].0, b"sho");
+        // "h" + the first byte of é: the cut falls inside the character.
+        let lines = read_all_lines(text, 2);
+        assert_eq!(lines[0].0, b"h");
+        assert_eq!(lines[0].1.bad_utf8_at, None);
+        // An invalid byte far beyond the kept part is still found, at its column.
+        let mut bad = vec![b'a'; 40];
+        bad[30] = 0xff;
+        bad.push(b'\n');
+        let lines = read_all_lines(&bad, 4);
+        assert_eq!(lines[0].1.bad_utf8_at, Some(31));
+        // A character cut off by the end of the input is invalid too.
+        let lines = read_all_lines(&[b'a', b'b', b'c', 0xc3], 2);
+        assert_eq!(lines[0].1.bad_utf8_at, Some(4));
+        // Short lines are kept whole.
+        let lines = read_all_lines(b"abc\r\n", 100);
+        assert_eq!(lines[0].0, b"abc\r\n");
+        assert!(!lines[0].1.clipped);
+    }
+
+    #[test]
+    fn long_lines_keep_their_tail_from_a_character_boundary() {
+        let text = "wörld héllo\nshort\nab\n".as_bytes();
+        let lines = read_all_with(read_line_tail, text, 6);
+        assert_eq!(lines.len(), 3);
+        // The last 6 bytes are "éllo\n" (é is 2 bytes).
+        assert_eq!(lines[0].0, "éllo\n".as_bytes());
+        assert!(lines[0].1.clipped);
+        assert_eq!(lines[0].1.bytes, "wörld héllo\n".len() as u64);
+        assert_eq!(lines[0].1.bad_utf8_at, None);
+        // The next lines are read whole after a cut one.
+        assert_eq!(lines[1].0, b"short\n");
+        assert!(!lines[1].1.clipped);
+        assert_eq!(lines[2].0, b"ab\n");
+        // 5 bytes start inside é: its second byte goes too.
+        let lines = read_all_with(read_line_tail, text, 5);
+        assert_eq!(lines[0].0, b"llo\n");
+        // A line many times the bound, read 7 bytes at a time, keeps exactly its end.
+        let long: String = (0..500).map(|i| format!("w{i} ")).collect();
+        let lines = read_all_with(read_line_tail, format!("{long}\n").as_bytes(), 20);
+        let want = format!("{long}\n");
+        assert_eq!(lines[0].0, want.as_bytes()[want.len() - 20..]);
+    }
+
+    #[test]
+    fn a_cut_tail_still_checks_every_byte_at_its_column() {
+        // An invalid byte in the dropped front, at its column in the line.
+        let mut bad = vec![b'a'; 40];
+        bad[3] = 0xff;
+        bad.push(b'\n');
+        let lines = read_all_with(read_line_tail, &bad, 4);
+        assert_eq!(lines[0].1.bad_utf8_at, Some(4));
+        assert_eq!(lines[0].0, b"aaa\n");
+        // In the kept tail: its column in the line, not in the tail.
+        let mut bad = vec![b'a'; 40];
+        bad[38] = 0xff;
+        bad.push(b'\n');
+        let lines = read_all_with(read_line_tail, &bad, 4);
+        assert_eq!(lines[0].1.bad_utf8_at, Some(39));
+        // A character cut off by the end of the input.
+        let lines = read_all_with(read_line_tail, &[b'a', b'b', b'c', b'd', 0xc3], 3);
+        assert_eq!(lines[0].1.bad_utf8_at, Some(5));
+        // Short lines are kept whole and left to the decoding.
+        let lines = read_all_with(read_line_tail, b"abc\r\n", 100);
+        assert_eq!(lines[0].0, b"abc\r\n");
+        assert_eq!(
+            lines[0].1,
+            LineRead {
+                bytes: 5,
+                clipped: false,
+                bad_utf8_at: None
+            }
+        );
+    }
+}

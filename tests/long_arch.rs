@@ -6,18 +6,17 @@
 //! batch of sequences of 1 to 1,100 tokens (longer than ModernBERT's window and than 1,024)
 //! through task 1's encoder (the fast path, tiled attention) and the training path
 //! (composite attention), trains with every tensor getting a gradient, freezes exactly what
-//! `--freeze-layers 1` names, round-trips a checkpoint and an export, and runs in the binary
-//! in f32, bf16 and int8 (the fast path's own tests are in `tests/long_fast.rs`). A
-//! sentence-transformers folder on ModernBERT (`st-modernbert`) matches
-//! sentence-transformers' `encode` with nomic's prompts and `truncate_dim`.
+//! `--freeze-layers 1` names, and round-trips a checkpoint and an export (the binary's runs
+//! are in `tests/long_binary.rs`, the fast path's own tests in `tests/long_fast.rs`).
 
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use common::long::{assets, fixture, max_diff, reference, ARCHS, TOL};
 use common::{build_model, fetch_ml, ok, param_bits, run, toy_rows, write_jsonl};
 use fetch_ml::config::TrainConfig;
 use fetch_ml::data::DataSource;
@@ -38,35 +37,6 @@ use fetch_ml::train::loss::{multitask_loss, HeadTargets};
 use fetch_ml::train::session::{fit, Setup};
 use fetch_ml::train::trainer::TrainSettings;
 
-const ARCHS: [&str; 3] = ["modernbert", "nomic_bert", "jina_bert"];
-
-/// Tolerance of f32 outputs against the independent implementations (max abs difference).
-const TOL: f32 = 1e-5;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/arch")
-        .join(name)
-}
-
-#[derive(serde::Deserialize)]
-struct Reference {
-    model_type: String,
-    sentences: Vec<String>,
-    /// `long` (random ids, lengths 1 to 1,100) and `sentences` (the sentences tokenized).
-    ids: HashMap<String, Vec<Vec<u32>>>,
-}
-
-fn reference(name: &str) -> Reference {
-    let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn assets(path: &Path) -> ModelAssets {
-    ModelAssets::load(&ModelRef::new(path.to_str().unwrap()), None)
-        .unwrap_or_else(|e| panic!("load {}: {e:#}", path.display()))
-}
-
 fn encoded(ids: &[Vec<u32>]) -> Vec<Encoded> {
     ids.iter()
         .map(|x| Encoded {
@@ -75,14 +45,6 @@ fn encoded(ids: &[Vec<u32>]) -> Vec<Encoded> {
             truncated: false,
         })
         .collect()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Our last hidden states of `seqs` as one packed batch: (task 1's fast path, training path
@@ -399,131 +361,4 @@ fn long_architectures_export_under_their_own_names() {
             .arg(&exp)));
         assert!(out.contains("\"embedding\""), "{name}: {out}");
     }
-}
-
-/// Runs `--task=1 --format=jsonl` on `model` with `extra` flags; the vectors in order.
-fn embed_with(model: &Path, sentences: &[String], extra: &[&str]) -> Vec<Vec<f32>> {
-    let mut cmd = fetch_ml();
-    cmd.args(["--task=1", "--format=jsonl"])
-        .args(extra)
-        .arg("--model")
-        .arg(model);
-    for s in sentences {
-        cmd.args(["-s", s]);
-    }
-    let out = ok(&run(&mut cmd));
-    out.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            serde_json::from_value(v["embedding"].clone()).unwrap()
-        })
-        .collect()
-}
-
-fn assert_vectors(what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    let worst = got
-        .iter()
-        .zip(want)
-        .map(|(g, w)| max_diff(g, w))
-        .fold(0.0, f32::max);
-    eprintln!("{what}: max abs diff {worst:.2e}");
-    assert!(worst <= TOL, "{what}: max abs diff {worst}");
-}
-
-/// The binary embeds each architecture as the library does in f32, and in bf16 and int8 on
-/// the fast path (saying which kernel), close to f32.
-#[test]
-fn binary_embeds_in_every_dtype() {
-    for name in ARCHS {
-        let r = reference(name);
-        let a = assets(&fixture(name));
-        let enc = a.tokenizer.encode(&r.sentences).unwrap();
-        let items: Vec<&Encoded> = enc.iter().collect();
-        let want = a
-            .inference_encoder(Dtype::F32, &Device::Cpu)
-            .unwrap()
-            .pooled_packed(&items, Pooling::Mean, &mut Workspace::default())
-            .unwrap();
-        assert_vectors(name, &embed_with(&fixture(name), &r.sentences, &[]), &want);
-        for dtype in ["bf16", "int8"] {
-            let mut cmd = fetch_ml();
-            cmd.args(["--task=1", "--format=jsonl", "--dtype", dtype, "--model"])
-                .arg(fixture(name));
-            for s in &r.sentences {
-                cmd.args(["-s", s]);
-            }
-            let o = run(&mut cmd);
-            let out = ok(&o);
-            let err = String::from_utf8_lossy(&o.stderr);
-            assert!(
-                err.contains(dtype) && err.contains("kernel"),
-                "{name}: {err}"
-            );
-            let got: Vec<Vec<f32>> = out
-                .lines()
-                .map(|l| {
-                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                    serde_json::from_value(v["embedding"].clone()).unwrap()
-                })
-                .collect();
-            assert_eq!(got.len(), want.len(), "{name} {dtype}");
-            let min = got
-                .iter()
-                .zip(&want)
-                .map(|(g, w)| cosine(g, w))
-                .fold(1f64, f64::min);
-            eprintln!("{name} --dtype {dtype}: worst cosine vs f32 {min:.6}");
-            assert!(min >= 0.99, "{name} {dtype}: worst cosine {min}");
-        }
-    }
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut d, mut na, mut nb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        d += *x as f64 * *y as f64;
-        na += *x as f64 * *x as f64;
-        nb += *y as f64 * *y as f64;
-    }
-    d / (na.sqrt() * nb.sqrt()).max(1e-300)
-}
-
-#[derive(serde::Deserialize)]
-struct StReference {
-    sentences: Vec<String>,
-    plain: Vec<Vec<f32>>,
-    search_query: Vec<Vec<f32>>,
-    search_document: Vec<Vec<f32>>,
-    truncate_8: Vec<Vec<f32>>,
-}
-
-/// A sentence-transformers folder on ModernBERT with nomic's prompts: fetch-ml gives
-/// sentence-transformers' own vectors plain, with each named prompt, and truncated to 8
-/// dimensions (normalised again).
-#[test]
-fn sentence_transformers_modernbert_prompts_and_truncate_dim() {
-    let path = fixture("st-modernbert");
-    let r: StReference =
-        serde_json::from_str(&std::fs::read_to_string(path.join("reference.json")).unwrap())
-            .unwrap();
-    let a = assets(&path);
-    assert!(a.pipeline.normalize);
-    assert_eq!(a.pipeline.prompts["search_query"], "search_query: ");
-    let s = &r.sentences;
-    assert_vectors("st-modernbert plain", &embed_with(&path, s, &[]), &r.plain);
-    assert_vectors(
-        "st-modernbert --prompt-name search_query",
-        &embed_with(&path, s, &["--prompt-name", "search_query"]),
-        &r.search_query,
-    );
-    assert_vectors(
-        "st-modernbert --prompt search_document: ",
-        &embed_with(&path, s, &["--prompt", "search_document: "]),
-        &r.search_document,
-    );
-    let truncated = embed_with(&path, s, &["--truncate-dim", "8"]);
-    assert!(truncated.iter().all(|v| v.len() == 8));
-    assert_vectors("st-modernbert --truncate-dim 8", &truncated, &r.truncate_8);
 }

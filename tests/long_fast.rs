@@ -13,8 +13,9 @@
 
 mod common;
 
+use common::long::fixture;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use fetch_ml::hub::ModelRef;
@@ -29,12 +30,6 @@ const ARCHS: [&str; 3] = ["modernbert", "nomic_bert", "jina_bert"];
 
 /// f32 fast path against the candle path (max abs difference).
 const TOL: f32 = 1e-5;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/arch")
-        .join(name)
-}
 
 #[derive(serde::Deserialize)]
 struct Reference {

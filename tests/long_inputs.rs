@@ -7,18 +7,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{fails_with, fetch_ml, ok, run};
+use common::long::{fixture, LONG};
+use common::{fetch_ml, ok, run};
 use fetch_ml::chunk::{ChunkMode, ChunkSpec, Chunker};
 use fetch_ml::hub::TokenizerFiles;
 use fetch_ml::tokenize::{TextTokenizer, TruncateSide};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/arch")
-        .join(name)
-}
 
 /// The WordPiece tokenizer of the tiny fixtures (`[CLS] ... [SEP]`), cut at `max_len`.
 fn tokenizer(max_len: usize) -> TextTokenizer {
@@ -191,9 +186,6 @@ fn jsonl(out: &str) -> Vec<serde_json::Value> {
 fn vector(v: &serde_json::Value) -> Vec<f32> {
     serde_json::from_value(v["embedding"].clone()).unwrap()
 }
-
-const LONG: &str = "Paris is the capital of France, and Berlin is the capital of Germany; \
-                    the quick brown fox jumps over the lazy dog.";
 
 /// With `--chunks mean` the vector is the token-weighted mean of the `--chunks rows`
 /// vectors, normalised again when the model normalises (st-modernbert) and not otherwise
@@ -395,69 +387,6 @@ fn parquet_windows(path: &Path) -> Vec<(i64, i32, i64, i64, String)> {
         }
     }
     out
-}
-
-/// Bad window sizes and flag mixes are errors that name the fix.
-#[test]
-fn bad_chunk_settings_are_named() {
-    let model = fixture("nomic_bert");
-    let o = run(fetch_ml()
-        .args(["--task=1", "-s", "hi", "--chunk-tokens=5000", "--model"])
-        .arg(&model));
-    fails_with(
-        &o,
-        &[
-            "5000 tokens",
-            "2048",
-            "to fix: pass --chunk-tokens 2048 or less",
-        ],
-    );
-    let o = run(fetch_ml()
-        .args([
-            "--task=1",
-            "-s",
-            LONG,
-            "--chunk-tokens=6",
-            "--chunk-overlap=4",
-            "--model",
-        ])
-        .arg(&model));
-    fails_with(&o, &["4 tokens of overlap", "--chunk-overlap"]);
-    // Sizes with no room are refused before any input, a short one included (they used to
-    // pass until the first input longer than a window). This tokenizer spells "a" in 1 token
-    // and "one two three " in 11: with 2 special tokens, windows of 6 and of 16 leave 3
-    // tokens for text, not more than the overlap of 4.
-    for (tokens, prompt, fixed) in [
-        ("--chunk-tokens=6", "a", 3),
-        ("--chunk-tokens=16", "one two three ", 13),
-    ] {
-        let o = run(fetch_ml()
-            .args([
-                "--task=1",
-                "-s",
-                "hi",
-                tokens,
-                "--chunk-overlap=4",
-                "--prompt",
-                prompt,
-            ])
-            .arg("--model")
-            .arg(&model));
-        let numbers = format!("leave 3 for text after {fixed} special and prompt tokens");
-        fails_with(&o, &[&numbers, "to fix: pass a smaller --chunk-overlap"]);
-    }
-    let o = run(fetch_ml().args(["--task=1", "-s", "hi", "--chunk-overlap=2"]));
-    fails_with(&o, &["--chunk-tokens"]);
-    let o = run(fetch_ml().args([
-        "--task=1",
-        "-s",
-        "hi",
-        "--chunk-tokens=8",
-        "--truncate-side=left",
-    ]));
-    fails_with(&o, &["--truncate-side", "--chunk-tokens"]);
-    let o = run(fetch_ml().args(["--task=2", "-s", "hi", "--chunk-tokens=8"]));
-    fails_with(&o, &["--chunk-tokens does not apply to --task=2"]);
 }
 
 /// `--truncate-side left` in the binary: the vector is the tail's, not the head's.

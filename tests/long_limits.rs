@@ -5,19 +5,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
 use candle_core::{DType, Device, Tensor};
+use common::long::{fixture, LONG};
 use common::{fails_with, fetch_ml, ok, run, toy_rows, write_jsonl};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/arch")
-        .join(name)
-}
-
-const LONG: &str = "Paris is the capital of France, and Berlin is the capital of Germany; \
-                    the quick brown fox jumps over the lazy dog.";
 
 /// The start-up check counts the prompt as the windows do, in front of text: alone, the
 /// byte-level tokenizer makes "query: "'s trailing space a token of its own (6 tokens), but
@@ -51,6 +41,69 @@ fn a_prompt_counts_as_it_tokenizes_in_front_of_text() {
             "2 tokens of overlap",
         ],
     );
+}
+
+/// Bad window sizes and flag mixes are errors that name the fix.
+#[test]
+fn bad_chunk_settings_are_named() {
+    let model = fixture("nomic_bert");
+    let o = run(fetch_ml()
+        .args(["--task=1", "-s", "hi", "--chunk-tokens=5000", "--model"])
+        .arg(&model));
+    fails_with(
+        &o,
+        &[
+            "5000 tokens",
+            "2048",
+            "to fix: pass --chunk-tokens 2048 or less",
+        ],
+    );
+    let o = run(fetch_ml()
+        .args([
+            "--task=1",
+            "-s",
+            LONG,
+            "--chunk-tokens=6",
+            "--chunk-overlap=4",
+            "--model",
+        ])
+        .arg(&model));
+    fails_with(&o, &["4 tokens of overlap", "--chunk-overlap"]);
+    // Sizes with no room are refused before any input, a short one included (they used to
+    // pass until the first input longer than a window). This tokenizer spells "a" in 1 token
+    // and "one two three " in 11: with 2 special tokens, windows of 6 and of 16 leave 3
+    // tokens for text, not more than the overlap of 4.
+    for (tokens, prompt, fixed) in [
+        ("--chunk-tokens=6", "a", 3),
+        ("--chunk-tokens=16", "one two three ", 13),
+    ] {
+        let o = run(fetch_ml()
+            .args([
+                "--task=1",
+                "-s",
+                "hi",
+                tokens,
+                "--chunk-overlap=4",
+                "--prompt",
+                prompt,
+            ])
+            .arg("--model")
+            .arg(&model));
+        let numbers = format!("leave 3 for text after {fixed} special and prompt tokens");
+        fails_with(&o, &[&numbers, "to fix: pass a smaller --chunk-overlap"]);
+    }
+    let o = run(fetch_ml().args(["--task=1", "-s", "hi", "--chunk-overlap=2"]));
+    fails_with(&o, &["--chunk-tokens"]);
+    let o = run(fetch_ml().args([
+        "--task=1",
+        "-s",
+        "hi",
+        "--chunk-tokens=8",
+        "--truncate-side=left",
+    ]));
+    fails_with(&o, &["--truncate-side", "--chunk-tokens"]);
+    let o = run(fetch_ml().args(["--task=2", "-s", "hi", "--chunk-tokens=8"]));
+    fails_with(&o, &["--chunk-tokens does not apply to --task=2"]);
 }
 
 /// The notes say what was cut and what sets the limit: with windows nothing is cut at the max

@@ -7,6 +7,8 @@ use std::process::{Command, Output, Stdio};
 
 use fetch_ml::testutil::TinyBert;
 
+pub mod long;
+
 /// A temporary folder holding a tiny random BERT written in Hugging Face layout.
 pub fn tiny_model(spec: &TinyBert) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -13,12 +13,11 @@
 
 mod common;
 
-use common::long::fixture;
+use common::long::{cosine, fixture, max_diff};
 
 use std::collections::HashMap;
 
 use candle_core::Device;
-use fetch_ml::hub::ModelRef;
 use fetch_ml::loader::ModelAssets;
 use fetch_ml::model::encoder::Encoder;
 use fetch_ml::model::fast::{LongEncoder, PackedEncoder, Workspace};
@@ -63,26 +62,7 @@ fn sets(name: &str) -> Vec<(String, Vec<Encoded>)> {
 }
 
 fn assets(name: &str) -> ModelAssets {
-    let path = fixture(name);
-    ModelAssets::load(&ModelRef::new(path.to_str().unwrap()), None).unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut d, mut na, mut nb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        d += *x as f64 * *y as f64;
-        na += *x as f64 * *x as f64;
-        nb += *y as f64 * *y as f64;
-    }
-    d / (na.sqrt() * nb.sqrt()).max(1e-300)
+    common::long::assets(&fixture(name))
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {

@@ -16,8 +16,9 @@ pub(super) struct LineRead {
     pub bad_utf8_at: Option<u64>,
 }
 
-/// Reads one line into `buf`, keeping at most `keep` bytes of it (cut back to a character
-/// boundary) and streaming past the rest while checking that it is UTF-8.
+/// Reads one line into `buf`, keeping at most `keep` bytes of its text (cut back to a
+/// character boundary; its line ending too, when the text fits) and streaming past the rest
+/// while checking that it is UTF-8.
 pub(super) fn read_line_bounded(
     r: &mut dyn BufRead,
     keep: usize,
@@ -44,7 +45,7 @@ pub(super) fn read_line_bounded(
         let room = keep.saturating_sub(buf.len());
         let tail: &[u8] = if res.clipped {
             chunk
-        } else if n <= room {
+        } else if n - ending(chunk, done) <= room {
             buf.extend_from_slice(chunk);
             &[]
         } else {
@@ -84,12 +85,28 @@ pub(super) fn read_line_bounded(
     if !carry.is_empty() && res.bad_utf8_at.is_none() {
         res.bad_utf8_at = Some(res.bytes - carry.len() as u64 + 1);
     }
+    // An invalid byte in the kept head comes before any found in the rest.
+    if res.clipped {
+        if let Err(e) = std::str::from_utf8(buf) {
+            res.bad_utf8_at = Some(e.valid_up_to() as u64 + 1);
+        }
+    }
     Ok(res)
 }
 
-/// Reads one line into `buf`, keeping at most its last `keep` bytes (from a character
-/// boundary; the line ending counts, as in [`read_line_bounded`]). The bytes dropped from its
-/// front are checked for UTF-8 as they go, and `buf` never holds much more than `2 * keep`.
+/// Bytes of the line ending that ends `chunk` when it ends the line (`done`): 2 for "\r\n",
+/// 1 for "\n". The limit counts the line's text, not its ending.
+fn ending(chunk: &[u8], done: bool) -> usize {
+    match (done, chunk.ends_with(b"\r\n")) {
+        (false, _) => 0,
+        (true, true) => 2,
+        (true, false) => 1,
+    }
+}
+
+/// Reads one line into `buf`, keeping at most the last `keep` bytes of its text (from a
+/// character boundary) and its line ending. The bytes dropped from its front are checked for
+/// UTF-8 as they go, and `buf` never holds more than `2 * keep` bytes and a chunk of the reader.
 pub(super) fn read_line_tail(
     r: &mut dyn BufRead,
     keep: usize,
@@ -112,18 +129,24 @@ pub(super) fn read_line_tail(
             None => (avail, false),
         };
         let n = chunk.len();
+        if buf.len() + n > buf.capacity() && buf.len() + n > keep {
+            // One allocation for a long line: the bound, a line ending and a chunk.
+            buf.reserve_exact(2 * keep + 2 + n.max(1 << 16) - buf.len());
+        }
         buf.extend_from_slice(chunk);
         res.bytes += n as u64;
         r.consume(n);
-        if buf.len() > 2 * keep {
-            dropped += drop_front(buf, buf.len() - keep, dropped, &mut res);
+        // Room is left for a line ending (2 bytes) beyond the kept text.
+        if buf.len() > 2 * keep + 2 {
+            dropped += drop_front(buf, buf.len() - keep - 2, dropped, &mut res);
         }
         if done {
             break;
         }
     }
-    if buf.len() > keep {
-        dropped += drop_front(buf, buf.len() - keep, dropped, &mut res);
+    let end = ending(buf, buf.ends_with(b"\n"));
+    if buf.len() > keep + end {
+        dropped += drop_front(buf, buf.len() - keep - end, dropped, &mut res);
     }
     if res.clipped && res.bad_utf8_at.is_none() {
         if let Err(e) = std::str::from_utf8(buf) {
@@ -202,6 +225,11 @@ mod tests {
         // A character cut off by the end of the input is invalid too.
         let lines = read_all_lines(&[b'a', b'b', b'c', 0xc3], 2);
         assert_eq!(lines[0].1.bad_utf8_at, Some(4));
+        // An invalid byte in the kept head is the one named, before one past it.
+        let mut bad = vec![b'a'; 40];
+        (bad[1], bad[30]) = (0xff, 0xff);
+        let lines = read_all_lines(&bad, 4);
+        assert_eq!(lines[0].1.bad_utf8_at, Some(2));
         // Short lines are kept whole.
         let lines = read_all_lines(b"abc\r\n", 100);
         assert_eq!(lines[0].0, b"abc\r\n");
@@ -213,8 +241,8 @@ mod tests {
         let text = "wörld héllo\nshort\nab\n".as_bytes();
         let lines = read_all_with(read_line_tail, text, 6);
         assert_eq!(lines.len(), 3);
-        // The last 6 bytes are "éllo\n" (é is 2 bytes).
-        assert_eq!(lines[0].0, "éllo\n".as_bytes());
+        // The last 6 bytes of text are "héllo" (é is 2 bytes); the line ending is kept.
+        assert_eq!(lines[0].0, "héllo\n".as_bytes());
         assert!(lines[0].1.clipped);
         assert_eq!(lines[0].1.bytes, "wörld héllo\n".len() as u64);
         assert_eq!(lines[0].1.bad_utf8_at, None);
@@ -222,14 +250,35 @@ mod tests {
         assert_eq!(lines[1].0, b"short\n");
         assert!(!lines[1].1.clipped);
         assert_eq!(lines[2].0, b"ab\n");
-        // 5 bytes start inside é: its second byte goes too.
         let lines = read_all_with(read_line_tail, text, 5);
+        assert_eq!(lines[0].0, "éllo\n".as_bytes());
+        // 4 bytes start inside é: its second byte goes too.
+        let lines = read_all_with(read_line_tail, text, 4);
         assert_eq!(lines[0].0, b"llo\n");
         // A line many times the bound, read 7 bytes at a time, keeps exactly its end.
         let long: String = (0..500).map(|i| format!("w{i} ")).collect();
-        let lines = read_all_with(read_line_tail, format!("{long}\n").as_bytes(), 20);
-        let want = format!("{long}\n");
-        assert_eq!(lines[0].0, want.as_bytes()[want.len() - 20..]);
+        let lines = read_all_with(read_line_tail, format!("{long}\r\n").as_bytes(), 20);
+        let want = format!("{}\r\n", &long[long.len() - 20..]);
+        assert_eq!(lines[0].0, want.as_bytes());
+    }
+
+    /// The bound counts a line's text, not its ending: a line of exactly `keep` bytes of text
+    /// is whole, from either end.
+    #[test]
+    fn the_bound_counts_text_not_the_line_ending() {
+        for (read, cut) in [
+            (read_line_bounded as Read, &b"abcd"[..]),
+            (read_line_tail, b"bcde\n"),
+        ] {
+            for line in ["abcd\n", "abcd\r\n", "abcd"] {
+                let lines = read_all_with(read, line.as_bytes(), 4);
+                assert_eq!(lines[0].0, line.as_bytes(), "{line:?}");
+                assert!(!lines[0].1.clipped, "{line:?}");
+            }
+            let lines = read_all_with(read, b"abcde\n", 4);
+            assert!(lines[0].1.clipped);
+            assert_eq!(lines[0].0, cut);
+        }
     }
 
     #[test]
@@ -240,7 +289,13 @@ mod tests {
         bad.push(b'\n');
         let lines = read_all_with(read_line_tail, &bad, 4);
         assert_eq!(lines[0].1.bad_utf8_at, Some(4));
-        assert_eq!(lines[0].0, b"aaa\n");
+        assert_eq!(lines[0].0, b"aaaa\n");
+        // Dropped after earlier drops: its column counts those too.
+        let mut bad = vec![b'a'; 40];
+        bad[20] = 0xff;
+        bad.push(b'\n');
+        let lines = read_all_with(read_line_tail, &bad, 4);
+        assert_eq!(lines[0].1.bad_utf8_at, Some(21));
         // In the kept tail: its column in the line, not in the tail.
         let mut bad = vec![b'a'; 40];
         bad[38] = 0xff;

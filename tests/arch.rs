@@ -13,7 +13,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use common::{build_model, fails_with, fetch_ml, ok, param_bits, run, toy_rows, write_jsonl};
+use common::{
+    build_model, embed_jsonl, fails_with, fetch_ml, max_diff, ok, param_bits, run, toy_rows,
+    write_jsonl,
+};
 use fetch_ml::config::TrainConfig;
 use fetch_ml::data::DataSource;
 use fetch_ml::hub::ModelRef;
@@ -63,14 +66,6 @@ fn reference(name: &str) -> Reference {
 fn assets(path: &Path) -> ModelAssets {
     ModelAssets::load(&ModelRef::new(path.to_str().unwrap()), None)
         .unwrap_or_else(|e| panic!("load {}: {e:#}", path.display()))
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// The config names the architecture and the tokenizer gives transformers' ids.
@@ -502,26 +497,6 @@ struct StReference {
     truncate_8: Vec<Vec<f32>>,
 }
 
-/// Runs `--task=1 --format=jsonl` on `model` with `extra` flags; the vectors in order.
-fn embed_with(model: &Path, sentences: &[String], extra: &[&str]) -> Vec<Vec<f32>> {
-    let mut cmd = fetch_ml();
-    cmd.args(["--task=1", "--format=jsonl"])
-        .args(extra)
-        .arg("--model")
-        .arg(model);
-    for s in sentences {
-        cmd.args(["-s", s]);
-    }
-    let out = ok(&run(&mut cmd));
-    out.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            serde_json::from_value(v["embedding"].clone()).unwrap()
-        })
-        .collect()
-}
-
 fn assert_vectors(what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
     assert_eq!(got.len(), want.len(), "{what}");
     let worst = got
@@ -552,18 +527,18 @@ fn sentence_transformers_dense_prompts_and_truncate_dim() {
         assert_eq!(&e.ids, want, "token ids with the prompt");
     }
 
-    assert_vectors("plain", &embed_with(&path, &r.sentences, &[]), &r.plain);
+    assert_vectors("plain", &embed_jsonl(&path, &r.sentences, &[]), &r.plain);
     assert_vectors(
         "--prompt-name query",
-        &embed_with(&path, &r.sentences, &["--prompt-name", "query"]),
+        &embed_jsonl(&path, &r.sentences, &["--prompt-name", "query"]),
         &r.query,
     );
     assert_vectors(
         "--prompt",
-        &embed_with(&path, &r.sentences, &["--prompt", "search: "]),
+        &embed_jsonl(&path, &r.sentences, &["--prompt", "search: "]),
         &r.search_prompt,
     );
-    let truncated = embed_with(&path, &r.sentences, &["--truncate-dim", "8"]);
+    let truncated = embed_jsonl(&path, &r.sentences, &["--truncate-dim", "8"]);
     assert!(truncated.iter().all(|v| v.len() == 8));
     assert_vectors("--truncate-dim 8", &truncated, &r.truncate_8);
 
@@ -578,7 +553,7 @@ fn sentence_transformers_dense_prompts_and_truncate_dim() {
     std::fs::write(&st_config, c.to_string()).unwrap();
     assert_vectors(
         "default_prompt_name query",
-        &embed_with(&copy, &r.sentences, &[]),
+        &embed_jsonl(&copy, &r.sentences, &[]),
         &r.query,
     );
 

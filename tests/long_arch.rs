@@ -16,8 +16,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use common::long::{assets, fixture, max_diff, reference, ARCHS, TOL};
-use common::{build_model, fetch_ml, ok, param_bits, run, toy_rows, write_jsonl};
+use common::long::{assets, fixture, reference, ARCHS, TOL};
+use common::{build_model, fetch_ml, max_diff, ok, param_bits, run, toy_rows, write_jsonl};
 use fetch_ml::config::TrainConfig;
 use fetch_ml::data::DataSource;
 use fetch_ml::hub::ModelRef;

@@ -5,35 +5,13 @@
 
 mod common;
 
-use std::path::Path;
-
 use candle_core::Device;
-use common::long::{assets, cosine, fixture, max_diff, reference, ARCHS, TOL};
-use common::{fetch_ml, ok, run};
+use common::long::{assets, fixture, reference, ARCHS, TOL};
+use common::{cosine, embed_jsonl, fetch_ml, max_diff, ok, run};
 use fetch_ml::model::fast::{PackedEncoder, Workspace};
 use fetch_ml::model::pooling::Pooling;
 use fetch_ml::model::quant::Dtype;
 use fetch_ml::tokenize::Encoded;
-
-/// Runs `--task=1 --format=jsonl` on `model` with `extra` flags; the vectors in order.
-fn embed_with(model: &Path, sentences: &[String], extra: &[&str]) -> Vec<Vec<f32>> {
-    let mut cmd = fetch_ml();
-    cmd.args(["--task=1", "--format=jsonl"])
-        .args(extra)
-        .arg("--model")
-        .arg(model);
-    for s in sentences {
-        cmd.args(["-s", s]);
-    }
-    let out = ok(&run(&mut cmd));
-    out.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            serde_json::from_value(v["embedding"].clone()).unwrap()
-        })
-        .collect()
-}
 
 fn assert_vectors(what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
     assert_eq!(got.len(), want.len(), "{what}");
@@ -60,7 +38,7 @@ fn binary_embeds_in_every_dtype() {
             .unwrap()
             .pooled_packed(&items, Pooling::Mean, &mut Workspace::default())
             .unwrap();
-        assert_vectors(name, &embed_with(&fixture(name), &r.sentences, &[]), &want);
+        assert_vectors(name, &embed_jsonl(&fixture(name), &r.sentences, &[]), &want);
         for dtype in ["bf16", "int8"] {
             let mut cmd = fetch_ml();
             cmd.args(["--task=1", "--format=jsonl", "--dtype", dtype, "--model"])
@@ -116,18 +94,18 @@ fn sentence_transformers_modernbert_prompts_and_truncate_dim() {
     assert!(a.pipeline.normalize);
     assert_eq!(a.pipeline.prompts["search_query"], "search_query: ");
     let s = &r.sentences;
-    assert_vectors("st-modernbert plain", &embed_with(&path, s, &[]), &r.plain);
+    assert_vectors("st-modernbert plain", &embed_jsonl(&path, s, &[]), &r.plain);
     assert_vectors(
         "st-modernbert --prompt-name search_query",
-        &embed_with(&path, s, &["--prompt-name", "search_query"]),
+        &embed_jsonl(&path, s, &["--prompt-name", "search_query"]),
         &r.search_query,
     );
     assert_vectors(
         "st-modernbert --prompt search_document: ",
-        &embed_with(&path, s, &["--prompt", "search_document: "]),
+        &embed_jsonl(&path, s, &["--prompt", "search_document: "]),
         &r.search_document,
     );
-    let truncated = embed_with(&path, s, &["--truncate-dim", "8"]);
+    let truncated = embed_jsonl(&path, s, &["--truncate-dim", "8"]);
     assert!(truncated.iter().all(|v| v.len() == 8));
     assert_vectors("st-modernbert --truncate-dim 8", &truncated, &r.truncate_8);
 }

@@ -13,7 +13,8 @@
 
 mod common;
 
-use common::long::{cosine, fixture, max_diff};
+use common::long::fixture;
+use common::{cosine, max_diff};
 
 use std::collections::HashMap;
 

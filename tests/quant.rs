@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::Device;
-use common::{minilm, mpnet, tiny_model};
+use common::{cosine, minilm, mpnet, tiny_model};
 use fetch_ml::embed::Embedder;
 use fetch_ml::hub::ModelRef;
 use fetch_ml::loader::ModelAssets;
@@ -19,16 +19,6 @@ fn assets(path: &std::path::Path) -> ModelAssets {
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut d, mut na, mut nb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        d += *x as f64 * *y as f64;
-        na += *x as f64 * *x as f64;
-        nb += *y as f64 * *y as f64;
-    }
-    d / (na.sqrt() * nb.sqrt()).max(1e-300)
 }
 
 /// Every (dtype, kernel) pair this CPU can run, int8 and bf16.

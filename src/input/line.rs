@@ -29,18 +29,10 @@ pub(super) fn read_line_bounded(
     let mut carry: Vec<u8> = Vec::new();
     let mut scratch: Vec<u8> = Vec::new();
     loop {
-        let avail = match r.fill_buf() {
-            Ok(a) => a,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if avail.is_empty() {
+        let (chunk, done) = piece(r)?;
+        if chunk.is_empty() {
             break;
         }
-        let (chunk, done) = match avail.iter().position(|&b| b == b'\n') {
-            Some(i) => (&avail[..=i], true),
-            None => (avail, false),
-        };
         let n = chunk.len();
         let room = keep.saturating_sub(buf.len());
         let tail: &[u8] = if res.clipped {
@@ -94,6 +86,24 @@ pub(super) fn read_line_bounded(
     Ok(res)
 }
 
+/// The reader's next bytes, up to and including a newline, and whether they end the line;
+/// empty at the end of the input.
+fn piece(r: &mut dyn BufRead) -> std::io::Result<(&[u8], bool)> {
+    // Interrupted reads are retried; the buffer is then borrowed once, to return it.
+    loop {
+        match r.fill_buf() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            Ok(_) => break,
+        }
+    }
+    let avail = r.fill_buf()?;
+    Ok(match avail.iter().position(|&b| b == b'\n') {
+        Some(i) => (&avail[..=i], true),
+        None => (avail, false),
+    })
+}
+
 /// Bytes of the line ending that ends `chunk` when it ends the line (`done`): 2 for "\r\n",
 /// 1 for "\n". The limit counts the line's text, not its ending.
 fn ending(chunk: &[u8], done: bool) -> usize {
@@ -116,18 +126,10 @@ pub(super) fn read_line_tail(
     // Bytes dropped from the line's front so far.
     let mut dropped = 0u64;
     loop {
-        let avail = match r.fill_buf() {
-            Ok(a) => a,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if avail.is_empty() {
+        let (chunk, done) = piece(r)?;
+        if chunk.is_empty() {
             break;
         }
-        let (chunk, done) = match avail.iter().position(|&b| b == b'\n') {
-            Some(i) => (&avail[..=i], true),
-            None => (avail, false),
-        };
         let n = chunk.len();
         if buf.len() + n > buf.capacity() && buf.len() + n > keep {
             // One allocation for a long line: the bound, a line ending and a chunk.

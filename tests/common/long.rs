@@ -1,5 +1,5 @@
 //! The long-context architectures' fixtures (`tests/fixtures/arch/<name>/`, written by
-//! `scripts/make-long-fixtures.py`) and the measures their tests share.
+//! `scripts/make-long-fixtures.py`) and what their tests read from them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -42,24 +42,4 @@ pub fn reference(name: &str) -> Reference {
 pub fn assets(path: &Path) -> ModelAssets {
     ModelAssets::load(&ModelRef::new(path.to_str().unwrap()), None)
         .unwrap_or_else(|e| panic!("load {}: {e:#}", path.display()))
-}
-
-/// The largest absolute difference of two equally long vectors.
-pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-/// Cosine similarity, in f64.
-pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut d, mut na, mut nb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        d += *x as f64 * *y as f64;
-        na += *x as f64 * *x as f64;
-        nb += *y as f64 * *y as f64;
-    }
-    d / (na.sqrt() * nb.sqrt()).max(1e-300)
 }

@@ -112,6 +112,46 @@ pub fn fails_with(o: &Output, needles: &[&str]) -> String {
     err
 }
 
+/// Runs `--task=1 --format=jsonl` on `model` with `extra` flags; the vectors in order.
+pub fn embed_jsonl(model: &Path, sentences: &[String], extra: &[&str]) -> Vec<Vec<f32>> {
+    let mut cmd = fetch_ml();
+    cmd.args(["--task=1", "--format=jsonl"])
+        .args(extra)
+        .arg("--model")
+        .arg(model);
+    for s in sentences {
+        cmd.args(["-s", s]);
+    }
+    let out = ok(&run(&mut cmd));
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            serde_json::from_value(v["embedding"].clone()).unwrap()
+        })
+        .collect()
+}
+
+/// The largest absolute difference of two equally long vectors.
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Cosine similarity, in f64.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut d, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        d += *x as f64 * *y as f64;
+        na += *x as f64 * *x as f64;
+        nb += *y as f64 * *y as f64;
+    }
+    d / (na.sqrt() * nb.sqrt()).max(1e-300)
+}
+
 /// Cosine similarity and max abs difference of two vectors.
 pub fn compare(a: &[f32], b: &[f32]) -> (f64, f64) {
     assert_eq!(a.len(), b.len(), "length mismatch");

@@ -8,7 +8,8 @@ use std::io::BufRead;
 pub(super) struct LineRead {
     /// Bytes consumed, line ending included; 0 at the end of the input.
     pub bytes: u64,
-    /// True when the line was longer than the limit and only its head (or tail) was kept.
+    /// True when the line's text (its ending aside) was longer than the limit and only its
+    /// head (or tail) was kept.
     pub clipped: bool,
     /// 1-based byte column of the first invalid UTF-8 byte in the part that was not kept (and,
     /// from [`read_line_tail`] on a cut line, in the part kept too, whose columns the line's
@@ -16,15 +17,19 @@ pub(super) struct LineRead {
     pub bad_utf8_at: Option<u64>,
 }
 
-/// Reads one line into `buf`, keeping at most `keep` bytes of its text (cut back to a
-/// character boundary; its line ending too, when the text fits) and streaming past the rest
-/// while checking that it is UTF-8.
+/// Reads one line into `buf`, keeping at most `keep` bytes of it (cut back to a character
+/// boundary) and streaming past the rest while checking that it is UTF-8. The line counts as
+/// cut only when its text, the line ending aside, is longer than `keep`.
 pub(super) fn read_line_bounded(
     r: &mut dyn BufRead,
     keep: usize,
     buf: &mut Vec<u8>,
 ) -> std::io::Result<LineRead> {
     let mut res = LineRead::default();
+    // Whether bytes past `keep` came (the text was cut unless they are only the line ending).
+    let mut past = false;
+    // The line's last two bytes so far, for its ending.
+    let mut last = [0u8; 2];
     // Bytes of a character split across the kept part or a chunk boundary.
     let mut carry: Vec<u8> = Vec::new();
     let mut scratch: Vec<u8> = Vec::new();
@@ -34,27 +39,31 @@ pub(super) fn read_line_bounded(
             break;
         }
         let n = chunk.len();
+        last = match n {
+            1 => [last[1], chunk[0]],
+            _ => [chunk[n - 2], chunk[n - 1]],
+        };
         let room = keep.saturating_sub(buf.len());
-        let tail: &[u8] = if res.clipped {
+        let tail: &[u8] = if past {
             chunk
-        } else if n - ending(chunk, done) <= room {
+        } else if n <= room {
             buf.extend_from_slice(chunk);
             &[]
         } else {
             buf.extend_from_slice(&chunk[..room]);
-            res.clipped = true;
+            past = true;
             // Cut the kept part back to a character boundary; the cut bytes start the tail.
             let cut = match std::str::from_utf8(buf) {
                 Ok(_) => buf.len(),
                 Err(e) if e.error_len().is_none() => e.valid_up_to(),
-                // Invalid bytes in the kept part are reported when the line is decoded.
+                // Invalid bytes in the kept part are reported after the loop.
                 Err(_) => buf.len(),
             };
             carry.extend_from_slice(&buf[cut..]);
             buf.truncate(cut);
             &chunk[room..]
         };
-        if res.clipped && res.bad_utf8_at.is_none() {
+        if past && res.bad_utf8_at.is_none() {
             let before = res.bytes + (n - tail.len()) as u64 - carry.len() as u64;
             scratch.clear();
             scratch.extend_from_slice(&carry);
@@ -78,22 +87,26 @@ pub(super) fn read_line_bounded(
         res.bad_utf8_at = Some(res.bytes - carry.len() as u64 + 1);
     }
     // An invalid byte in the kept head comes before any found in the rest.
-    if res.clipped {
+    if past {
         if let Err(e) = std::str::from_utf8(buf) {
             res.bad_utf8_at = Some(e.valid_up_to() as u64 + 1);
         }
     }
+    res.clipped = past && res.bytes - ending(&last) as u64 > keep as u64;
     Ok(res)
 }
 
 /// The reader's next bytes, up to and including a newline, and whether they end the line;
 /// empty at the end of the input.
 fn piece(r: &mut dyn BufRead) -> std::io::Result<(&[u8], bool)> {
-    // Interrupted reads are retried; the buffer is then borrowed once, to return it.
+    // Interrupted reads are retried; the buffer is then borrowed once more, to return it
+    // (without reading: it holds the bytes). The end of the input is not read twice (a
+    // terminal gives one end per Ctrl-D).
     loop {
         match r.fill_buf() {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
+            Ok([]) => return Ok((&[], false)),
             Ok(_) => break,
         }
     }
@@ -104,19 +117,20 @@ fn piece(r: &mut dyn BufRead) -> std::io::Result<(&[u8], bool)> {
     })
 }
 
-/// Bytes of the line ending that ends `chunk` when it ends the line (`done`): 2 for "\r\n",
-/// 1 for "\n". The limit counts the line's text, not its ending.
-fn ending(chunk: &[u8], done: bool) -> usize {
-    match (done, chunk.ends_with(b"\r\n")) {
-        (false, _) => 0,
-        (true, true) => 2,
-        (true, false) => 1,
+/// Bytes of the line ending that `bytes` (a line's last bytes) end with: 2 for "\r\n", 1 for
+/// "\n", 0 at the end of the input without one. The bounds count a line's text, not its ending.
+fn ending(bytes: &[u8]) -> usize {
+    match (bytes.ends_with(b"\r\n"), bytes.ends_with(b"\n")) {
+        (true, _) => 2,
+        (false, true) => 1,
+        (false, false) => 0,
     }
 }
 
 /// Reads one line into `buf`, keeping at most the last `keep` bytes of its text (from a
 /// character boundary) and its line ending. The bytes dropped from its front are checked for
-/// UTF-8 as they go, and `buf` never holds more than `2 * keep` bytes and a chunk of the reader.
+/// UTF-8 as they go, and `buf` never holds more than `2 * keep + 2` bytes and a chunk of the
+/// reader.
 pub(super) fn read_line_tail(
     r: &mut dyn BufRead,
     keep: usize,
@@ -146,7 +160,7 @@ pub(super) fn read_line_tail(
             break;
         }
     }
-    let end = ending(buf, buf.ends_with(b"\n"));
+    let end = ending(buf);
     if buf.len() > keep + end {
         dropped += drop_front(buf, buf.len() - keep - end, dropped, &mut res);
     }
@@ -191,7 +205,12 @@ mod tests {
 
     /// Every line of `data` through `read`, from a reader that hands out 7 bytes at a time.
     fn read_all_with(read: Read, data: &[u8], keep: usize) -> Vec<(Vec<u8>, LineRead)> {
-        let mut r = BufReader::with_capacity(7, data);
+        read_all_in(7, read, data, keep)
+    }
+
+    /// As [`read_all_with`], `size` bytes at a time.
+    fn read_all_in(size: usize, read: Read, data: &[u8], keep: usize) -> Vec<(Vec<u8>, LineRead)> {
+        let mut r = BufReader::with_capacity(size, data);
         let mut out = Vec::new();
         loop {
             let mut buf = Vec::new();
@@ -273,9 +292,15 @@ mod tests {
             (read_line_tail, b"bcde\n"),
         ] {
             for line in ["abcd\n", "abcd\r\n", "abcd"] {
-                let lines = read_all_with(read, line.as_bytes(), 4);
-                assert_eq!(lines[0].0, line.as_bytes(), "{line:?}");
-                assert!(!lines[0].1.clipped, "{line:?}");
+                // Read 7 bytes at a time, and 5 ("\r\n" split across two reads).
+                for lines in [
+                    read_all_with(read, line.as_bytes(), 4),
+                    read_all_in(5, read, line.as_bytes(), 4),
+                ] {
+                    assert_eq!(text(&lines[0].0), b"abcd", "{line:?}");
+                    assert!(!lines[0].1.clipped, "{line:?}");
+                    assert_eq!(lines[0].1.bytes, line.len() as u64);
+                }
             }
             let lines = read_all_with(read, b"abcde\n", 4);
             assert!(lines[0].1.clipped);
@@ -318,5 +343,37 @@ mod tests {
                 bad_utf8_at: None
             }
         );
+    }
+
+    /// A line's text: its bytes without the line ending.
+    fn text(line: &[u8]) -> &[u8] {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        line.strip_suffix(b"\r").unwrap_or(line)
+    }
+
+    /// A terminal: each read hands out its next part, an empty part being one end of input
+    /// (Ctrl-D), after which more may come.
+    struct Terminal(std::collections::VecDeque<&'static [u8]>);
+
+    impl std::io::Read for Terminal {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let part = self.0.pop_front().unwrap_or(b"");
+            out[..part.len()].copy_from_slice(part);
+            Ok(part.len())
+        }
+    }
+
+    /// One end of input ends the reading: the end is not read twice.
+    #[test]
+    fn one_end_of_input_is_enough() {
+        for read in [read_line_bounded as Read, read_line_tail] {
+            let parts = [&b"a\n"[..], b"", b"more\n"].into_iter().collect();
+            let mut r = BufReader::new(Terminal(parts));
+            let mut buf = Vec::new();
+            assert_eq!(read(&mut r, 100, &mut buf).unwrap().bytes, 2);
+            buf.clear();
+            let end = read(&mut r, 100, &mut buf).unwrap();
+            assert_eq!((end.bytes, buf.len()), (0, 0), "read past the end");
+        }
     }
 }

@@ -131,9 +131,9 @@ fn product(
         dst[col..col + out].copy_from_slice(&d2[..out]);
         return Ok(());
     }
-    // A layer without bias (ModernBERT's and NomicBERT's, JinaBERT's gated layer) writes its products
-    // without a pass that fills the rows with zeros and without reading them back: the sums
-    // are the same (0 + s = s), but for the sign of an exact zero.
+    // A layer without bias (ModernBERT's and NomicBERT's, JinaBERT's gated layer) writes its
+    // products without a pass that fills the rows with zeros and without reading them back:
+    // the sums are the same (0 + s = s), but for the sign of an exact zero.
     let with_bias = bias.iter().any(|&b| b != 0.0);
     if with_bias {
         for r in 0..rows {

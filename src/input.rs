@@ -42,12 +42,12 @@ impl InputSource {
     }
 }
 
-/// Lines longer than this many bytes are cut to their first `MAX_LINE_BYTES` (at a character
-/// boundary; their last, for sentences whose left end is cut: [`SentenceReader::keep_line_ends`]),
-/// so one huge line cannot take unbounded memory; the rest of the line is still read and
-/// checked for UTF-8, but not kept. No tokenizer keeps 512 tokens' worth of text
-/// beyond this, so a cut line loses nothing the model would have seen unless it is almost all
-/// whitespace; its `truncated` flag is set either way.
+/// Lines with more bytes of text than this (their ending aside) are cut to their first
+/// `MAX_LINE_BYTES` (at a character boundary; to their last, for sentences whose left end is
+/// cut: [`SentenceReader::keep_line_ends`]), so one huge line cannot take unbounded memory;
+/// the rest of the line is still read and checked for UTF-8, but not kept. No tokenizer
+/// keeps 512 tokens' worth of text beyond this, so a cut line loses nothing the model would
+/// have seen unless it is almost all whitespace; its `truncated` flag is set either way.
 pub const MAX_LINE_BYTES: usize = 1 << 20;
 
 /// A chunk of sentences stops growing once its texts hold this many bytes: 8 lines cut at
@@ -238,12 +238,12 @@ impl SentenceReader {
             return Ok(out);
         };
         let mut buf = Vec::new();
+        let read = match self.keep_ends {
+            true => read_line_tail,
+            false => read_line_bounded,
+        };
         while out.len() < max && bytes < CHUNK_BYTES {
             buf.clear();
-            let read = match self.keep_ends {
-                true => read_line_tail,
-                false => read_line_bounded,
-            };
             let line = read(reader.as_mut(), MAX_LINE_BYTES, &mut buf)
                 .with_context(|| format!("reading {}", self.name))?;
             if line.bytes == 0 {

@@ -3,7 +3,7 @@
 
 use std::io::BufRead;
 
-/// What [`read_line_bounded`] read.
+/// What a line reader ([`read_line_bounded`], [`read_line_tail`]) read.
 #[derive(Debug, Default, PartialEq)]
 pub(super) struct LineRead {
     /// Bytes consumed, line ending included; 0 at the end of the input.

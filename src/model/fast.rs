@@ -6,14 +6,15 @@
 //! but one, whose matrix-vector path [`product`] avoids; on the checkpoint's layout, layers
 //! of tiny test models, with `out x rows` at most 256, are the exception: see [`product`]).
 //! Dense layers are `gemm` products over all tokens (the FFN over chunks of rows, which
-//! bounds its intermediate; a few rows' product as column tasks), with the bias preloaded
-//! into the output; attention runs per (sentence, head) in parallel, reading Q, K and V in
-//! place from the fused projection buffer; GELU, softmax and LayerNorm are the vectorised
-//! kernels of the kernel crate (`kernels::math`). Buffers live in a [`Workspace`] that grows with the batches and is
-//! reused, so a run allocates almost nothing per batch. [`BertEncoder::forward_packed`]
-//! reads the weights in place from the candle tensors (the multitask model, whose encoder
-//! may train, runs it); [`FastEncoder`] (`fast/quantized.rs`), task 1's and the server's
-//! encoder, converts them at load: float32 transposed (`fast/dense_f32.rs`), int8 or bf16.
+//! bounds its intermediate; a few rows' product as column tasks), with the bias, when the
+//! layer has one, preloaded into the output; attention runs per (sentence, head) in
+//! parallel, reading Q, K and V in place from the fused projection buffer; GELU, softmax and
+//! LayerNorm are the vectorised kernels of the kernel crate (`kernels::math`). Buffers live
+//! in a [`Workspace`] that grows with the batches and is reused, so a run allocates almost
+//! nothing per batch. [`BertEncoder::forward_packed`] reads the weights in place from the
+//! candle tensors (the multitask model, whose encoder may train, runs it); [`FastEncoder`]
+//! (`fast/quantized.rs`), task 1's and the server's encoder, converts them at load: float32
+//! transposed (`fast/dense_f32.rs`), int8 or bf16.
 //! The training path (candle ops with a backward pass) is in [`super::bert`].
 
 use std::borrow::Cow;
